@@ -1,0 +1,200 @@
+"""``so8t-gguf``: the command line. ``convert`` runs the Prefect flow in-process (no server
+needed); the other commands call the library directly.
+
+Any problem with the input ends in one line on stderr and exit status 2; a traceback
+means a bug in so8t-gguf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from so8t_core import __version__
+from so8t_core.errors import So8tError
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Before prefect is imported: no telemetry, and only warnings unless asked.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "ERROR")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    _quiet_prefect(args.verbose)
+    from flows.convert import convert
+
+    result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
+                     validate=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
+                     work_dir=args.work_dir)
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "analysis"})
+        return 0
+    print(f"converted {result['source']}")
+    print(f"  fingerprint  {result['fingerprint']}")
+    print(f"  bake error   {result['max_bake_error']:.2e} (max over gated layers)")
+    for quant, v in result["validation"].items():
+        f = v.get("llama_cpp", {})
+        print(f"  validated    {quant}: mean KLD {f.get('mean_kld', float('nan')):.3g}, "
+              f"top-1 {100 * f.get('top1_agreement', float('nan')):.2f}% over {f.get('n_tokens')} tokens, "
+              f"{'passed' if v['passed'] else 'FAILED'}")
+    print(f"files in {result['output']}:")
+    for name, ref in sorted(result["files"].items()):
+        print(f"  {name:<48} {ref['size']:>12,} bytes")
+    print(f"  {'manifest.json':<48} {result['manifest']['size']:>12,} bytes")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from so8t_core.analysis import analyze, render_text
+    from so8t_core.checkpoint import Checkpoint, default_cache_dir
+
+    report = analyze(Checkpoint.open(args.source, cache_dir=default_cache_dir()))
+    _print_json(report) if args.json else print(render_text(report))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from so8t_core.gguf_inspect import inspect_gguf, render_inspection
+
+    report = inspect_gguf(args.gguf)
+    _print_json(report) if args.json else print(render_inspection(report))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from so8t_core.checkpoint import Checkpoint, default_cache_dir
+    from so8t_core.validation import validate_file
+
+    report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()))
+    if args.json:
+        _print_json(report)
+    else:
+        f = report.get("llama_cpp", {})
+        print(f"{args.gguf}: {report['quant']}")
+        print(f"  read-back      {'ok' if report['readback']['ok'] else 'FAILED'} ({report['readback']['tensors']} tensors)")
+        print(f"  tensor errors  max relative RMSE {report['tensor_errors']['max_relative_rmse']:.3g} "
+              f"({report['tensor_errors']['worst_tensor']}), {'ok' if report['tensor_errors']['ok'] else 'FAILED'}")
+        print(f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "
+              f"over {f['n_tokens']} tokens, {'ok' if f['ok'] else 'FAILED'}")
+        for p in report["readback"]["problems"]:
+            print(f"  problem: {p}")
+        print("passed" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
+    return 0 if report["passed"] else 1
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from so8t_core.llama_runtime import LlamaCppModel
+
+    with LlamaCppModel(args.gguf, n_ctx=1024) as model:
+        print(model.generate_chat(args.message, max_tokens=args.max_tokens))
+    return 0
+
+
+def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
+    from so8t_core.demo import build_demo_checkpoint
+
+    print(build_demo_checkpoint(args.dest))
+    return 0
+
+
+def cmd_fixture(args: argparse.Namespace) -> int:
+    from so8t_core.fixtures import FixtureSpec, build_fixture
+
+    gated = tuple(int(x) for x in args.gated_layers.split(",")) if args.gated_layers else None
+    spec = FixtureSpec(arch=args.arch, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                       kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab, tied=args.tied,
+                       so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
+                       position=args.position, gated_layers=gated, attention_bias=args.attention_bias)
+    print(build_fixture(args.dest, spec))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="so8t-gguf", description="Convert SO8T checkpoints into validated GGUF files.")
+    p.add_argument("--version", action="version", version=f"so8t-gguf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a checkpoint (default: the embedded demo) into GGUF files")
+    c.add_argument("source", nargs="?", help="checkpoint folder: path, file:// or s3:// (default: demo)")
+    c.add_argument("--output", default="./artifacts", help="where to publish (default ./artifacts)")
+    c.add_argument("--quant", action="extend", nargs="+", metavar="TYPE", help="F32, F16, BF16, Q8_0 (default Q8_0)")
+    c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")
+    c.add_argument("--max-memory", type=float, metavar="GB", help="cap peak memory by limiting tensors in flight")
+    c.add_argument("--name", help="base name of the output files (default: the source folder name)")
+    c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work)")
+    c.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    c.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    c.set_defaults(func=cmd_convert)
+
+    a = sub.add_parser("analyze", help="report the structure of a checkpoint")
+    a.add_argument("source")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_analyze)
+
+    i = sub.add_parser("inspect", help="show a GGUF's metadata, tensors and SO8T provenance")
+    i.add_argument("gguf")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("validate", help="validate a GGUF against its source checkpoint in llama.cpp")
+    v.add_argument("gguf")
+    v.add_argument("--reference", required=True, metavar="SOURCE", help="the checkpoint it was converted from")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_validate)
+
+    ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
+    ch.add_argument("gguf")
+    ch.add_argument("message")
+    ch.add_argument("--max-tokens", type=int, default=48)
+    ch.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo-checkpoint", help="write the embedded demo SO8T checkpoint")
+    d.add_argument("dest")
+    d.set_defaults(func=cmd_demo_checkpoint)
+
+    f = sub.add_parser("fixture", help="write a tiny random SO8T checkpoint (for tests)")
+    f.add_argument("dest")
+    f.add_argument("--arch", default="llama")
+    f.add_argument("--layers", type=int, default=2)
+    f.add_argument("--hidden", type=int, default=64)
+    f.add_argument("--heads", type=int, default=4)
+    f.add_argument("--kv-heads", type=int, default=2)
+    f.add_argument("--intermediate", type=int, default=128)
+    f.add_argument("--vocab", type=int, default=384)
+    f.add_argument("--tied", action="store_true")
+    f.add_argument("--no-so8t", action="store_true")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--shards", type=int, default=1)
+    f.add_argument("--rotation", default="cayley", choices=["cayley", "expm"])
+    f.add_argument("--position", default="pre_o_proj", choices=["pre_o_proj", "post_o_proj"])
+    f.add_argument("--gated-layers", help="comma-separated layer indices (default: all)")
+    f.add_argument("--attention-bias", action="store_true")
+    f.set_defaults(func=cmd_fixture)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except So8tError as exc:
+        print(f"so8t-gguf: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("so8t-gguf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

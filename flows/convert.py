@@ -1,0 +1,149 @@
+"""The conversion pipeline as a Prefect flow.
+
+    fetch → analyze → quantize (one task per tensor, in parallel) → assemble → validate → publish
+
+Tasks exchange references (URIs, sha256, sizes), never arrays. Quantized tensors are
+staged content-addressed under the work directory, so a re-run redoes only what
+changed. Nothing reaches the output URI unless every validation gate passed, and
+``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from so8t_core import CONVERTER
+from so8t_core.assemble import file_ref
+from so8t_core.checkpoint import default_cache_dir
+from so8t_core.constants import ANALYSIS_NAME, GGUF_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME
+from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
+from so8t_core.errors import UnsupportedError, ValidationError
+from so8t_core.quantize import quant_type
+from tasks.analyze import analyze_checkpoint
+from tasks.assemble import assemble_gguf, assemble_sidecar
+from tasks.fetch import fetch_checkpoint
+from tasks.publish import publish, write_model_card, write_stats_parquet
+from tasks.quantize import quantize_tensor
+from tasks.validate import reference_logits, validate_gguf
+
+DEFAULT_QUANTS = ("Q8_0",)
+# Per tensor in flight: the source, its float32 form, the quantized bytes and the
+# dequantized copy used for error statistics.
+BYTES_IN_FLIGHT_PER_F32_BYTE = 4
+BASELINE_BYTES = 1 << 30  # interpreter, torch, Prefect
+
+
+def demo_source() -> str:
+    """The embedded demo checkpoint, built once into the cache."""
+    path = os.path.join(default_cache_dir(), "demo", DEMO_NAME)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_demo_checkpoint(path)
+    return path
+
+
+def default_name(source: str) -> str:
+    return os.path.basename(source.rstrip("/")) or "model"
+
+
+def tensors_in_flight(max_memory_gb: float | None, largest_tensor_f32: int, workers: int) -> int:
+    if max_memory_gb is None:
+        return workers
+    budget = max_memory_gb * (1 << 30) - BASELINE_BYTES
+    per_tensor = BYTES_IN_FLIGHT_PER_F32_BYTE * largest_tensor_f32
+    if budget < per_tensor:
+        need = (BASELINE_BYTES + per_tensor) / (1 << 30)
+        raise UnsupportedError(f"--max-memory {max_memory_gb:g}", f"too small: the largest tensor alone needs "
+                                                                   f"about {need:.1f} GB", f"allow at least {need:.1f}")
+    return max(1, min(workers, int(budget // per_tensor)))
+
+
+@flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def convert(source: str | None = None, output: str = "./artifacts", quants: list[str] = list(DEFAULT_QUANTS),
+            validate: bool = True, name: str | None = None, max_memory_gb: float | None = None,
+            work_dir: str | None = None) -> dict:
+    """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
+    log = get_run_logger()
+    quants = list(dict.fromkeys(quant_type(q).name for q in quants))  # refuse bad names before any work
+    if source is None:
+        source, name = demo_source(), name or DEMO_NAME
+    name = name or default_name(source)
+    work_dir = work_dir or os.path.join(default_cache_dir(), "work")
+    staging_dir = os.path.join(work_dir, "tensors")
+
+    src = fetch_checkpoint(source)
+    log.info("fetched %s: %d tensors, %.1f MB, fingerprint %s", source, len(src.tensor_sha256),
+             src.n_bytes / 1e6, src.fingerprint[:16])
+    result = analyze_checkpoint(src.uri)
+    analysis, plan = result.analysis, result.plan
+    log.info("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
+
+    # Quantize: one task per tensor, at most `limit` tensors in memory at once.
+    largest = max(p.n_elements for p in plan) * 4
+    limit = tensors_in_flight(max_memory_gb, largest, os.cpu_count() or 2)
+    pending: deque = deque()
+    staged_by_tensor = []
+    for item in plan:
+        if len(pending) >= limit:
+            staged_by_tensor.append(pending.popleft().result())
+        shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
+        pending.append(quantize_tensor.submit(src.uri, item, shas, quants, staging_dir))
+    staged_by_tensor += [f.result() for f in pending]
+    staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
+    log.info("quantized %d tensors into %s", len(plan), ", ".join(quants))
+
+    out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir) for q in quants}
+    for q, ref in ggufs.items():
+        files[GGUF_NAME.format(name=name, quant=q)] = ref
+    sidecar = assemble_sidecar(src, name, out_dir)
+    if sidecar is not None:
+        files[SIDECAR_NAME.format(name=name)] = sidecar
+
+    validations: dict[str, dict] = {}
+    if validate:
+        reference = reference_logits(src, work_dir)
+        for q in quants:
+            validations[q] = validate_gguf(src, q, name, ggufs[q], staged[q], reference)
+            v = validations[q]
+            f = v.get("llama_cpp", {})
+            log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
+                     100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
+        failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
+        if failed:
+            detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in failed.items())
+            raise ValidationError(source, f"validation failed ({detail}); nothing was published",
+                                  f"see the reports in {out_dir}")
+
+    for q in quants:
+        path = os.path.join(out_dir, STATS_NAME.format(name=name, quant=q))
+        files[STATS_NAME.format(name=name, quant=q)] = write_stats_parquet(q, staged[q], path)
+    bake_errors = [s.bake_error for s in staged[quants[0]] if s.bake_error is not None]
+    max_bake_error = max(bake_errors, default=0.0)
+    n_params = {GGUF_NAME.format(name=name, quant=q): sum(s.n_elements for s in staged[q]) for q in quants}
+    files[MODEL_CARD_NAME] = write_model_card(os.path.join(out_dir, MODEL_CARD_NAME), name, analysis, files,
+                                              n_params, validations, max_bake_error, src.fingerprint, CONVERTER)
+    analysis_path = os.path.join(out_dir, ANALYSIS_NAME)
+    _write_json(analysis_path, analysis)
+    files[ANALYSIS_NAME] = file_ref(analysis_path)
+
+    manifest = {"name": name, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
+                "quants": quants, "validation": validations,
+                "bake_errors": {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}}
+    manifest_ref = publish(files, output, manifest)
+    log.info("published %d files to %s", len(files) + 1, output)
+    return {"name": name, "output": output, "source": source, "fingerprint": src.fingerprint,
+            "files": {n: f.model_dump() for n, f in files.items()}, "manifest": manifest_ref.model_dump(),
+            "validation": validations, "max_bake_error": max_bake_error, "analysis": analysis}
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

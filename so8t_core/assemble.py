@@ -1,0 +1,89 @@
+"""Assembling GGUF files from staged tensors: the model file and the triality-head sidecar."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+import gguf
+import numpy as np
+
+from . import CONVERTER
+from .analysis import checkpoint_model
+from .checkpoint import TOKENIZER_FILES, Checkpoint
+from .constants import HEADS_INPUT_FINAL_NORM, SIDECAR_ARCH, Keys, QuantType
+from .gguf_file import GGUFKV, TensorInfo, kv_array, kv_str, kv_u32, write_gguf
+from .gguf_metadata import Provenance, model_kvs
+from .refs import FileRef, StagedTensor
+from .so8t import So8tStructure
+from .tokenizer import tokenizer_metadata
+
+
+def file_ref(path: str) -> FileRef:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return FileRef(uri=path, sha256=h.hexdigest(), size=os.path.getsize(path))
+
+
+def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor]) -> FileRef:
+    """Write the model GGUF: tensors in the given order, data streamed from staging."""
+    infos = [TensorInfo(s.gguf_name, tuple(s.shape), gguf.GGMLQuantizationType[s.ggml_type], s.nbytes)
+             for s in staged]
+    by_name = {s.gguf_name: s for s in staged}
+
+    def read(t: TensorInfo) -> bytes:
+        s = by_name[t.name]
+        with open(s.uri, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != s.sha256:
+            raise RuntimeError(f"staged tensor {s.uri} changed since it was written")
+        return data
+
+    write_gguf(path, arch, kvs, infos, read)
+    return file_ref(path)
+
+
+def sidecar_tensor_name(checkpoint_name: str) -> str:
+    # so8t.triality.safety_head.weight -> safety_head.weight
+    return checkpoint_name.rsplit(".", 2)[-2] + "." + checkpoint_name.rsplit(".", 1)[-1]
+
+
+def assemble_heads_sidecar(path: str, ckpt: Checkpoint, structure: So8tStructure, model_name: str,
+                           source_fingerprint: str) -> FileRef | None:
+    """The triality heads as a small F32 GGUF beside the model (llama.cpp refuses extra tensors)."""
+    if not structure.heads:
+        return None
+    kvs = [kv_str("general.type", "so8t-heads"), kv_str("general.name", f"{model_name} triality heads"),
+           kv_array(Keys.HEADS_NAMES, [h.head for h in structure.heads], gguf.GGUFValueType.STRING),
+           kv_str(Keys.HEADS_INPUT, HEADS_INPUT_FINAL_NORM),
+           kv_u32("so8t.heads.hidden_size", ckpt.tensors[structure.heads[0].weight].shape[1]),
+           kv_str(Keys.SOURCE_FINGERPRINT, source_fingerprint)]
+    kvs += [kv_array(Keys.HEADS_LABELS.format(head=h.head), list(h.labels), gguf.GGUFValueType.STRING)
+            for h in structure.heads]
+    arrays = {}
+    for h in structure.heads:
+        for name in (h.weight, h.bias):
+            if name:
+                arrays[sidecar_tensor_name(name)] = np.ascontiguousarray(ckpt.read(name), dtype=np.float32)
+    infos = [TensorInfo(n, a.shape, gguf.GGMLQuantizationType.F32, a.nbytes) for n, a in arrays.items()]
+    write_gguf(path, SIDECAR_ARCH, kvs, infos, lambda t: arrays[t.name].tobytes())
+    return file_ref(path)
+
+
+def tokenizer_files(ckpt: Checkpoint) -> dict[str, bytes]:
+    return {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
+
+
+def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerprint: str,
+                   staged: Sequence[StagedTensor]) -> tuple[str, list[GGUFKV]]:
+    """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors."""
+    spec, structure, _ = checkpoint_model(ckpt)
+    tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri)
+    provenance = Provenance(
+        source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
+        max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
+    n_params = sum(s.n_elements for s in staged)
+    return spec.arch, model_kvs(name, n_params, spec, quant, tok, provenance)

@@ -1,0 +1,260 @@
+"""Lazy reader for Hugging Face checkpoint folders at any fsspec URI.
+
+Opening a checkpoint reads only ``config.json``, the shard index and each shard's
+safetensors header. Tensors are read one at a time by byte range, so memory is
+bounded by the largest tensor, not the model. ``pytorch_model*.bin`` shards are
+accepted only through ``torch.load(weights_only=True)`` (which refuses pickles that
+would run code) and are re-saved once, shard by shard, as safetensors in a local
+cache so the rest of the pipeline reads them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import storage
+from .errors import CheckpointError, StorageError
+from .safetensors_format import (
+    SafetensorsHeader, TensorSlice, decode_float, header_length, parse_header,
+)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model", "generation_config.json", "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the checkpoint: its name and where its bytes are."""
+
+    name: str
+    file: str  # URI of the shard
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Checkpoint:
+    uri: str
+    config: dict[str, Any]
+    config_bytes: bytes
+    tensors: dict[str, TensorEntry]
+    shards: list[str] = field(default_factory=list)  # shard URIs, in index order
+    weight_format: str = "safetensors"
+
+    # --- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, uri: str, cache_dir: str | None = None) -> "Checkpoint":
+        uri = uri.rstrip("/") if "://" in uri else storage.local_path(uri)
+        fs, root = storage.resolve(uri)
+        if not fs.isdir(root):
+            hint = "pass the checkpoint folder, not a file inside it" if fs.exists(root) else \
+                "check the path; `so8t-gguf demo-checkpoint DEST` builds an example"
+            raise CheckpointError(uri, "not a checkpoint folder", hint)
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+        if "config.json" not in names:
+            raise CheckpointError(storage.join(uri, "config.json"), "missing config.json",
+                                  "a Hugging Face checkpoint folder needs config.json beside its weights")
+        config_bytes = storage.read_bytes(storage.join(uri, "config.json"))
+        try:
+            config = json.loads(config_bytes)
+        except ValueError as exc:
+            raise CheckpointError(storage.join(uri, "config.json"), f"not valid JSON ({exc})",
+                                  "fix or re-save config.json") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(storage.join(uri, "config.json"), "must be a JSON object", "")
+
+        if SAFETENSORS_INDEX in names:
+            shard_of = _read_index(uri, SAFETENSORS_INDEX)
+            fmt = "safetensors"
+        elif SAFETENSORS_SINGLE in names:
+            shard_of, fmt = None, "safetensors"
+            shard_files = [SAFETENSORS_SINGLE]
+        elif BIN_INDEX in names or BIN_SINGLE in names:
+            shard_of = _read_index(uri, BIN_INDEX) if BIN_INDEX in names else None
+            fmt = "pytorch-bin"
+        else:
+            raise CheckpointError(uri, "no weights found (model.safetensors, model.safetensors.index.json "
+                                       "or pytorch_model*.bin)", "copy the weight files into the folder")
+
+        if shard_of is not None:
+            shard_files = list(dict.fromkeys(shard_of.values()))
+        elif fmt == "pytorch-bin":
+            shard_files = [BIN_SINGLE]
+        for shard in shard_files:
+            if shard not in names:
+                raise CheckpointError(storage.join(uri, shard), "missing shard listed in the index",
+                                      "download every shard named in the index file")
+
+        shard_uris = [storage.join(uri, s) for s in shard_files]
+        readable = shard_uris
+        if fmt == "pytorch-bin":
+            readable = [_bin_as_safetensors(s, cache_dir) for s in shard_uris]
+
+        tensors: dict[str, TensorEntry] = {}
+        for shard_uri, read_uri in zip(shard_uris, readable):
+            header = read_safetensors_header(read_uri, display=shard_uri)
+            for t in header.tensors.values():
+                if t.name in tensors:
+                    raise CheckpointError(shard_uri, f"tensor {t.name!r} appears in more than one shard",
+                                          "the checkpoint is inconsistent; re-save it")
+                if shard_of is not None and shard_of.get(t.name) not in (None, posixpath.basename(shard_uri)):
+                    raise CheckpointError(shard_uri, f"tensor {t.name!r} is indexed in {shard_of[t.name]}",
+                                          "the index and the shards disagree; re-save the checkpoint")
+                tensors[t.name] = TensorEntry(t.name, read_uri, t.dtype, t.shape, t.start, t.end)
+        if shard_of is not None:
+            for name, shard in shard_of.items():
+                if name not in tensors:
+                    raise CheckpointError(storage.join(uri, shard), f"tensor {name!r} listed in the index is not in "
+                                                                    "this shard", "the shard is incomplete; re-download it")
+        return cls(uri=uri, config=config, config_bytes=config_bytes, tensors=tensors,
+                   shards=shard_uris, weight_format=fmt)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(self.uri, f"tensor {name!r} not found", "the checkpoint is incomplete") from None
+
+    def read_raw(self, name: str) -> bytes:
+        e = self.entry(name)
+        try:
+            return storage.read_bytes(e.file, e.start, e.end)
+        except StorageError as exc:
+            raise CheckpointError(e.file, f"cannot read tensor {name!r}: {exc.problem}", exc.hint) from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32, checked to be finite."""
+        e = self.entry(name)
+        arr = decode_float(self.read_raw(name), e.dtype, e.shape, f"{e.file}: tensor {name!r}")
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise CheckpointError(e.file, f"tensor {name!r} has {bad} NaN/Inf values",
+                                  "the checkpoint is corrupt or training diverged; use an earlier checkpoint")
+        return arr
+
+    def read_file(self, name: str) -> bytes | None:
+        """An auxiliary file of the folder (tokenizer, generation config), or None."""
+        uri = storage.join(self.uri, name)
+        return storage.read_bytes(uri) if storage.exists(uri) else None
+
+    def tensor_sha256(self, name: str) -> str:
+        return hashlib.sha256(self.read_raw(name)).hexdigest()
+
+
+def read_safetensors_header(uri: str, display: str | None = None) -> SafetensorsHeader:
+    where = display or uri
+    try:
+        fsize = storage.size(uri)
+        n = header_length(storage.read_bytes(uri, 0, min(8, fsize)), fsize, where)
+        return parse_header(storage.read_bytes(uri, 8, 8 + n), fsize, where)
+    except StorageError as exc:
+        raise CheckpointError(where, exc.problem, exc.hint) from None
+
+
+def _read_index(uri: str, index_name: str) -> dict[str, str]:
+    where = storage.join(uri, index_name)
+    try:
+        index = json.loads(storage.read_bytes(where))
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict) and weight_map
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(where, "not a valid index (needs a non-empty \"weight_map\" object)",
+                              "re-save the checkpoint") from None
+    for name, shard in weight_map.items():
+        # Shards must be plain file names inside the folder: no paths, no escapes.
+        if (not isinstance(shard, str) or not shard or shard != posixpath.basename(shard)
+                or shard in (".", "..") or "\\" in shard):
+            raise CheckpointError(where, f"tensor {name!r} points to {shard!r}, outside the checkpoint folder",
+                                  "shard names must be plain file names in the same folder")
+    return weight_map
+
+
+def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
+    """Load a ``.bin`` shard with weights_only=True and cache it as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    cache_dir = cache_dir or default_cache_dir()
+    digest = storage.sha256_of(bin_uri)
+    out = os.path.join(cache_dir, "bin-shards", f"{digest}.safetensors")
+    if os.path.exists(out):
+        return out
+    fs, path = storage.resolve(bin_uri)
+    try:
+        with fs.open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(bin_uri, f"refused to load: not a plain tensor pickle ({first[:200]})",
+                              "only weights_only=True pickles are accepted; convert it to safetensors") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(bin_uri, "does not hold a flat {name: tensor} state dict",
+                              "save the model's state_dict(), or convert it to safetensors")
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}  # break shared storage
+    with storage.local_atomic_file(out) as tmp:
+        save_file(tensors, tmp)
+    return out
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SO8T_GGUF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "so8t-gguf"))
+
+
+def fingerprint(ckpt: Checkpoint, tensor_sha256: dict[str, str] | None = None) -> "SourceRef":
+    """Content fingerprint of a checkpoint: config, tokenizer files and every tensor's bytes.
+
+    Reads each tensor once, by byte range (memory: one tensor). Independent of
+    shard layout and file names, so re-sharding the same weights keeps it.
+    """
+    from .refs import SourceRef
+
+    shas = dict(tensor_sha256 or {})
+    for name in ckpt.tensors:
+        if name not in shas:
+            shas[name] = ckpt.tensor_sha256(name)
+    files = {}
+    for name in TOKENIZER_FILES:
+        data = ckpt.read_file(name)
+        if data is not None:
+            files[name] = hashlib.sha256(data).hexdigest()
+    doc = {
+        "config": hashlib.sha256(ckpt.config_bytes).hexdigest(),
+        "files": files,
+        "tensors": {n: [ckpt.tensors[n].dtype, list(ckpt.tensors[n].shape), shas[n]] for n in sorted(shas)},
+    }
+    digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return SourceRef(uri=ckpt.uri, fingerprint=digest, tensor_sha256=shas,
+                     n_bytes=sum(e.nbytes for e in ckpt.tensors.values()))

@@ -1,0 +1,96 @@
+"""One source of truth for names: SO8T keys, GGUF keys we add, quant types, file names.
+
+Modelled on gguf-py's ``constants.py``: every string that two modules must agree on
+lives here, so the writer and the reader cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType, LlamaFileType
+
+# --- SO8T checkpoint format (docs/so8t-format.md) --------------------------------------
+
+SO8T_FORMAT_VERSION = 1
+SO8T_CONFIG_KEY = "so8t"
+ROTATION_PARAMETERIZATIONS = ("cayley", "expm")
+ROTATION_POSITIONS = ("pre_o_proj", "post_o_proj")
+ROTATION_BLOCK = 8
+
+# model.layers.{i}.self_attn.so8t_rotation_gate.theta, shape [D/8, 8, 8]
+GATE_THETA_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.so8t_rotation_gate\.theta$")
+GATE_THETA_NAME = "model.layers.{layer}.self_attn.so8t_rotation_gate.theta"
+
+# Triality heads read the final normed hidden state; the task head is the LM head.
+TRIALITY_PREFIX = "so8t.triality."
+TRIALITY_HEADS = ("safety", "authority")
+TRIALITY_HEAD_RE = re.compile(r"^so8t\.triality\.(safety|authority)_head\.(weight|bias)$")
+TRIALITY_DEFAULT_LABELS = {
+    "safety": ("safe", "unsafe"),
+    "authority": ("handle", "escalate"),
+}
+
+# --- GGUF keys so8t-gguf writes ---------------------------------------------------------
+
+
+class Keys:
+    """GGUF metadata keys of our own (``so8t.*``); llama.cpp ignores unknown keys."""
+
+    VERSION = "so8t.version"
+    ROTATION = "so8t.rotation"
+    POSITION = "so8t.position"
+    BAKED_LAYERS = "so8t.baked_layers"
+    MAX_BAKE_ERROR = "so8t.max_bake_error"
+    SOURCE_FINGERPRINT = "so8t.source_fingerprint"
+    TRIALITY_HEADS = "so8t.triality_heads"
+    CONVERTER = "so8t.converter"
+
+    # Sidecar (<name>.so8t-heads.gguf)
+    HEADS_NAMES = "so8t.heads.names"
+    HEADS_INPUT = "so8t.heads.input"
+    HEADS_LABELS = "so8t.heads.{head}.labels"
+    HEADS_MODEL = "so8t.heads.model_sha256"
+
+
+SIDECAR_ARCH = "so8t-heads"
+# Which hidden state the heads read: llama.cpp's embeddings output (after output_norm).
+HEADS_INPUT_FINAL_NORM = "output_norm"
+
+# --- Quantization types ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """A user-facing quant choice (what ``--quant`` accepts) and what it means to llama.cpp."""
+
+    name: str
+    default_type: GGMLQuantizationType  # type of 2-D weights under this choice
+    file_type: LlamaFileType  # general.file_type written to the GGUF
+
+
+QUANT_TYPES: dict[str, QuantType] = {
+    q.name: q
+    for q in (
+        QuantType("F32", GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+        QuantType("F16", GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+        QuantType("BF16", GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+        QuantType("Q8_0", GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    )
+}
+
+# Asked-for names that are not llama.cpp storage types, with what to say instead.
+NOT_STORAGE_TYPES = {
+    "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",
+}
+
+# --- Output file names -------------------------------------------------------------------
+
+GGUF_NAME = "{name}-{quant}.gguf"
+STATS_NAME = "{name}-{quant}.stats.parquet"
+SIDECAR_NAME = "{name}.so8t-heads.gguf"
+MODEL_CARD_NAME = "README.md"
+MANIFEST_NAME = "manifest.json"
+ANALYSIS_NAME = "analysis.json"
+VALIDATION_NAME = "{name}-{quant}.validation.json"

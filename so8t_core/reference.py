@@ -1,0 +1,88 @@
+"""The PyTorch SO8T reference: the base model from transformers with the gates applied live.
+
+Nothing is baked here: each gated layer's o_proj gets a hook that rotates its input
+(``pre_o_proj``) or its output (``post_o_proj``) exactly as SO8T's forward does, so
+this is the model the checkpoint describes. Validation compares llama.cpp's logits
+on the baked GGUF against these. Unlike conversion, this loads the whole model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .architectures import model_spec
+from .checkpoint import Checkpoint
+from .rotation import checked_rotation
+from .so8t import So8tStructure, find_structure
+
+
+def _gate_fn(r: np.ndarray):
+    rt = torch.from_numpy(r.astype(np.float32))
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        n = rt.shape[0]
+        xb = x.reshape(*x.shape[:-1], n, 8)
+        return torch.einsum("...ni,nio->...no", xb, rt.to(x.dtype)).reshape(x.shape)
+
+    return rotate
+
+
+class So8tReference:
+    def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        spec = model_spec(checkpoint.config, checkpoint.uri)
+        self.structure = structure or find_structure(checkpoint.tensors, checkpoint.config, spec, checkpoint.uri)
+        cfg = {k: v for k, v in checkpoint.config.items() if k not in ("so8t", "architectures", "torch_dtype", "dtype")}
+        config = LlamaConfig(**cfg)
+        config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).float().eval()
+
+        so8t_names = {g.tensor for g in self.structure.gates}
+        for h in self.structure.heads:
+            so8t_names |= {h.weight, h.bias}
+        state = {name: torch.from_numpy(checkpoint.read(name).copy())
+                 for name in checkpoint.tensors if name not in so8t_names and not name.endswith("rotary_emb.inv_freq")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        allowed_missing = {"lm_head.weight"} if spec.tied_embeddings else set()
+        if set(missing) - allowed_missing or unexpected:
+            raise RuntimeError(f"reference model mismatch: missing {missing}, unexpected {unexpected}")
+        if spec.tied_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+        position = self.structure.config.position if self.structure.config else None
+        for gate in self.structure.gates:
+            r = checked_rotation(checkpoint.read(gate.tensor), self.structure.config.rotation, checkpoint.uri,
+                                 gate.tensor)
+            rotate = _gate_fn(r)
+            o_proj = model.model.layers[gate.layer].self_attn.o_proj
+            if position == "pre_o_proj":
+                o_proj.register_forward_pre_hook(lambda mod, args, f=rotate: (f(args[0]),) + tuple(args[1:]))
+            else:
+                o_proj.register_forward_hook(lambda mod, args, out, f=rotate: f(out))
+
+        self.heads = {h.head: (torch.from_numpy(checkpoint.read(h.weight).copy()),
+                               None if h.bias is None else torch.from_numpy(checkpoint.read(h.bias).copy()))
+                      for h in self.structure.heads}
+        self.model = model
+        self.spec = spec
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        return self.model(input_ids=ids).logits[0].float().numpy()
+
+    @torch.inference_mode()
+    def final_hidden_states(self, token_ids: list[int]) -> np.ndarray:
+        """The final normed hidden state (what the triality heads and the LM head read)."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        return self.model.model(input_ids=ids).last_hidden_state[0].float().numpy()
+
+    def head_logits(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for head, (w, b) in self.heads.items():
+            y = torch.from_numpy(np.asarray(hidden, dtype=np.float32)) @ w.T
+            out[head] = (y if b is None else y + b).numpy()
+        return out

@@ -1,0 +1,65 @@
+"""Small, JSON-serializable references that pipeline stages pass to each other.
+
+Stages never hand each other arrays: a tensor or a file travels as its URI, sha256
+and size, plus the facts the next stage needs. These models are what Prefect tasks
+take and return (and so what their cache keys are made of).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class FileRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    sha256: str
+    size: int
+
+
+class SourceRef(BaseModel):
+    """A fetched checkpoint: where it is and the content fingerprint of everything in it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    fingerprint: str  # sha256 over config, tokenizer files and every tensor's bytes
+    tensor_sha256: dict[str, str]
+    n_bytes: int
+
+
+class StagedTensor(BaseModel):
+    """One output tensor, quantized and written to content-addressed staging."""
+
+    # snr_db is +inf for lossless tensors; keep it exact through JSON.
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
+    gguf_name: str
+    source: str
+    layer: int | None
+    tensor_class: str
+    quant: str  # the --quant choice this belongs to
+    ggml_type: str  # e.g. "Q8_0"
+    shape: tuple[int, ...]
+    uri: str
+    sha256: str
+    nbytes: int
+    rmse: float
+    relative_rmse: float
+    max_abs_error: float
+    cosine: float
+    snr_db: float
+    seconds: float
+    bake_error: float | None = None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.n_elements

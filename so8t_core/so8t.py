@@ -1,0 +1,147 @@
+"""The SO8T additions to a base checkpoint: config block, rotation gates, triality heads.
+
+Format version 1 (docs/so8t-format.md): ``config.json["so8t"]`` says how gates are
+parameterized and where they sit; gates are ``model.layers.{i}.self_attn.
+so8t_rotation_gate.theta``; triality heads are ``so8t.triality.{safety,authority}_head``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .architectures import ModelSpec
+from .constants import (
+    GATE_THETA_RE, ROTATION_PARAMETERIZATIONS, ROTATION_POSITIONS, SO8T_CONFIG_KEY, SO8T_FORMAT_VERSION,
+    TRIALITY_DEFAULT_LABELS, TRIALITY_HEAD_RE, TRIALITY_HEADS, TRIALITY_PREFIX,
+)
+from .errors import CheckpointError, RotationError
+from .rotation import check_theta_shape
+
+
+@dataclass(frozen=True)
+class So8tConfig:
+    version: int
+    rotation: str  # "cayley" | "expm"
+    position: str  # "pre_o_proj" | "post_o_proj"
+    labels: dict[str, tuple[str, ...]]  # only the heads config.json names labels for
+
+
+@dataclass(frozen=True)
+class RotationGate:
+    layer: int
+    tensor: str  # θ tensor name in the checkpoint
+    n_blocks: int
+
+
+@dataclass(frozen=True)
+class TrialityHead:
+    head: str  # "safety" | "authority"
+    weight: str
+    bias: str | None
+    n_labels: int
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class So8tStructure:
+    config: So8tConfig | None
+    gates: tuple[RotationGate, ...]
+    heads: tuple[TrialityHead, ...]
+
+    @property
+    def gated_layers(self) -> list[int]:
+        return [g.layer for g in self.gates]
+
+    def gate_for_layer(self, layer: int) -> RotationGate | None:
+        return next((g for g in self.gates if g.layer == layer), None)
+
+
+def parse_so8t_config(config: Mapping[str, Any], where: str) -> So8tConfig | None:
+    block = config.get(SO8T_CONFIG_KEY)
+    if block is None:
+        return None
+    cfg_where = f"{where}/config.json"
+    if not isinstance(block, Mapping):
+        raise CheckpointError(cfg_where, '"so8t" must be an object', 'e.g. {"version": 1, "rotation": "cayley", '
+                                                                     '"position": "pre_o_proj"}')
+    version = block.get("version")
+    if version != SO8T_FORMAT_VERSION:
+        raise CheckpointError(cfg_where, f"so8t.version {version!r} is not supported",
+                              f"this converter reads SO8T format version {SO8T_FORMAT_VERSION}")
+    rotation = block.get("rotation", "cayley")
+    if rotation not in ROTATION_PARAMETERIZATIONS:
+        raise CheckpointError(cfg_where, f"so8t.rotation {rotation!r} is not one of "
+                                         f"{', '.join(ROTATION_PARAMETERIZATIONS)}", "fix config.json")
+    position = block.get("position", "pre_o_proj")
+    if position not in ROTATION_POSITIONS:
+        raise CheckpointError(cfg_where, f"so8t.position {position!r} is not one of "
+                                         f"{', '.join(ROTATION_POSITIONS)}", "fix config.json")
+    labels_cfg = block.get("triality_labels") or {}
+    if not isinstance(labels_cfg, Mapping):
+        raise CheckpointError(cfg_where, "so8t.triality_labels must map head names to label lists", "")
+    labels = {}
+    for head, value in labels_cfg.items():
+        if head not in TRIALITY_HEADS:
+            raise CheckpointError(cfg_where, f"so8t.triality_labels has unknown head {head!r}",
+                                  f"heads are {', '.join(TRIALITY_HEADS)}")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise CheckpointError(cfg_where, f"so8t.triality_labels.{head} must be a list of strings", "")
+        labels[head] = tuple(value)
+    return So8tConfig(version=version, rotation=rotation, position=position, labels=labels)
+
+
+def find_structure(tensors: Mapping[str, Any], config: Mapping[str, Any], spec: ModelSpec, where: str
+                   ) -> So8tStructure:
+    """Locate gates and heads among the checkpoint's tensors (``tensors``: name → entry with .shape)."""
+    so8t_cfg = parse_so8t_config(config, where)
+    gates = []
+    for name, entry in tensors.items():
+        m = GATE_THETA_RE.match(name)
+        if not m:
+            continue
+        layer = int(m.group(1))
+        if layer >= spec.n_layers:
+            raise RotationError(where, f"{name}: layer {layer} does not exist (model has {spec.n_layers} layers)",
+                                "the gate belongs to a different model")
+        check_theta_shape(entry.shape, spec.attention_width, where, name)
+        gates.append(RotationGate(layer=layer, tensor=name, n_blocks=entry.shape[0]))
+    gates.sort(key=lambda g: g.layer)
+    if gates and so8t_cfg is None:
+        raise CheckpointError(f"{where}/config.json", f"the weights have {len(gates)} SO8T rotation gates but "
+                                                      'config.json has no "so8t" block',
+                              'add "so8t": {"version": 1, "rotation": "cayley", "position": "pre_o_proj"} '
+                              "(docs/so8t-format.md)")
+
+    heads = []
+    labels = so8t_cfg.labels if so8t_cfg else {}
+    for head in TRIALITY_HEADS:
+        w_name = f"{TRIALITY_PREFIX}{head}_head.weight"
+        b_name = f"{TRIALITY_PREFIX}{head}_head.bias"
+        if w_name not in tensors:
+            if b_name in tensors:
+                raise CheckpointError(where, f"{b_name} has no matching weight", "the checkpoint is incomplete")
+            continue
+        shape = tuple(tensors[w_name].shape)
+        if len(shape) != 2 or shape[1] != spec.hidden_size:
+            raise CheckpointError(where, f"{w_name} has shape {list(shape)}, expected [n_labels, "
+                                         f"{spec.hidden_size}] (it reads the final hidden state)", "")
+        if b_name in tensors and tuple(tensors[b_name].shape) != (shape[0],):
+            raise CheckpointError(where, f"{b_name} has shape {list(tensors[b_name].shape)}, expected [{shape[0]}]", "")
+        if head in labels:
+            head_labels = labels[head]
+            if len(head_labels) != shape[0]:
+                raise CheckpointError(f"{where}/config.json", f"so8t.triality_labels.{head} names "
+                                                              f"{len(head_labels)} labels but {w_name} has {shape[0]} rows",
+                                      "make the label list match the head")
+        elif len(TRIALITY_DEFAULT_LABELS[head]) == shape[0]:
+            head_labels = TRIALITY_DEFAULT_LABELS[head]
+        else:
+            head_labels = tuple(f"label_{i}" for i in range(shape[0]))
+        heads.append(TrialityHead(head=head, weight=w_name, bias=b_name if b_name in tensors else None,
+                                  n_labels=shape[0], labels=head_labels))
+    for name in tensors:
+        if name.startswith(TRIALITY_PREFIX) and not TRIALITY_HEAD_RE.match(name):
+            raise CheckpointError(where, f"unknown SO8T tensor {name!r}",
+                                  "version 1 knows so8t.triality.{safety,authority}_head.{weight,bias}")
+    return So8tStructure(config=so8t_cfg, gates=tuple(gates), heads=tuple(heads))

@@ -1,0 +1,131 @@
+"""fsspec helpers: one way to open, read ranges, hash and write any URI.
+
+Local paths, ``file://`` and ``s3://`` (s3fs, configured by the usual AWS settings)
+all go through :func:`resolve`. Credentials are never part of a URI we log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from contextlib import contextmanager
+from typing import Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import StorageError
+
+CHUNK = 8 << 20
+
+
+def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URI → (filesystem, path). Local paths become absolute."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    try:
+        return url_to_fs(uri)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(uri, f"cannot open this location ({exc})",
+                           "use a local path, file://, or s3:// with s3fs installed") from None
+
+
+def join(uri: str, *parts: str) -> str:
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest, *parts)
+    return os.path.join(uri, *parts)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """A local filesystem path for a local URI."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.exists(path)
+
+
+def size(uri: str) -> int:
+    fs, path = resolve(uri)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError:
+        raise StorageError(uri, "file not found") from None
+
+
+def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        data = fs.cat_file(path, start=start, end=end)
+    except FileNotFoundError:
+        raise StorageError(uri, "file not found") from None
+    if start is not None and end is not None and len(data) != end - start:
+        raise StorageError(uri, f"short read: wanted bytes {start}..{end}, got {len(data)}",
+                           "the file changed or is truncated")
+    return data
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def sha256_of(uri: str) -> str:
+    fs, path = resolve(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+@contextmanager
+def local_atomic_file(path: str) -> Iterator[str]:
+    """Yield a temp path next to ``path``; rename it into place only on success."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write a whole object so that readers see the old content or the new, never half."""
+    if is_local(uri):
+        with local_atomic_file(local_path(uri)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        return
+    fs, path = resolve(uri)
+    fs.pipe_file(path, data)  # object stores replace whole objects atomically
+
+
+def upload_file(local: str, uri: str) -> None:
+    """Copy a local file to ``uri`` (atomically for local destinations)."""
+    if is_local(uri):
+        import shutil
+        with local_atomic_file(local_path(uri)) as tmp:
+            shutil.copyfile(local, tmp)
+        return
+    fs, path = resolve(uri)
+    fs.put_file(local, path)

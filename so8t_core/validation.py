@@ -1,0 +1,202 @@
+"""Validation of a produced GGUF: read-back, per-tensor error, and llama.cpp itself.
+
+Three checks, each a gate. (1) Read-back: gguf-py opens the file and every tensor
+has the planned name, shape, type and exact bytes, and every metadata key the
+planned value. (2) Per-tensor dequantization error against the baked source stays
+within the quant's bound. (3) Functional: llama.cpp's logits on a fixed text of at
+least 256 tokens against the PyTorch SO8T reference (gates applied, not baked):
+mean KL divergence and top-1 agreement within the quant's bounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .analysis import checkpoint_model
+from .checkpoint import Checkpoint
+from .constants import QUANT_TYPES
+from .errors import CheckpointError, ValidationError
+from .gguf_file import GGUFKV, read_gguf
+from .metrics import logit_agreement, tensor_error_stats
+from .plan import materialize
+from .quantize import target_type
+from .refs import StagedTensor
+
+# A fixed English passage: long enough for ≥256 tokens with any real BPE vocabulary.
+VALIDATION_TEXT = (
+    "The river rose slowly through the night, and by morning the low fields beyond the mill were under a sheet "
+    "of brown water. Nobody in the village was surprised. For three generations the same families had farmed "
+    "the flood plain, and every spring they moved their animals to the ridge, carried seed and tools into the "
+    "lofts, and waited. The water brought silt that made the soil rich, and the soil paid for the trouble. "
+    "This year, however, the weather had been strange. A warm winter had melted the snow in the hills early, "
+    "and then three weeks of rain had fallen on ground that was already soaked. The old miller, who kept a "
+    "notebook of every flood since he was a boy, said that the water was higher than in any year he had "
+    "written down. He measured it twice a day against a post painted with white rings, and he wrote the "
+    "numbers in careful columns: the date, the hour, the height, and a short remark about the wind. "
+    "Engineers from the city arrived on the fourth day. They asked to see the notebook, copied the figures "
+    "into a laptop, and drew a curve that climbed steeply and then, to everyone's relief, began to bend. "
+    "They explained that the reservoir upstream was nearly full, that the gates would be opened in a "
+    "controlled way, and that the river would fall by about ten centimetres each day for a week. The "
+    "villagers listened politely. Then they went back to the ridge, where the children were feeding the "
+    "goats and an argument about whose turn it was to cook had been going on since breakfast. By the end of "
+    "the month the fields had drained, the mill wheel was turning again, and the miller had added a new "
+    "line to his notebook, underlined twice, with a note that the engineers had been right."
+)
+MIN_TOKENS = 256
+MAX_TOKENS = 384
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_mean_kld: float
+    min_top1: float
+    max_relative_rmse: float  # per tensor, dequantized vs the baked float32 source
+
+
+# Bounds per quant. F32 is the issue's contract; the others were set from measurements on
+# the demo model and fixtures (docs/architecture.md) with headroom for other models.
+GATES = {
+    "F32": Gate(max_mean_kld=1e-4, min_top1=0.995, max_relative_rmse=0.0),
+    "F16": Gate(max_mean_kld=1e-3, min_top1=0.98, max_relative_rmse=1e-3),
+    "BF16": Gate(max_mean_kld=1e-2, min_top1=0.95, max_relative_rmse=1e-2),
+    "Q8_0": Gate(max_mean_kld=3e-2, min_top1=0.90, max_relative_rmse=2e-2),
+}
+
+
+def validation_token_ids(ckpt: Checkpoint) -> list[int]:
+    """The fixed validation text tokenized by the checkpoint's own (Hugging Face) tokenizer."""
+    from tokenizers import Tokenizer
+
+    raw = ckpt.read_file("tokenizer.json")
+    if raw is None:
+        raise CheckpointError(ckpt.uri, "missing tokenizer.json", "copy the tokenizer files into the checkpoint")
+    tok = Tokenizer.from_str(raw.decode("utf-8"))
+    ids = tok.encode(VALIDATION_TEXT, add_special_tokens=False).ids
+    cfg_raw = ckpt.read_file("tokenizer_config.json")
+    tcfg = json.loads(cfg_raw) if cfg_raw else {}
+    bos = ckpt.config.get("bos_token_id")
+    if tcfg.get("add_bos_token") and isinstance(bos, int):
+        ids = [bos] + ids
+    while len(ids) < MIN_TOKENS:  # tiny vocabularies never need this; huge ones might
+        ids = ids + ids
+    return ids[:MAX_TOKENS]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
+            math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_readback(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor]) -> dict[str, Any]:
+    """Re-open the file with gguf-py and compare every tensor and key with the plan."""
+    g = read_gguf(path)
+    problems: list[str] = []
+    if g.value("general.architecture") != arch:
+        problems.append(f"general.architecture is {g.value('general.architecture')!r}, expected {arch!r}")
+    for kv in kvs:
+        if kv.key not in g.reader.fields:
+            problems.append(f"metadata key {kv.key} missing")
+        elif not _same_value(g.value(kv.key), kv.value):
+            problems.append(f"metadata key {kv.key} differs")
+    names = [t.name for t in g.tensors]
+    expected = [s.gguf_name for s in staged]
+    if names != expected:
+        problems.append(f"tensor list differs: {len(names)} tensors in file, {len(expected)} planned")
+    by_name = {t.name: t for t in g.tensors}
+    for s in staged:
+        t = by_name.get(s.gguf_name)
+        if t is None:
+            continue
+        if t.tensor_type.name != s.ggml_type:
+            problems.append(f"{s.gguf_name}: type {t.tensor_type.name}, planned {s.ggml_type}")
+        if g.numpy_shape(t) != tuple(s.shape):
+            problems.append(f"{s.gguf_name}: shape {list(g.numpy_shape(t))}, planned {list(s.shape)}")
+        if hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest() != s.sha256:
+            problems.append(f"{s.gguf_name}: data differs from the staged tensor")
+    return {"ok": not problems, "tensors": len(names), "metadata_keys": len(g.reader.fields) - 3,
+            "problems": problems[:20]}
+
+
+def check_tensor_errors(relative_rmse: Mapping[str, float], gate: Gate) -> dict[str, Any]:
+    """Every tensor's dequantization error (relative RMSE vs the baked source) within the bound."""
+    worst = max(relative_rmse, key=relative_rmse.get)
+    bad = [n for n, e in relative_rmse.items() if e > gate.max_relative_rmse]
+    return {"ok": not bad, "max_relative_rmse": relative_rmse[worst], "worst_tensor": worst,
+            "bound": gate.max_relative_rmse, "over_bound": bad[:20]}
+
+
+def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Sequence[int], gate: Gate,
+                     n_threads: int | None = None) -> dict[str, Any]:
+    from .llama_runtime import LlamaCppModel
+
+    with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads) as model:
+        logits = model.logits(list(token_ids))
+    agreement = logit_agreement(reference_logits, logits)
+    ok = agreement["mean_kld"] <= gate.max_mean_kld and agreement["top1_agreement"] >= gate.min_top1
+    return {"ok": ok, **agreement, "bounds": {"max_mean_kld": gate.max_mean_kld, "min_top1": gate.min_top1}}
+
+
+def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None) -> dict[str, Any]:
+    checks = {"readback": readback, "tensor_errors": tensor_errors}
+    if functional is not None:
+        checks["llama_cpp"] = functional
+    failures = [name for name, c in checks.items() if not c["ok"]]
+    return {"quant": quant, "passed": not failures, "failures": failures, **checks}
+
+
+QUANT_BY_FILE_TYPE = {int(q.file_type): q for q in QUANT_TYPES.values()}
+
+
+def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None) -> dict[str, Any]:
+    """Validate any GGUF against the checkpoint it claims to come from, independently of a run.
+
+    Every planned tensor is re-materialized from the checkpoint (baked, permuted) and
+    compared with the file's dequantized tensor; the logits check runs as in a conversion.
+    """
+    g = read_gguf(gguf_path)
+    quant = QUANT_BY_FILE_TYPE.get(g.value("general.file_type"))
+    if quant is None:
+        raise ValidationError(gguf_path, f"general.file_type {g.value('general.file_type')!r} is not a type this "
+                                         "validator knows", f"known: {', '.join(QUANT_TYPES)}")
+    gate = GATES[quant.name]
+    spec, _, plan = checkpoint_model(ckpt)
+    problems: list[str] = []
+    if g.value("general.architecture") != spec.arch:
+        problems.append(f"general.architecture is {g.value('general.architecture')!r}, expected {spec.arch!r}")
+    by_name = {t.name: t for t in g.tensors}
+    extra = sorted(set(by_name) - {p.gguf_name for p in plan})
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:5])}")
+    errors: dict[str, float] = {}
+    for item in plan:
+        t = by_name.get(item.gguf_name)
+        if t is None:
+            problems.append(f"{item.gguf_name} missing")
+            continue
+        if g.numpy_shape(t) != item.shape:
+            problems.append(f"{item.gguf_name}: shape {list(g.numpy_shape(t))}, expected {list(item.shape)}")
+            continue
+        expected_type = target_type(item.gguf_name, item.shape, quant)
+        if t.tensor_type != expected_type:
+            problems.append(f"{item.gguf_name}: type {t.tensor_type.name}, expected {expected_type.name}")
+        source, _ = materialize(item, ckpt.read, ckpt.uri)
+        errors[item.gguf_name] = tensor_error_stats(source, g.dequantized(t))["relative_rmse"]
+    readback = {"ok": not problems, "tensors": len(g.tensors), "metadata_keys": len(g.reader.fields) - 3,
+                "problems": problems[:20]}
+    from .reference import So8tReference
+
+    ids = validation_token_ids(ckpt)
+    functional = check_functional(gguf_path, So8tReference(ckpt).logits(ids), ids, gate, n_threads)
+    return summarize(quant.name, readback, check_tensor_errors(errors, gate) if errors else
+                     {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
+                      gate.max_relative_rmse, "over_bound": []}, functional)

@@ -1,0 +1,23 @@
+"""Stage 2, analyze: structure report and the tensor plan."""
+
+from __future__ import annotations
+
+from prefect import task
+from pydantic import BaseModel
+
+from so8t_core.analysis import analyze, checkpoint_model
+from so8t_core.plan import TensorPlan
+
+from .common import open_checkpoint
+
+
+class AnalysisResult(BaseModel):
+    analysis: dict
+    plan: list[TensorPlan]
+
+
+@task(name="analyze-checkpoint")
+def analyze_checkpoint(source_uri: str) -> AnalysisResult:
+    ckpt = open_checkpoint(source_uri)
+    _, _, plan = checkpoint_model(ckpt)
+    return AnalysisResult(analysis=analyze(ckpt), plan=plan)

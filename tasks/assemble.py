@@ -1,0 +1,30 @@
+"""Stage 4, assemble: stream staged tensors into the model GGUF; write the heads sidecar."""
+
+from __future__ import annotations
+
+import os
+
+from prefect import task
+
+from so8t_core.analysis import checkpoint_model
+from so8t_core.assemble import assemble_heads_sidecar, assemble_model, model_metadata
+from so8t_core.constants import GGUF_NAME, SIDECAR_NAME
+from so8t_core.quantize import quant_type
+from so8t_core.refs import FileRef, SourceRef, StagedTensor
+
+from .common import open_checkpoint
+
+
+@task(name="assemble-gguf", task_run_name="assemble-{quant}")
+def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedTensor], out_dir: str) -> FileRef:
+    ckpt = open_checkpoint(source.uri)
+    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged)
+    return assemble_model(os.path.join(out_dir, GGUF_NAME.format(name=name, quant=quant)), arch, kvs, staged)
+
+
+@task(name="assemble-heads-sidecar")
+def assemble_sidecar(source: SourceRef, name: str, out_dir: str) -> FileRef | None:
+    ckpt = open_checkpoint(source.uri)
+    _, structure, _ = checkpoint_model(ckpt)
+    return assemble_heads_sidecar(os.path.join(out_dir, SIDECAR_NAME.format(name=name)), ckpt, structure, name,
+                                  source.fingerprint)

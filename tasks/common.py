@@ -1,0 +1,32 @@
+"""What every stage shares: opening a checkpoint once per process, and the retry policy."""
+
+from __future__ import annotations
+
+import functools
+
+from so8t_core.checkpoint import Checkpoint, default_cache_dir
+from so8t_core.errors import So8tError, StorageError
+
+
+@functools.lru_cache(maxsize=8)
+def open_checkpoint(uri: str) -> Checkpoint:
+    """One Checkpoint per source per process: headers are read once, tensors on demand."""
+    return Checkpoint.open(uri, cache_dir=default_cache_dir())
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry storage/network trouble; never retry a deterministic failure of the input."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as e:  # the failure's exception
+            exc = e
+    if isinstance(exc, StorageError):
+        return True
+    return not isinstance(exc, (So8tError, AssertionError, ValueError, TypeError, KeyError))
+
+
+# Storage and network steps: a few retries with backoff.
+STORAGE_RETRIES = dict(retries=3, retry_delay_seconds=[1, 4, 15], retry_jitter_factor=0.2,
+                       retry_condition_fn=retry_transient)

@@ -1,0 +1,18 @@
+"""Stage 3, quantize: one task per output tensor (bake, permute, quantize, stage the bytes)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from so8t_core.plan import TensorPlan
+from so8t_core.quantize import quant_type, stage_tensor
+from so8t_core.refs import StagedTensor
+
+from .common import STORAGE_RETRIES, open_checkpoint
+
+
+@task(name="quantize-tensor", task_run_name="quantize-{item.gguf_name}", **STORAGE_RETRIES)
+def quantize_tensor(source_uri: str, item: TensorPlan, source_sha256: list[str], quants: list[str],
+                    staging_dir: str) -> list[StagedTensor]:
+    return stage_tensor(open_checkpoint(source_uri), item, [quant_type(q) for q in quants], staging_dir,
+                        source_sha256)

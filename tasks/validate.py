@@ -1,0 +1,47 @@
+"""Stage 5, validate: read-back, per-tensor error, and logits in llama.cpp vs the PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prefect import task
+
+from so8t_core.assemble import file_ref, model_metadata
+from so8t_core.quantize import quant_type
+from so8t_core.reference import So8tReference
+from so8t_core.refs import FileRef, SourceRef, StagedTensor
+from so8t_core.storage import local_atomic_file
+from so8t_core.validation import (
+    GATES, check_functional, check_readback, check_tensor_errors, summarize, validation_token_ids,
+)
+
+from .common import open_checkpoint
+
+
+@task(name="reference-logits")
+def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
+    """Logits of the PyTorch SO8T reference (gates live) on the validation text; cached by fingerprint."""
+    path = os.path.join(work_dir, "reference", f"{source.fingerprint}.npz")
+    if not os.path.exists(path):
+        ckpt = open_checkpoint(source.uri)
+        ids = validation_token_ids(ckpt)
+        logits = So8tReference(ckpt).logits(ids)
+        with local_atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, token_ids=np.asarray(ids, dtype=np.int64), logits=logits)
+    return file_ref(path)
+
+
+@task(name="validate-gguf", task_run_name="validate-{quant}")
+def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
+                  reference: FileRef | None) -> dict:
+    ckpt = open_checkpoint(source.uri)
+    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged)
+    gate = GATES[quant]
+    functional = None
+    if reference is not None:
+        ref = np.load(reference.uri)
+        functional = check_functional(gguf.uri, ref["logits"], ref["token_ids"].tolist(), gate)
+    return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors({s.gguf_name: s.relative_rmse for s in staged}, gate),
+                     functional)

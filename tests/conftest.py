@@ -1,0 +1,51 @@
+"""Shared fixtures: isolated caches, one Prefect test server per session, built checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Isolate everything the code caches or Prefect stores, before anything imports prefect.
+_SESSION_DIR = tempfile.mkdtemp(prefix="so8t-gguf-tests-")
+os.environ["SO8T_GGUF_CACHE"] = os.path.join(_SESSION_DIR, "cache")
+os.environ["PREFECT_HOME"] = os.path.join(_SESSION_DIR, "prefect-home")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_SESSION_DIR, "prefect-results")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (flow tests use it)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> str:
+    from so8t_core.demo import build_demo_checkpoint
+
+    return build_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "smollm2-135m-so8t-demo"))
+
+
+@pytest.fixture(scope="session")
+def make_fixture(tmp_path_factory):
+    """Build (once per distinct spec) a tiny random SO8T checkpoint."""
+    from so8t_core.fixtures import FixtureSpec, build_fixture
+
+    built: dict = {}
+
+    def make(**kwargs) -> str:
+        spec = FixtureSpec(**kwargs)
+        key = repr(spec)
+        if key not in built:
+            built[key] = build_fixture(str(tmp_path_factory.mktemp("fixture") / "ckpt"), spec)
+        return built[key]
+
+    return make
