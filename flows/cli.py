@@ -22,7 +22,9 @@ def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Failures reach the user as our one-line error; Prefect's copy (with its
+        # traceback) stays in the run's logs on a server, and shows here with -v.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "ERROR")
 
 
@@ -32,10 +34,17 @@ def _print_json(obj: Any) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
+    from so8t_core.analysis import preflight
+    from so8t_core.quantize import quant_type
+
+    for q in args.quant or []:
+        quant_type(q)
+    if args.source:
+        preflight(args.source)  # bad input fails here in a second, before the pipeline starts
     from flows.convert import convert
 
     result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
-                     validate=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
+                     run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
                      work_dir=args.work_dir)
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})

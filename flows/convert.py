@@ -64,7 +64,7 @@ def tensors_in_flight(max_memory_gb: float | None, largest_tensor_f32: int, work
 
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
 def convert(source: str | None = None, output: str = "./artifacts", quants: list[str] = list(DEFAULT_QUANTS),
-            validate: bool = True, name: str | None = None, max_memory_gb: float | None = None,
+            run_validation: bool = True, name: str | None = None, max_memory_gb: float | None = None,
             work_dir: str | None = None) -> dict:
     """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
     log = get_run_logger()
@@ -107,7 +107,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         files[SIDECAR_NAME.format(name=name)] = sidecar
 
     validations: dict[str, dict] = {}
-    if validate:
+    if run_validation:
         reference = reference_logits(src, work_dir)
         for q in quants:
             validations[q] = validate_gguf(src, q, name, ggufs[q], staged[q], reference)
@@ -126,12 +126,12 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         files[STATS_NAME.format(name=name, quant=q)] = write_stats_parquet(q, staged[q], path)
     bake_errors = [s.bake_error for s in staged[quants[0]] if s.bake_error is not None]
     max_bake_error = max(bake_errors, default=0.0)
-    n_params = {GGUF_NAME.format(name=name, quant=q): sum(s.n_elements for s in staged[q]) for q in quants}
-    files[MODEL_CARD_NAME] = write_model_card(os.path.join(out_dir, MODEL_CARD_NAME), name, analysis, files,
-                                              n_params, validations, max_bake_error, src.fingerprint, CONVERTER)
     analysis_path = os.path.join(out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, analysis)
     files[ANALYSIS_NAME] = file_ref(analysis_path)
+    n_params = {GGUF_NAME.format(name=name, quant=q): sum(s.n_elements for s in staged[q]) for q in quants}
+    files[MODEL_CARD_NAME] = write_model_card(os.path.join(out_dir, MODEL_CARD_NAME), name, analysis, files,
+                                              n_params, validations, max_bake_error, src.fingerprint, CONVERTER)
 
     manifest = {"name": name, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
                 "quants": quants, "validation": validations,

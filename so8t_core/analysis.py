@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from .architectures import (
-    ATTENTION, EMBEDDING, FFN, NORM, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, gguf_tensor_class,
-    model_spec,
+    EMBEDDING, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, model_spec,
 )
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, default_cache_dir
 from .plan import TensorPlan, build_plan
-from .rotation import rotation_blocks, rotation_health
+from .rotation import checked_rotation, rotation_blocks, rotation_health
 from .so8t import So8tStructure, find_structure
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
@@ -29,6 +28,17 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
     structure = find_structure(ckpt.tensors, ckpt.config, spec, ckpt.uri)
     plan = build_plan(ckpt.tensors, spec, structure, ckpt.uri)
     return spec, structure, plan
+
+
+def preflight(uri: str) -> None:
+    """Everything checkable without reading the weights: files, headers, config, plan, gates.
+
+    Catches most bad input in about a second, before a pipeline run starts.
+    """
+    ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
+    _, structure, _ = checkpoint_model(ckpt)
+    for gate in structure.gates:
+        checked_rotation(ckpt.read(gate.tensor), structure.config.rotation, ckpt.uri, gate.tensor)
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:

@@ -21,8 +21,9 @@ import numpy as np
 
 from . import storage
 from .errors import CheckpointError, StorageError
+from .refs import SourceRef
 from .safetensors_format import (
-    SafetensorsHeader, TensorSlice, decode_float, header_length, parse_header,
+    SafetensorsHeader, decode_float, header_length, parse_header,
 )
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -233,14 +234,12 @@ def default_cache_dir() -> str:
     return os.environ.get("SO8T_GGUF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "so8t-gguf"))
 
 
-def fingerprint(ckpt: Checkpoint, tensor_sha256: dict[str, str] | None = None) -> "SourceRef":
+def fingerprint(ckpt: Checkpoint, tensor_sha256: dict[str, str] | None = None) -> SourceRef:
     """Content fingerprint of a checkpoint: config, tokenizer files and every tensor's bytes.
 
     Reads each tensor once, by byte range (memory: one tensor). Independent of
     shard layout and file names, so re-sharding the same weights keeps it.
     """
-    from .refs import SourceRef
-
     shas = dict(tensor_sha256 or {})
     for name in ckpt.tensors:
         if name not in shas:

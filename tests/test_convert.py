@@ -1,0 +1,100 @@
+"""The Prefect flow on fixtures: every variant converts, loads in llama.cpp and matches the reference."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.convert import convert, tensors_in_flight
+from so8t_core.errors import UnsupportedError, ValidationError
+from so8t_core.gguf_file import read_gguf
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+VARIANTS = {
+    "cayley-pre": dict(rotation="cayley", position="pre_o_proj"),
+    "expm-post-bias": dict(rotation="expm", position="post_o_proj", attention_bias=True),
+    "tied-partial-gates": dict(tied=True, layers=4, gated_layers=(1, 2), shards=2),
+    "plain": dict(so8t=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, make_fixture, tmp_path):
+    result = convert(source=make_fixture(**VARIANTS[variant]), output=str(tmp_path / "out"),
+                     quants=["F32", "Q8_0"], work_dir=str(tmp_path / "work"), name="fx")
+    f32 = result["validation"]["F32"]
+    assert f32["passed"] and f32["readback"]["ok"]
+    assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
+    assert f32["llama_cpp"]["n_tokens"] >= 256
+    assert result["validation"]["Q8_0"]["passed"]
+    g = read_gguf(str(tmp_path / "out" / "fx-Q8_0.gguf"))
+    layers = VARIANTS[variant].get("gated_layers", (0, 1) if VARIANTS[variant].get("so8t", True) else ())
+    assert g.value("so8t.baked_layers", []) == list(layers)
+    assert ("output.weight" in {t.name for t in g.tensors}) != VARIANTS[variant].get("tied", False)
+    heads = tmp_path / "out" / "fx.so8t-heads.gguf"
+    assert heads.exists() == VARIANTS[variant].get("so8t", True)
+
+
+def test_output_is_deterministic_and_reruns_reuse_staged_tensors(make_fixture, tmp_path):
+    src = make_fixture(seed=11)
+    first = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
+                    run_validation=False, name="fx")
+    second = convert(source=src, output=str(tmp_path / "b"), quants=["Q8_0"], work_dir=str(tmp_path / "w2"),
+                     run_validation=False, name="fx")
+    for name in ("fx-Q8_0.gguf", "fx.so8t-heads.gguf"):
+        assert first["files"][name]["sha256"] == second["files"][name]["sha256"]
+    staged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "w1" / "tensors") for f in fs]
+    mtimes = {p: os.stat(p).st_mtime_ns for p in staged}
+    third = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
+                    run_validation=False, name="fx")
+    assert third["files"]["fx-Q8_0.gguf"]["sha256"] == first["files"]["fx-Q8_0.gguf"]["sha256"]
+    assert {p: os.stat(p).st_mtime_ns for p in staged} == mtimes  # nothing re-quantized
+
+
+def test_release_files_manifest_and_stats(make_fixture, tmp_path):
+    out = tmp_path / "out"
+    result = convert(source=make_fixture(layers=3), output=str(out), quants=["F16", "Q8_0"],
+                     work_dir=str(tmp_path / "work"), name="fx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"fx-F16.gguf", "fx-Q8_0.gguf", "fx-F16.stats.parquet", "fx-Q8_0.stats.parquet",
+                                      "fx.so8t-heads.gguf", "README.md", "analysis.json"}
+    import hashlib
+    for name, info in manifest["files"].items():
+        data = (out / name).read_bytes()
+        assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
+    assert manifest["source_fingerprint"] == result["fingerprint"]
+    table = pq.read_table(out / "fx-Q8_0.stats.parquet").to_pylist()
+    assert len(table) == 3 * 9 + 3
+    by_name = {r["tensor"]: r for r in table}
+    q = by_name["blk.1.attn_q.weight"]
+    assert q["ggml_type"] == "Q8_0" and q["shape"] == [64, 64] and q["params"] == 4096
+    assert q["bytes"] == 4096 // 32 * 34 and q["bits_per_weight"] == pytest.approx(8.5)
+    assert 0 < q["relative_rmse"] < 0.02 and q["cosine"] > 0.999 and q["snr_db"] > 30
+    norm = by_name["blk.1.attn_norm.weight"]
+    assert norm["ggml_type"] == "F32" and norm["rmse"] == 0 and np.isinf(norm["snr_db"])
+    assert by_name["blk.1.attn_output.weight"]["bake_error"] < 1e-6
+    assert by_name["blk.1.attn_q.weight"]["bake_error"] is None
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\ntags:\n- gguf\n- so8t") and manifest["files"]["fx-Q8_0.gguf"]["sha256"] in card
+
+
+def test_failed_validation_publishes_nothing(make_fixture, tmp_path, monkeypatch):
+    from so8t_core import validation
+
+    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
+                                                                 max_relative_rmse=0.0))
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError, match="validation failed .*nothing was published"):
+        convert(source=make_fixture(), output=str(out), quants=["F32"], work_dir=str(tmp_path / "work"), name="fx")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_memory_cap_limits_tensors_in_flight():
+    assert tensors_in_flight(None, 100 << 20, 8) == 8
+    assert tensors_in_flight(2.0, 100 << 20, 8) == 2  # (2 GiB − 1 GiB) // (4 × 100 MiB)
+    assert tensors_in_flight(64.0, 100 << 20, 8) == 8
+    with pytest.raises(UnsupportedError, match="the largest tensor alone needs"):
+        tensors_in_flight(1.2, 100 << 20, 8)

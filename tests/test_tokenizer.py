@@ -1,0 +1,344 @@
+"""Tokenizer metadata: equal to what convert_hf_to_gguf wrote for SmolLM2, and tokenizing
+exactly like the Hugging Face tokenizer once llama.cpp loads it.
+
+llama.cpp is driven through llama-cpp-python with ``vocab_only=True`` on GGUFs that hold
+only ``general.architecture`` and the tokenizer keys (no hyperparameters, no tensors):
+llama.cpp loads those without complaint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import gguf
+import pytest
+from tokenizers import Tokenizer
+
+from so8t_core.demo_tokenizer import (
+    CHATML_TEMPLATE, _fixture_files_cached, fixture_tokenizer_files, smollm2_gguf_path,
+    smollm2_tokenizer_files,
+)
+from so8t_core.errors import CheckpointError, UnsupportedError
+from so8t_core.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_metadata
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# English, Japanese, code, emoji (with ZWJ and skin tone), digits, odd whitespace, contractions.
+TEXT = (
+    "Hello, world! In 2024 we computed π ≈ 3.14159 and 1234567 apples, 1000 pears.\n"
+    "日本語のテキスト：東京は日本の首都です。カタカナとひらがな、漢字。\n"
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # 🦙🚀\n"
+    "   leading spaces, trailing tabs\t\t\n\n\n"
+    "Emoji 😶\u200d🌫️ 👍🏽 — naïve café, Ünïcödé; I've they'll WE'RE don't 12,345.678\n"
+)
+SMOLLM2_CONFIG = {"model_type": "llama", "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2,
+                  "pad_token_id": 2}
+FIXTURE_CONFIG = {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def write_vocab_gguf(path, kvs) -> str:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for kv in kvs:
+        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def load_vocab(path: str):
+    return llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+
+
+def hf(files: dict[str, bytes]) -> Tokenizer:
+    return Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+
+
+def assert_parity(llm, tok: Tokenizer, text: str = TEXT) -> list[int]:
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    assert llm.detokenize(ids).decode("utf-8") == text
+    return ids
+
+
+# --- SmolLM2: the real 49152-token vocabulary ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_files():
+    return smollm2_tokenizer_files(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def smollm2_kvs(smollm2_files):
+    return tokenizer_metadata(smollm2_files, SMOLLM2_CONFIG, "mem://smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference():
+    """The tokenizer.* fields of the GGUF convert_hf_to_gguf produced for SmolLM2."""
+    reader = gguf.GGUFReader(smollm2_gguf_path())
+    return {k: (f.contents(), f.types) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2_kvs, tmp_path_factory):
+    return load_vocab(write_vocab_gguf(tmp_path_factory.mktemp("smollm2") / "vocab.gguf", smollm2_kvs))
+
+
+def test_smollm2_metadata_equals_shipped_gguf(smollm2_kvs, smollm2_reference):
+    ours = {kv.key: kv for kv in smollm2_kvs}
+    for key, (value, types) in smollm2_reference.items():
+        assert key in ours, key
+        kv = ours[key]
+        assert kv.vtype == types[0], key
+        if kv.vtype == gguf.GGUFValueType.ARRAY:
+            assert kv.sub_type == types[-1], key
+        assert kv.value == value, key
+    # The shipped file comes from an older convert; today's SpecialVocab also writes
+    # add_eos_token=False for a ByteLevel post-processor.
+    assert {k: v.value for k, v in ours.items() if k not in smollm2_reference} == {
+        "tokenizer.ggml.add_eos_token": False}
+    assert ours["tokenizer.ggml.pre"].value == "smollm"
+    # Convert's order: prefix flag (LlamaModel), vocab, merges, ids, add flags, template.
+    assert [kv.key for kv in smollm2_kvs] == [
+        "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+        "tokenizer.chat_template"]
+
+
+def test_smollm2_files_are_pinned_and_load_in_transformers(smollm2_files, tmp_path):
+    # Byte-stable: any change to these bytes changes every checkpoint built from them.
+    assert {k: hashlib.sha256(v).hexdigest()[:16] for k, v in smollm2_files.items()} == SMOLLM2_SHA
+    tj = json.loads(smollm2_files["tokenizer.json"])
+    assert tj["pre_tokenizer"]["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
+
+    from transformers import AutoTokenizer
+
+    for name, data in smollm2_files.items():
+        (tmp_path / name).write_bytes(data)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.model_max_length) == (1, 2, 8192)
+    assert tok.encode(TEXT, add_special_tokens=False) == hf(smollm2_files).encode(TEXT, add_special_tokens=False).ids
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+SMOLLM2_SHA = {
+    "special_tokens_map.json": "2b7379f3ae813529",
+    "tokenizer.json": "96a0af06f7c3dc6e",
+    "tokenizer_config.json": "e55e84d8aae8750e",
+}
+
+
+def test_smollm2_llama_cpp_tokenizes_like_hf(smollm2_llm, smollm2_files):
+    tok = hf(smollm2_files)
+    ids = assert_parity(smollm2_llm, tok)
+    # SmolLM's Digits pre-tokenizer: numbers go digit by digit on both sides.
+    assert [tok.id_to_token(i) for i in tok.encode(" 2024").ids] == ["Ġ", "2", "0", "2", "4"]
+    assert smollm2_llm.tokenize(b" 2024", add_bos=False, special=False) == tok.encode(" 2024").ids
+    # Special tokens in the text, parsed as such on both sides.
+    chat = "<|im_start|>user\n3.14159 は π<|im_end|>\n<|im_start|>assistant\n"
+    assert smollm2_llm.tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat).ids
+    # ... and the GGUF convert wrote tokenizes the same way.
+    shipped = load_vocab(smollm2_gguf_path())
+    assert shipped.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+
+
+# --- the fixture tokenizer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab_size", [300, 512])
+def test_fixture_tokenizer_size_determinism_and_parity(vocab_size, tmp_path):
+    files = fixture_tokenizer_files(vocab_size)
+    # Built twice from scratch (bypassing the cache): the same bytes.
+    assert dict(_fixture_files_cached.__wrapped__(vocab_size, 0)) == files
+    assert dict(_fixture_files_cached.__wrapped__(vocab_size, 1)) != files
+    tok = hf(files)
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    assert [tok.id_to_token(i) for i in range(3)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+    kvs = {kv.key: kv.value for kv in tokenizer_metadata(files, FIXTURE_CONFIG, "mem://fixture")}
+    assert kvs["tokenizer.ggml.pre"] == "gpt-2"  # unknown hash, recognised by structure
+    assert len(kvs["tokenizer.ggml.tokens"]) == vocab_size
+    assert len(kvs["tokenizer.ggml.merges"]) == vocab_size - 259
+    assert kvs["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+    assert (kvs["tokenizer.ggml.bos_token_id"], kvs["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert kvs["tokenizer.chat_template"] == CHATML_TEMPLATE
+
+    llm = load_vocab(write_vocab_gguf(tmp_path / "fixture.gguf", tokenizer_metadata(files, FIXTURE_CONFIG, "x")))
+    assert_parity(llm, tok)
+
+
+def test_fixture_pins_and_limits():
+    assert hashlib.sha256(fixture_tokenizer_files(512)["tokenizer.json"]).hexdigest()[:16] == FIXTURE_512_SHA
+    with pytest.raises(ValueError):
+        fixture_tokenizer_files(299)
+
+
+FIXTURE_512_SHA = "8d463ce9aeecd4e0"
+
+
+def test_vocab_padded_to_config_vocab_size(tmp_path):
+    files = fixture_tokenizer_files(300)
+    kvs = tokenizer_metadata(files, {**FIXTURE_CONFIG, "vocab_size": 320}, "mem://padded")
+    values = {kv.key: kv.value for kv in kvs}
+    assert values["tokenizer.ggml.tokens"][300:] == [f"[PAD{i}]" for i in range(300, 320)]
+    assert values["tokenizer.ggml.token_type"][300:] == [5] * 20  # UNUSED
+    llm = load_vocab(write_vocab_gguf(tmp_path / "padded.gguf", kvs))
+    assert llm.n_vocab() == 320
+    assert_parity(llm, hf(files))
+
+
+def _with_pre_tokenizer(files: dict[str, bytes], pre_tokenizer: dict, **model) -> dict[str, bytes]:
+    tj = json.loads(files["tokenizer.json"])
+    tj["pre_tokenizer"] = pre_tokenizer
+    tj["model"].update(model)
+    return {**files, "tokenizer.json": json.dumps(tj, ensure_ascii=False).encode()}
+
+
+def _split_byte_level(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+@pytest.mark.parametrize("pre, pre_tokenizer, model", [
+    ("llama-bpe", _split_byte_level(LLAMA3_REGEX), {"ignore_merges": True}),
+    ("qwen2", _split_byte_level(QWEN2_REGEX), {}),
+    ("smollm", {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}, {}),
+])
+def test_pre_tokenizer_recognised_by_structure(pre, pre_tokenizer, model, tmp_path):
+    """Unknown hash, known structure: the name we pick makes llama.cpp split like HF."""
+    files = _with_pre_tokenizer(fixture_tokenizer_files(512), pre_tokenizer, **model)
+    kvs = tokenizer_metadata(files, FIXTURE_CONFIG, "mem://structure")
+    assert {kv.key: kv.value for kv in kvs}["tokenizer.ggml.pre"] == pre
+    assert_parity(load_vocab(write_vocab_gguf(tmp_path / "v.gguf", kvs)), hf(files))
+
+
+def test_sentencepiece_model(tmp_path):
+    import sentencepiece as spm
+
+    from so8t_core.demo_tokenizer import _FIXTURE_CORPUS
+
+    model = io.BytesIO()
+    # Llama-style SentencePiece: identity normalizer, whitespace kept, byte fallback.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_FIXTURE_CORPUS.splitlines()), model_writer=model, vocab_size=400,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+    files = {"tokenizer.model": model.getvalue()}
+    kvs = tokenizer_metadata(files, {"vocab_size": 400, "bos_token_id": 1, "eos_token_id": 2}, "mem://spm")
+    values = {kv.key: kv.value for kv in kvs}
+    assert (values["tokenizer.ggml.model"], values["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert values["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # unk, <s>, </s>, <0x00>
+    assert len(values["tokenizer.ggml.scores"]) == 400
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(files["tokenizer.model"])
+    llm = load_vocab(write_vocab_gguf(tmp_path / "spm.gguf", kvs))
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == sp.encode(TEXT)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_missing_tokenizer_files():
+    with pytest.raises(CheckpointError) as err:
+        tokenizer_metadata({"tokenizer_config.json": b"{}"}, {}, "s3://bucket/ckpt")
+    assert "tokenizer.json" in str(err.value) and "hint:" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_invalid_json_names_the_file(name):
+    files = {**fixture_tokenizer_files(300), name: b'{"model": {\n  "type": "BPE",,\n}'}
+    with pytest.raises(CheckpointError) as err:
+        tokenizer_metadata(files, FIXTURE_CONFIG, "s3://bucket/ckpt")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"s3://bucket/ckpt/{name}: not valid JSON")
+
+
+def test_non_utf8_file():
+    files = {**fixture_tokenizer_files(300), "chat_template.jinja": b"{{ '\xff' }}"}
+    files["tokenizer_config.json"] = json.dumps(
+        {k: v for k, v in json.loads(files["tokenizer_config.json"]).items() if k != "chat_template"}).encode()
+    with pytest.raises(CheckpointError, match=r"ckpt/chat_template\.jinja: not UTF-8"):
+        tokenizer_metadata(files, FIXTURE_CONFIG, "ckpt")
+
+
+def test_unsupported_tokenizers():
+    files = fixture_tokenizer_files(300)
+    metaspace = _with_pre_tokenizer(files, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                                            "split": True})
+    with pytest.raises(UnsupportedError, match=r"^mem://odd: the BPE pre-tokenizer .* not recognised"):
+        tokenizer_metadata(metaspace, FIXTURE_CONFIG, "mem://odd")
+    tj = json.loads(files["tokenizer.json"])
+    tj["model"] = {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}
+    with pytest.raises(UnsupportedError, match="WordPiece"):
+        tokenizer_metadata({**files, "tokenizer.json": json.dumps(tj).encode()}, {}, "mem://bert")
+    with pytest.raises(CheckpointError, match="vocab_size is 100"):
+        tokenizer_metadata(files, {"vocab_size": 100}, "mem://small")
+
+
+def test_bos_from_template_post_processor(tmp_path):
+    """A Llama-3-style TemplateProcessing post-processor: BOS added, on both sides."""
+    files = _with_pre_tokenizer(fixture_tokenizer_files(512), _split_byte_level(LLAMA3_REGEX), ignore_merges=True)
+    tj = json.loads(files["tokenizer.json"])
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    tj["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {**bos}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    config = {**json.loads(files["tokenizer_config.json"]), "add_bos_token": True}
+    files = {**files, "tokenizer.json": json.dumps(tj).encode(), "tokenizer_config.json": json.dumps(config).encode()}
+    kvs = tokenizer_metadata(files, {"bos_token_id": 1, "eos_token_id": 2}, "mem://llama3ish")
+    values = {kv.key: kv.value for kv in kvs}
+    assert (values["tokenizer.ggml.pre"], values["tokenizer.ggml.add_bos_token"]) == ("llama-bpe", True)
+    assert "tokenizer.ggml.add_eos_token" not in values  # no trailing special token, no add_eos_token in config
+    llm = load_vocab(write_vocab_gguf(tmp_path / "bos.gguf", kvs))
+    ids = hf(files).encode(TEXT).ids
+    assert ids[0] == 1
+    assert llm.tokenize(TEXT.encode(), add_bos=True, special=False) == ids
+
+
+def test_chat_template_sources():
+    base = fixture_tokenizer_files(300)
+    config = json.loads(base["tokenizer_config.json"])
+    del config["chat_template"]
+    files = {**base, "tokenizer_config.json": json.dumps(config).encode()}
+
+    def template(extra: dict[str, bytes]):
+        values = {kv.key: kv.value for kv in tokenizer_metadata({**files, **extra}, FIXTURE_CONFIG, "m")}
+        return values.get("tokenizer.chat_template")
+
+    assert template({}) is None
+    assert template({"chat_template.jinja": b"{{ jinja }}", "chat_template.json": b'{"chat_template": "x"}'}) \
+        == "{{ jinja }}"
+    assert template({"chat_template.json": b'{"chat_template": "{{ json }}"}'}) == "{{ json }}"
+    # tokenizer_config.json's own template wins over both files.
+    assert tokenizer_metadata({**base, "chat_template.jinja": b"other"}, FIXTURE_CONFIG, "m")[-1].value \
+        == CHATML_TEMPLATE
+
+
+def test_special_tokens_known_only_from_tokenizer_config():
+    """Special tokens missing from tokenizer.json's added_tokens are still CONTROL, as
+    transformers (and so convert) registers them from tokenizer_config.json on load."""
+    files = fixture_tokenizer_files(300)
+    tj = json.loads(files["tokenizer.json"])
+    tj["added_tokens"] = []
+    kvs = tokenizer_metadata({**files, "tokenizer.json": json.dumps(tj).encode()}, FIXTURE_CONFIG, "m")
+    values = {kv.key: kv.value for kv in kvs}
+    assert values["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+    # SpecialVocab finds ids in tokenizer.json's added_tokens only; config.json fills in.
+    assert (values["tokenizer.ggml.bos_token_id"], values["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert "tokenizer.ggml.unknown_token_id" not in values
