@@ -91,7 +91,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         f = report.get("llama_cpp", {})
         print(f"{args.gguf}: {report['quant']}")
-        print(f"  read-back      {'ok' if report['readback']['ok'] else 'FAILED'} ({report['readback']['tensors']} tensors)")
+        rb = report["readback"]
+        print(f"  read-back      {'ok' if rb['ok'] else 'FAILED'} ({rb['tensors']} tensors)")
         print(f"  tensor errors  max relative RMSE {report['tensor_errors']['max_relative_rmse']:.3g} "
               f"({report['tensor_errors']['worst_tensor']}), {'ok' if report['tensor_errors']['ok'] else 'FAILED'}")
         print(f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "

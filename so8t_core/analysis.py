@@ -93,8 +93,8 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
         "gated_layers": structure.gated_layers,
         "rotation_gates": gates,
         "rotation_health_ok": all(g["ok"] for g in gates),
-        "triality_heads": [{"head": h.head, "tensor": h.weight, "labels": list(h.labels), "reads": "final normed hidden state"}
-                           for h in structure.heads],
+        "triality_heads": [{"head": h.head, "tensor": h.weight, "labels": list(h.labels),
+                            "reads": "final normed hidden state"} for h in structure.heads],
         "pet": PET_NOTE,
         "gguf_tensors": len(plan),
         "baked_tensors": [p.gguf_name for p in plan if p.transform.startswith("bake")],
@@ -122,7 +122,8 @@ def render_text(a: dict[str, Any]) -> str:
     if a["rotation_gates"]:
         lines.append(f"rotation gates on {len(a['gated_layers'])} layers: {a['gated_layers']}")
         for g in a["rotation_gates"]:
-            lines.append(f"  layer {g['layer']:>3}: {g['blocks']} blocks, max|RᵀR−I| {g['max_orthogonality_error']:.2e}, "
+            lines.append(f"  layer {g['layer']:>3}: {g['blocks']} blocks, "
+                         f"max|RᵀR−I| {g['max_orthogonality_error']:.2e}, "
                          f"det [{g['min_det']:.6f}, {g['max_det']:.6f}], "
                          f"{'finite' if g['finite'] else 'NOT FINITE'}, {'ok' if g['ok'] else 'NOT A ROTATION'}")
     else:

@@ -133,8 +133,9 @@ class Checkpoint:
         if shard_of is not None:
             for name, shard in shard_of.items():
                 if name not in tensors:
-                    raise CheckpointError(storage.join(uri, shard), f"tensor {name!r} listed in the index is not in "
-                                                                    "this shard", "the shard is incomplete; re-download it")
+                    raise CheckpointError(storage.join(uri, shard),
+                                          f"tensor {name!r} listed in the index is not in this shard",
+                                          "the shard is incomplete; re-download it")
         return cls(uri=uri, config=config, config_bytes=config_bytes, tensors=tensors,
                    shards=shard_uris, weight_format=fmt)
 

@@ -80,7 +80,8 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    t: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.standard_normal((s.vocab, s.hidden)).astype(np.float32)}
+    t: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": rng.standard_normal((s.vocab, s.hidden)).astype(np.float32)}
     for i in range(s.layers):
         p = f"model.layers.{i}."
         t[p + "self_attn.q_proj.weight"] = lin(s.heads * hd, s.hidden)

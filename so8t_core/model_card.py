@@ -58,8 +58,9 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
             "8×8 rotations on contiguous channel blocks of the attention output.",
             ("- Baked exactly into `o_proj` (`W' = W·Rᵀ` for a gate before o_proj; `W' = Rᵀ·W`, `b' = b·R` after "
              f"it). Largest bake error (max |gated − baked| / max |gated| on probe inputs): {max_bake_error:.2e}."),
-            f"- Rotation health: {'all gates are proper rotations' if analysis['rotation_health_ok'] else 'SEE ANALYSIS'}"
-            " (orthogonality error and determinant checked per gate).",
+            "- Rotation health: " + ("all gates are proper rotations" if analysis["rotation_health_ok"]
+                                     else "NOT all gates are proper rotations (see analysis.json)")
+            + " (orthogonality error and determinant checked per gate).",
         ]
     else:
         lines.append("- No SO8T gates: converted as a plain checkpoint.")

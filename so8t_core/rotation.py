@@ -85,7 +85,8 @@ def check_theta_shape(theta_shape: tuple[int, ...], width: int, where: str, name
 def checked_rotation(theta: np.ndarray, parameterization: str, where: str, name: str) -> np.ndarray:
     """θ → R, refusing anything that is not finite and a proper rotation."""
     if not np.isfinite(theta).all():
-        raise RotationError(where, f"{name} has NaN/Inf values", "the gate diverged in training; use another checkpoint")
+        raise RotationError(where, f"{name} has NaN/Inf values",
+                            "the gate diverged in training; use another checkpoint")
     r = rotation_blocks(theta, parameterization)
     health = rotation_health(r)
     if not health.ok:

@@ -95,7 +95,8 @@ def parse_header(header: bytes, file_size: int, where: str) -> SafetensorsHeader
     data_start = 8 + len(header)
     data_len = file_size - data_start
     metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise CheckpointError(where, "safetensors __metadata__ must map strings to strings", "the file is corrupt")
 
     tensors: dict[str, TensorSlice] = {}
@@ -131,8 +132,8 @@ def parse_header(header: bytes, file_size: int, where: str) -> SafetensorsHeader
             raise CheckpointError(where, f"tensor {t.name!r} {problem}", "the file is corrupt")
         cursor = t.end
     if cursor != file_size:
-        raise CheckpointError(where, f"{file_size - cursor} bytes after the last tensor are not described by the header",
-                              "the file is corrupt or was appended to")
+        raise CheckpointError(where, f"{file_size - cursor} bytes after the last tensor are not described by "
+                                     "the header", "the file is corrupt or was appended to")
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
 

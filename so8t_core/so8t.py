@@ -131,9 +131,9 @@ def find_structure(tensors: Mapping[str, Any], config: Mapping[str, Any], spec: 
         if head in labels:
             head_labels = labels[head]
             if len(head_labels) != shape[0]:
-                raise CheckpointError(f"{where}/config.json", f"so8t.triality_labels.{head} names "
-                                                              f"{len(head_labels)} labels but {w_name} has {shape[0]} rows",
-                                      "make the label list match the head")
+                raise CheckpointError(f"{where}/config.json",
+                                      f"so8t.triality_labels.{head} names {len(head_labels)} labels but "
+                                      f"{w_name} has {shape[0]} rows", "make the label list match the head")
         elif len(TRIALITY_DEFAULT_LABELS[head]) == shape[0]:
             head_labels = TRIALITY_DEFAULT_LABELS[head]
         else:

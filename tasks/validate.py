@@ -43,5 +43,5 @@ def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, stage
     if reference is not None:
         ref = np.load(reference.uri)
         functional = check_functional(gguf.uri, ref["logits"], ref["token_ids"].tolist(), gate)
-    return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors({s.gguf_name: s.relative_rmse for s in staged}, gate),
-                     functional)
+    errors = {s.gguf_name: s.relative_rmse for s in staged}
+    return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors(errors, gate), functional)

@@ -195,7 +195,7 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
     _RunsCode.marker = str(tmp_path / "PWNED")
     with open(tmp_path / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"w": _RunsCode()}, f)
+        pickle.dump({"w": _RunsCode()}, f, protocol=2)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="refused to load") as exc:
         Checkpoint.open(str(tmp_path), cache_dir=str(tmp_path / "cache"))

@@ -1,0 +1,75 @@
+"""Time each stage of converting the demo checkpoint, calling the library directly (no Prefect).
+
+    .venv/bin/python benchmarks/demo_convert.py [--quant F32 Q8_0] [--work-dir DIR]
+
+Stages run as the flow runs them, but sequentially and in-process, so the numbers are the
+work itself, without orchestration overhead. A fresh work directory is used unless given,
+so nothing is served from staging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+from flows.convert import demo_source
+from so8t_core.analysis import checkpoint_model
+from so8t_core.assemble import assemble_heads_sidecar, assemble_model, model_metadata
+from so8t_core.checkpoint import Checkpoint, fingerprint
+from so8t_core.quantize import quant_type, stage_tensor
+from so8t_core.reference import So8tReference
+from so8t_core.validation import GATES, check_functional, validation_token_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quant", nargs="+", default=["F32", "Q8_0"])
+    ap.add_argument("--work-dir")
+    args = ap.parse_args()
+    work = args.work_dir or tempfile.mkdtemp(prefix="so8t-bench-")
+    quants = [quant_type(q) for q in args.quant]
+    times: list[tuple[str, float]] = []
+
+    def timed(label, fn, *a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        times.append((label, time.perf_counter() - t0))
+        return out
+
+    source = timed("build demo checkpoint (if missing)", demo_source)
+    ckpt = timed("open checkpoint (headers)", Checkpoint.open, source)
+    src = timed("fetch: sha256 of every tensor", fingerprint, ckpt)
+    spec, structure, plan = timed("analyze: spec, structure, plan", checkpoint_model, ckpt)
+    staged_by_tensor = timed("quantize: bake + quantize + stats, all tensors (1 thread)", lambda: [
+        stage_tensor(ckpt, p, quants, os.path.join(work, "tensors"),
+                     [src.tensor_sha256[n] for n in (p.source, p.gate, p.bias_source) if n]) for p in plan])
+    ggufs = {}
+    for i, q in enumerate(quants):
+        staged = [t[i] for t in staged_by_tensor]
+        arch, kvs = timed(f"assemble {q.name}: metadata", model_metadata, ckpt, q, "bench", src.fingerprint, staged)
+        ggufs[q.name] = timed(f"assemble {q.name}: write GGUF", assemble_model,
+                              os.path.join(work, f"bench-{q.name}.gguf"), arch, kvs, staged)
+    timed("assemble sidecar", assemble_heads_sidecar, os.path.join(work, "bench.so8t-heads.gguf"), ckpt,
+          structure, "bench", src.fingerprint)
+    ids = validation_token_ids(ckpt)
+    ref = timed("reference: build PyTorch model", So8tReference, ckpt)
+    logits = timed(f"reference: logits ({len(ids)} tokens)", ref.logits, ids)
+    for q, f in ggufs.items():
+        report = timed(f"validate {q}: llama.cpp logits + agreement", check_functional, f.uri, logits, ids, GATES[q])
+        print(f"{q}: mean KLD {report['mean_kld']:.3g}, top-1 {100 * report['top1_agreement']:.2f}%")
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, numpy {np.__version__}\n")
+    print("| stage | seconds |\n|---|---|")
+    for label, t in times:
+        print(f"| {label} | {t:.2f} |")
+    print(f"| **total** | {sum(t for _, t in times):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
