@@ -23,7 +23,7 @@ from . import storage
 from .errors import CheckpointError, StorageError
 from .refs import SourceRef
 from .safetensors_format import (
-    SafetensorsHeader, decode_float, header_length, parse_header,
+    SafetensorsHeader, TensorSlice, decode_float, header_length, parse_header,
 )
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -38,26 +38,10 @@ TOKENIZER_FILES = (
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of the checkpoint: its name and where its bytes are."""
+class TensorEntry(TensorSlice):
+    """One tensor of the checkpoint: its header entry and the shard it lives in."""
 
-    name: str
-    file: str  # URI of the shard
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+    file: str = ""  # URI of the shard
 
 
 @dataclass
@@ -129,7 +113,7 @@ class Checkpoint:
                 if shard_of is not None and shard_of.get(t.name) not in (None, posixpath.basename(shard_uri)):
                     raise CheckpointError(shard_uri, f"tensor {t.name!r} is indexed in {shard_of[t.name]}",
                                           "the index and the shards disagree; re-save the checkpoint")
-                tensors[t.name] = TensorEntry(t.name, read_uri, t.dtype, t.shape, t.start, t.end)
+                tensors[t.name] = TensorEntry(t.name, t.dtype, t.shape, t.start, t.end, file=read_uri)
         if shard_of is not None:
             for name, shard in shard_of.items():
                 if name not in tensors:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-# Elements per chunk in tensor_error_stats: bounds the float64 working copy to ~32 MiB
+# Elements per chunk in tensor_error_stats: bounds each float64 temporary to 8 MiB
 # per temporary even for multi-GB weight tensors.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 TOPK_SET_SIZE = 5
 

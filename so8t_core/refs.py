@@ -7,6 +7,8 @@ take and return (and so what their cache keys are made of).
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -55,10 +57,7 @@ class StagedTensor(BaseModel):
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def bits_per_weight(self) -> float:
