@@ -123,9 +123,11 @@ def cmd_fixture(args: argparse.Namespace) -> int:
 
     gated = tuple(int(x) for x in args.gated_layers.split(",")) if args.gated_layers else None
     spec = FixtureSpec(arch=args.arch, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                       kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab, tied=args.tied,
+                       kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                       tokenizer_vocab=args.tokenizer_vocab, head_dim=args.head_dim, tied=args.tied,
                        so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
-                       position=args.position, gated_layers=gated, attention_bias=args.attention_bias)
+                       position=args.position, gated_layers=gated, attention_bias=args.attention_bias,
+                       longrope=args.longrope)
     print(build_fixture(args.dest, spec))
     return 0
 
@@ -175,13 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fixture", help="write a tiny random SO8T checkpoint (for tests)")
     f.add_argument("dest")
-    f.add_argument("--arch", default="llama")
+    f.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "phi3"])
     f.add_argument("--layers", type=int, default=2)
     f.add_argument("--hidden", type=int, default=64)
     f.add_argument("--heads", type=int, default=4)
     f.add_argument("--kv-heads", type=int, default=2)
     f.add_argument("--intermediate", type=int, default=128)
-    f.add_argument("--vocab", type=int, default=384)
+    f.add_argument("--vocab", type=int, default=384, help="embedding rows (config vocab_size)")
+    f.add_argument("--tokenizer-vocab", type=int, help="real tokens, fewer than --vocab for padding rows")
+    f.add_argument("--head-dim", type=int, help="explicit head_dim (attention width != hidden)")
     f.add_argument("--tied", action="store_true")
     f.add_argument("--no-so8t", action="store_true")
     f.add_argument("--seed", type=int, default=0)
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--position", default="pre_o_proj", choices=["pre_o_proj", "post_o_proj"])
     f.add_argument("--gated-layers", help="comma-separated layer indices (default: all)")
     f.add_argument("--attention-bias", action="store_true")
+    f.add_argument("--longrope", action="store_true", help="phi3: LongRoPE scaling with factor tensors")
     f.set_defaults(func=cmd_fixture)
     return p
 

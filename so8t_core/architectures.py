@@ -1,29 +1,46 @@
 """Base architectures: what a Hugging Face config means, and how its tensors map to GGUF.
 
-Each supported ``architectures[0]`` of config.json maps to one llama.cpp architecture.
-The hyperparameters are read once into a :class:`ModelSpec`; everything downstream
-(tensor plan, metadata, reference forward) reads the spec, never the raw config.
+Each supported ``architectures[0]`` of config.json maps to one llama.cpp architecture
+and a small set of rules (:class:`ArchRules`): which tensors a layer has and their
+shapes, whether Q/K rows are permuted for llama.cpp's RoPE layout, and whether Q/K/V
+and gate/up are fused. The hyperparameters are read once into a :class:`ModelSpec`;
+everything downstream (plan, metadata, reference forward) reads the spec.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import gguf
 
 from .errors import CheckpointError, UnsupportedError
 
-# HF architecture → llama.cpp architecture. Qwen2/Qwen3/Phi-3/Mistral come next; the
-# spec and the tensor plan already carry what they need (biases, head_dim, q/k norms).
-SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-}
 
-# Which architectures store Q/K in HF's rotate-half layout but need llama.cpp's
-# interleaved layout: llama.cpp's converter permutes them for these only.
-PERMUTES_QK = {gguf.MODEL_ARCH.LLAMA}
+@dataclass(frozen=True)
+class ArchRules:
+    model_arch: gguf.MODEL_ARCH
+    permutes_qk: bool = False  # HF rotate-half → llama.cpp interleaved (llama.cpp's LlamaModel)
+    fused_qkv: bool = False  # one qkv_proj (phi3)
+    fused_gate_up: bool = False  # one gate_up_proj (phi3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
+    qkv_bias: bool = False  # q/k/v biases always present (qwen2)
+
+
+LLAMA = ArchRules(gguf.MODEL_ARCH.LLAMA, permutes_qk=True)
+QWEN2 = ArchRules(gguf.MODEL_ARCH.QWEN2, qkv_bias=True)
+QWEN3 = ArchRules(gguf.MODEL_ARCH.QWEN3, qk_norm=True)
+PHI3 = ArchRules(gguf.MODEL_ARCH.PHI3, fused_qkv=True, fused_gate_up=True)
+
+# HF architecture → rules. Mistral is a llama in GGUF, exactly as llama.cpp converts it.
+SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+    "Phi3ForCausalLM": PHI3,
+}
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -39,16 +56,26 @@ class ModelSpec:
     head_dim: int
     intermediate_size: int
     vocab_size: int
-    context_length: int
-    rope_theta: float
-    rms_norm_eps: float
+    context_length: int | None
+    rope_theta: float | None
+    rms_norm_eps: float | None
     tied_embeddings: bool
-    rope_scaling: dict[str, Any] | None
+    rope_scaling: dict[str, Any] | None  # rope_parameters / rope_scaling, with rope_type normalized
     head_dim_explicit: bool  # config.json names head_dim (then GGUF gets key/value_length)
+    attention_bias: bool  # q/k/v/o biases (llama's attention_bias)
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rules(self) -> ArchRules:
+        return SUPPORTED_ARCHITECTURES[self.hf_architecture]
 
     @property
     def model_arch(self) -> gguf.MODEL_ARCH:
-        return SUPPORTED_ARCHITECTURES[self.hf_architecture]
+        return self.rules.model_arch
+
+    @property
+    def permutes_qk(self) -> bool:
+        return self.rules.permutes_qk
 
     @property
     def attention_width(self) -> int:
@@ -56,11 +83,39 @@ class ModelSpec:
         return self.n_heads * self.head_dim
 
     @property
-    def permutes_qk(self) -> bool:
-        return self.model_arch in PERMUTES_QK
+    def rope_type(self) -> str | None:
+        rs = self.rope_scaling or {}
+        rope_type = rs.get("rope_type", rs.get("type"))
+        return rope_type.lower() if isinstance(rope_type, str) else None
+
+    def rotated_width(self, position: str) -> int:
+        """Width of the activation an SO8T gate rotates: o_proj's input or its output."""
+        return self.attention_width if position == "pre_o_proj" else self.hidden_size
 
     def tensor_name_map(self) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.model_arch, self.n_layers)
+
+    def layer_tensor_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """(required, optional) tensors of one layer: name suffix → shape."""
+        r, h, hd, ff = self.rules, self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        required = {"self_attn.o_proj.weight": (h, q), "mlp.down_proj.weight": (h, ff),
+                    "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        optional = {"self_attn.o_proj.bias": (h,)}
+        if r.fused_qkv:
+            required["self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+            optional["self_attn.qkv_proj.bias"] = (q + 2 * kv,)
+        else:
+            qkv = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv}
+            required.update({f"{n}.weight": (rows, h) for n, rows in qkv.items()})
+            (required if r.qkv_bias else optional).update({f"{n}.bias": (rows,) for n, rows in qkv.items()})
+        if r.fused_gate_up:
+            required["mlp.gate_up_proj.weight"] = (2 * ff, h)
+        else:
+            required.update({"mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h)})
+        if r.qk_norm:
+            required.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+        return required, optional
 
 
 def _int(config: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
@@ -69,6 +124,29 @@ def _int(config: Mapping[str, Any], key: str, where: str, default: int | None = 
         raise CheckpointError(where, f"config.json: {key} must be a positive integer, got {value!r}",
                               "fix config.json")
     return value
+
+
+def _number(config: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CheckpointError(where, f"config.json: {key} must be a number, got {value!r}", "fix config.json")
+    return None if value is None else float(value)
+
+
+def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE settings in one dict, as llama.cpp's converter assembles them.
+
+    transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
+    ``rope_scaling`` (with ``type`` in older files). Top-level ``rope_theta``,
+    ``partial_rotary_factor`` and ``original_max_position_embeddings`` are mirrored in.
+    """
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+        if key not in params and config.get(key) is not None:
+            params[key] = config[key]
+    if "rope_type" not in params and params.get("type") is not None:
+        params["rope_type"] = params["type"]
+    return params
 
 
 def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
@@ -93,20 +171,15 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
     if n_heads % n_kv:
         raise CheckpointError(where, f"config.json: num_attention_heads {n_heads} is not a multiple of "
                                      f"num_key_value_heads {n_kv}", "fix config.json")
-
-    # transformers 5 nests rope settings under rope_parameters; 4.x uses rope_theta/rope_scaling.
-    rope_params = config.get("rope_parameters") or {}
-    rope_theta = config.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling is None and rope_params.get("rope_type") not in (None, "default"):
-        rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-    eps = config.get("rms_norm_eps", 1e-6)
-    if not isinstance(rope_theta, (int, float)) or not isinstance(eps, (int, float)):
-        raise CheckpointError(where, "config.json: rope_theta and rms_norm_eps must be numbers", "fix config.json")
+    rope = rope_parameters(config)
+    rope_theta = rope.get("rope_theta")
+    if rope_theta is not None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))):
+        raise CheckpointError(where, f"config.json: rope_theta must be a number, got {rope_theta!r}", "")
+    context = config.get("max_position_embeddings")
 
     return ModelSpec(
         hf_architecture=hf_arch,
-        arch=gguf.MODEL_ARCH_NAMES[SUPPORTED_ARCHITECTURES[hf_arch]],
+        arch=gguf.MODEL_ARCH_NAMES[SUPPORTED_ARCHITECTURES[hf_arch].model_arch],
         n_layers=_int(config, "num_hidden_layers", where),
         hidden_size=hidden,
         n_heads=n_heads,
@@ -114,12 +187,14 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         head_dim=head_dim,
         intermediate_size=_int(config, "intermediate_size", where),
         vocab_size=_int(config, "vocab_size", where),
-        context_length=_int(config, "max_position_embeddings", where, default=2048),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=float(eps),
+        context_length=None if context is None else _int(config, "max_position_embeddings", where),
+        rope_theta=None if rope_theta is None else float(rope_theta),
+        rms_norm_eps=_number(config, "rms_norm_eps", where),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_scaling=dict(rope_scaling) if isinstance(rope_scaling, Mapping) else None,
+        rope_scaling=rope if rope.get("rope_type") not in (None, "default") else None,
         head_dim_explicit=head_dim_explicit,
+        attention_bias=bool(config.get("attention_bias", False)),
+        config=dict(config),
     )
 
 
@@ -136,7 +211,7 @@ TENSOR_CLASSES = (EMBEDDING, ATTENTION, FFN, NORM, ROTATION, TRIALITY, OTHER)
 _CLASS_BY_GGUF_PREFIX = (
     ("token_embd", EMBEDDING), ("output_norm", NORM), ("output.", EMBEDDING),
     ("attn_norm", NORM), ("ffn_norm", NORM), ("attn_q_norm", NORM), ("attn_k_norm", NORM),
-    ("attn_", ATTENTION), ("ffn_", FFN),
+    ("attn_", ATTENTION), ("ffn_", FFN), ("rope_", OTHER),
 )
 
 

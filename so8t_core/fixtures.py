@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .architectures import SUPPORTED_ARCHITECTURES
 from .checkpoint_writer import write_checkpoint
 from .constants import ROTATION_PARAMETERIZATIONS, ROTATION_POSITIONS
 from .demo_tokenizer import fixture_tokenizer_files
 from .errors import UnsupportedError
 
-FIXTURE_ARCHS = {"llama": "LlamaForCausalLM"}
+FIXTURE_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class FixtureSpec:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 128
-    vocab: int = 384
+    vocab: int = 384  # config vocab_size: embedding rows
+    tokenizer_vocab: int | None = None  # real tokens (< vocab leaves padding rows); default = vocab
+    head_dim: int | None = None  # explicit head_dim (qwen3 style; attention width ≠ hidden)
     tied: bool = False
     so8t: bool = True
     seed: int = 0
@@ -38,14 +40,23 @@ class FixtureSpec:
     position: str = "pre_o_proj"
     gated_layers: tuple[int, ...] | None = None  # default: every layer
     attention_bias: bool = False
+    longrope: bool = False  # phi3: LongRoPE factors (rope_factors_long/short tensors)
     theta_std: float = 0.3
     dtype: str = "float32"
     extra_config: dict = field(default_factory=dict)
 
+    @property
+    def hf_architecture(self) -> str:
+        return FIXTURE_ARCHS[self.arch]
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
 
 def fixture_config(s: FixtureSpec) -> dict:
     config = {
-        "architectures": [FIXTURE_ARCHS[s.arch]],
+        "architectures": [s.hf_architecture],
         "model_type": s.arch,
         "hidden_size": s.hidden,
         "intermediate_size": s.intermediate,
@@ -57,13 +68,29 @@ def fixture_config(s: FixtureSpec) -> dict:
         "rope_theta": 10000.0,
         "vocab_size": s.vocab,
         "hidden_act": "silu",
-        "attention_bias": s.attention_bias,
-        "mlp_bias": False,
         "tie_word_embeddings": s.tied,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": s.dtype,
     }
+    if s.head_dim is not None:
+        config["head_dim"] = s.head_dim
+    if s.arch in ("llama", "mistral"):
+        config.update(attention_bias=s.attention_bias, mlp_bias=False)
+    if s.arch == "mistral":
+        config["sliding_window"] = 4096
+    if s.arch == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=4096, max_window_layers=s.layers)
+    if s.arch == "qwen3":
+        config.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+    if s.arch == "phi3":
+        config.update(original_max_position_embeddings=1024, sliding_window=1023, pad_token_id=0)
+        if s.longrope:
+            n_factors = s.hd // 2  # one per rotated dimension pair
+            rng = np.random.default_rng(s.seed + 1000)
+            config.update(max_position_embeddings=4096, rope_scaling={
+                "type": "longrope", "long_factor": [round(float(x), 4) for x in 1 + 3 * rng.random(n_factors)],
+                "short_factor": [round(float(x), 4) for x in 1 + 0.2 * rng.random(n_factors)]})
     if s.so8t:
         config["so8t"] = {"version": 1, "rotation": s.rotation, "position": s.position}
     config.update(s.extra_config)
@@ -72,7 +99,8 @@ def fixture_config(s: FixtureSpec) -> dict:
 
 def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(s.seed)
-    hd = s.hidden // s.heads
+    hd = s.hd
+    q, kv = s.heads * hd, s.kv_heads * hd
 
     def lin(out: int, inp: int) -> np.ndarray:
         return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
@@ -80,19 +108,33 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
+    def bias(n: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
     t: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": rng.standard_normal((s.vocab, s.hidden)).astype(np.float32)}
     for i in range(s.layers):
         p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = lin(s.heads * hd, s.hidden)
-        t[p + "self_attn.k_proj.weight"] = lin(s.kv_heads * hd, s.hidden)
-        t[p + "self_attn.v_proj.weight"] = lin(s.kv_heads * hd, s.hidden)
-        t[p + "self_attn.o_proj.weight"] = lin(s.hidden, s.heads * hd)
-        if s.attention_bias:
-            for proj, n in (("q", s.heads * hd), ("k", s.kv_heads * hd), ("v", s.kv_heads * hd), ("o", s.hidden)):
-                t[p + f"self_attn.{proj}_proj.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
-        t[p + "mlp.gate_proj.weight"] = lin(s.intermediate, s.hidden)
-        t[p + "mlp.up_proj.weight"] = lin(s.intermediate, s.hidden)
+        if s.arch == "phi3":
+            t[p + "self_attn.qkv_proj.weight"] = lin(q + 2 * kv, s.hidden)
+        else:
+            t[p + "self_attn.q_proj.weight"] = lin(q, s.hidden)
+            t[p + "self_attn.k_proj.weight"] = lin(kv, s.hidden)
+            t[p + "self_attn.v_proj.weight"] = lin(kv, s.hidden)
+        if s.arch == "qwen2" or s.attention_bias:
+            for proj, n in (("q", q), ("k", kv), ("v", kv)):
+                t[p + f"self_attn.{proj}_proj.bias"] = bias(n)
+        t[p + "self_attn.o_proj.weight"] = lin(s.hidden, q)
+        if s.attention_bias and s.arch in ("llama", "mistral"):
+            t[p + "self_attn.o_proj.bias"] = bias(s.hidden)
+        if s.arch == "qwen3":
+            t[p + "self_attn.q_norm.weight"] = norm(hd)
+            t[p + "self_attn.k_norm.weight"] = norm(hd)
+        if s.arch == "phi3":
+            t[p + "mlp.gate_up_proj.weight"] = lin(2 * s.intermediate, s.hidden)
+        else:
+            t[p + "mlp.gate_proj.weight"] = lin(s.intermediate, s.hidden)
+            t[p + "mlp.up_proj.weight"] = lin(s.intermediate, s.hidden)
         t[p + "mlp.down_proj.weight"] = lin(s.hidden, s.intermediate)
         t[p + "input_layernorm.weight"] = norm(s.hidden)
         t[p + "post_attention_layernorm.weight"] = norm(s.hidden)
@@ -101,26 +143,30 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
         t["lm_head.weight"] = lin(s.vocab, s.hidden) * np.float32(4.0)
     if s.so8t:
         gated = range(s.layers) if s.gated_layers is None else s.gated_layers
+        width = q if s.position == "pre_o_proj" else s.hidden
         for i in gated:
             t[f"model.layers.{i}.self_attn.so8t_rotation_gate.theta"] = (
-                s.theta_std * rng.standard_normal((s.heads * hd // 8, 8, 8))).astype(np.float32)
+                s.theta_std * rng.standard_normal((width // 8, 8, 8))).astype(np.float32)
         for head in ("safety", "authority"):
             t[f"so8t.triality.{head}_head.weight"] = lin(2, s.hidden)
-            t[f"so8t.triality.{head}_head.bias"] = (0.1 * rng.standard_normal(2)).astype(np.float32)
+            t[f"so8t.triality.{head}_head.bias"] = bias(2)
     return t
 
 
 def build_fixture(dest: str, spec: FixtureSpec) -> str:
-    if spec.arch not in FIXTURE_ARCHS or FIXTURE_ARCHS[spec.arch] not in SUPPORTED_ARCHITECTURES:
+    if spec.arch not in FIXTURE_ARCHS:
         raise UnsupportedError(f"--arch {spec.arch}", "no fixture for this architecture yet",
                                f"choose from {', '.join(FIXTURE_ARCHS)}")
     if spec.rotation not in ROTATION_PARAMETERIZATIONS or spec.position not in ROTATION_POSITIONS:
         raise UnsupportedError("fixture", f"unknown rotation {spec.rotation!r} or position {spec.position!r}", "")
-    if spec.hidden % spec.heads or (spec.hidden // spec.heads) % 2 or spec.heads % spec.kv_heads:
+    if (spec.head_dim is None and spec.hidden % spec.heads) or spec.hd % 2 or spec.heads % spec.kv_heads:
         raise UnsupportedError("fixture", "hidden must split into heads of even size, heads into kv-head groups",
                                "e.g. --hidden 64 --heads 4 --kv-heads 2")
-    if (spec.hidden // spec.heads * spec.heads) % 8:
-        raise UnsupportedError("fixture", "the attention width must be a multiple of 8 for SO(8) blocks", "")
+    if spec.so8t and (spec.hd * spec.heads % 8 or spec.hidden % 8):
+        raise UnsupportedError("fixture", "rotated widths must be multiples of 8 for SO(8) blocks", "")
+    tokenizer_vocab = spec.tokenizer_vocab or spec.vocab
+    if tokenizer_vocab > spec.vocab:
+        raise UnsupportedError("fixture", "the tokenizer cannot have more tokens than the embedding has rows", "")
     tensors = fixture_tensors(spec)
-    files = fixture_tokenizer_files(spec.vocab, seed=spec.seed)
+    files = fixture_tokenizer_files(tokenizer_vocab, seed=spec.seed)
     return write_checkpoint(dest, fixture_config(spec), tensors, files, n_shards=spec.shards, dtype=spec.dtype)

@@ -8,17 +8,18 @@ pass it around instead of arrays, and a cache key can name exactly what a tensor
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .architectures import ModelSpec, gguf_tensor_class, layer_of
+from .architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
 from .errors import CheckpointError
 from .rotation import apply_gate, bake_error, checked_rotation, fold_into_linear
 from .so8t import So8tStructure
 
-Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias"]
+Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant"]
 
 # Buffers some checkpoints carry that are recomputed by every runtime.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -38,6 +39,7 @@ class TensorPlan(BaseModel):
     rotation: str | None = None
     position: str | None = None
     bias_source: str | None = None  # o_proj bias, so the bake error covers the whole module
+    values: tuple[float, ...] | None = None  # for "constant": tensors computed from config.json
 
     @property
     def n_elements(self) -> int:
@@ -50,32 +52,14 @@ class TensorPlan(BaseModel):
             parts.append(f"heads={self.n_heads}")
         if self.gate is not None:
             parts += [f"gate={self.gate}", f"rotation={self.rotation}", f"position={self.position}"]
+        if self.values is not None:
+            parts.append("values=" + ",".join(repr(v) for v in self.values))
         return ";".join(parts)
 
 
 def llama_cpp_order(plan: list[TensorPlan]) -> list[TensorPlan]:
     """llama.cpp's tensor order: non-block tensors first, then by block, each sorted by name."""
     return sorted(plan, key=lambda p: (-1 if p.layer is None else p.layer, p.gguf_name))
-
-
-def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    h, hd = spec.hidden_size, spec.head_dim
-    q, kv, ff = spec.n_heads * hd, spec.n_kv_heads * hd, spec.intermediate_size
-    return {
-        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.bias": (h,),
-        "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-    }
-
-
-REQUIRED_LAYER_TENSORS = (
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-)
 
 
 def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tStructure, where: str
@@ -85,7 +69,11 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
     for head in structure.heads:
         so8t_tensors |= {head.weight} | ({head.bias} if head.bias else set())
     name_map = spec.tensor_name_map()
-    layer_shapes = _expected_shapes(spec)
+    required, optional = spec.layer_tensor_shapes()
+    layer_shapes = {**optional, **required}
+    global_shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
+                     "lm_head.weight": (spec.vocab_size, spec.hidden_size),
+                     "model.norm.weight": (spec.hidden_size,)}
     gated = {g.layer: g for g in structure.gates}
     cfg = structure.config
 
@@ -105,12 +93,9 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
             if layer >= spec.n_layers:
                 raise CheckpointError(where, f"tensor {name!r} is in layer {layer} but config.json has "
                                              f"{spec.n_layers} layers", "config.json and the weights disagree")
-            suffix = name.split(".", 3)[3]
-            expect = layer_shapes.get(suffix)
+            expect = layer_shapes.get(name.split(".", 3)[3])
         else:
-            expect = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
-                      "lm_head.weight": (spec.vocab_size, spec.hidden_size),
-                      "model.norm.weight": (spec.hidden_size,)}.get(name)
+            expect = global_shapes.get(name)
         if expect is not None and shape != expect:
             raise CheckpointError(where, f"tensor {name!r} has shape {list(shape)} but config.json implies "
                                          f"{list(expect)}", "config.json and the weights disagree")
@@ -129,9 +114,10 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
             item.update(transform="bake_o_proj_bias", gate=gated[layer].tensor, rotation=cfg.rotation,
                         position=cfg.position)
         plan.append(TensorPlan(**item))
+    plan += generated_tensors(spec, where)
 
     present = {p.source for p in plan}
-    missing = [f"model.layers.{i}.{t}" for i in range(spec.n_layers) for t in REQUIRED_LAYER_TENSORS
+    missing = [f"model.layers.{i}.{t}" for i in range(spec.n_layers) for t in required
                if f"model.layers.{i}.{t}" not in present]
     missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in present]
     if not spec.tied_embeddings and "lm_head.weight" not in present:
@@ -143,6 +129,56 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
     return llama_cpp_order(plan)
 
 
+def generated_tensors(spec: ModelSpec, where: str) -> list[TensorPlan]:
+    """Tensors llama.cpp's converter computes from config.json (RoPE frequency factors)."""
+    rope = rope_parameters(spec.config)
+    rope_type = str(rope.get("rope_type", "")).lower()
+    out = []
+    if spec.arch == "llama" and rope_type == "llama3":
+        out.append(_constant("rope_freqs.weight", llama3_rope_factors(spec, rope)))
+    if spec.arch == "phi3" and rope.get("long_factor"):
+        rope_dims = phi3_rope_dims(spec)
+        long, short = rope.get("long_factor"), rope.get("short_factor")
+        if not short or len(long) != len(short) or len(long) != rope_dims // 2:
+            raise CheckpointError(where, f"config.json: rope long_factor/short_factor must both have "
+                                         f"{rope_dims // 2} entries", "fix rope_scaling in config.json")
+        out += [_constant("rope_factors_long.weight", long), _constant("rope_factors_short.weight", short)]
+    return out
+
+
+def _constant(gguf_name: str, values) -> TensorPlan:
+    values = tuple(float(np.float32(v)) for v in values)
+    return TensorPlan(gguf_name=gguf_name, source="", shape=(len(values),), tensor_class="other",
+                      transform="constant", values=values)
+
+
+def llama3_rope_factors(spec: ModelSpec, rope: Mapping) -> list[float]:
+    """Llama 3's RoPE frequency factors, computed as llama.cpp's converter does (float32 freqs)."""
+    base = rope.get("rope_theta", 10000.0)
+    dim = spec.head_dim
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def phi3_rope_dims(spec: ModelSpec) -> int:
+    partial = rope_parameters(spec.config).get("partial_rotary_factor", 1.0)
+    return int(partial * spec.hidden_size) // spec.n_heads
+
+
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """HF rotate-half layout → llama.cpp's interleaved RoPE layout (rows of each head)."""
     return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
@@ -152,6 +188,8 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def materialize(item: TensorPlan, read: Callable[[str], np.ndarray], where: str
                 ) -> tuple[np.ndarray, float | None]:
     """The float32 output tensor for ``item``, and its bake error if it was baked."""
+    if item.transform == "constant":
+        return np.asarray(item.values, dtype=np.float32), None
     src = read(item.source)
     if item.transform == "copy":
         return np.ascontiguousarray(src, dtype=np.float32), None

@@ -1,5 +1,8 @@
 """The PyTorch SO8T reference: the base model from transformers with the gates applied live.
 
+The base model is transformers' own class for ``architectures[0]`` (LlamaForCausalLM,
+Qwen2ForCausalLM, Phi3ForCausalLM, ...), loaded with the checkpoint's tensors.
+
 Nothing is baked here: each gated layer's o_proj gets a hook that rotates its input
 (``pre_o_proj``) or its output (``post_o_proj``) exactly as SO8T's forward does, so
 this is the model the checkpoint describes. Validation compares llama.cpp's logits
@@ -30,15 +33,16 @@ def _gate_fn(r: np.ndarray):
 
 class So8tReference:
     def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
 
         spec = model_spec(checkpoint.config, checkpoint.uri)
+        model_class = getattr(transformers, spec.hf_architecture)
         self.structure = structure or find_structure(checkpoint.tensors, checkpoint.config, spec, checkpoint.uri)
         cfg = {k: v for k, v in checkpoint.config.items() if k not in ("so8t", "architectures", "torch_dtype", "dtype")}
-        config = LlamaConfig(**cfg)
+        config = model_class.config_class(**cfg)
         config._attn_implementation = "eager"
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).float().eval()
+        model = model_class(config).float().eval()
 
         so8t_names = {g.tensor for g in self.structure.gates}
         for h in self.structure.heads:

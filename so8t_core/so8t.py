@@ -104,7 +104,8 @@ def find_structure(tensors: Mapping[str, Any], config: Mapping[str, Any], spec: 
         if layer >= spec.n_layers:
             raise RotationError(where, f"{name}: layer {layer} does not exist (model has {spec.n_layers} layers)",
                                 "the gate belongs to a different model")
-        check_theta_shape(entry.shape, spec.attention_width, where, name)
+        width = spec.rotated_width(so8t_cfg.position if so8t_cfg else "pre_o_proj")
+        check_theta_shape(entry.shape, width, where, name)
         gates.append(RotationGate(layer=layer, tensor=name, n_blocks=entry.shape[0]))
     gates.sort(key=lambda g: g.layer)
     if gates and so8t_cfg is None:
