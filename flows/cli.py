@@ -25,7 +25,7 @@ def _quiet_prefect(verbose: bool) -> None:
         # Failures reach the user as our one-line error; Prefect's copy (with its
         # traceback) stays in the run's logs on a server, and shows here with -v.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "ERROR")
+        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
 
 
 def _print_json(obj: Any) -> None:

@@ -14,7 +14,7 @@ from .architectures import (
 )
 from .checkpoint import Checkpoint, default_cache_dir
 from .plan import TensorPlan, build_plan
-from .rotation import checked_rotation, rotation_blocks, rotation_health
+from .rotation import checked_rotation, gate_rotation
 from .so8t import So8tStructure, find_structure
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
@@ -38,14 +38,15 @@ def preflight(uri: str) -> None:
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
     _, structure, _ = checkpoint_model(ckpt)
     for gate in structure.gates:
-        checked_rotation(ckpt.read(gate.tensor), structure.config.rotation, ckpt.uri, gate.tensor)
+        checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:
     spec, structure, plan = checkpoint_model(ckpt)
     by_source = {p.source: p for p in plan}
     gate_names = {g.tensor for g in structure.gates}
-    head_names = {n for h in structure.heads for n in (h.weight, h.bias) if n}
+    head_names = structure.triality_tensors | set(structure.classifier_heads)
+    stripped = dict(structure.stripped)
 
     params = dict.fromkeys(TENSOR_CLASSES, 0)
     counts = dict.fromkeys(TENSOR_CLASSES, 0)
@@ -55,6 +56,8 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
             cls = ROTATION
         elif name in head_names:
             cls = TRIALITY
+        elif name in stripped:
+            cls = OTHER
         elif name in by_source:
             cls = by_source[name].tensor_class
         elif name == "lm_head.weight":
@@ -68,9 +71,9 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
 
     gates = []
     for g in structure.gates:
-        theta = ckpt.read(g.tensor)
-        health = rotation_health(rotation_blocks(theta, structure.config.rotation))
-        gates.append({"layer": g.layer, "tensor": g.tensor, "blocks": g.n_blocks, **health.as_dict()})
+        _, health = gate_rotation(ckpt.read(g.tensor), g.parameterization)
+        gates.append({"layer": g.layer, "tensor": g.tensor, "blocks": g.n_blocks,
+                      "parameterization": g.parameterization, **health.as_dict()})
 
     cfg = structure.config
     return {
@@ -81,7 +84,9 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
         "gguf_architecture": spec.arch,
         "variant": ("plain (no SO8T)" if cfg is None else
                     f"SO8T v{cfg.version}, {cfg.rotation} rotation gates {POSITION_WORDS[cfg.position]}"),
-        "so8t": None if cfg is None else {"version": cfg.version, "rotation": cfg.rotation, "position": cfg.position},
+        "so8t": None if cfg is None else {"version": cfg.version, "rotation": cfg.rotation, "position": cfg.position,
+                                          "read_from": cfg.source},
+        "wrapper_prefix": ckpt.unwrapped_prefix or None,
         "hyperparameters": {
             "layers": spec.n_layers, "hidden_size": spec.hidden_size, "heads": spec.n_heads,
             "kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.intermediate_size,
@@ -99,6 +104,7 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
         "gguf_tensors": len(plan),
         "baked_tensors": [p.gguf_name for p in plan if p.transform.startswith("bake")],
         "not_converted": not_converted,
+        "stripped": [{"tensor": n, "reason": r} for n, r in structure.stripped],
         "to_sidecar": sorted(head_names),
     }
 
@@ -137,4 +143,10 @@ def render_text(a: dict[str, Any]) -> str:
     lines.append(f"GGUF: {a['gguf_tensors']} tensors, {len(a['baked_tensors'])} with a rotation baked in")
     for item in a["not_converted"]:
         lines.append(f"not converted: {item['tensor']} ({item['reason']})")
+    for item in a["stripped"]:
+        lines.append(f"stripped: {item['tensor']} ({item['reason']})")
+    if a["to_sidecar"]:
+        lines.append(f"to the heads sidecar: {', '.join(a['to_sidecar'])}")
+    if a["wrapper_prefix"]:
+        lines.append(f"wrapper prefix removed from tensor names: {a['wrapper_prefix']!r}")
     return "\n".join(lines)

@@ -10,10 +10,12 @@ cache so the rest of the pipeline reads them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,7 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     shards: list[str] = field(default_factory=list)  # shard URIs, in index order
     weight_format: str = "safetensors"
+    unwrapped_prefix: str = ""  # wrapper prefix removed from tensor names (PEFT, DDP, SO8T wrappers)
 
     # --- opening ---------------------------------------------------------------------
 
@@ -120,8 +123,11 @@ class Checkpoint:
                     raise CheckpointError(storage.join(uri, shard),
                                           f"tensor {name!r} listed in the index is not in this shard",
                                           "the shard is incomplete; re-download it")
+        prefix = wrapper_prefix(tensors)
+        if prefix:
+            tensors = _unwrap(tensors, prefix, uri)
         return cls(uri=uri, config=config, config_bytes=config_bytes, tensors=tensors,
-                   shards=shard_uris, weight_format=fmt)
+                   shards=shard_uris, weight_format=fmt, unwrapped_prefix=prefix)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -155,6 +161,33 @@ class Checkpoint:
 
     def tensor_sha256(self, name: str) -> str:
         return hashlib.sha256(self.read_raw(name)).hexdigest()
+
+
+# Wrappers around the Hugging Face model that saved state dicts carry as a name prefix:
+# PEFT (base_model.model.), SO8T's SafetyAware models (base_model., _llm_backbone.), DDP (module.).
+WRAPPER_PREFIXES = ("base_model.model.", "base_model.", "_llm_backbone.", "module.")
+BASE_NAME_RE = re.compile(r"^(model\.(layers\.\d+\.|embed_tokens\.|norm\.)|lm_head\.)")
+
+
+def wrapper_prefix(names) -> str:
+    """The wrapper prefix under which most base-model tensors live ("" for a plain checkpoint)."""
+    best, best_count = "", sum(1 for n in names if BASE_NAME_RE.match(n))
+    for prefix in WRAPPER_PREFIXES:
+        count = sum(1 for n in names if n.startswith(prefix) and BASE_NAME_RE.match(n[len(prefix):]))
+        if count > best_count:
+            best, best_count = prefix, count
+    return best
+
+
+def _unwrap(tensors: dict[str, TensorEntry], prefix: str, where: str) -> dict[str, TensorEntry]:
+    out: dict[str, TensorEntry] = {}
+    for name, entry in tensors.items():
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        if short in out:
+            raise CheckpointError(where, f"tensor {short!r} appears both with and without the {prefix!r} prefix",
+                                  "the checkpoint holds two copies of a tensor; re-save one state dict")
+        out[short] = dataclasses.replace(entry, name=short)
+    return out
 
 
 def read_safetensors_header(uri: str, display: str | None = None) -> SafetensorsHeader:

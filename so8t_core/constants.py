@@ -19,9 +19,11 @@ ROTATION_PARAMETERIZATIONS = ("cayley", "expm")
 ROTATION_POSITIONS = ("pre_o_proj", "post_o_proj")
 ROTATION_BLOCK = 8
 
-# model.layers.{i}.self_attn.so8t_rotation_gate.theta, shape [D/8, 8, 8]
-GATE_THETA_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.so8t_rotation_gate\.theta$")
-GATE_THETA_NAME = "model.layers.{layer}.self_attn.so8t_rotation_gate.theta"
+# model.layers.{i}.self_attn.so8t_rotation_gate.theta, shape [D/8, 8, 8]; also the original
+# project's aliases (self_attn.o_proj.so8t_rotation_gate.*, self_attn.rotation_gate.*) and a
+# stored rotation R (.rotation) instead of θ. Group 1: layer; group 2: "theta" or "rotation".
+GATE_RE = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.(?:o_proj\.)?(?:so8t_)?rotation_gate\.(theta|rotation)$")
 
 # Triality heads read the final normed hidden state; the task head is the LM head.
 TRIALITY_PREFIX = "so8t.triality."
@@ -51,7 +53,7 @@ class Keys:
     HEADS_NAMES = "so8t.heads.names"
     HEADS_INPUT = "so8t.heads.input"
     HEADS_LABELS = "so8t.heads.{head}.labels"
-    HEADS_MODEL = "so8t.heads.model_sha256"
+    HEADS_EXTRA = "so8t.heads.extra"  # classifier heads of SO8T variants, stored as they are
 
 
 SIDECAR_ARCH = "so8t-heads"
@@ -77,6 +79,12 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("F16", GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
         QuantType("BF16", GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
         QuantType("Q8_0", GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+        # Legacy 4/5-bit types, applied to every 2-D weight (llama-quantize --pure); llama.cpp's
+        # mixes, which give output.weight a K-quant, come with the K-quant engine.
+        QuantType("Q5_1", GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+        QuantType("Q5_0", GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+        QuantType("Q4_1", GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+        QuantType("Q4_0", GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     )
 }
 

@@ -71,6 +71,13 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     lines.append(f"- PET: {analysis['pet']}")
     for item in analysis["not_converted"]:
         lines.append(f"- Not converted: `{item['tensor']}` ({item['reason']}).")
+    for item in analysis.get("stripped", []):
+        lines.append(f"- Stripped: `{item['tensor']}` ({item['reason']}).")
+    extra = sorted(set(analysis.get("to_sidecar", [])) - {h["tensor"] for h in analysis["triality_heads"]}
+                   - {h["tensor"].replace(".weight", ".bias") for h in analysis["triality_heads"]})
+    if extra:
+        lines.append(f"- Other SO8T classifier heads, kept unchanged in `{name}.so8t-heads.gguf`: "
+                     + ", ".join(f"`{n}`" for n in extra) + ".")
     lines += ["", "## Files", "", "| file | size | bits per weight | sha256 |", "|---|---|---|---|"]
     for f in files:
         bpw = f"{f['bits_per_weight']:.2f}" if f.get("bits_per_weight") else "—"

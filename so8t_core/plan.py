@@ -36,7 +36,7 @@ class TensorPlan(BaseModel):
     transform: Transform = "copy"
     n_heads: int | None = None  # for permute_q / permute_k
     gate: str | None = None  # θ tensor, for bakes
-    rotation: str | None = None
+    rotation: str | None = None  # "cayley" | "expm" for θ, "matrix" for a stored R
     position: str | None = None
     bias_source: str | None = None  # o_proj bias, so the bake error covers the whole module
     values: tuple[float, ...] | None = None  # for "constant": tensors computed from config.json
@@ -65,9 +65,7 @@ def llama_cpp_order(plan: list[TensorPlan]) -> list[TensorPlan]:
 def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tStructure, where: str
                ) -> list[TensorPlan]:
     """Plan every base-model tensor; SO8T tensors are consumed by bakes or the sidecar."""
-    so8t_tensors = {g.tensor for g in structure.gates}
-    for head in structure.heads:
-        so8t_tensors |= {head.weight} | ({head.bias} if head.bias else set())
+    so8t_tensors = structure.non_base_tensors
     name_map = spec.tensor_name_map()
     required, optional = spec.layer_tensor_shapes()
     layer_shapes = {**optional, **required}
@@ -108,10 +106,11 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
             item.update(transform="permute_k", n_heads=spec.n_kv_heads)
         elif layer in gated and name.endswith("self_attn.o_proj.weight"):
             bias = name[: -len("weight")] + "bias"
-            item.update(transform="bake_o_proj", gate=gated[layer].tensor, rotation=cfg.rotation,
+            item.update(transform="bake_o_proj", gate=gated[layer].tensor, rotation=gated[layer].parameterization,
                         position=cfg.position, bias_source=bias if bias in tensors else None)
         elif layer in gated and name.endswith("self_attn.o_proj.bias") and cfg.position == "post_o_proj":
-            item.update(transform="bake_o_proj_bias", gate=gated[layer].tensor, rotation=cfg.rotation,
+            item.update(transform="bake_o_proj_bias", gate=gated[layer].tensor,
+                        rotation=gated[layer].parameterization,
                         position=cfg.position)
         plan.append(TensorPlan(**item))
     plan += generated_tensors(spec, where)

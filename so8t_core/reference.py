@@ -44,9 +44,7 @@ class So8tReference:
         torch.manual_seed(0)
         model = model_class(config).float().eval()
 
-        so8t_names = {g.tensor for g in self.structure.gates}
-        for h in self.structure.heads:
-            so8t_names |= {h.weight, h.bias}
+        so8t_names = self.structure.non_base_tensors
         state = {name: torch.from_numpy(checkpoint.read(name).copy())
                  for name in checkpoint.tensors if name not in so8t_names and not name.endswith("rotary_emb.inv_freq")}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -58,8 +56,7 @@ class So8tReference:
 
         position = self.structure.config.position if self.structure.config else None
         for gate in self.structure.gates:
-            r = checked_rotation(checkpoint.read(gate.tensor), self.structure.config.rotation, checkpoint.uri,
-                                 gate.tensor)
+            r = checked_rotation(checkpoint.read(gate.tensor), gate.parameterization, checkpoint.uri, gate.tensor)
             rotate = _gate_fn(r)
             o_proj = model.model.layers[gate.layer].self_attn.o_proj
             if position == "pre_o_proj":

@@ -66,6 +66,12 @@ GATES = {
     "F16": Gate(max_mean_kld=1e-3, min_top1=0.98, max_relative_rmse=1e-3),
     "BF16": Gate(max_mean_kld=1e-2, min_top1=0.95, max_relative_rmse=1e-2),
     "Q8_0": Gate(max_mean_kld=3e-2, min_top1=0.90, max_relative_rmse=2e-2),
+    # 4/5-bit: loose enough for a 135M model (measured worst: Q4_0 KLD 0.38, top-1 59%),
+    # tight enough that a broken file (KLD of several nats, top-1 near 0) fails.
+    "Q5_1": Gate(max_mean_kld=0.5, min_top1=0.6, max_relative_rmse=0.1),
+    "Q5_0": Gate(max_mean_kld=0.5, min_top1=0.6, max_relative_rmse=0.1),
+    "Q4_1": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
+    "Q4_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
 }
 
 

@@ -6,7 +6,7 @@ import torch
 
 from so8t_core.errors import RotationError
 from so8t_core.rotation import (
-    apply_gate, bake_error, block_diagonal, check_theta_shape, checked_rotation, fold_into_linear, rotation_blocks,
+    apply_gate, bake_error, block_diagonal, check_gate_shape, checked_rotation, fold_into_linear, rotation_blocks,
     rotation_health,
 )
 
@@ -117,6 +117,6 @@ def test_checked_rotation_refuses_bad_theta():
     with pytest.raises(RotationError, match="does not give a rotation"):
         checked_rotation((1e12 * RNG.standard_normal((2, 8, 8))).astype(np.float32), "expm", "ckpt", "theta")
     with pytest.raises(RotationError, match=r"expected \[4, 8, 8\]"):
-        check_theta_shape((3, 8, 8), 32, "ckpt", "theta")
+        check_gate_shape((3, 8, 8), 32, "ckpt", "theta")
     with pytest.raises(RotationError):
-        check_theta_shape((4, 8, 4), 32, "ckpt", "theta")
+        check_gate_shape((4, 8, 4), 32, "ckpt", "theta")
