@@ -52,7 +52,7 @@ def main() -> None:
     for i, q in enumerate(quants):
         staged = [t[i] for t in staged_by_tensor]
         arch, kvs = timed(f"assemble {q.name}: metadata", model_metadata, ckpt, q, "bench", src.fingerprint, staged)
-        ggufs[q.name] = timed(f"assemble {q.name}: write GGUF", assemble_model,
+        ggufs[q.name] = timed(f"assemble {q.name}: write GGUF", lambda *a: assemble_model(*a)[0],
                               os.path.join(work, f"bench-{q.name}.gguf"), arch, kvs, staged)
     timed("assemble sidecar", assemble_heads_sidecar, os.path.join(work, "bench.so8t-heads.gguf"), ckpt,
           structure, "bench", src.fingerprint)

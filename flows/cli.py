@@ -35,17 +35,22 @@ def _print_json(obj: Any) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
     from so8t_core.analysis import preflight
+    from so8t_core.gguf_file import parse_split_size
     from so8t_core.quantize import quant_type
 
     for q in args.quant or []:
         quant_type(q)
+    split_bytes = parse_split_size(args.split_max_size) if args.split_max_size else 0
+    if args.split_max_tensors < 0:
+        raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
         preflight(args.source)  # bad input fails here in a second, before the pipeline starts
     from flows.convert import convert
 
     result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
                      run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
-                     work_dir=args.work_dir)
+                     work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
+                     split_max_size=split_bytes)
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})
         return 0
@@ -111,6 +116,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heads(args: argparse.Namespace) -> int:
+    from so8t_core.heads import render_heads, run_heads
+
+    result = run_heads(args.gguf, args.sidecar, args.text)
+    _print_json(result) if args.json else print(render_heads(result))
+    return 0
+
+
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
     from so8t_core.demo import build_demo_checkpoint
 
@@ -140,10 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint (default: the embedded demo) into GGUF files")
     c.add_argument("source", nargs="?", help="checkpoint folder: path, file:// or s3:// (default: demo)")
     c.add_argument("--output", default="./artifacts", help="where to publish (default ./artifacts)")
-    c.add_argument("--quant", action="extend", nargs="+", metavar="TYPE", help="F32, F16, BF16, Q8_0 (default Q8_0)")
+    c.add_argument("--quant", action="extend", nargs="+", metavar="TYPE",
+                   help="F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (default Q8_0)")
     c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")
     c.add_argument("--max-memory", type=float, metavar="GB", help="cap peak memory by limiting tensors in flight")
     c.add_argument("--name", help="base name of the output files (default: the source folder name)")
+    c.add_argument("--split-max-size", metavar="SIZE", help="split each GGUF into files of at most SIZE (e.g. 2G)")
+    c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
+                   help="split each GGUF into files of at most N tensors")
     c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work)")
     c.add_argument("--json", action="store_true", help="print a machine-readable summary")
     c.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
@@ -170,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("message")
     ch.add_argument("--max-tokens", type=int, default=48)
     ch.set_defaults(func=cmd_chat)
+
+    hd = sub.add_parser("heads", help="run the triality heads on a text (llama.cpp computes the hidden state)")
+    hd.add_argument("gguf", help="the model GGUF")
+    hd.add_argument("sidecar", help="its <name>.so8t-heads.gguf")
+    hd.add_argument("text")
+    hd.add_argument("--json", action="store_true")
+    hd.set_defaults(func=cmd_heads)
 
     d = sub.add_parser("demo-checkpoint", help="write the embedded demo SO8T checkpoint")
     d.add_argument("dest")

@@ -20,9 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from so8t_core import CONVERTER
 from so8t_core.assemble import file_ref
 from so8t_core.checkpoint import default_cache_dir
-from so8t_core.constants import ANALYSIS_NAME, GGUF_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME
+from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME
 from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
+from so8t_core.gguf_file import Split
 from so8t_core.quantize import quant_type
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
@@ -65,7 +66,7 @@ def tensors_in_flight(max_memory_gb: float | None, largest_tensor_f32: int, work
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
 def convert(source: str | None = None, output: str = "./artifacts", quants: list[str] = list(DEFAULT_QUANTS),
             run_validation: bool = True, name: str | None = None, max_memory_gb: float | None = None,
-            work_dir: str | None = None) -> dict:
+            work_dir: str | None = None, split_max_tensors: int = 0, split_max_size: int = 0) -> dict:
     """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
     log = get_run_logger()
     quants = list(dict.fromkeys(quant_type(q).name for q in quants))  # refuse bad names before any work
@@ -99,9 +100,10 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
     os.makedirs(out_dir, exist_ok=True)
     files = {}
-    ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir) for q in quants}
-    for q, ref in ggufs.items():
-        files[GGUF_NAME.format(name=name, quant=q)] = ref
+    split = Split(max_tensors=split_max_tensors, max_bytes=split_max_size)
+    ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir, split) for q in quants}
+    for refs in ggufs.values():
+        files.update({os.path.basename(r.uri): r for r in refs})
     sidecar = assemble_sidecar(src, name, out_dir)
     if sidecar is not None:
         files[SIDECAR_NAME.format(name=name)] = sidecar
@@ -110,7 +112,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     if run_validation:
         reference = reference_logits(src, work_dir)
         for q in quants:
-            validations[q] = validate_gguf(src, q, name, ggufs[q], staged[q], reference)
+            validations[q] = validate_gguf(src, q, name, ggufs[q][0], staged[q], reference)
             v = validations[q]
             f = v.get("llama_cpp", {})
             log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
@@ -129,7 +131,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     analysis_path = os.path.join(out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, analysis)
     files[ANALYSIS_NAME] = file_ref(analysis_path)
-    n_params = {GGUF_NAME.format(name=name, quant=q): sum(s.n_elements for s in staged[q]) for q in quants}
+    n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged[q]) for q in quants for r in ggufs[q]}
     files[MODEL_CARD_NAME] = write_model_card(os.path.join(out_dir, MODEL_CARD_NAME), name, analysis, files,
                                               n_params, validations, max_bake_error, src.fingerprint, CONVERTER)
 

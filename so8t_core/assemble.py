@@ -13,7 +13,7 @@ from . import CONVERTER
 from .analysis import checkpoint_model
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .constants import HEADS_INPUT_FINAL_NORM, SIDECAR_ARCH, Keys, QuantType
-from .gguf_file import GGUFKV, TensorInfo, kv_array, kv_str, kv_u32, write_gguf
+from .gguf_file import NO_SPLIT, GGUFKV, Split, TensorInfo, kv_array, kv_str, kv_u32, write_gguf
 from .gguf_metadata import Provenance, model_kvs
 from .refs import FileRef, StagedTensor
 from .so8t import So8tStructure
@@ -28,8 +28,9 @@ def file_ref(path: str) -> FileRef:
     return FileRef(uri=path, sha256=h.hexdigest(), size=os.path.getsize(path))
 
 
-def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor]) -> FileRef:
-    """Write the model GGUF: tensors in the given order, data streamed from staging."""
+def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
+                   split: Split = NO_SPLIT) -> list[FileRef]:
+    """Write the model GGUF (one file, or a split set): tensors in order, data streamed from staging."""
     infos = [TensorInfo(s.gguf_name, tuple(s.shape), gguf.GGMLQuantizationType[s.ggml_type], s.nbytes)
              for s in staged]
     by_name = {s.gguf_name: s for s in staged}
@@ -42,8 +43,7 @@ def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence
             raise RuntimeError(f"staged tensor {s.uri} changed since it was written")
         return data
 
-    write_gguf(path, arch, kvs, infos, read)
-    return file_ref(path)
+    return [file_ref(p) for p in write_gguf(path, arch, kvs, infos, read, split)]
 
 
 def sidecar_tensor_name(checkpoint_name: str) -> str:

@@ -9,14 +9,15 @@ only once complete. :func:`read_gguf` is its mirror for validation and ``inspect
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import gguf
 import numpy as np
 
-from . import storage
-from .errors import ValidationError
+from .errors import UnsupportedError, ValidationError
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,56 @@ class TensorInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Split:
+    """How to cut a model into files llama.cpp loads as a set (0 = no limit)."""
+
+    max_tensors: int = 0
+    max_bytes: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_tensors or self.max_bytes)
+
+
+NO_SPLIT = Split()
+_SIZE_UNITS = {"K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
+
+
+def parse_split_size(text: str) -> int:
+    """'500M', '2G', '1000000' → bytes, with the decimal units llama.cpp's converter uses."""
+    t = text.strip().upper()
+    unit = _SIZE_UNITS.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in _SIZE_UNITS else t
+    if not digits.isdigit() or int(digits) <= 0:
+        raise UnsupportedError(f"--split-max-size {text}", "not a size",
+                               "a positive number, optionally followed by K, M or G (decimal)")
+    return int(digits) * unit
+
+
 def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo],
-               tensor_bytes: Callable[[TensorInfo], bytes]) -> None:
-    """Write a complete GGUF v3 file at ``path`` (local), streaming tensor data."""
-    with storage.local_atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+               tensor_bytes: Callable[[TensorInfo], bytes], split: Split = NO_SPLIT) -> list[str]:
+    """Write a complete GGUF v3 model at ``path`` (local), streaming tensor data.
+
+    With ``split`` the model is cut into ``<stem>-00001-of-0000N.gguf`` files, as llama.cpp's
+    gguf-split names them: every file carries ``split.*`` keys, the first the model's
+    metadata. Files are written in a temporary folder and moved into place only when all
+    are complete. Returns the written paths, the first being the one to load.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_dir = os.path.join(folder, f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    try:
+        writer = gguf.GGUFWriter(os.path.join(tmp_dir, os.path.basename(path)), arch,
+                                 split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
         for kv in kvs:
             if kv.key == "general.architecture":
                 continue  # written by the GGUFWriter constructor, always first
             writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+        names = [p.name for p in writer.format_shard_names(writer.path)]
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -75,6 +115,25 @@ def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[Te
                 raise AssertionError(f"{t.name}: got {len(data)} bytes, declared {t.nbytes}")
             writer.write_tensor_data(np.frombuffer(data, dtype=np.uint8))
         writer.close()
+        out = []
+        for name in names:
+            os.replace(os.path.join(tmp_dir, name), os.path.join(folder, name))
+            out.append(os.path.join(folder, name))
+        return out
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def split_paths(first: str) -> list[str]:
+    """All files of a model given its first file (itself, when the model is not split)."""
+    m = SPLIT_NAME_RE.match(os.path.basename(first))
+    if not m:
+        return [first]
+    folder = os.path.dirname(first)
+    return [os.path.join(folder, f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
+
+
+SPLIT_NAME_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .analysis import checkpoint_model
 from .checkpoint import Checkpoint
 from .constants import QUANT_TYPES
 from .errors import CheckpointError, ValidationError
-from .gguf_file import GGUFKV, read_gguf
+from .gguf_file import GGUFKV, GGUFContents, read_gguf, split_paths
 from .metrics import logit_agreement, tensor_error_stats
 from .plan import materialize
 from .quantize import target_type
@@ -104,8 +104,9 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def check_readback(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor]) -> dict[str, Any]:
-    """Re-open the file with gguf-py and compare every tensor and key with the plan."""
-    g = read_gguf(path)
+    """Re-open the file (every file of a split set) with gguf-py; compare every tensor and key with the plan."""
+    shards = [read_gguf(p) for p in split_paths(path)]
+    g = shards[0]
     problems: list[str] = []
     if g.value("general.architecture") != arch:
         problems.append(f"general.architecture is {g.value('general.architecture')!r}, expected {arch!r}")
@@ -114,23 +115,24 @@ def check_readback(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence
             problems.append(f"metadata key {kv.key} missing")
         elif not _same_value(g.value(kv.key), kv.value):
             problems.append(f"metadata key {kv.key} differs")
-    names = [t.name for t in g.tensors]
+    tensors = [t for shard in shards for t in shard.tensors]
+    names = [t.name for t in tensors]
     expected = [s.gguf_name for s in staged]
     if names != expected:
         problems.append(f"tensor list differs: {len(names)} tensors in file, {len(expected)} planned")
-    by_name = {t.name: t for t in g.tensors}
+    by_name = {t.name: t for t in tensors}
     for s in staged:
         t = by_name.get(s.gguf_name)
         if t is None:
             continue
         if t.tensor_type.name != s.ggml_type:
             problems.append(f"{s.gguf_name}: type {t.tensor_type.name}, planned {s.ggml_type}")
-        if g.numpy_shape(t) != tuple(s.shape):
-            problems.append(f"{s.gguf_name}: shape {list(g.numpy_shape(t))}, planned {list(s.shape)}")
+        if GGUFContents.numpy_shape(t) != tuple(s.shape):
+            problems.append(f"{s.gguf_name}: shape {list(GGUFContents.numpy_shape(t))}, planned {list(s.shape)}")
         if hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest() != s.sha256:
             problems.append(f"{s.gguf_name}: data differs from the staged tensor")
-    return {"ok": not problems, "tensors": len(names), "metadata_keys": len(g.reader.fields) - 3,
-            "problems": problems[:20]}
+    return {"ok": not problems, "tensors": len(names), "files": len(shards),
+            "metadata_keys": len(g.reader.fields) - 3, "problems": problems[:20]}
 
 
 def check_tensor_errors(relative_rmse: Mapping[str, float], gate: Gate) -> dict[str, Any]:
@@ -169,7 +171,9 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
     Every planned tensor is re-materialized from the checkpoint (baked, permuted) and
     compared with the file's dequantized tensor; the logits check runs as in a conversion.
     """
-    g = read_gguf(gguf_path)
+    shards = [read_gguf(p) for p in split_paths(gguf_path)]
+    g = shards[0]
+    tensors = [t for shard in shards for t in shard.tensors]
     quant = QUANT_BY_FILE_TYPE.get(g.value("general.file_type"))
     if quant is None:
         raise ValidationError(gguf_path, f"general.file_type {g.value('general.file_type')!r} is not a type this "
@@ -179,7 +183,7 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
     problems: list[str] = []
     if g.value("general.architecture") != spec.arch:
         problems.append(f"general.architecture is {g.value('general.architecture')!r}, expected {spec.arch!r}")
-    by_name = {t.name: t for t in g.tensors}
+    by_name = {t.name: t for t in tensors}
     extra = sorted(set(by_name) - {p.gguf_name for p in plan})
     if extra:
         problems.append(f"unexpected tensors: {', '.join(extra[:5])}")
@@ -197,8 +201,8 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
             problems.append(f"{item.gguf_name}: type {t.tensor_type.name}, expected {expected_type.name}")
         source, _ = materialize(item, ckpt.read, ckpt.uri)
         errors[item.gguf_name] = tensor_error_stats(source, g.dequantized(t))["relative_rmse"]
-    readback = {"ok": not problems, "tensors": len(g.tensors), "metadata_keys": len(g.reader.fields) - 3,
-                "problems": problems[:20]}
+    readback = {"ok": not problems, "tensors": len(tensors), "files": len(shards),
+                "metadata_keys": len(g.reader.fields) - 3, "problems": problems[:20]}
     from .reference import So8tReference
 
     ids = validation_token_ids(ckpt)

@@ -98,3 +98,21 @@ def test_memory_cap_limits_tensors_in_flight():
     assert tensors_in_flight(64.0, 100 << 20, 8) == 8
     with pytest.raises(UnsupportedError, match="the largest tensor alone needs"):
         tensors_in_flight(1.2, 100 << 20, 8)
+
+
+def test_split_output_loads_in_llama_cpp_as_a_set(make_fixture, tmp_path):
+    out = tmp_path / "out"
+    result = convert(source=make_fixture(layers=3), output=str(out), quants=["F32"], work_dir=str(tmp_path / "w"),
+                     name="fx", split_max_tensors=10)
+    shards = sorted(p.name for p in out.glob("fx-F32-*.gguf"))
+    assert shards == ["fx-F32-00001-of-00003.gguf", "fx-F32-00002-of-00003.gguf", "fx-F32-00003-of-00003.gguf"]
+    f32 = result["validation"]["F32"]
+    assert f32["passed"] and f32["readback"]["files"] == 3 and f32["readback"]["tensors"] == 30
+    assert f32["llama_cpp"]["mean_kld"] < 1e-4  # llama.cpp loaded the set through its first file
+    first = read_gguf(str(out / shards[0]))
+    assert first.value("split.count") == 3 and first.value("split.tensors.count") == 30
+    assert first.value("llama.block_count") == 3 and len(first.tensors) == 10
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(shards) <= set(manifest["files"]) and "fx-F32.gguf" not in manifest["files"]
+    from so8t_core.gguf_file import parse_split_size
+    assert parse_split_size("2G") == 2_000_000_000 and parse_split_size("500m") == 500_000_000
