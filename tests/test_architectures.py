@@ -1,0 +1,51 @@
+"""Every base architecture, with gates: F32 and Q8_0 convert, llama.cpp loads both, and the F32 logits
+match the PyTorch SO8T reference (which also checks RoPE scaling, biases, q/k norms and padding)."""
+
+import pytest
+
+from flows.convert import convert
+from so8t_core.gguf_file import read_gguf
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+ARCHS = {
+    # qwen2: q/k/v biases, hidden 896 (not a multiple of 256), tied embeddings, vocab padding rows
+    "qwen2-896-tied": (dict(arch="qwen2", hidden=896, heads=14, kv_heads=2, intermediate=256, tied=True,
+                            tokenizer_vocab=360), "qwen2"),
+    # qwen3: q/k norms, explicit head_dim: attention width 4·32 = 128 ≠ hidden 64
+    "qwen3-head_dim": (dict(arch="qwen3", head_dim=32), "qwen3"),
+    # qwen3 with the gate after o_proj: θ blocks follow the hidden size (64/8), not the attention width
+    "qwen3-post": (dict(arch="qwen3", head_dim=32, position="post_o_proj"), "qwen3"),
+    "mistral": (dict(arch="mistral"), "llama"),
+    "llama-llama3-rope": (dict(arch="llama", extra_config={"rope_scaling": LLAMA3_ROPE}), "llama"),
+    "llama-linear-rope": (dict(arch="llama", extra_config={"rope_scaling": {"type": "linear", "factor": 2.0}}),
+                          "llama"),
+    "qwen2-yarn": (dict(arch="qwen2", extra_config={"rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                                       "original_max_position_embeddings": 256}}),
+                   "qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARCHS))
+def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp_path):
+    kwargs, gguf_arch = ARCHS[case]
+    result = convert(source=make_fixture(**kwargs), output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
+                     work_dir=str(tmp_path / "w"), name="fx")
+    for quant in ("F32", "Q8_0"):
+        assert result["validation"][quant]["passed"], result["validation"][quant]
+    f32 = result["validation"]["F32"]["llama_cpp"]
+    assert f32["mean_kld"] < 1e-4 and f32["top1_agreement"] >= 0.995
+    g = read_gguf(str(tmp_path / "out" / "fx-F32.gguf"))
+    assert g.value("general.architecture") == gguf_arch
+    names = {t.name for t in g.tensors}
+    assert ("output.weight" in names) != kwargs.get("tied", False)
+    assert ("rope_freqs.weight" in names) == (case == "llama-llama3-rope")
+    if kwargs.get("arch") == "qwen2":
+        assert "blk.0.attn_q.bias" in names and "blk.0.attn_output.bias" not in names
+    if kwargs.get("arch") == "qwen3":
+        assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
+        assert g.value("qwen3.attention.key_length") == 32
+    if case == "qwen2-896-tied":
+        assert len(g.value("tokenizer.ggml.tokens")) == 384  # 360 real tokens + 24 padding entries
