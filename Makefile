@@ -8,21 +8,43 @@ WHEELS := $(CACHE)/wheels
 # llama.cpp, as llama-cpp-python vendors it: the version we validate against.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-py3-none-linux_x86_64.whl
+# Its sdist, downloaded once: the wheel is built from it, and the tests run the converter it vendors
+# (convert_hf_to_gguf.py with its conversion/ package and gguf-py) as an oracle.
+LLAMA_SDIST := $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_CPP_SRC := $(CACHE)/llama.cpp-$(LLAMA_CPP_PYTHON)
+LLAMA_CONVERTER := $(LLAMA_CPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+LLAMA_CONVERTER_PATHS := convert_hf_to_gguf.py conversion gguf-py models/templates LICENSE
 # Portable CPU build: a native build uses AMX here and crashes at inference.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 DEMO_OUT := artifacts
 
 .PHONY: run test install clean
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_CONVERTER)
 
-$(LLAMA_WHEEL):
+$(LLAMA_SDIST):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	mkdir -p $(@D)
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(@D)
+	@test -f $@ || { echo "pip download did not produce $@" >&2; exit 1; }
+
+# Order-only: a cached wheel is never rebuilt because the sdist was (re)downloaded after it.
+$(LLAMA_WHEEL): | $(LLAMA_SDIST)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 	@echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) from source (5-11 min, once; cached in $(WHEELS))"
 	mkdir -p $(WHEELS)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+		$(BIN)/pip wheel -q --no-deps -w $(WHEELS) $(LLAMA_SDIST)
+	@test -f $@ || { echo "pip wheel did not produce $@" >&2; exit 1; }
+
+# llama.cpp's converter, as vendored in the sdist: extracted beside it, complete or not at all.
+$(LLAMA_CONVERTER): | $(LLAMA_SDIST)
+	rm -rf $(LLAMA_CPP_SRC) $(LLAMA_CPP_SRC).tmp
+	mkdir -p $(LLAMA_CPP_SRC).tmp
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CPP_SRC).tmp --strip-components=1 \
+		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(LLAMA_CONVERTER_PATHS))
+	mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
 $(STAMP): pyproject.toml $(LLAMA_WHEEL)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +62,8 @@ run: $(STAMP)
 	@echo "llama.cpp, chatting with $(DEMO_OUT)/smollm2-135m-so8t-demo-Q8_0.gguf:"
 	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo-Q8_0.gguf "What is the capital of France?"
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(LLAMA_CONVERTER)
+	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

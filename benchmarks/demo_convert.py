@@ -19,9 +19,10 @@ import numpy as np
 
 from flows.convert import demo_source
 from so8t_core.analysis import checkpoint_model
-from so8t_core.assemble import assemble_heads_sidecar, assemble_model, model_metadata
+from so8t_core.assemble import assemble_heads_sidecar
 from so8t_core.checkpoint import Checkpoint, fingerprint
-from so8t_core.quantize import quant_type, stage_tensor
+from so8t_core.quantize import quant_type
+from so8t_core.sequential import convert_sequential
 from so8t_core.reference import So8tReference
 from so8t_core.validation import GATES, check_functional, validation_token_ids
 
@@ -45,15 +46,12 @@ def main() -> None:
     ckpt = timed("open checkpoint (headers)", Checkpoint.open, source)
     src = timed("fetch: sha256 of every tensor", fingerprint, ckpt)
     spec, structure, plan = timed("analyze: spec, structure, plan", checkpoint_model, ckpt)
-    staged_by_tensor = timed("quantize: bake + quantize + stats, all tensors (1 thread)", lambda: [
-        stage_tensor(ckpt, p, quants, os.path.join(work, "tensors"),
-                     [src.tensor_sha256[n] for n in (p.source, p.gate, p.bias_source) if n]) for p in plan])
     ggufs = {}
-    for i, q in enumerate(quants):
-        staged = [t[i] for t in staged_by_tensor]
-        arch, kvs = timed(f"assemble {q.name}: metadata", model_metadata, ckpt, q, "bench", src.fingerprint, staged)
-        ggufs[q.name] = timed(f"assemble {q.name}: write GGUF", lambda *a: assemble_model(*a)[0],
-                              os.path.join(work, f"bench-{q.name}.gguf"), arch, kvs, staged)
+    for q in quants:
+        result = timed(f"{q.name}: bake + quantize + stats + assemble, all tensors (sequential)",
+                       lambda q=q: convert_sequential(ckpt, q.name, os.path.join(work, f"bench-{q.name}.gguf"),
+                                                      os.path.join(work, "tensors"), "bench", source=src))
+        ggufs[q.name] = result.files[0]
     timed("assemble sidecar", assemble_heads_sidecar, os.path.join(work, "bench.so8t-heads.gguf"), ckpt,
           structure, "bench", src.fingerprint)
     ids = validation_token_ids(ckpt)

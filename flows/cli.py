@@ -36,11 +36,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
     from so8t_core.analysis import preflight
     from so8t_core.gguf_file import parse_split_size
-    from so8t_core.quantize import quant_type
+    from so8t_core.quant_mix import parse_tensor_types
+    from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 
     for q in args.quant or []:
         quant_type(q)
     split_bytes = parse_split_size(args.split_max_size) if args.split_max_size else 0
+    parse_tensor_types(args.tensor_type or [])
+    for flag, value in (("--output-tensor-type", args.output_tensor_type),
+                        ("--token-embedding-type", args.token_embedding_type)):
+        if value:
+            ggml_type(value, flag)
+    resolve_engine(args.engine)
     if args.split_max_tensors < 0:
         raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
@@ -50,7 +57,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
                      run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
                      work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
-                     split_max_size=split_bytes)
+                     split_max_size=split_bytes, tensor_types=args.tensor_type or [],
+                     output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
+                     pure=args.pure, engine=args.engine)
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})
         return 0
@@ -154,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", nargs="?", help="checkpoint folder: path, file:// or s3:// (default: demo)")
     c.add_argument("--output", default="./artifacts", help="where to publish (default ./artifacts)")
     c.add_argument("--quant", action="extend", nargs="+", metavar="TYPE",
-                   help="F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (default Q8_0)")
+                   help="llama-quantize mixes: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q5_1 Q5_0 Q4_K_M Q4_K_S "
+                        "Q4_1 Q4_0 Q3_K_L Q3_K_M Q3_K_S Q2_K (default Q8_0)")
+    c.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE",
+                   help="override the type of tensors whose name matches REGEX (first match wins)")
+    c.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight")
+    c.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
+    c.add_argument("--pure", action="store_true", help="no mix rules: every 2-D weight gets the default type")
+    c.add_argument("--engine", default="auto", choices=["auto", "ggml", "torch"],
+                   help="quantization engine (auto: torch on a GPU, else ggml); both write the same bytes")
     c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")
     c.add_argument("--max-memory", type=float, metavar="GB", help="cap peak memory by limiting tensors in flight")
     c.add_argument("--name", help="base name of the output files (default: the source folder name)")

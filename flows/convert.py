@@ -24,7 +24,8 @@ from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, ST
 from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
-from so8t_core.quantize import quant_type
+from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
+from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
@@ -66,10 +67,18 @@ def tensors_in_flight(max_memory_gb: float | None, largest_tensor_f32: int, work
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
 def convert(source: str | None = None, output: str = "./artifacts", quants: list[str] = list(DEFAULT_QUANTS),
             run_validation: bool = True, name: str | None = None, max_memory_gb: float | None = None,
-            work_dir: str | None = None, split_max_tensors: int = 0, split_max_size: int = 0) -> dict:
+            work_dir: str | None = None, split_max_tensors: int = 0, split_max_size: int = 0,
+            tensor_types: list[str] | None = None, output_tensor_type: str | None = None,
+            token_embedding_type: str | None = None, pure: bool = False, engine: str = "auto") -> dict:
     """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
     log = get_run_logger()
     quants = list(dict.fromkeys(quant_type(q).name for q in quants))  # refuse bad names before any work
+    options = MixOptions(
+        tensor_types=parse_tensor_types(tensor_types or []), pure=pure,
+        output_tensor_type=ggml_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
+        token_embedding_type=(ggml_type(token_embedding_type, "--token-embedding-type")
+                              if token_embedding_type else None))
+    engine = resolve_engine(engine)
     if source is None:
         source, name = demo_source(), name or DEMO_NAME
     name = name or default_name(source)
@@ -83,19 +92,27 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     analysis, plan = result.analysis, result.plan
     log.info("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
 
+    # Each quant is one of llama-quantize's mixes: its rules give every tensor a type.
+    hp = analysis["hyperparameters"]
+    shape = ModelShape(arch=analysis["gguf_architecture"], n_layers=hp["layers"], n_heads=hp["heads"],
+                       n_kv_heads=hp["kv_heads"])
+    names_shapes = [(p.gguf_name, p.shape) for p in plan]
+    types = {q: assign_types(names_shapes, quant_type(q), shape, options) for q in quants}
+
     # Quantize: one task per tensor, at most `limit` tensors in memory at once.
     largest = max(p.n_elements for p in plan) * 4
     limit = tensors_in_flight(max_memory_gb, largest, os.cpu_count() or 2)
     pending: deque = deque()
     staged_by_tensor = []
-    for item in plan:
+    for i, item in enumerate(plan):
         if len(pending) >= limit:
             staged_by_tensor.append(pending.popleft().result())
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
-        pending.append(quantize_tensor.submit(src.uri, item, shas, quants, staging_dir))
+        targets = [(q, types[q][i].name) for q in quants]
+        pending.append(quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine))
     staged_by_tensor += [f.result() for f in pending]
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
-    log.info("quantized %d tensors into %s", len(plan), ", ".join(quants))
+    log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 
     out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
     os.makedirs(out_dir, exist_ok=True)

@@ -14,7 +14,7 @@ from .analysis import checkpoint_model
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .constants import HEADS_INPUT_FINAL_NORM, SIDECAR_ARCH, Keys, QuantType
 from .gguf_file import NO_SPLIT, GGUFKV, Split, TensorInfo, kv_array, kv_str, kv_u32, write_gguf
-from .gguf_metadata import Provenance, model_kvs
+from .gguf_metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_folder_name, model_kvs
 from .refs import FileRef, StagedTensor
 from .so8t import So8tStructure
 from .tokenizer import tokenizer_metadata
@@ -96,4 +96,12 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
         source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
     n_params = sum(s.n_elements for s in staged)
-    return spec.arch, model_kvs(name, n_params, spec, quant, tok, provenance)
+    general = general_kvs(spec.arch, model_folder_name(ckpt.uri, name), model_card_files(ckpt), n_params)
+    return spec.arch, model_kvs(general, spec, quant, tok, provenance)
+
+
+def model_card_files(ckpt: Checkpoint) -> dict[str, bytes]:
+    """What gguf.Metadata reads for general.*: the model card, config.json, generation_config.json."""
+    files = {n: data for n in MODEL_CARD_FILES if n != "config.json" and (data := ckpt.read_file(n)) is not None}
+    files["config.json"] = ckpt.config_bytes
+    return files

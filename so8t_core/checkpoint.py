@@ -263,7 +263,7 @@ def fingerprint(ckpt: Checkpoint, tensor_sha256: dict[str, str] | None = None) -
         if name not in shas:
             shas[name] = ckpt.tensor_sha256(name)
     files = {}
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, "README.md"):  # the model card feeds general.* metadata
         data = ckpt.read_file(name)
         if data is not None:
             files[name] = hashlib.sha256(data).hexdigest()

@@ -65,10 +65,13 @@ HEADS_INPUT_FINAL_NORM = "output_norm"
 
 @dataclass(frozen=True)
 class QuantType:
-    """A user-facing quant choice (what ``--quant`` accepts) and what it means to llama.cpp."""
+    """A user-facing quant choice (what ``--quant`` accepts): one of llama-quantize's mixes.
+
+    The per-tensor types of a mix are decided by so8t_core.quant_mix.
+    """
 
     name: str
-    default_type: GGMLQuantizationType  # type of 2-D weights under this choice
+    default_type: GGMLQuantizationType  # the mix's default type (llama_ftype_get_default_type)
     file_type: LlamaFileType  # general.file_type written to the GGUF
 
 
@@ -79,12 +82,19 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("F16", GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
         QuantType("BF16", GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
         QuantType("Q8_0", GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-        # Legacy 4/5-bit types, applied to every 2-D weight (llama-quantize --pure); llama.cpp's
-        # mixes, which give output.weight a K-quant, come with the K-quant engine.
+        QuantType("Q6_K", GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+        QuantType("Q5_K_M", GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+        QuantType("Q5_K_S", GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
         QuantType("Q5_1", GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
         QuantType("Q5_0", GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+        QuantType("Q4_K_M", GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+        QuantType("Q4_K_S", GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
         QuantType("Q4_1", GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
         QuantType("Q4_0", GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+        QuantType("Q3_K_L", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+        QuantType("Q3_K_M", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+        QuantType("Q3_K_S", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+        QuantType("Q2_K", GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K),
     )
 }
 

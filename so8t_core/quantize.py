@@ -1,11 +1,15 @@
-"""Per-tensor type choice and quantization.
+"""Quantization: engines, per-tensor bytes, and the staging of quantized tensors.
 
-The type rules follow llama.cpp (src/llama-quant.cpp and convert_hf_to_gguf.py): 1-D
-tensors, norms and non-``weight`` tensors stay F32; every other tensor takes the
-quant's default type, falling back to F16 when its row length is not a multiple of
-the block size. The bytes come from gguf-py's quantizers, which are byte-identical
-to libggml's reference quantizers for the types offered here
-(../shared/notes/gguf-quants.md §2). K-quants and the mixes come with their engine.
+Which type each tensor gets is decided by :mod:`so8t_core.quant_mix` (llama.cpp's mixes).
+The bytes come from one of two engines that produce the same bytes:
+
+* ``ggml``: libggml's own quantizers (``ggml_quantize_chunk``) through ctypes, i.e. exactly
+  what llama-quantize writes; threads over row chunks. The default on CPU, and the only
+  engine for importance-matrix quantization.
+* ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
+  checked byte for byte against ``ggml`` (tests/test_torch_engine.py).
+
+``auto`` picks ``torch`` when a GPU is present, else ``ggml``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from .plan import TensorPlan, materialize
 from .refs import StagedTensor
 from .storage import local_atomic_file
 
-ENGINE_VERSION = "gguf-py-0.19.0/1"  # part of every cache key: bump when bytes may change
+# Part of every staging key: bump when the bytes for the same inputs may change. Both
+# engines write identical bytes, so the engine is not part of the key.
+FORMAT_VERSION = "llama.cpp-0.3.36/1"
+ENGINES = ("auto", "ggml", "torch")
+# Types whose quantizer uses an importance matrix when given one (llama-quantize --imatrix).
+IMATRIX_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+                 GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
+                 GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
 
 
 def quant_type(name: str) -> QuantType:
@@ -40,19 +51,34 @@ def quant_type(name: str) -> QuantType:
                            f"choose from {', '.join(QUANT_TYPES)}")
 
 
-def keeps_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp never quantizes 1-D tensors, norms, or tensors not named *.weight."""
-    return len(shape) < 2 or not gguf_name.endswith("weight") or "_norm.weight" in gguf_name
-
-
-def target_type(gguf_name: str, shape: tuple[int, ...], quant: QuantType) -> GGMLQuantizationType:
-    if keeps_f32(gguf_name, shape):
-        return GGMLQuantizationType.F32
-    qtype = quant.default_type
-    block, _ = GGML_QUANT_SIZES[qtype]
-    if shape[-1] % block:
-        return GGMLQuantizationType.F16  # llama.cpp: "must use F16 due to unusual shape"
+def ggml_type(name: str, where: str) -> GGMLQuantizationType:
+    """A GGML tensor type by name, for overrides like --output-tensor-type q8_0."""
+    try:
+        qtype = GGMLQuantizationType[name.upper()]
+    except KeyError:
+        qtype = None
+    if qtype is None or qtype.name in NOT_STORAGE_TYPES or qtype not in SUPPORTED_TENSOR_TYPES:
+        raise UnsupportedError(where, f"{name!r} is not a tensor type so8t-gguf writes",
+                               f"choose from {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
     return qtype
+
+
+SUPPORTED_TENSOR_TYPES = (
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q3_K,
+    GGMLQuantizationType.Q2_K,
+)
+
+
+def resolve_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise UnsupportedError(f"--engine {engine}", "unknown engine", f"choose from {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "ggml"
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -61,12 +87,20 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return n // block * size
 
 
-def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> bytes:
-    """float32 tensor → the exact bytes GGUF stores for ``qtype``."""
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml",
+             imatrix: np.ndarray | None = None) -> bytes:
+    """float32 tensor → the exact bytes GGUF stores for ``qtype`` (what llama-quantize writes)."""
     arr = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == GGMLQuantizationType.F32:
         return arr.tobytes()
-    return gguf_quants.quantize(arr, qtype).tobytes()
+    rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
+    if engine == "torch" and imatrix is None:  # importance-weighted quantizers are ggml's only
+        from .torch_engine import quantize_rows as torch_quantize_rows
+
+        return torch_quantize_rows(rows, qtype)
+    from .ggml_engine import quantize_rows
+
+    return quantize_rows(rows, qtype, imatrix=imatrix)
 
 
 def dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
@@ -82,15 +116,18 @@ def dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType, shape: tupl
 
 # --- one planned tensor → staged bytes ---------------------------------------------------
 
-def staging_key(source_sha256: Sequence[str], item: TensorPlan, qtype: GGMLQuantizationType) -> str:
+def staging_key(source_sha256: Sequence[str], item: TensorPlan, qtype: GGMLQuantizationType,
+                imatrix_sha256: str | None = None) -> str:
     """Content address of a staged tensor: what went in, what was done, what came out."""
-    text = "|".join([*source_sha256, item.transform_id(), item.gguf_name, qtype.name, ENGINE_VERSION])
+    text = "|".join([*source_sha256, item.transform_id(), item.gguf_name, qtype.name, imatrix_sha256 or "",
+                     FORMAT_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stage_tensor(ckpt: Checkpoint, item: TensorPlan, quants: Sequence[QuantType], staging_dir: str,
-                 source_sha256: Sequence[str]) -> list[StagedTensor]:
-    """Materialize one planned tensor (bake/permute), quantize it for every quant, stage the bytes.
+def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str, GGMLQuantizationType]],
+                 staging_dir: str, source_sha256: Sequence[str], engine: str = "ggml",
+                 imatrix: np.ndarray | None = None) -> list[StagedTensor]:
+    """Materialize one planned tensor (bake/permute), quantize it to each (quant, type) target, stage it.
 
     Staged files are content-addressed; one already staged (same inputs, same code
     version) is reused, not recomputed.
@@ -98,24 +135,25 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, quants: Sequence[QuantType]
     out: list[StagedTensor] = []
     data: np.ndarray | None = None
     bake_err: float | None = None
-    for quant in quants:
-        qtype = target_type(item.gguf_name, item.shape, quant)
-        key = staging_key(source_sha256, item, qtype)
+    imatrix_sha = None if imatrix is None else hashlib.sha256(np.ascontiguousarray(imatrix).tobytes()).hexdigest()
+    for quant_name, qtype in targets:
+        weights = imatrix if qtype in IMATRIX_TYPES else None
+        key = staging_key(source_sha256, item, qtype, imatrix_sha if weights is not None else None)
         bin_path = os.path.join(staging_dir, key[:2], key + ".bin")
         meta_path = bin_path[:-4] + ".json"
         if os.path.exists(meta_path) and os.path.exists(bin_path):
             staged = StagedTensor.model_validate_json(open(meta_path, "rb").read())
             if os.path.getsize(bin_path) == staged.nbytes:
-                out.append(staged.model_copy(update={"quant": quant.name}))
+                out.append(staged.model_copy(update={"quant": quant_name}))
                 continue
         t0 = time.perf_counter()
         if data is None:
             data, bake_err = materialize(item, ckpt.read, ckpt.uri)
-        raw = quantize(data, qtype)
+        raw = quantize(data, qtype, engine, weights)
         stats = tensor_error_stats(data, dequantize(raw, qtype, item.shape))
         staged = StagedTensor(
             gguf_name=item.gguf_name, source=item.source, layer=item.layer, tensor_class=item.tensor_class,
-            quant=quant.name, ggml_type=qtype.name, shape=item.shape, uri=bin_path,
+            quant=quant_name, ggml_type=qtype.name, shape=item.shape, uri=bin_path,
             sha256=hashlib.sha256(raw).hexdigest(), nbytes=len(raw), seconds=time.perf_counter() - t0,
             bake_error=bake_err, **stats)
         with local_atomic_file(bin_path) as tmp:

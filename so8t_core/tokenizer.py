@@ -33,6 +33,8 @@ from .errors import CheckpointError, UnsupportedError
 from .gguf_file import GGUFKV
 
 K = gguf.Keys.Tokenizer
+# HF architectures convert_hf_to_gguf.py handles with LlamaModel (whose set_vocab adds two rules).
+LLAMA_MODEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 # gguf.TokenType values (the numbers are the GGUF format).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -533,8 +535,10 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str) 
     """
     tok_config = _json(files, "tokenizer_config.json", where)
     out: dict[str, GGUFKV] = {}  # insertion-ordered, and a later write replaces in place (as GGUFWriter)
+    archs = config.get("architectures") or [None]
+    llama_model = archs[0] in LLAMA_MODEL_ARCHITECTURES  # convert's LlamaModel class, with its own set_vocab
     # LlamaModel.set_vocab writes this first, before the vocabulary.
-    if tok_config and (prefix := tok_config.get("add_prefix_space")) is not None:
+    if llama_model and tok_config and (prefix := tok_config.get("add_prefix_space")) is not None:
         out[K.ADD_PREFIX] = GGUFKV(K.ADD_PREFIX, bool(prefix), VT.BOOL)
 
     if "tokenizer.model" in files:  # LlamaModel/Qwen2Model try SentencePiece first
@@ -550,6 +554,6 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str) 
 
     # LlamaModel.set_vocab: "granite small models" (vocab 49152, which includes SmolLM)
     # never get BOS added.
-    if config.get("model_type") == "llama" and config.get("vocab_size") == 49152:
+    if llama_model and config.get("vocab_size") == 49152:
         out[K.ADD_BOS] = GGUFKV(K.ADD_BOS, False, VT.BOOL)
     return list(out.values())

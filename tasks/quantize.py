@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from gguf import GGMLQuantizationType
 from prefect import task
 
 from so8t_core.plan import TensorPlan
-from so8t_core.quantize import quant_type, stage_tensor
+from so8t_core.quantize import stage_tensor
 from so8t_core.refs import StagedTensor
 
 from .common import STORAGE_RETRIES, open_checkpoint
 
 
 @task(name="quantize-tensor", task_run_name="quantize-{item.gguf_name}", **STORAGE_RETRIES)
-def quantize_tensor(source_uri: str, item: TensorPlan, source_sha256: list[str], quants: list[str],
-                    staging_dir: str) -> list[StagedTensor]:
-    return stage_tensor(open_checkpoint(source_uri), item, [quant_type(q) for q in quants], staging_dir,
-                        source_sha256)
+def quantize_tensor(source_uri: str, item: TensorPlan, source_sha256: list[str], targets: list[tuple[str, str]],
+                    staging_dir: str, engine: str = "ggml") -> list[StagedTensor]:
+    """``targets``: (quant, GGML type name) pairs, one per requested quant, from the mix rules."""
+    typed = [(quant, GGMLQuantizationType[name]) for quant, name in targets]
+    return stage_tensor(open_checkpoint(source_uri), item, typed, staging_dir, source_sha256, engine)

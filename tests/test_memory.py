@@ -8,22 +8,16 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import os, resource, sys
     from so8t_core.analysis import checkpoint_model
-    from so8t_core.assemble import assemble_model, model_metadata
-    from so8t_core.checkpoint import Checkpoint, fingerprint
-    from so8t_core.quantize import quant_type, stage_tensor
+    from so8t_core.checkpoint import Checkpoint
+    from so8t_core.sequential import convert_sequential
 
     src, work = sys.argv[1], sys.argv[2]
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ckpt = Checkpoint.open(src)
-    spec, structure, plan = checkpoint_model(ckpt)
+    _, _, plan = checkpoint_model(ckpt)
     before = peak()
-    ref = fingerprint(ckpt)
-    quant = quant_type("Q8_0")
-    staged = [stage_tensor(ckpt, p, [quant], work, [ref.tensor_sha256[n] for n in (p.source, p.gate) if n])[0]
-              for p in plan]
-    arch, kvs = model_metadata(ckpt, quant, "m", ref.fingerprint, staged)
-    assemble_model(os.path.join(work, "m.gguf"), arch, kvs, staged)
-    print(peak() - before, ref.n_bytes, max(p.n_elements for p in plan) * 4)
+    result = convert_sequential(ckpt, "Q8_0", os.path.join(work, "m.gguf"), work)
+    print(peak() - before, result.source.n_bytes, max(p.n_elements for p in plan) * 4)
 """)
 
 

@@ -33,9 +33,9 @@ TEXT = (
     "   leading spaces, trailing tabs\t\t\n\n\n"
     "Emoji 😶\u200d🌫️ 👍🏽 — naïve café, Ünïcödé; I've they'll WE'RE don't 12,345.678\n"
 )
-SMOLLM2_CONFIG = {"model_type": "llama", "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2,
-                  "pad_token_id": 2}
-FIXTURE_CONFIG = {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+FIXTURE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
 
 
 def write_vocab_gguf(path, kvs) -> str:

@@ -1,0 +1,87 @@
+"""The CPU quantization engine: libggml's own quantizers, called through ctypes.
+
+llama-cpp-python ships libggml-base, which exports ``ggml_quantize_chunk``: the function
+llama-quantize calls. Without an importance matrix it runs the reference (``*_ref``)
+quantizers, so its bytes are llama-quantize's bytes by construction. ctypes releases
+the GIL during the call, so a thread pool over row chunks runs it in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+ENGINE_NAME = "ggml"
+# Rows per call: large enough to amortize the call, small enough to spread over threads.
+MIN_ROWS_PER_CHUNK = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    import llama_cpp
+
+    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
+    lib = ctypes.CDLL(path)
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    return lib
+
+
+def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
+    return int(_lib().ggml_row_size(int(qtype), n_per_row))
+
+
+def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
+                  n_threads: int | None = None) -> bytes:
+    """Quantize a float32 matrix (rows × n_per_row) with ggml_quantize_chunk, in parallel over rows.
+
+    ``imatrix`` (n_per_row float32 importance weights) switches to the importance-weighted
+    quantizers exactly as llama-quantize does with ``--imatrix``.
+    """
+    arr = np.ascontiguousarray(data, dtype=np.float32)
+    n_per_row = arr.shape[-1]
+    nrows = arr.size // n_per_row
+    block, _ = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block:
+        raise ValueError(f"row length {n_per_row} is not a multiple of {qtype.name}'s block size {block}")
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if qw.shape != (n_per_row,):
+            raise ValueError(f"imatrix has shape {qw.shape}, expected ({n_per_row},)")
+    lib = _lib()
+    lib.ggml_quantize_init(int(qtype))  # builds the IQ grids once; a no-op for other types
+    rsize = row_size(qtype, n_per_row)
+    out = np.empty(nrows * rsize, dtype=np.uint8)
+    src = arr.reshape(nrows, n_per_row)
+    qw_ptr = None if qw is None else qw.ctypes.data
+
+    def run(start: int, stop: int) -> None:
+        # ggml_quantize_chunk's `start` is an element offset into src and dst: pass row pointers instead.
+        written = lib.ggml_quantize_chunk(int(qtype), src[start].ctypes.data, out[start * rsize:].ctypes.data,
+                                          0, stop - start, n_per_row, qw_ptr)
+        if written != (stop - start) * rsize:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {(stop - start) * rsize}")
+
+    n_threads = max(1, n_threads or os.cpu_count() or 1)
+    chunk = max(MIN_ROWS_PER_CHUNK, -(-nrows // n_threads))
+    ranges = [(s, min(nrows, s + chunk)) for s in range(0, nrows, chunk)]
+    if len(ranges) == 1 or n_threads == 1:
+        for r in ranges:
+            run(*r)
+    else:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(lambda r: run(*r), ranges))
+    return out.tobytes()

@@ -1,0 +1,90 @@
+"""llama.cpp's own converter as a test oracle.
+
+``make test`` / ``make install`` extract ``convert_hf_to_gguf.py`` (with its ``conversion``
+package and its vendored ``gguf-py``) from the llama-cpp-python sdist we build llama.cpp
+from, into ``~/.cache/so8t-gguf/llama.cpp-<version>/`` (``$SO8T_LLAMA_CPP_SRC`` overrides).
+:func:`convert_with_llama_cpp` runs it on a Hugging Face folder in a subprocess, so the
+vendored gguf-py (which the script puts on ``sys.path`` itself) is used there and only there;
+the test process keeps the installed gguf.
+
+The one hook: convert names a BPE pre-tokenizer only by the hash of the token ids of a check
+text, so it refuses the fixtures' small random BPE tokenizers ("BPE pre-tokenizer was not
+recognized"). With ``unknown_bpe_pre="gpt-2"`` an *unrecognized* hash (only that) is answered with
+the given name instead of the exception; tokens, types, merges, special ids and every other key
+are still convert's own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LLAMA_CPP_PYTHON = "0.3.36"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# Runs convert_hf_to_gguf.py as __main__ with argv[1:] = its arguments, after the hook above.
+_DRIVER = """
+import os, runpy, sys
+src = os.environ["SO8T_ORACLE_SRC"]
+sys.path[0] = src  # where the script's own directory would be: `conversion` and models/ resolve as usual
+import gguf
+if not gguf.__file__.startswith(os.path.join(src, "gguf-py", "")):
+    sys.exit(f"oracle: imported gguf from {gguf.__file__}, not from the converter's own gguf-py")
+pre = os.environ.get("SO8T_ORACLE_UNKNOWN_BPE_PRE")
+if pre:
+    from conversion.base import TextModel
+    recognized = TextModel.get_vocab_base_pre
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return recognized(self, tokenizer)
+        except NotImplementedError:
+            return pre
+    TextModel.get_vocab_base_pre = get_vocab_base_pre
+script = os.path.join(src, "convert_hf_to_gguf.py")
+sys.argv = [script, *sys.argv[1:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def default_src() -> Path:
+    return Path.home() / ".cache" / "so8t-gguf" / f"llama.cpp-{LLAMA_CPP_PYTHON}"  # the Makefile's $(CACHE)
+
+
+def llama_cpp_dir() -> Path:
+    """The vendored llama.cpp folder holding convert_hf_to_gguf.py; fails the test if it is missing."""
+    root = Path(os.environ.get("SO8T_LLAMA_CPP_SRC") or default_src())
+    for candidate in (root / "vendor" / "llama.cpp", root):
+        if (candidate / "convert_hf_to_gguf.py").is_file() and (candidate / "gguf-py" / "gguf").is_dir():
+            return candidate
+    pytest.fail(f"llama.cpp's convert_hf_to_gguf.py is not at {root}/vendor/llama.cpp: run `make test` "
+                f"(or `make install`), which extracts it from the llama-cpp-python {LLAMA_CPP_PYTHON} sdist, "
+                "or point SO8T_LLAMA_CPP_SRC at an extracted llama-cpp-python source tree", pytrace=False)
+
+
+def convert_with_llama_cpp(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f32", *,
+                           unknown_bpe_pre: str | None = None, timeout: float = 300) -> str:
+    """Convert ``hf_dir`` with llama.cpp's convert_hf_to_gguf.py; returns the GGUF's path.
+
+    ``unknown_bpe_pre``: tokenizer.ggml.pre for a BPE tokenizer whose hash convert does not know
+    (see the module doc); None runs convert untouched.
+    """
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {OUTTYPES}")
+    src = llama_cpp_dir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH")}
+    # The script inserts its gguf-py at sys.path[1] unless NO_LOCAL_GGUF is set; PYTHONPATH says the same,
+    # so the vendored gguf wins over the installed one in the subprocess whatever the script does.
+    env["PYTHONPATH"] = str(src / "gguf-py")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["SO8T_ORACLE_SRC"] = str(src)
+    env["SO8T_ORACLE_UNKNOWN_BPE_PRE"] = unknown_bpe_pre or ""
+    cmd = [sys.executable, "-c", _DRIVER, str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not os.path.isfile(out_path):
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise AssertionError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}) on {hf_dir}:\n{tail}")
+    return str(out_path)
