@@ -160,6 +160,7 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         raise UnsupportedError(where, f"base architecture {hf_arch} is not supported",
                                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
 
+    config = with_transformers_defaults(config, hf_arch)
     hidden = _int(config, "hidden_size", where)
     n_heads = _int(config, "num_attention_heads", where)
     n_kv = _int(config, "num_key_value_heads", where, default=n_heads)
@@ -196,6 +197,34 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         attention_bias=bool(config.get("attention_bias", False)),
         config=dict(config),
     )
+
+
+# Hyperparameters a config.json may leave out, whose values then come from the
+# transformers config class, as for llama.cpp's converter (it reads configs through
+# AutoConfig) and for the model itself (Qwen3's head_dim defaults to 128, not hidden/heads).
+DEFAULTED_KEYS = ("rms_norm_eps", "max_position_embeddings", "head_dim", "rope_theta")
+
+
+def with_transformers_defaults(config: Mapping[str, Any], hf_arch: str) -> dict[str, Any]:
+    out = dict(config)
+    missing = [k for k in DEFAULTED_KEYS if out.get(k) is None and not (k == "rope_theta" and rope_parameters(out)
+                                                                          .get("rope_theta") is not None)]
+    if not missing:
+        return out
+    import transformers  # only when needed: importing it costs seconds
+
+    try:
+        defaults = getattr(transformers, hf_arch).config_class(
+            **{k: v for k, v in config.items() if k not in ("so8t", "architectures")})
+    except Exception:  # a config transformers itself cannot read: keep ours, checks come later
+        return out
+    for key in missing:
+        value = getattr(defaults, key, None)
+        if key == "rope_theta" and value is None:
+            value = (getattr(defaults, "rope_parameters", None) or {}).get("rope_theta")
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def layer_of(hf_name: str) -> int | None:

@@ -283,3 +283,14 @@ def test_missing_converter_fails_with_the_way_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("SO8T_LLAMA_CPP_SRC", str(tmp_path / "nowhere"))
     with pytest.raises(pytest.fail.Exception, match=r"make test.*make install"):
         llama_cpp_dir()
+
+
+def test_missing_hyperparameters_take_transformers_defaults_as_llama_cpp_does():
+    from so8t_core.architectures import model_spec
+
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 300}
+    qwen3 = model_spec({"architectures": ["Qwen3ForCausalLM"], **base}, "x")
+    assert qwen3.head_dim == 128 and qwen3.attention_width == 512  # Qwen3Config's default, not 64 // 4
+    llama = model_spec({"architectures": ["LlamaForCausalLM"], **base}, "x")
+    assert (llama.head_dim, llama.rms_norm_eps, llama.context_length, llama.rope_theta) == (16, 1e-6, 2048, 10000.0)
