@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from so8t_core import CONVERTER
 from so8t_core.assemble import file_ref
 from so8t_core.checkpoint import default_cache_dir
-from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME
+from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME, VALIDATION_NAME
 from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
@@ -134,11 +134,15 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             f = v.get("llama_cpp", {})
             log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                      100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
+            report = os.path.join(out_dir, VALIDATION_NAME.format(name=name, quant=q))
+            _write_json(report, v)
+            files[VALIDATION_NAME.format(name=name, quant=q)] = file_ref(report)
         failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
         if failed:
             detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in failed.items())
+            first = VALIDATION_NAME.format(name=name, quant=next(iter(failed)))
             raise ValidationError(source, f"validation failed ({detail}); nothing was published",
-                                  f"see the reports in {out_dir}")
+                                  f"see {os.path.join(out_dir, first)}")
 
     for q in quants:
         path = os.path.join(out_dir, STATS_NAME.format(name=name, quant=q))
