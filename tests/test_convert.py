@@ -60,7 +60,9 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
                      work_dir=str(tmp_path / "work"), name="fx")
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == {"fx-F16.gguf", "fx-Q8_0.gguf", "fx-F16.stats.parquet", "fx-Q8_0.stats.parquet",
+                                      "fx-F16.validation.json", "fx-Q8_0.validation.json",
                                       "fx.so8t-heads.gguf", "README.md", "analysis.json"}
+    assert json.loads((out / "fx-Q8_0.validation.json").read_text()) == manifest["validation"]["Q8_0"]
     import hashlib
     for name, info in manifest["files"].items():
         data = (out / name).read_bytes()
