@@ -36,6 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
     from so8t_core.analysis import preflight
     from so8t_core.gguf_file import parse_split_size
+    from so8t_core.imatrix import load_imatrix
     from so8t_core.quant_mix import parse_tensor_types
     from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 
@@ -48,6 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if value:
             ggml_type(value, flag)
     resolve_engine(args.engine)
+    if args.imatrix:
+        load_imatrix(args.imatrix)
     if args.split_max_tensors < 0:
         raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
@@ -59,7 +62,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                      work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
                      split_max_size=split_bytes, tensor_types=args.tensor_type or [],
                      output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
-                     pure=args.pure, engine=args.engine)
+                     pure=args.pure, engine=args.engine, imatrix=args.imatrix)
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})
         return 0
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight")
     c.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
     c.add_argument("--pure", action="store_true", help="no mix rules: every 2-D weight gets the default type")
+    c.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
     c.add_argument("--engine", default="auto", choices=["auto", "ggml", "torch"],
                    help="quantization engine (auto: torch on a GPU, else ggml); both write the same bytes")
     c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")

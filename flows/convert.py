@@ -24,6 +24,7 @@ from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, ST
 from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
+from so8t_core.imatrix import load_imatrix
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
 from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 from tasks.analyze import analyze_checkpoint
@@ -69,12 +70,16 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             run_validation: bool = True, name: str | None = None, max_memory_gb: float | None = None,
             work_dir: str | None = None, split_max_tensors: int = 0, split_max_size: int = 0,
             tensor_types: list[str] | None = None, output_tensor_type: str | None = None,
-            token_embedding_type: str | None = None, pure: bool = False, engine: str = "auto") -> dict:
+            token_embedding_type: str | None = None, pure: bool = False, engine: str = "auto",
+            imatrix: str | None = None) -> dict:
     """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
     log = get_run_logger()
     quants = list(dict.fromkeys(quant_type(q).name for q in quants))  # refuse bad names before any work
+    # An importance matrix is read (and checked) once here; tasks get its URI and sha256.
+    im = load_imatrix(imatrix) if imatrix else None
+    im_ref = (im.uri, im.sha256) if im else None
     options = MixOptions(
-        tensor_types=parse_tensor_types(tensor_types or []), pure=pure,
+        tensor_types=parse_tensor_types(tensor_types or []), pure=pure, has_imatrix=im is not None,
         output_tensor_type=ggml_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
         token_embedding_type=(ggml_type(token_embedding_type, "--token-embedding-type")
                               if token_embedding_type else None))
@@ -109,7 +114,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             staged_by_tensor.append(pending.popleft().result())
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
-        pending.append(quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine))
+        pending.append(quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine, im_ref))
     staged_by_tensor += [f.result() for f in pending]
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
@@ -118,7 +123,15 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     split = Split(max_tensors=split_max_tensors, max_bytes=split_max_size)
-    ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir, split) for q in quants}
+    im_info = (im.uri, im.sha256, imatrix) if im else None
+    uncovered: list[str] = []
+    if im:
+        uncovered = [p.gguf_name for p, t in zip(plan, types[quants[0]]) if t.name not in ("F32", "F16", "BF16")
+                     and p.gguf_name not in im.entries]
+        if uncovered:  # llama-quantize only logs this; a silent quality loss worth saying
+            log.warning("imatrix has no entry for %d quantized tensors (e.g. %s): quantized without it",
+                        len(uncovered), uncovered[0])
+    ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir, split, im_info) for q in quants}
     for refs in ggufs.values():
         files.update({os.path.basename(r.uri): r for r in refs})
     sidecar = assemble_sidecar(src, name, out_dir)
@@ -129,7 +142,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     if run_validation:
         reference = reference_logits(src, work_dir)
         for q in quants:
-            validations[q] = validate_gguf(src, q, name, ggufs[q][0], staged[q], reference)
+            validations[q] = validate_gguf(src, q, name, ggufs[q][0], staged[q], reference, im_info)
             v = validations[q]
             f = v.get("llama_cpp", {})
             log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
@@ -158,6 +171,8 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
 
     manifest = {"name": name, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
                 "quants": quants, "validation": validations,
+                "imatrix": None if im is None else {"sha256": im.sha256, "entries": len(im.entries),
+                                                    "tensors_without_entry": uncovered},
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}}
     manifest_ref = publish(files, output, manifest)
     log.info("published %d files to %s", len(files) + 1, output)

@@ -88,8 +88,11 @@ def tokenizer_files(ckpt: Checkpoint) -> dict[str, bytes]:
 
 
 def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerprint: str,
-                   staged: Sequence[StagedTensor]) -> tuple[str, list[GGUFKV]]:
-    """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors."""
+                   staged: Sequence[StagedTensor], extra: Sequence[GGUFKV] = ()) -> tuple[str, list[GGUFKV]]:
+    """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors.
+
+    ``extra``: keys llama-quantize adds for this file (the quantize.imatrix.* keys).
+    """
     spec, structure, _ = checkpoint_model(ckpt)
     tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri)
     provenance = Provenance(
@@ -97,7 +100,7 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
     n_params = sum(s.n_elements for s in staged)
     general = general_kvs(spec.arch, model_folder_name(ckpt.uri, name), model_card_files(ckpt), n_params)
-    return spec.arch, model_kvs(general, spec, quant, tok, provenance)
+    return spec.arch, model_kvs(general, spec, quant, tok, provenance, extra)
 
 
 def model_card_files(ckpt: Checkpoint) -> dict[str, bytes]:

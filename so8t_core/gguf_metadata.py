@@ -224,10 +224,11 @@ def provenance_kvs(p: Provenance) -> list[GGUFKV]:
 
 
 def model_kvs(general: Sequence[GGUFKV], spec: ModelSpec, quant: QuantType,
-              tokenizer: Sequence[GGUFKV], provenance: Provenance) -> list[GGUFKV]:
+              tokenizer: Sequence[GGUFKV], provenance: Provenance, extra: Sequence[GGUFKV] = ()) -> list[GGUFKV]:
     """Every key of the model GGUF, in convert's order; ``general`` from :func:`general_kvs`."""
     kvs = tensor_stage_kvs(spec) + list(general) + hparam_kvs(spec, quant)
     kvs.append(kv_u32(K.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION))
     kvs += list(tokenizer)
+    kvs += list(extra)
     kvs += provenance_kvs(provenance)
     return kvs

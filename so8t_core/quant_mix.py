@@ -211,7 +211,7 @@ def parse_tensor_types(specs: Sequence[str]) -> tuple[tuple[str, T], ...]:
 
     out = []
     for spec in specs:
-        pattern, sep, type_name = spec.rpartition("=")
+        pattern, sep, type_name = spec.partition("=")  # llama-quantize splits at the first '='
         if not sep or not pattern:
             raise UnsupportedError(f"--tensor-type {spec}", "expected REGEX=TYPE", "e.g. --tensor-type attn_v=q8_0")
         try:

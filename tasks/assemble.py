@@ -10,6 +10,7 @@ from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble import assemble_heads_sidecar, assemble_model, model_metadata
 from so8t_core.constants import GGUF_NAME, SIDECAR_NAME
 from so8t_core.gguf_file import NO_SPLIT, Split
+from so8t_core.imatrix import imatrix_kvs, load_imatrix_cached
 from so8t_core.quantize import quant_type
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
 
@@ -18,10 +19,12 @@ from .common import open_checkpoint
 
 @task(name="assemble-gguf", task_run_name="assemble-{quant}")
 def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedTensor], out_dir: str,
-                  split: Split = NO_SPLIT) -> list[FileRef]:
-    """The model GGUF for one quant: one file, or a split set whose first file is the one to load."""
+                  split: Split = NO_SPLIT, imatrix: tuple[str, str, str] | None = None) -> list[FileRef]:
+    """The model GGUF for one quant: one file, or a split set whose first file is the one to load.
+    ``imatrix``: (URI, sha256, the name the user gave) when quantized with an importance matrix."""
     ckpt = open_checkpoint(source.uri)
-    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged)
+    extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
+    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra)
     return assemble_model(os.path.join(out_dir, GGUF_NAME.format(name=name, quant=quant)), arch, kvs, staged,
                           split)
 

@@ -8,6 +8,7 @@ import numpy as np
 from prefect import task
 
 from so8t_core.assemble import file_ref, model_metadata
+from so8t_core.imatrix import imatrix_kvs, load_imatrix_cached
 from so8t_core.quantize import quant_type
 from so8t_core.reference import So8tReference
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
@@ -35,9 +36,10 @@ def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
 
 @task(name="validate-gguf", task_run_name="validate-{quant}")
 def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
-                  reference: FileRef | None) -> dict:
+                  reference: FileRef | None, imatrix: tuple[str, str, str] | None = None) -> dict:
     ckpt = open_checkpoint(source.uri)
-    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged)
+    extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
+    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra)
     gate = GATES[quant]
     functional = None
     if reference is not None:

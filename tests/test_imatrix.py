@@ -1,0 +1,121 @@
+"""Importance matrices: both file formats read as llama-quantize reads them, and quantization with them
+byte-identical to llama_model_quantize given the same importance data."""
+
+import ctypes
+import struct
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+from flows.convert import convert
+from so8t_core.analysis import checkpoint_model
+from so8t_core.checkpoint import Checkpoint
+from so8t_core.constants import QUANT_TYPES
+from so8t_core.errors import CheckpointError
+from so8t_core.gguf_file import read_gguf
+from so8t_core.imatrix import load_imatrix
+from test_quant_mixes import FIXTURES, assert_same_tensors
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def plan_shapes(src: str) -> dict[str, tuple[int, ...]]:
+    _, _, plan = checkpoint_model(Checkpoint.open(src))
+    return {p.gguf_name: p.shape for p in plan if len(p.shape) == 2}
+
+
+def write_gguf_imatrix(path, sums: dict, counts: dict, chunk_count=7):
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.add_array("imatrix.datasets", ["calibration.txt"])
+    w.add_uint32("imatrix.chunk_count", chunk_count)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name in sums:
+        w.add_tensor(f"{name}.in_sum2", sums[name].astype(np.float32))
+        w.add_tensor(f"{name}.counts", np.asarray(counts[name], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_legacy_imatrix(path, values: dict, ncall: int, dataset="wiki.train.raw", chunk_count=5):
+    out = struct.pack("<i", len(values))
+    for name, v in values.items():
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, v.size)
+        out += v.astype("<f4").tobytes()
+    out += struct.pack("<i", chunk_count) + struct.pack("<i", len(dataset)) + dataset.encode()
+    path.write_bytes(out)
+
+
+def test_both_formats_are_read_as_llama_quantize_reads_them(tmp_path):
+    rng = np.random.default_rng(1)
+    sums = {"blk.0.attn_q.weight": rng.random(256).astype(np.float32) * 30,
+            "blk.0.ffn_down.weight": rng.random(512).astype(np.float32) * 30}
+    write_gguf_imatrix(tmp_path / "m.gguf", sums, {"blk.0.attn_q.weight": [3.0], "blk.0.ffn_down.weight": [0.0]})
+    im = load_imatrix(str(tmp_path / "m.gguf"))
+    np.testing.assert_array_equal(im.entries["blk.0.attn_q.weight"], sums["blk.0.attn_q.weight"] / np.float32(3))
+    np.testing.assert_array_equal(im.entries["blk.0.ffn_down.weight"], np.ones(512, np.float32))  # count 0 → 1
+    assert im.datasets == ["calibration.txt"] and im.chunk_count == 7
+
+    write_legacy_imatrix(tmp_path / "m.dat", sums, ncall=4)
+    legacy = load_imatrix(str(tmp_path / "m.dat"))
+    np.testing.assert_array_equal(legacy.entries["blk.0.attn_q.weight"], sums["blk.0.attn_q.weight"] / np.float32(4))
+    assert legacy.datasets == ["wiki.train.raw"] and legacy.chunk_count == 5
+
+    (tmp_path / "bad.dat").write_bytes(b"\x02\x00\x00\x00\x05\x00")
+    with pytest.raises(CheckpointError, match="truncated imatrix"):
+        load_imatrix(str(tmp_path / "bad.dat"))
+    w = gguf.GGUFWriter(str(tmp_path / "nometa.gguf"), "imatrix")
+    w.add_tensor("x.in_sum2", np.ones(4, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(CheckpointError, match="without its metadata"):
+        load_imatrix(str(tmp_path / "nometa.gguf"))
+
+
+def llama_quantize_with_imatrix(src: str, dst: str, ftype: int, entries: dict[str, np.ndarray]):
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 2
+    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    keep = []
+    for i, (name, values) in enumerate(entries.items()):
+        buf = np.ascontiguousarray(values, dtype=np.float32)
+        keep.append(buf)
+        arr[i].name, arr[i].data, arr[i].size = name.encode(), buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), \
+            buf.size
+    arr[len(entries)].name = None
+    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_S", "Q4_0", "Q5_K_S", "Q2_K"])
+def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixture, tmp_path):
+    src = make_fixture(**FIXTURES["llama-256"])
+    shapes = plan_shapes(src)
+    rng = np.random.default_rng(5)
+    # Every quantized weight but one gets an entry; the missing one is quantized without, as llama.cpp does.
+    names = [n for n in shapes if n != "blk.7.ffn_up.weight"]
+    sums = {n: (rng.random(shapes[n][-1]) ** 3 * 50).astype(np.float32) for n in names}
+    write_gguf_imatrix(tmp_path / "imatrix.gguf", sums, {n: [10.0] for n in names})
+    out = tmp_path / "out"
+    result = convert(source=src, output=str(out), quants=["F32", mix], run_validation=False,
+                     work_dir=str(tmp_path / "w"), name="fx", imatrix=str(tmp_path / "imatrix.gguf"))
+    theirs = str(tmp_path / "llama.gguf")
+    llama_quantize_with_imatrix(str(out / "fx-F32.gguf"), theirs, int(QUANT_TYPES[mix].file_type),
+                                load_imatrix(str(tmp_path / "imatrix.gguf")).entries)
+    assert_same_tensors(str(out / f"fx-{mix}.gguf"), theirs)
+    g = read_gguf(str(out / f"fx-{mix}.gguf"))
+    assert g.value("quantize.imatrix.entries_count") == len(names)
+    assert g.value("quantize.imatrix.chunks_count") == 7
+    assert g.value("quantize.imatrix.dataset") == "calibration.txt"
+    manifest = result["files"]  # the imatrix changed the bytes: not the plain quantization
+    assert manifest[f"fx-{mix}.gguf"]["sha256"]
+    if mix == "Q4_K_M":
+        plain = tmp_path / "plain"
+        convert(source=src, output=str(plain), quants=[mix], run_validation=False, work_dir=str(tmp_path / "w"),
+                name="fx")
+        a, b = read_gguf(str(out / f"fx-{mix}.gguf")), read_gguf(str(plain / f"fx-{mix}.gguf"))
+        assert np.ascontiguousarray(a.tensor("blk.0.attn_q.weight").data).tobytes() != \
+            np.ascontiguousarray(b.tensor("blk.0.attn_q.weight").data).tobytes()
