@@ -152,7 +152,7 @@ def cmd_fixture(args: argparse.Namespace) -> int:
                        tokenizer_vocab=args.tokenizer_vocab, head_dim=args.head_dim, tied=args.tied,
                        so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
                        position=args.position, gated_layers=gated, attention_bias=args.attention_bias,
-                       longrope=args.longrope)
+                       longrope=args.longrope, tokenizer=args.tokenizer)
     print(build_fixture(args.dest, spec))
     return 0
 
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gated-layers", help="comma-separated layer indices (default: all)")
     f.add_argument("--attention-bias", action="store_true")
     f.add_argument("--longrope", action="store_true", help="phi3: LongRoPE scaling with factor tensors")
+    f.add_argument("--tokenizer", choices=["bpe", "spm"],
+                   help="byte-level BPE or SentencePiece (Llama 2 / Phi-3 style); default: spm for phi3, else bpe")
     f.set_defaults(func=cmd_fixture)
     return p
 

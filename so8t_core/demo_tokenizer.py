@@ -5,9 +5,12 @@
   vocabulary without the network.
 * :func:`fixture_tokenizer_files` makes a tiny byte-level BPE tokenizer of any size
   (>= 300) for synthetic checkpoints.
+* :func:`fixture_spm_tokenizer_files` makes a tiny SentencePiece BPE tokenizer
+  (``tokenizer.model`` with byte fallback, plus the files transformers ships beside it), in
+  the style of Llama 2 or Phi-3, for synthetic checkpoints.
 
-Both return ``{file name: bytes}`` in the layout :func:`so8t_core.tokenizer.tokenizer_metadata`
-reads, and both serialize JSON with a fixed key order and indentation, so the bytes are
+All return ``{file name: bytes}`` in the layout :func:`so8t_core.tokenizer.tokenizer_metadata`
+reads, and all serialize JSON with a fixed key order and indentation, so the bytes are
 the same on every call and every machine.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from collections import Counter
@@ -337,3 +341,215 @@ def fixture_tokenizer_files(vocab_size: int, seed: int = 0) -> dict[str, bytes]:
     how equally frequent pairs are ordered, so other seeds give other merges). Plain ByteLevel
     pre-tokenizer (llama.cpp pre "gpt-2") and a ChatML chat template."""
     return dict(_fixture_files_cached(int(vocab_size), int(seed)))
+
+
+# --- (c) a tiny deterministic SentencePiece tokenizer (Llama 2 / Phi-3 style) for fixtures -------
+
+SPM_STYLES = ("llama", "phi3")
+# SentencePiece's own control pieces, ids 0-2 as in Llama 2 and Phi-3.
+SPM_UNK, SPM_BOS, SPM_EOS = "<unk>", "<s>", "</s>"
+# Phi-3's added tokens, in id order right after the SentencePiece pieces (Phi-3-mini: 32000-32010).
+PHI3_ADDED_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
+                     "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>",
+                     "<|placeholder6|>", "<|user|>")
+# Phi-3 marks its added tokens rstrip (whitespace after them belongs to them), except
+# <|endoftext|>; llama.cpp hard-codes the same for models named "phi3" (plus </s>).
+_PHI3_NO_RSTRIP = ("<|endoftext|>",)
+
+# SentencePiece pieces (without added tokens) the corpus supports: 3 control pieces, 256
+# byte pieces, every character of the corpus (67), at least a few merges; and at most
+# what BPE training on the corpus can fill.
+SPM_FIXTURE_MIN_PIECES = 336
+SPM_FIXTURE_MAX_PIECES = 1024
+
+# Llama 2's chat format ([INST] ... [/INST], optional <<SYS>> block in the first turn).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system %}"
+    "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+# Phi-3's chat format: <|role|>\ncontent<|end|>\n per message, then <|assistant|>\n.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Fixed so the (RNG-free, single-threaded) trainer cannot pick up randomness from elsewhere.
+_SPM_TRAINER_SEED = 5387
+
+
+def _spm_sentences(seed: int) -> list[str]:
+    """The fixture corpus, one sentence per line. Seed 0 takes it as it is; other seeds
+    repeat each line 1-4 times (a seeded hash decides), which changes the pair counts and so
+    the learned pieces, while every character stays in the corpus."""
+    lines = [line for line in _FIXTURE_CORPUS.splitlines() if line.strip()]
+    if seed == 0:
+        return lines
+    return [line for i, line in enumerate(lines)
+            for _ in range(1 + hashlib.sha256(f"{seed}\0{i}".encode()).digest()[0] % 4)]
+
+
+def _train_spm(n_pieces: int, seed: int) -> bytes:
+    """A SentencePiece BPE model trained the way Llama 2's was (byte fallback, digits split,
+    identity normalization, whitespace kept, dummy prefix), on one thread."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(_SPM_TRAINER_SEED)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_spm_sentences(seed)), model_writer=model, vocab_size=n_pieces,
+        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        max_sentencepiece_length=16, character_coverage=1.0, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def _spm_merges(sp) -> list[list[str]]:
+    """BPE merges that make Hugging Face's BPE encode like SentencePiece's: every split of a
+    normal piece into two normal pieces, ranked by the merged piece's score (highest first,
+    then by id), as transformers' SentencePiece extractor derives them. SentencePiece merges
+    the adjacent pair whose concatenation scores highest; control, unknown and byte pieces
+    never take part."""
+    normal = {sp.IdToPiece(i): i for i in range(sp.vocab_size())
+              if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i) or sp.IsByte(i))}
+    ranked = []
+    for piece, i in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((-sp.GetScore(i), i, normal[left], normal[right], left, right))
+    return [[left, right] for *_, left, right in sorted(ranked)]
+
+
+def _spm_added_token(tid: int, content: str, special: bool = True, rstrip: bool = False) -> dict:
+    return {"id": tid, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
+            "normalized": False, "special": special}
+
+
+def _spm_tokenizer_json(sp, added: list[dict]) -> dict:
+    # What transformers 4.x's LlamaTokenizerFast saves for a SentencePiece BPE model (legacy
+    # Llama converter: "▁" prepended and spaces replaced by the normalizer, no pre-tokenizer,
+    # BOS from the post-processor), with tokenizers' key order.
+    bos = {"SpecialToken": {"id": SPM_BOS, "type_id": 0}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": SPM_BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {SPM_BOS: {"id": SPM_BOS, "ids": [sp.PieceToId(SPM_BOS)], "tokens": [SPM_BOS]}},
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": SPM_UNK, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": {sp.IdToPiece(i): i for i in range(sp.vocab_size())},
+            "merges": _spm_merges(sp),
+        },
+    }
+
+
+@lru_cache(maxsize=8)
+def _fixture_spm_files_cached(vocab_size: int, seed: int, style: str) -> tuple[tuple[str, bytes], ...]:
+    from sentencepiece import SentencePieceProcessor
+
+    if style not in SPM_STYLES:
+        raise ValueError(f"style must be one of {', '.join(SPM_STYLES)}, got {style!r}")
+    extra = PHI3_ADDED_TOKENS if style == "phi3" else ()
+    n_pieces = vocab_size - len(extra)
+    if not SPM_FIXTURE_MIN_PIECES <= n_pieces <= SPM_FIXTURE_MAX_PIECES:
+        raise ValueError(f"vocab_size must be in [{SPM_FIXTURE_MIN_PIECES + len(extra)}, "
+                         f"{SPM_FIXTURE_MAX_PIECES + len(extra)}] for style {style!r}, got {vocab_size}")
+    model = _train_spm(n_pieces, seed)
+    sp = SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model)
+    if sp.vocab_size() != n_pieces or [sp.IdToPiece(i) for i in range(3)] != [SPM_UNK, SPM_BOS, SPM_EOS]:
+        raise AssertionError("SentencePiece training did not give the requested vocabulary")
+
+    phi3 = style == "phi3"
+    added = [_spm_added_token(0, SPM_UNK), _spm_added_token(1, SPM_BOS),
+             _spm_added_token(2, SPM_EOS, rstrip=phi3)]
+    added += [_spm_added_token(n_pieces + k, token, rstrip=token not in _PHI3_NO_RSTRIP)
+              for k, token in enumerate(extra)]
+    pad = "<|endoftext|>" if phi3 else None
+
+    def entry(token: str | None) -> dict | None:
+        info = next((a for a in added if a["content"] == token), None)
+        return None if info is None else {k: info[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                 "single_word")}
+
+    # transformers 4.x-style tokenizer_config.json of a Llama 2 / Phi-3 checkpoint. "legacy":
+    # false as both ship it (it only matters when transformers rebuilds the tokenizer from
+    # tokenizer.model; tokenizer.json above is the legacy-normalizer one both ship).
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
+        "bos_token": SPM_BOS,
+        "chat_template": PHI3_CHAT_TEMPLATE if phi3 else LLAMA2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": SPM_EOS,
+        "legacy": False,
+        "model_max_length": 2048,
+        "pad_token": pad,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": SPM_UNK,
+        "use_default_system_prompt": False,
+    }
+    special_map = {"bos_token": entry(SPM_BOS), "eos_token": entry(SPM_EOS)}
+    if pad is not None:
+        special_map["pad_token"] = entry(pad)
+    special_map["unk_token"] = entry(SPM_UNK)
+    files = {
+        "tokenizer.model": model,
+        "tokenizer.json": _dumps(_spm_tokenizer_json(sp, added)),
+        "tokenizer_config.json": _dumps(config),
+        "special_tokens_map.json": _dumps(special_map),
+    }
+    if extra:  # Phi-3 also lists its added tokens in added_tokens.json (sorted by name)
+        files["added_tokens.json"] = _dumps({t: n_pieces + k for k, t in sorted(enumerate(extra),
+                                                                               key=lambda kv: kv[1])})
+    return tuple(sorted(files.items()))
+
+
+def fixture_spm_tokenizer_files(vocab_size: int, seed: int = 0, style: str = "llama") -> dict[str, bytes]:
+    """A SentencePiece BPE tokenizer with exactly ``vocab_size`` tokens, as a Llama 2 or Phi-3
+    checkpoint ships it: ``tokenizer.model`` (byte fallback; ids 0-2 ``<unk>``, ``<s>``,
+    ``</s>``, then 256 byte pieces, merged pieces and characters learned from the fixture
+    corpus), the equivalent ``tokenizer.json`` (Hugging Face BPE; same ids as SentencePiece),
+    ``tokenizer_config.json`` (LlamaTokenizer, BOS added) and ``special_tokens_map.json``.
+
+    ``style="phi3"`` appends Phi-3's 11 added tokens (``<|endoftext|>``, ``<|assistant|>``,
+    ``<|placeholder1|>``…, ``<|system|>``, ``<|end|>``, ``<|user|>``) after the pieces, lists
+    them in ``added_tokens.json`` too, and uses Phi-3's chat template; ``style="llama"`` has
+    no added tokens and Llama 2's ``[INST]`` template. ``seed`` changes the learned pieces.
+    """
+    return dict(_fixture_spm_files_cached(int(vocab_size), int(seed), str(style)))

@@ -2,8 +2,10 @@
 
 Weights are scaled so that logits are peaked (a wrong fold or permutation shows up
 as disagreement, not as noise between near-ties), θ is large enough that a
-transposed fold is obviously wrong, and a small real byte-level BPE tokenizer makes
-the result loadable by llama.cpp. Same arguments, same bytes.
+transposed fold is obviously wrong, and a small real tokenizer makes the result
+loadable by llama.cpp: a byte-level BPE (tokenizer.json), or for phi3 by default a
+Phi-3-style SentencePiece tokenizer.model (llama.cpp's phi3 vocabulary needs its tokens
+``<s>``, ``</s>``, ``<unk>``, ``<|endoftext|>``). Same arguments, same bytes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import numpy as np
 
 from .checkpoint_writer import write_checkpoint
 from .constants import ROTATION_PARAMETERIZATIONS, ROTATION_POSITIONS
-from .demo_tokenizer import fixture_tokenizer_files
+from .demo_tokenizer import fixture_spm_tokenizer_files, fixture_tokenizer_files
 from .errors import UnsupportedError
 
 FIXTURE_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+FIXTURE_TOKENIZERS = ("bpe", "spm")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class FixtureSpec:
     theta_std: float = 0.3
     dtype: str = "float32"
     extra_config: dict = field(default_factory=dict)
+    # "bpe" (byte-level BPE, tokenizer.json) or "spm" (SentencePiece tokenizer.model, Phi-3 style
+    # for phi3, Llama 2 style otherwise); None: "spm" for phi3, "bpe" for the others.
+    tokenizer: str | None = None
 
     @property
     def hf_architecture(self) -> str:
@@ -52,6 +58,10 @@ class FixtureSpec:
     @property
     def hd(self) -> int:
         return self.head_dim or self.hidden // self.heads
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return self.tokenizer or ("spm" if self.arch == "phi3" else "bpe")
 
 
 def fixture_config(s: FixtureSpec) -> dict:
@@ -167,6 +177,17 @@ def build_fixture(dest: str, spec: FixtureSpec) -> str:
     tokenizer_vocab = spec.tokenizer_vocab or spec.vocab
     if tokenizer_vocab > spec.vocab:
         raise UnsupportedError("fixture", "the tokenizer cannot have more tokens than the embedding has rows", "")
+    if spec.tokenizer_kind not in FIXTURE_TOKENIZERS:
+        raise UnsupportedError(f"--tokenizer {spec.tokenizer}", "unknown fixture tokenizer",
+                               f"choose from {', '.join(FIXTURE_TOKENIZERS)}")
     tensors = fixture_tensors(spec)
-    files = fixture_tokenizer_files(tokenizer_vocab, seed=spec.seed)
+    try:
+        if spec.tokenizer_kind == "spm":
+            files = fixture_spm_tokenizer_files(tokenizer_vocab, seed=spec.seed,
+                                                style="phi3" if spec.arch == "phi3" else "llama")
+        else:
+            files = fixture_tokenizer_files(tokenizer_vocab, seed=spec.seed)
+    except ValueError as e:  # a vocabulary size the fixture corpus cannot give
+        raise UnsupportedError(f"fixture --tokenizer {spec.tokenizer_kind}", str(e),
+                               "change --vocab / --tokenizer-vocab") from None
     return write_checkpoint(dest, fixture_config(spec), tensors, files, n_shards=spec.shards, dtype=spec.dtype)

@@ -17,8 +17,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 ENGINE_NAME = "ggml"
-# Rows per call: large enough to amortize the call, small enough to spread over threads.
-MIN_ROWS_PER_CHUNK = 16
+# Work is split into this many chunks per thread and handed out dynamically, so a thread
+# that runs slower (a busy core) does not hold the others up, as llama-quantize does.
+CHUNKS_PER_THREAD = 8
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +45,7 @@ def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
 
 
 def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
-                  n_threads: int | None = None) -> bytes:
+                  n_threads: int | None = None) -> memoryview:
     """Quantize a float32 matrix (rows × n_per_row) with ggml_quantize_chunk, in parallel over rows.
 
     ``imatrix`` (n_per_row float32 importance weights) switches to the importance-weighted
@@ -76,12 +77,11 @@ def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.nda
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {(stop - start) * rsize}")
 
     n_threads = max(1, n_threads or os.cpu_count() or 1)
-    chunk = max(MIN_ROWS_PER_CHUNK, -(-nrows // n_threads))
-    ranges = [(s, min(nrows, s + chunk)) for s in range(0, nrows, chunk)]
-    if len(ranges) == 1 or n_threads == 1:
-        for r in ranges:
-            run(*r)
+    if n_threads == 1 or nrows < 2:
+        run(0, nrows)
     else:
+        chunk = max(1, -(-nrows // (n_threads * CHUNKS_PER_THREAD)))
+        ranges = [(s, min(nrows, s + chunk)) for s in range(0, nrows, chunk)]
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(lambda r: run(*r), ranges))
-    return out.tobytes()
+    return out.data  # the buffer itself: no copy of what can be a large tensor

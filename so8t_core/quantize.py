@@ -88,11 +88,15 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml",
-             imatrix: np.ndarray | None = None) -> bytes:
-    """float32 tensor → the exact bytes GGUF stores for ``qtype`` (what llama-quantize writes)."""
+             imatrix: np.ndarray | None = None) -> bytes | memoryview:
+    """float32 tensor → the exact bytes GGUF stores for ``qtype`` (what llama-quantize writes).
+
+    Returns a byte buffer (no copy of large tensors): len, hashing, writing and comparing
+    work on it as on bytes.
+    """
     arr = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == GGMLQuantizationType.F32:
-        return arr.tobytes()
+        return memoryview(arr).cast("B")
     rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
     if engine == "torch" and imatrix is None:  # importance-weighted quantizers are ggml's only
         from .torch_engine import quantize_rows as torch_quantize_rows

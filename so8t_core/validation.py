@@ -1,11 +1,13 @@
-"""Validation of a produced GGUF: read-back, per-tensor error, and llama.cpp itself.
+"""Validation of a produced GGUF: read-back, per-tensor error, llama.cpp itself, tokenizer parity.
 
-Three checks, each a gate. (1) Read-back: gguf-py opens the file and every tensor
+Four checks, each a gate. (1) Read-back: gguf-py opens the file and every tensor
 has the planned name, shape, type and exact bytes, and every metadata key the
 planned value. (2) Per-tensor dequantization error against the baked source stays
 within the quant's bound. (3) Functional: llama.cpp's logits on a fixed text of at
 least 256 tokens against the PyTorch SO8T reference (gates applied, not baked):
-mean KL divergence and top-1 agreement within the quant's bounds.
+mean KL divergence and top-1 agreement within the quant's bounds. (4) Tokenizer:
+llama.cpp tokenizes a fixed multilingual text (:data:`PARITY_TEXT`) into exactly the
+ids the checkpoint's Hugging Face tokenizer gives, BOS/EOS included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .analysis import checkpoint_model
-from .checkpoint import Checkpoint
+from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .constants import QUANT_TYPES
 from .errors import CheckpointError, ValidationError
 from .gguf_file import GGUFKV, GGUFContents, read_gguf, split_paths
@@ -50,6 +52,28 @@ VALIDATION_TEXT = (
 )
 MIN_TOKENS = 256
 MAX_TOKENS = 384
+
+# Tokenizer parity text: English with contractions, digits and decimals, Japanese, Chinese,
+# indented code, emoji (ZWJ sequences, skin tone, flag), odd whitespace (runs of spaces,
+# tabs, a no-break and an ideographic space, trailing spaces, CRLF, blank lines), accents,
+# typographic quotes. It names no special token, so how a tokenizer parses "<s>"-like text
+# does not enter; it starts with a letter (see check_tokenizer_parity).
+PARITY_TEXT = (
+    "Tokenizer parity check, v1: the quick brown fox doesn't jump; we'll see, they're sure, I'd say it's fine.\n"
+    "In 2024 the model scored 3.14159 on 1,000,000 samples (12.5% more than 2023's 0.999).\n"
+    "日本語：東京は日本の首都です。ひらがな、カタカナ、漢字。\n"
+    "中文：我们在2024年训练了模型，结果很好！\n"
+    "def area(radius: float) -> float:\n"
+    "    \"\"\"Area of a circle.\"\"\"\n"
+    "    return 3.14159 * radius ** 2  # TODO: use math.pi\n"
+    "\n"
+    "\tif x  >=  10:\t\tprint(f\"{x:>8.3f}\")\n"
+    "Emoji: 🦙🚀 😶\u200d🌫️ 👩\u200d👩\u200d👧\u200d👦 👍🏽 🏳️\u200d🌈 ✅\n"
+    "Odd   spacing \u00a0non-breaking\u3000ideographic   and trailing   \n"
+    "\r\nCRLF line, naïve café Ünïcödé — “quotes” ‘single’ …\n\n\n"
+    "END"
+)
+PARITY_SHOWN_IDS = 16  # ids of each side in a report: from a little before the first mismatch
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,73 @@ def validation_token_ids(ckpt: Checkpoint) -> list[int]:
     while len(ids) < MIN_TOKENS:  # tiny vocabularies never need this; huge ones might
         ids = ids + ids
     return ids[:MAX_TOKENS]
+
+
+def hf_token_ids(ckpt: Checkpoint, text: str) -> list[int]:
+    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default.
+
+    tokenizer.json through the ``tokenizers`` library (transformers' fast tokenizers are that
+    library), with the added tokens transformers registers from tokenizer_config.json and
+    special_tokens_map.json; special-token text in ``text`` is parsed, as transformers does.
+    BOS/EOS as transformers 5 adds them: tokenizer_config.json's ``add_bos_token`` /
+    ``add_eos_token`` when it sets either (4.x's Llama-family tokenizers do the same), else
+    tokenizer.json's post-processor. (transformers' AutoTokenizer itself is not used: 5.x
+    rebuilds the normalizer/pre-tokenizer of several tokenizer classes instead of reading
+    tokenizer.json, e.g. LlamaTokenizer's Metaspace drops SentencePiece's dummy prefix before
+    a leading space.)
+    """
+    from tokenizers import Tokenizer
+
+    from .tokenizer import _add_config_tokens
+
+    files = {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
+    raw = files.get("tokenizer.json")
+    if raw is None:
+        raise CheckpointError(ckpt.uri, "missing tokenizer.json", "copy the tokenizer files into the checkpoint")
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
+        tcfg = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+        _add_config_tokens(tok, files, tcfg, ckpt.uri)
+    except CheckpointError:
+        raise
+    except Exception as e:  # bad UTF-8 or JSON; the tokenizers library raises plain Exceptions
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(ckpt.uri, f"the Hugging Face tokenizer cannot be loaded ({reason})",
+                              "check tokenizer.json and tokenizer_config.json") from None
+    flags = {k: tcfg[k] for k in ("add_bos_token", "add_eos_token") if isinstance(tcfg.get(k), bool)}
+    if not flags:
+        return tok.encode(text).ids  # the post-processor decides
+
+    def special_id(kind: str) -> int | None:
+        entry = tcfg.get(f"{kind}_token")
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        return tok.token_to_id(content) if isinstance(content, str) else None
+
+    ids = tok.encode(text, add_special_tokens=False).ids
+    bos, eos = special_id("bos"), special_id("eos")
+    if flags.get("add_bos_token") and bos is not None:
+        ids = [bos] + ids
+    if flags.get("add_eos_token") and eos is not None:
+        ids = ids + [eos]
+    return ids
+
+
+def check_tokenizer_parity(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None,
+                           text: str = PARITY_TEXT) -> dict[str, Any]:
+    """llama.cpp's tokenization of ``text`` (BOS/EOS as the GGUF says, special-token text
+    parsed) against the checkpoint's Hugging Face tokenizer (:func:`hf_token_ids`): the
+    same ids, or the first position where they part."""
+    from .llama_runtime import LlamaCppModel
+
+    expected = hf_token_ids(ckpt, text)
+    with LlamaCppModel(gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads) as model:
+        got = model.tokenize(text, add_special=True, parse_special=True)
+    first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
+                 None if len(expected) == len(got) else min(len(expected), len(got)))
+    start = 0 if first is None else max(0, first - 4)
+    return {"ok": first is None, "n_tokens": len(expected), "n_tokens_llama_cpp": len(got),
+            "first_mismatch": first, "shown_from": start,
+            "hf": expected[start:start + PARITY_SHOWN_IDS], "llama_cpp": got[start:start + PARITY_SHOWN_IDS]}
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -163,10 +254,13 @@ def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Se
     return {"ok": ok, **agreement, "bounds": {"max_mean_kld": gate.max_mean_kld, "min_top1": gate.min_top1}}
 
 
-def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None) -> dict[str, Any]:
+def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None,
+              tokenizer: dict | None = None) -> dict[str, Any]:
     checks = {"readback": readback, "tensor_errors": tensor_errors}
     if functional is not None:
         checks["llama_cpp"] = functional
+    if tokenizer is not None:
+        checks["tokenizer"] = tokenizer
     failures = [name for name, c in checks.items() if not c["ok"]]
     return {"quant": quant, "passed": not failures, "failures": failures, **checks}
 
@@ -217,4 +311,5 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
     functional = check_functional(gguf_path, So8tReference(ckpt).logits(ids), ids, gate, n_threads)
     return summarize(quant.name, readback, check_tensor_errors(errors, gate) if errors else
                      {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
-                      gate.max_relative_rmse, "over_bound": []}, functional)
+                      gate.max_relative_rmse, "over_bound": []}, functional,
+                     check_tokenizer_parity(gguf_path, ckpt, n_threads))

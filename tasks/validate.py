@@ -1,4 +1,4 @@
-"""Stage 5, validate: read-back, per-tensor error, and logits in llama.cpp vs the PyTorch reference."""
+"""Stage 5, validate: read-back, per-tensor error, logits in llama.cpp vs the PyTorch reference, tokenizer parity."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from so8t_core.reference import So8tReference
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
 from so8t_core.storage import local_atomic_file
 from so8t_core.validation import (
-    GATES, check_functional, check_readback, check_tensor_errors, summarize, validation_token_ids,
+    GATES, check_functional, check_readback, check_tensor_errors, check_tokenizer_parity, summarize,
+    validation_token_ids,
 )
 
 from .common import open_checkpoint
@@ -46,4 +47,6 @@ def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, stage
         ref = np.load(reference.uri)
         functional = check_functional(gguf.uri, ref["logits"], ref["token_ids"].tolist(), gate)
     errors = {s.gguf_name: s.relative_rmse for s in staged}
-    return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors(errors, gate), functional)
+    tokenizer = check_tokenizer_parity(gguf.uri, ckpt)
+    return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors(errors, gate), functional,
+                     tokenizer)

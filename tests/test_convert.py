@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,19 +19,33 @@ VARIANTS = {
     "expm-post-bias": dict(rotation="expm", position="post_o_proj", attention_bias=True),
     "tied-partial-gates": dict(tied=True, layers=4, gated_layers=(1, 2), shards=2),
     "plain": dict(so8t=False),
+    # Phi-3 (fused qkv / gate_up) with its SentencePiece tokenizer and added tokens (the phi3 default).
+    "phi3": dict(arch="phi3"),
 }
+# Checkpoint folder names: general.name comes from it, and llama.cpp treats a vocabulary whose
+# general.name contains "phi3" as Phi-3's (it looks up "<s>", "</s>", "<unk>", "<|endoftext|>").
+FOLDERS = {"phi3": "tiny-phi3"}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, make_fixture, tmp_path):
-    result = convert(source=make_fixture(**VARIANTS[variant]), output=str(tmp_path / "out"),
+    source = make_fixture(**VARIANTS[variant])
+    if variant in FOLDERS:
+        source = str(shutil.copytree(source, tmp_path / FOLDERS[variant]))
+    result = convert(source=source, output=str(tmp_path / "out"),
                      quants=["F32", "Q8_0"], work_dir=str(tmp_path / "work"), name="fx")
     f32 = result["validation"]["F32"]
     assert f32["passed"] and f32["readback"]["ok"]
     assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
     assert f32["llama_cpp"]["n_tokens"] >= 256
-    assert result["validation"]["Q8_0"]["passed"]
+    assert f32["tokenizer"]["ok"] and f32["tokenizer"]["first_mismatch"] is None
+    assert f32["tokenizer"]["n_tokens"] == f32["tokenizer"]["n_tokens_llama_cpp"] > 300
+    assert result["validation"]["Q8_0"]["passed"] and result["validation"]["Q8_0"]["tokenizer"]["ok"]
     g = read_gguf(str(tmp_path / "out" / "fx-Q8_0.gguf"))
+    if variant == "phi3":
+        assert g.value("general.architecture") == "phi3" and "phi3" in g.value("general.name").lower()
+        assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.add_bos_token") is True
+        assert f32["tokenizer"]["hf"][0] == 1  # BOS, on both sides
     layers = VARIANTS[variant].get("gated_layers", (0, 1) if VARIANTS[variant].get("so8t", True) else ())
     assert g.value("so8t.baked_layers", []) == list(layers)
     assert ("output.weight" in {t.name for t in g.tensors}) != VARIANTS[variant].get("tied", False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import gguf
 import llama_cpp
@@ -342,3 +343,144 @@ def test_special_tokens_known_only_from_tokenizer_config():
     # SpecialVocab finds ids in tokenizer.json's added_tokens only; config.json fills in.
     assert (values["tokenizer.ggml.bos_token_id"], values["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert "tokenizer.ggml.unknown_token_id" not in values
+
+
+# --- the SentencePiece fixture tokenizer (Llama 2 / Phi-3 style) ----------------------------------
+
+SPM_PINS = {  # sha256[:16] of (vocab 384, seed 0): any change changes every spm fixture checkpoint
+    "llama": {"tokenizer.model": "8ff5b26c7840ea52", "tokenizer.json": "66515ff3c4fa1569",
+              "tokenizer_config.json": "3adac1f6414adc2f", "special_tokens_map.json": "6fa06efa2785e450"},
+    "phi3": {"tokenizer.model": "8d6b4f6e4b65bf4c", "tokenizer.json": "a2e10a16695a5d49",
+             "tokenizer_config.json": "77dac2e6ad205e62", "special_tokens_map.json": "3627b916d48030f8",
+             "added_tokens.json": "00b3581657d41549"},
+}
+
+
+def _sha16(files: dict[str, bytes]) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest()[:16] for k, v in files.items()}
+
+
+def _sp(files):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(files["tokenizer.model"])
+    return sp
+
+
+@pytest.mark.parametrize("style", ["llama", "phi3"])
+def test_spm_fixture_is_deterministic_and_exactly_sized(style):
+    import subprocess
+    import sys
+
+    from so8t_core.demo_tokenizer import (
+        PHI3_ADDED_TOKENS, _fixture_spm_files_cached, fixture_spm_tokenizer_files,
+    )
+
+    files = fixture_spm_tokenizer_files(384, style=style)
+    assert _sha16(files) == SPM_PINS[style]
+    # Trained again from scratch, here and in a fresh interpreter (other hash seed): the same bytes.
+    assert dict(_fixture_spm_files_cached.__wrapped__(384, 0, style)) == files
+    code = ("import hashlib, json; from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files as f; "
+            f"print(json.dumps({{k: hashlib.sha256(v).hexdigest()[:16] for k, v in f(384, 0, {style!r}).items()}}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert json.loads(out) == SPM_PINS[style]
+    assert fixture_spm_tokenizer_files(384, seed=1, style=style)["tokenizer.model"] != files["tokenizer.model"]
+
+    extra = PHI3_ADDED_TOKENS if style == "phi3" else ()
+    sp, tok = _sp(files), hf(files)
+    assert sp.vocab_size() + len(extra) == 384 == tok.get_vocab_size(with_added_tokens=True)
+    assert [sp.IdToPiece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert [tok.id_to_token(i) for i in range(sp.vocab_size())] == [sp.IdToPiece(i) for i in range(sp.vocab_size())]
+    assert [tok.id_to_token(sp.vocab_size() + k) for k in range(len(extra))] == list(extra)
+    config = json.loads(files["tokenizer_config.json"])
+    assert (config["tokenizer_class"], config["add_bos_token"], config["bos_token"], config["eos_token"],
+            config["unk_token"]) == ("LlamaTokenizer", True, "<s>", "</s>", "<unk>")
+    assert ("added_tokens.json" in files) == (style == "phi3")
+    if style == "phi3":
+        assert json.loads(files["added_tokens.json"]) == {t: 373 + k for k, t in enumerate(extra)}
+        assert "<|user|>" in config["chat_template"] and "<|assistant|>" in config["chat_template"]
+    else:
+        assert "[INST]" in config["chat_template"]
+    for bad in (335, 1025):
+        with pytest.raises(ValueError, match="vocab_size must be in"):
+            fixture_spm_tokenizer_files(bad)
+
+
+@pytest.mark.parametrize("style, vocab_size", [("llama", 384), ("llama", 700), ("phi3", 384), ("phi3", 512)])
+def test_spm_fixture_metadata_and_llama_cpp_parity(style, vocab_size, tmp_path):
+    from so8t_core.demo_tokenizer import PHI3_ADDED_TOKENS, fixture_spm_tokenizer_files
+    from so8t_core.validation import PARITY_TEXT
+
+    files = fixture_spm_tokenizer_files(vocab_size, seed=2, style=style)
+    sp, tok = _sp(files), hf(files)
+    n_pieces = sp.vocab_size()
+    config = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2}
+    kvs = tokenizer_metadata(files, config, "mem://spm-fixture")
+    values = {kv.key: kv.value for kv in kvs}
+    assert (values["tokenizer.ggml.model"], values["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert len(values["tokenizer.ggml.tokens"]) == len(values["tokenizer.ggml.scores"]) == vocab_size
+    types = values["tokenizer.ggml.token_type"]
+    # <unk> <s> </s> are in tokenizer_config.json's added_tokens_decoder, so CONTROL with score -1000 (as
+    # convert writes them, <unk> included); then the byte pieces and the normal pieces with SentencePiece's scores.
+    assert types[:3] == [3, 3, 3] and values["tokenizer.ggml.scores"][:3] == [-1000.0] * 3
+    assert set(types[3:259]) == {6} and set(types[259:n_pieces]) == {1}
+    assert values["tokenizer.ggml.scores"][259:n_pieces] == [sp.GetScore(i) for i in range(259, n_pieces)]
+    if style == "phi3":  # Phi-3's added tokens: CONTROL, score -1000, as convert writes them
+        assert values["tokenizer.ggml.tokens"][n_pieces:] == list(PHI3_ADDED_TOKENS)
+        assert set(types[n_pieces:]) == {3} and set(values["tokenizer.ggml.scores"][n_pieces:]) == {-1000.0}
+    assert (values["tokenizer.ggml.bos_token_id"], values["tokenizer.ggml.eos_token_id"],
+            values["tokenizer.ggml.unknown_token_id"], values["tokenizer.ggml.add_bos_token"]) == (1, 2, 0, True)
+    assert values["tokenizer.chat_template"] == json.loads(files["tokenizer_config.json"])["chat_template"]
+
+    # SentencePiece, Hugging Face (tokenizer.json; its post-processor adds BOS) and llama.cpp agree.
+    expected = [1] + sp.encode(PARITY_TEXT)
+    assert tok.encode(PARITY_TEXT).ids == expected
+    llm = load_vocab(write_vocab_gguf(tmp_path / "spm.gguf", kvs))
+    assert llm.tokenize(PARITY_TEXT.encode(), add_bos=True, special=True) == expected
+    assert llm.tokenize(PARITY_TEXT.encode(), add_bos=True, special=False) == expected
+    assert sp.decode(expected[1:]) == tok.decode(expected) == PARITY_TEXT
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == sp.encode(TEXT)
+    assert len(set(expected)) > 100 and sum(3 <= t < 259 for t in expected) > 50  # merges and byte fallback both
+
+
+def test_spm_fixture_phi3_chat_text_tokenizes_like_hf_when_named_phi3(tmp_path):
+    """Phi-3's added tokens swallow the whitespace after them (rstrip); llama.cpp does the same
+    only for a model whose general.name contains "phi3" (the name that made it demand "</s>",
+    "<unk>", "<s>" and "<|endoftext|>", which the byte-level BPE fixture lacks)."""
+    from gguf import GGUFValueType
+
+    from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files
+    from so8t_core.gguf_file import GGUFKV
+
+    files = fixture_spm_tokenizer_files(384, style="phi3")
+    kvs = tokenizer_metadata(files, {"vocab_size": 384, "bos_token_id": 1, "eos_token_id": 2}, "mem://phi3")
+    name = GGUFKV("general.name", "Tiny Phi3", GGUFValueType.STRING)
+    llm = load_vocab(write_vocab_gguf(tmp_path / "phi3.gguf", [name, *kvs]))
+    chat = "<|system|>\nBe brief.<|end|>\n<|user|>\nHi  there</s> \n<|end|>\n<|assistant|>\n"
+    ids = hf(files).encode(chat).ids
+    assert ids[:2] == [1, 373 + 6] and "<0x0A>" not in [hf(files).id_to_token(i) for i in ids]
+    assert llm.tokenize(chat.encode(), add_bos=True, special=True) == ids
+    # The byte-level BPE fixture has none of those tokens: llama.cpp refuses it under that name.
+    bpe_kvs = tokenizer_metadata(fixture_tokenizer_files(384), FIXTURE_CONFIG, "mem://bpe")
+    with pytest.raises(ValueError):
+        load_vocab(write_vocab_gguf(tmp_path / "bpe.gguf", [name, *bpe_kvs]))
+
+
+@pytest.mark.parametrize("style", ["llama", "phi3"])
+def test_spm_fixture_loads_in_transformers(style, tmp_path):
+    from transformers import AutoTokenizer
+
+    from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files
+    from so8t_core.validation import PARITY_TEXT
+
+    files = fixture_spm_tokenizer_files(384, style=style)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, len(tok)) == (1, 2, 0, 384)
+    assert tok.encode(PARITY_TEXT) == [1] + _sp(files).encode(PARITY_TEXT)
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|user|>\nHi<|end|>\n<|assistant|>\n" if style == "phi3" else "<s>[INST] Hi [/INST]")
