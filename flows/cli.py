@@ -114,6 +114,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"({report['tensor_errors']['worst_tensor']}), {'ok' if report['tensor_errors']['ok'] else 'FAILED'}")
         print(f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "
               f"over {f['n_tokens']} tokens, {'ok' if f['ok'] else 'FAILED'}")
+        if "tokenizer" in report:
+            t = report["tokenizer"]
+            where = "" if t["ok"] else f", first difference at token {t['first_mismatch']}"
+            print(f"  tokenizer      {t['n_tokens']} tokens, {'identical ids' if t['ok'] else 'DIFFERENT'}{where}")
         for p in report["readback"]["problems"]:
             print(f"  problem: {p}")
         print("passed" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
