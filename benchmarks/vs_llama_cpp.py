@@ -205,6 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "so8t-bench"))
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -213,8 +214,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown'}), "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; threads: {args.threads}\n")
-    print("(a) quantizing every weight of a 135M-parameter F32 GGUF (pure), best of 3\n")
-    print(table(throughput(args.threads, args.work)))
+    if not args.skip_throughput:
+        print("(a) quantizing every weight of a 135M-parameter F32 GGUF (pure), best of 3\n")
+        print(table(throughput(args.threads, args.work)))
     if not args.skip_e2e:
         print("\n(b) Hugging Face safetensors → Q4_K_M GGUF\n")
         print(table(end_to_end(args.threads, args.work)))

@@ -10,9 +10,9 @@ changed. Nothing reaches the output URI unless every validation gate passed, and
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-from collections import deque
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -25,6 +25,7 @@ from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
 from so8t_core.imatrix import load_imatrix
+from so8t_core.plan import CHUNK_ELEMENTS
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
 from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 from tasks.analyze import analyze_checkpoint
@@ -35,8 +36,8 @@ from tasks.quantize import quantize_tensor
 from tasks.validate import reference_logits, validate_gguf
 
 DEFAULT_QUANTS = ("Q8_0",)
-# Per tensor in flight: the source, its float32 form, the quantized bytes and the
-# dequantized copy used for error statistics.
+# Per tensor in flight, per row chunk: the source bytes, their float32 form, the quantized
+# bytes and the dequantized copy used for error statistics.
 BYTES_IN_FLIGHT_PER_F32_BYTE = 4
 BASELINE_BYTES = 1 << 30  # interpreter, torch, Prefect
 
@@ -105,17 +106,25 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     types = {q: assign_types(names_shapes, quant_type(q), shape, options) for q in quants}
 
     # Quantize: one task per tensor, at most `limit` tensors in memory at once.
-    largest = max(p.n_elements for p in plan) * 4
-    limit = tensors_in_flight(max_memory_gb, largest, os.cpu_count() or 2)
-    pending: deque = deque()
-    staged_by_tensor = []
+    # Tensors stream through in row chunks: what a task holds is bounded by the chunk size.
+    largest = min(max(p.n_elements for p in plan), CHUNK_ELEMENTS) * 4
+    cpus = os.cpu_count() or 2
+    limit = tensors_in_flight(max_memory_gb, largest, cpus)
+    threads = max(1, cpus // limit)  # tensors in parallel × threads per tensor = the CPUs
+    # A new task starts as soon as any running one finishes (not the oldest: a big tensor
+    # would otherwise leave the other CPUs idle behind it).
+    futures, running = [], set()
     for i, item in enumerate(plan):
-        if len(pending) >= limit:
-            staged_by_tensor.append(pending.popleft().result())
+        if len(running) >= limit:
+            done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            running = {f for f in running if f.wrapped_future not in done}
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
-        pending.append(quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine, im_ref))
-    staged_by_tensor += [f.result() for f in pending]
+        future = quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine, im_ref, threads)
+        futures.append(future)
+        running.add(future)
+    staged_by_tensor = [f.result() for f in futures]
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 

@@ -147,10 +147,24 @@ class Checkpoint:
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32, checked to be finite."""
         e = self.entry(name)
-        arr = decode_float(self.read_raw(name), e.dtype, e.shape, f"{e.file}: tensor {name!r}")
+        return self._finite(e, decode_float(self.read_raw(name), e.dtype, e.shape, f"{e.file}: tensor {name!r}"))
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor (first axis) as float32: one byte-range read."""
+        e = self.entry(name)
+        row_bytes = e.nbytes // e.shape[0]
+        try:
+            raw = storage.read_bytes(e.file, e.start + start * row_bytes, e.start + stop * row_bytes)
+        except StorageError as exc:
+            raise CheckpointError(e.file, f"cannot read tensor {name!r}: {exc.problem}", exc.hint) from None
+        shape = (stop - start, *e.shape[1:])
+        return self._finite(e, decode_float(raw, e.dtype, shape, f"{e.file}: tensor {name!r}"))
+
+    @staticmethod
+    def _finite(e: TensorEntry, arr: np.ndarray) -> np.ndarray:
         if not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            raise CheckpointError(e.file, f"tensor {name!r} has {bad} NaN/Inf values",
+            raise CheckpointError(e.file, f"tensor {e.name!r} has {bad} NaN/Inf values",
                                   "the checkpoint is corrupt or training diverged; use an earlier checkpoint")
         return arr
 

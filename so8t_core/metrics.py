@@ -156,6 +156,57 @@ def logit_agreement(ref_logits: np.ndarray, test_logits: np.ndarray) -> dict[str
     }
 
 
+class ErrorStats:
+    """Accumulates :func:`tensor_error_stats` over chunks of a tensor (same results as one call)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_ref2 = self.sum_app2 = self.sum_err2 = self.dot = self.max_abs = 0.0
+
+    def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
+        ref, app = np.asarray(reference), np.asarray(approx)
+        _check_same_shape(ref, app, "tensor_error_stats")
+        ref_flat, app_flat = ref.reshape(-1), app.reshape(-1)
+        for start in range(0, ref_flat.size, _CHUNK_ELEMENTS):
+            r = ref_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+            a = app_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+            e = a - r
+            self.sum_ref2 += float(np.dot(r, r))
+            self.sum_app2 += float(np.dot(a, a))
+            self.sum_err2 += float(np.dot(e, e))
+            self.dot += float(np.dot(r, a))
+            chunk_max = float(np.max(np.abs(e)))
+            if chunk_max > self.max_abs or math.isnan(chunk_max):
+                self.max_abs = chunk_max
+        self.n += ref_flat.size
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("tensor_error_stats: tensors are empty")
+        rmse = math.sqrt(self.sum_err2 / self.n)
+        rms_ref = math.sqrt(self.sum_ref2 / self.n)
+        if rms_ref > 0.0:
+            relative_rmse = rmse / rms_ref
+        else:
+            relative_rmse = 0.0 if rmse == 0.0 else math.inf
+        if self.sum_ref2 == 0.0 and self.sum_app2 == 0.0:
+            cosine = 1.0
+        elif self.sum_ref2 == 0.0 or self.sum_app2 == 0.0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / (math.sqrt(self.sum_ref2) * math.sqrt(self.sum_app2))
+            if not math.isnan(cosine):  # rounding can overshoot |cos| = 1 slightly
+                cosine = max(-1.0, min(1.0, cosine))
+        if self.sum_err2 == 0.0:
+            snr_db = math.inf
+        elif self.sum_ref2 == 0.0:
+            snr_db = -math.inf
+        else:
+            snr_db = 10.0 * math.log10(self.sum_ref2 / self.sum_err2)
+        return {"rmse": rmse, "relative_rmse": relative_rmse, "max_abs_error": self.max_abs, "cosine": cosine,
+                "snr_db": snr_db}
+
+
 def tensor_error_stats(reference: np.ndarray, approx: np.ndarray) -> dict[str, float]:
     """Error of ``approx`` against ``reference`` (same shape), computed in float64.
 
@@ -170,59 +221,6 @@ def tensor_error_stats(reference: np.ndarray, approx: np.ndarray) -> dict[str, f
     The arrays are processed in chunks, so the float64 working set stays small even
     for multi-GB tensors.
     """
-    ref = np.asarray(reference)
-    app = np.asarray(approx)
-    _check_same_shape(ref, app, "tensor_error_stats")
-    if ref.size == 0:
-        raise ValueError("tensor_error_stats: tensors are empty")
-    ref_flat = ref.reshape(-1)
-    app_flat = app.reshape(-1)
-
-    sum_ref2 = 0.0
-    sum_app2 = 0.0
-    sum_err2 = 0.0
-    dot = 0.0
-    max_abs = 0.0
-    for start in range(0, ref_flat.size, _CHUNK_ELEMENTS):
-        r = ref_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
-        a = app_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
-        e = a - r
-        sum_ref2 += float(np.dot(r, r))
-        sum_app2 += float(np.dot(a, a))
-        sum_err2 += float(np.dot(e, e))
-        dot += float(np.dot(r, a))
-        chunk_max = float(np.max(np.abs(e)))
-        if chunk_max > max_abs or math.isnan(chunk_max):
-            max_abs = chunk_max
-
-    n = ref_flat.size
-    rmse = math.sqrt(sum_err2 / n)
-    rms_ref = math.sqrt(sum_ref2 / n)
-    if rms_ref > 0.0:
-        relative_rmse = rmse / rms_ref
-    else:
-        relative_rmse = 0.0 if rmse == 0.0 else math.inf
-
-    if sum_ref2 == 0.0 and sum_app2 == 0.0:
-        cosine = 1.0
-    elif sum_ref2 == 0.0 or sum_app2 == 0.0:
-        cosine = 0.0
-    else:
-        cosine = dot / (math.sqrt(sum_ref2) * math.sqrt(sum_app2))
-        if not math.isnan(cosine):  # rounding can overshoot |cos| = 1 slightly
-            cosine = max(-1.0, min(1.0, cosine))
-
-    if sum_err2 == 0.0:
-        snr_db = math.inf
-    elif sum_ref2 == 0.0:
-        snr_db = -math.inf
-    else:
-        snr_db = 10.0 * math.log10(sum_ref2 / sum_err2)
-
-    return {
-        "rmse": rmse,
-        "relative_rmse": relative_rmse,
-        "max_abs_error": max_abs,
-        "cosine": cosine,
-        "snr_db": snr_db,
-    }
+    stats = ErrorStats()
+    stats.add(reference, approx)
+    return stats.result()

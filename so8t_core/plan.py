@@ -9,14 +9,15 @@ pass it around instead of arrays, and a cache key can name exactly what a tensor
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterator, Literal, Mapping, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
 from .errors import CheckpointError
-from .rotation import apply_gate, bake_error, checked_rotation, fold_into_linear
+from .constants import ROTATION_BLOCK
+from .rotation import apply_gate, checked_rotation, fold_into_linear
 from .so8t import So8tStructure
 
 Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant"]
@@ -184,22 +185,116 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def materialize(item: TensorPlan, read: Callable[[str], np.ndarray], where: str
-                ) -> tuple[np.ndarray, float | None]:
-    """The float32 output tensor for ``item``, and its bake error if it was baked."""
-    if item.transform == "constant":
-        return np.asarray(item.values, dtype=np.float32), None
-    src = read(item.source)
-    if item.transform == "copy":
-        return np.ascontiguousarray(src, dtype=np.float32), None
-    if item.transform in ("permute_q", "permute_k"):
-        return np.ascontiguousarray(permute_qk(src, item.n_heads), dtype=np.float32), None
-    r = checked_rotation(read(item.gate), item.rotation, where, item.gate)
-    if item.transform == "bake_o_proj":
-        bias = read(item.bias_source) if item.bias_source else None
-        w2, b2 = fold_into_linear(src, bias, r, item.position)
+# Rows are materialized in chunks of about this many elements (32 MiB of float32), so a
+# conversion holds a few chunks per tensor in flight, never a whole large tensor.
+CHUNK_ELEMENTS = 8 << 20
+
+
+class Reader(Protocol):
+    def read(self, name: str) -> np.ndarray: ...
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+
+class Materializer:
+    """The float32 output tensor of one plan item, produced row chunk by row chunk.
+
+    Every transform is row-local up to a small alignment: a permuted Q/K row comes from its
+    own head, a baked o_proj row depends on nothing (gate before o_proj) or on its 8-row
+    block (gate after it). The bake error is accumulated over the chunks and is final once
+    all chunks were produced.
+    """
+
+    def __init__(self, item: TensorPlan, reader: Reader, where: str):
+        self.item, self.reader, self.where = item, reader, where
+        self.bake_error: float | None = None
+        self._r = None
+        if item.gate is not None:
+            self._r = checked_rotation(reader.read(item.gate), item.rotation, where, item.gate)
+        if item.transform == "bake_o_proj":
+            self._bias = reader.read(item.bias_source).astype(np.float64) if item.bias_source else None
+            rng = np.random.default_rng(0)  # the probe inputs of rotation.bake_error
+            self._x = rng.standard_normal((16, item.shape[1]))
+            self._xg = apply_gate(self._x, self._r) if item.position == "pre_o_proj" else None
+            self._max_diff = self._max_gated = 0.0
+
+    @property
+    def alignment(self) -> int:
+        """Chunks start and end on multiples of this many rows."""
+        item = self.item
+        if item.transform in ("permute_q", "permute_k"):
+            return item.shape[0] // item.n_heads
+        if item.transform == "bake_o_proj" and item.position == "post_o_proj":
+            return ROTATION_BLOCK
+        return 1
+
+    def chunks(self, max_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) covering the whole output tensor, in order."""
+        item = self.item
+        if item.transform == "constant":
+            yield 0, np.asarray(item.values, dtype=np.float32)
+            return
+        if len(item.shape) < 2:  # vectors are small: one chunk
+            yield 0, self._transform(0, self.reader.read(item.source))
+            self._finish()
+            return
+        rows, width = item.shape[0], int(np.prod(item.shape[1:]))
+        align = self.alignment
+        step = max(align, (max_elements // max(width, 1)) // align * align)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            yield start, self._transform(start, self.reader.read_rows(item.source, start, stop))
+        self._finish()
+
+    def _transform(self, start: int, src: np.ndarray) -> np.ndarray:
+        item = self.item
+        if item.transform == "copy":
+            return np.ascontiguousarray(src, dtype=np.float32)
+        if item.transform in ("permute_q", "permute_k"):  # whole heads: permute within each
+            heads = src.shape[0] // (item.shape[0] // item.n_heads)
+            return np.ascontiguousarray(permute_qk(src, heads), dtype=np.float32)
+        if item.transform == "bake_o_proj_bias":  # post position: b' = b·R (error reported with the weight)
+            return apply_gate(src.astype(np.float64), self._r).astype(np.float32)
+        # bake_o_proj: fold the gate into these rows, and measure the fold on the probe inputs
+        w = src.astype(np.float64)
+        stop = start + w.shape[0]
+        if item.position == "pre_o_proj":
+            w2, _ = fold_into_linear(w, None, self._r, item.position)
+        else:
+            w2, _ = fold_into_linear(w, None, self._r[start // ROTATION_BLOCK: stop // ROTATION_BLOCK], item.position)
         w32 = w2.astype(np.float32)
-        b32 = None if b2 is None else b2.astype(np.float32)
-        return w32, bake_error(src, bias, r, item.position, w32, b32)
-    # bake_o_proj_bias (post position): b' = b·R; its error is reported with the weight
-    return apply_gate(src.astype(np.float64), r).astype(np.float32), None
+        b = 0.0 if self._bias is None else self._bias[start:stop]
+        if item.position == "pre_o_proj":
+            gated = self._xg @ w.T + b
+            baked = self._x @ w32.astype(np.float64).T + b
+        else:
+            r = self._r[start // ROTATION_BLOCK: stop // ROTATION_BLOCK]
+            gated = apply_gate(self._x @ w.T + b, r)
+            baked = self._x @ w32.astype(np.float64).T + (0.0 if self._bias is None else apply_gate(b, r))
+        self._max_diff = max(self._max_diff, float(np.abs(gated - baked).max()))
+        self._max_gated = max(self._max_gated, float(np.abs(gated).max()))
+        return w32
+
+    def _finish(self) -> None:
+        if self.item.transform == "bake_o_proj":
+            self.bake_error = self._max_diff / max(self._max_gated, 1e-30)
+
+
+class _WholeTensorReader:
+    def __init__(self, read: Callable[[str], np.ndarray]):
+        self._read = read
+
+    def read(self, name: str) -> np.ndarray:
+        return self._read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._read(name)[start:stop]
+
+
+def materialize(item: TensorPlan, read: Callable[[str], np.ndarray] | Reader, where: str
+                ) -> tuple[np.ndarray, float | None]:
+    """The whole float32 output tensor for ``item``, and its bake error if it was baked."""
+    reader = read if hasattr(read, "read_rows") else _WholeTensorReader(read)
+    m = Materializer(item, reader, where)
+    parts = [chunk for _, chunk in m.chunks()]
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    return data.reshape(item.shape), m.bake_error

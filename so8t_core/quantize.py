@@ -26,8 +26,8 @@ from gguf import quants as gguf_quants
 from .checkpoint import Checkpoint
 from .constants import NOT_STORAGE_TYPES, QUANT_TYPES, QuantType
 from .errors import UnsupportedError
-from .metrics import tensor_error_stats
-from .plan import TensorPlan, materialize
+from .metrics import ErrorStats
+from .plan import Materializer, TensorPlan
 from .refs import StagedTensor
 from .storage import local_atomic_file
 
@@ -88,7 +88,7 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml",
-             imatrix: np.ndarray | None = None) -> bytes | memoryview:
+             imatrix: np.ndarray | None = None, n_threads: int | None = None) -> bytes | memoryview:
     """float32 tensor → the exact bytes GGUF stores for ``qtype`` (what llama-quantize writes).
 
     Returns a byte buffer (no copy of large tensors): len, hashing, writing and comparing
@@ -104,7 +104,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml"
         return torch_quantize_rows(rows, qtype)
     from .ggml_engine import quantize_rows
 
-    return quantize_rows(rows, qtype, imatrix=imatrix)
+    return quantize_rows(rows, qtype, imatrix=imatrix, n_threads=n_threads)
 
 
 def dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
@@ -130,41 +130,85 @@ def staging_key(source_sha256: Sequence[str], item: TensorPlan, qtype: GGMLQuant
 
 def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str, GGMLQuantizationType]],
                  staging_dir: str, source_sha256: Sequence[str], engine: str = "ggml",
-                 imatrix: np.ndarray | None = None) -> list[StagedTensor]:
+                 imatrix: np.ndarray | None = None, n_threads: int | None = None) -> list[StagedTensor]:
     """Materialize one planned tensor (bake/permute), quantize it to each (quant, type) target, stage it.
 
-    Staged files are content-addressed; one already staged (same inputs, same code
-    version) is reused, not recomputed.
+    The tensor streams through in row chunks: each chunk is read by byte range, transformed,
+    quantized for every target, compared with its dequantization, and appended to the staged
+    files, so memory holds a few chunks, never the tensor. Staged files are content-addressed;
+    one already staged (same inputs, same code version) is reused, not recomputed.
     """
-    out: list[StagedTensor] = []
-    data: np.ndarray | None = None
-    bake_err: float | None = None
     imatrix_sha = None if imatrix is None else hashlib.sha256(np.ascontiguousarray(imatrix).tobytes()).hexdigest()
-    for quant_name, qtype in targets:
+    done: dict[int, StagedTensor] = {}
+    todo = []
+    for i, (quant_name, qtype) in enumerate(targets):
         weights = imatrix if qtype in IMATRIX_TYPES else None
         key = staging_key(source_sha256, item, qtype, imatrix_sha if weights is not None else None)
         bin_path = os.path.join(staging_dir, key[:2], key + ".bin")
-        meta_path = bin_path[:-4] + ".json"
-        if os.path.exists(meta_path) and os.path.exists(bin_path):
-            staged = StagedTensor.model_validate_json(open(meta_path, "rb").read())
-            if os.path.getsize(bin_path) == staged.nbytes:
-                out.append(staged.model_copy(update={"quant": quant_name}))
-                continue
+        cached = _staged(bin_path)
+        if cached is not None:
+            done[i] = cached.model_copy(update={"quant": quant_name})
+        else:
+            todo.append((i, quant_name, qtype, weights, bin_path))
+    if todo:
         t0 = time.perf_counter()
-        if data is None:
-            data, bake_err = materialize(item, ckpt.read, ckpt.uri)
-        raw = quantize(data, qtype, engine, weights)
-        stats = tensor_error_stats(data, dequantize(raw, qtype, item.shape))
-        staged = StagedTensor(
-            gguf_name=item.gguf_name, source=item.source, layer=item.layer, tensor_class=item.tensor_class,
-            quant=quant_name, ggml_type=qtype.name, shape=item.shape, uri=bin_path,
-            sha256=hashlib.sha256(raw).hexdigest(), nbytes=len(raw), seconds=time.perf_counter() - t0,
-            bake_error=bake_err, **stats)
-        with local_atomic_file(bin_path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(raw)
-        with local_atomic_file(meta_path) as tmp:
-            with open(tmp, "w") as f:
-                f.write(staged.model_dump_json())
-        out.append(staged)
-    return out
+        outputs = {i: _StagedWriter(path) for i, _, _, _, path in todo}
+        try:
+            materializer = Materializer(item, ckpt, ckpt.uri)
+            for _, chunk in materializer.chunks():
+                for i, _, qtype, weights, _ in todo:
+                    raw = quantize(chunk, qtype, engine, weights, n_threads)
+                    outputs[i].add(raw, chunk, dequantize(raw, qtype, chunk.shape))
+            seconds = time.perf_counter() - t0
+            for i, quant_name, qtype, _, bin_path in todo:
+                sha, nbytes, stats = outputs[i].finish()
+                staged = StagedTensor(
+                    gguf_name=item.gguf_name, source=item.source, layer=item.layer, tensor_class=item.tensor_class,
+                    quant=quant_name, ggml_type=qtype.name, shape=item.shape, uri=bin_path, sha256=sha,
+                    nbytes=nbytes, seconds=seconds, bake_error=materializer.bake_error, **stats)
+                with local_atomic_file(bin_path[:-4] + ".json") as tmp:
+                    with open(tmp, "w") as f:
+                        f.write(staged.model_dump_json())
+                done[i] = staged
+        finally:
+            for w in outputs.values():
+                w.close()
+    return [done[i] for i in range(len(targets))]
+
+
+def _staged(bin_path: str) -> StagedTensor | None:
+    meta_path = bin_path[:-4] + ".json"
+    if not (os.path.exists(meta_path) and os.path.exists(bin_path)):
+        return None
+    staged = StagedTensor.model_validate_json(open(meta_path, "rb").read())
+    return staged if os.path.getsize(bin_path) == staged.nbytes else None
+
+
+class _StagedWriter:
+    """Appends chunks of one staged tensor to a temporary file; renamed into place on finish."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}-{id(self)}"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+        self.stats = ErrorStats()
+
+    def add(self, raw, reference: np.ndarray, approx: np.ndarray) -> None:
+        self.file.write(raw)
+        self.sha.update(raw)
+        self.nbytes += len(raw)
+        self.stats.add(reference, approx)
+
+    def finish(self) -> tuple[str, int, dict]:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.sha.hexdigest(), self.nbytes, self.stats.result()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)

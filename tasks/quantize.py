@@ -15,12 +15,14 @@ from .common import STORAGE_RETRIES, open_checkpoint
 
 @task(name="quantize-tensor", task_run_name="quantize-{item.gguf_name}", **STORAGE_RETRIES)
 def quantize_tensor(source_uri: str, item: TensorPlan, source_sha256: list[str], targets: list[tuple[str, str]],
-                    staging_dir: str, engine: str = "ggml", imatrix: tuple[str, str] | None = None
-                    ) -> list[StagedTensor]:
+                    staging_dir: str, engine: str = "ggml", imatrix: tuple[str, str] | None = None,
+                    threads: int | None = None) -> list[StagedTensor]:
     """``targets``: (quant, GGML type name) pairs, one per requested quant, from the mix rules.
-    ``imatrix``: (URI, sha256) of an importance matrix; each task reads only its own entry."""
+    ``imatrix``: (URI, sha256) of an importance matrix; each task reads only its own entry.
+    ``threads``: the quantizer's threads, so that tasks in parallel do not oversubscribe the CPUs."""
     typed = [(quant, GGMLQuantizationType[name]) for quant, name in targets]
     weights = None
     if imatrix is not None and len(item.shape) == 2:
         weights = load_imatrix_cached(*imatrix).for_tensor(item.gguf_name, item.shape[-1])
-    return stage_tensor(open_checkpoint(source_uri), item, typed, staging_dir, source_sha256, engine, weights)
+    return stage_tensor(open_checkpoint(source_uri), item, typed, staging_dir, source_sha256, engine, weights,
+                        threads)

@@ -19,6 +19,8 @@ ARCHS = {
     # qwen3 with the gate after o_proj: θ blocks follow the hidden size (64/8), not the attention width
     "qwen3-post": (dict(arch="qwen3", head_dim=32, position="post_o_proj"), "qwen3"),
     "mistral": (dict(arch="mistral"), "llama"),
+    # Llama with a SentencePiece tokenizer.model (Llama-2 style), not a byte-level BPE
+    "llama-sentencepiece": (dict(arch="llama", tokenizer="spm"), "llama"),
     "llama-llama3-rope": (dict(arch="llama", extra_config={"rope_scaling": LLAMA3_ROPE}), "llama"),
     "llama-linear-rope": (dict(arch="llama", extra_config={"rope_scaling": {"type": "linear", "factor": 2.0}}),
                           "llama"),
@@ -47,5 +49,8 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
     if kwargs.get("arch") == "qwen3":
         assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
         assert g.value("qwen3.attention.key_length") == 32
+    if case == "llama-sentencepiece":
+        assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.pre") == "default"
+        assert result["validation"]["F32"]["tokenizer"]["ok"]
     if case == "qwen2-896-tied":
         assert len(g.value("tokenizer.ggml.tokens")) == 384  # 360 real tokens + 24 padding entries

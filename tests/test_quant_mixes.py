@@ -25,6 +25,9 @@ FIXTURES = {
     "qwen2-896-tied": dict(arch="qwen2", layers=2, hidden=896, heads=14, kv_heads=2, intermediate=256, tied=True),
     # fused attn_qkv follows the attn_v rules
     "phi3-256": dict(arch="phi3", layers=4, hidden=256, heads=4, kv_heads=4, intermediate=512),
+    # mistral (a llama in GGUF) with GQA 8 (Q2_K's attn_v rule); qwen3 with head_dim ≠ hidden/heads
+    "mistral-256": dict(arch="mistral", layers=3, hidden=256, heads=8, kv_heads=1, intermediate=512),
+    "qwen3-256": dict(arch="qwen3", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128, intermediate=256),
 }
 
 
