@@ -199,30 +199,34 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
     )
 
 
-# Hyperparameters a config.json may leave out, whose values then come from the
-# transformers config class, as for llama.cpp's converter (it reads configs through
-# AutoConfig) and for the model itself (Qwen3's head_dim defaults to 128, not hidden/heads).
-DEFAULTED_KEYS = ("rms_norm_eps", "max_position_embeddings", "head_dim", "rope_theta")
+# Hyperparameters a config.json may leave out, and the value the transformers config class
+# (4.x and 5.x alike) then gives them, as llama.cpp's converter sees them (it reads configs
+# through AutoConfig) and the model uses them. "hidden/heads" is computed. A table, not an
+# import: importing transformers costs seconds. tests/test_converter_parity.py checks it
+# against the installed transformers.
+HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                         "head_dim": "hidden/heads"},
+    "MistralForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+                           "head_dim": "hidden/heads"},
+    "Qwen2ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0},
+    "Qwen3ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+                         "head_dim": 128},
+    "Phi3ForCausalLM": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+}
 
 
 def with_transformers_defaults(config: Mapping[str, Any], hf_arch: str) -> dict[str, Any]:
     out = dict(config)
-    missing = [k for k in DEFAULTED_KEYS if out.get(k) is None and not (k == "rope_theta" and rope_parameters(out)
-                                                                          .get("rope_theta") is not None)]
-    if not missing:
-        return out
-    import transformers  # only when needed: importing it costs seconds
-
-    try:
-        defaults = getattr(transformers, hf_arch).config_class(
-            **{k: v for k, v in config.items() if k not in ("so8t", "architectures")})
-    except Exception:  # a config transformers itself cannot read: keep ours, checks come later
-        return out
-    for key in missing:
-        value = getattr(defaults, key, None)
-        if key == "rope_theta" and value is None:
-            value = (getattr(defaults, "rope_parameters", None) or {}).get("rope_theta")
-        if value is not None:
+    for key, value in HF_CONFIG_DEFAULTS.get(hf_arch, {}).items():
+        if key == "rope_theta" and rope_parameters(out).get("rope_theta") is not None:
+            continue
+        if out.get(key) is None:
+            if value == "hidden/heads":
+                hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+                if not (type(hidden) is int and type(heads) is int and heads > 0):
+                    continue  # reported by model_spec's own checks
+                value = hidden // heads
             out[key] = value
     return out
 

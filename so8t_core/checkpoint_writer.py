@@ -13,12 +13,10 @@ import tempfile
 from typing import Mapping
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from . import storage
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def dumps(obj) -> bytes:
@@ -41,9 +39,14 @@ def _split(names: list[str], sizes: dict[str, int], n_shards: int) -> list[list[
 def write_checkpoint(dest: str, config: Mapping, tensors: Mapping[str, np.ndarray], files: Mapping[str, bytes],
                      n_shards: int = 1, dtype: str = "bfloat16") -> str:
     """Write config.json, weights (1 file or ``n_shards`` + index) and extra files to ``dest``."""
+    import torch  # for bfloat16 and safetensors' writer; imported here to keep start-up light
+    from safetensors.torch import save_file
+
     if n_shards < 1 or n_shards > len(tensors):
         raise ValueError(f"n_shards must be in 1..{len(tensors)}")
-    tdtype = TORCH_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}")
+    tdtype = getattr(torch, dtype)
     names = list(tensors)
     sizes = {n: int(np.prod(tensors[n].shape)) * tdtype.itemsize for n in names}
     with tempfile.TemporaryDirectory() as tmp:

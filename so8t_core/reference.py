@@ -12,7 +12,6 @@ on the baked GGUF against these. Unlike conversion, this loads the whole model.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .architectures import model_spec
 from .checkpoint import Checkpoint
@@ -21,9 +20,11 @@ from .so8t import So8tStructure, find_structure
 
 
 def _gate_fn(r: np.ndarray):
+    import torch
+
     rt = torch.from_numpy(r.astype(np.float32))
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
+    def rotate(x):
         n = rt.shape[0]
         xb = x.reshape(*x.shape[:-1], n, 8)
         return torch.einsum("...ni,nio->...no", xb, rt.to(x.dtype)).reshape(x.shape)
@@ -33,6 +34,7 @@ def _gate_fn(r: np.ndarray):
 
 class So8tReference:
     def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None):
+        import torch
         import transformers
 
         spec = model_spec(checkpoint.config, checkpoint.uri)
@@ -70,18 +72,24 @@ class So8tReference:
         self.model = model
         self.spec = spec
 
-    @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> np.ndarray:
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
-        return self.model(input_ids=ids).logits[0].float().numpy()
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], dtype=torch.long)
+            return self.model(input_ids=ids).logits[0].float().numpy()
+
     def final_hidden_states(self, token_ids: list[int]) -> np.ndarray:
         """The final normed hidden state (what the triality heads and the LM head read)."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
-        return self.model.model(input_ids=ids).last_hidden_state[0].float().numpy()
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], dtype=torch.long)
+            return self.model.model(input_ids=ids).last_hidden_state[0].float().numpy()
 
     def head_logits(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
         out = {}
         for head, (w, b) in self.heads.items():
             y = torch.from_numpy(np.asarray(hidden, dtype=np.float32)) @ w.T

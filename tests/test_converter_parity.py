@@ -294,3 +294,18 @@ def test_missing_hyperparameters_take_transformers_defaults_as_llama_cpp_does():
     assert qwen3.head_dim == 128 and qwen3.attention_width == 512  # Qwen3Config's default, not 64 // 4
     llama = model_spec({"architectures": ["LlamaForCausalLM"], **base}, "x")
     assert (llama.head_dim, llama.rms_norm_eps, llama.context_length, llama.rope_theta) == (16, 1e-6, 2048, 10000.0)
+
+
+def test_the_defaults_table_matches_the_installed_transformers():
+    import transformers
+
+    from so8t_core.architectures import HF_CONFIG_DEFAULTS
+
+    for arch, defaults in HF_CONFIG_DEFAULTS.items():
+        cfg = getattr(transformers, arch).config_class(hidden_size=64, num_attention_heads=4)
+        for key, value in defaults.items():
+            actual = getattr(cfg, key, None)
+            if key == "rope_theta" and actual is None:
+                actual = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+            assert actual == (16 if value == "hidden/heads" else value), (arch, key, actual)
+        assert getattr(cfg, "head_dim", None) is None or "head_dim" in defaults, arch
