@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -91,10 +92,10 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     work_dir = work_dir or os.path.join(default_cache_dir(), "work")
     staging_dir = os.path.join(work_dir, "tensors")
 
-    src = fetch_checkpoint(source)
+    src = fetch_checkpoint(source, work_dir)
     log.info("fetched %s: %d tensors, %.1f MB, fingerprint %s", source, len(src.tensor_sha256),
              src.n_bytes / 1e6, src.fingerprint[:16])
-    result = analyze_checkpoint(src.uri)
+    result = analyze_checkpoint(src)
     analysis, plan = result.analysis, result.plan
     log.info("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
 
@@ -111,6 +112,9 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     cpus = os.cpu_count() or 2
     limit = tensors_in_flight(max_memory_gb, largest, cpus)
     threads = max(1, cpus // limit)  # tensors in parallel × threads per tensor = the CPUs
+    # Cache records live beside the staged tensors they point to: clearing the work
+    # directory clears both.
+    quantize = quantize_tensor.with_options(result_storage=Path(work_dir) / "results")
     # A new task starts as soon as any running one finishes (not the oldest: a big tensor
     # would otherwise leave the other CPUs idle behind it).
     futures, running = [], set()
@@ -121,7 +125,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             running = {f for f in running if f.wrapped_future not in done}
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
-        future = quantize_tensor.submit(src.uri, item, shas, targets, staging_dir, engine, im_ref, threads)
+        future = quantize.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref, threads)
         futures.append(future)
         running.add(future)
     staged_by_tensor = [f.result() for f in futures]

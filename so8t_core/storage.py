@@ -78,6 +78,18 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def identity(uri: str) -> str | None:
+    """What identifies this version of a file without reading it (size plus mtime/inode, or the
+    object store's ETag), or None when the store says nothing usable."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    marks = [str(info.get(k)) for k in ("size", "ETag", "etag", "LastModified", "mtime", "ino") if info.get(k)]
+    return "|".join(marks) if len(marks) >= 2 else None
+
+
 def sha256_of(uri: str) -> str:
     fs, path = resolve(uri)
     h = hashlib.sha256()

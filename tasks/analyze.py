@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from so8t_core.analysis import analyze, checkpoint_model
 from so8t_core.plan import TensorPlan
+from so8t_core.refs import SourceRef
 
 from .common import open_checkpoint
 
@@ -17,7 +18,7 @@ class AnalysisResult(BaseModel):
 
 
 @task(name="analyze-checkpoint")
-def analyze_checkpoint(source_uri: str) -> AnalysisResult:
-    ckpt = open_checkpoint(source_uri)
+def analyze_checkpoint(source: SourceRef) -> AnalysisResult:
+    ckpt = open_checkpoint(source.uri, source.fingerprint)
     _, _, plan = checkpoint_model(ckpt)
     return AnalysisResult(analysis=analyze(ckpt), plan=plan)

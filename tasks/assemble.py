@@ -22,7 +22,7 @@ def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedT
                   split: Split = NO_SPLIT, imatrix: tuple[str, str, str] | None = None) -> list[FileRef]:
     """The model GGUF for one quant: one file, or a split set whose first file is the one to load.
     ``imatrix``: (URI, sha256, the name the user gave) when quantized with an importance matrix."""
-    ckpt = open_checkpoint(source.uri)
+    ckpt = open_checkpoint(source.uri, source.fingerprint)
     extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
     arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra)
     return assemble_model(os.path.join(out_dir, GGUF_NAME.format(name=name, quant=quant)), arch, kvs, staged,
@@ -31,7 +31,7 @@ def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedT
 
 @task(name="assemble-heads-sidecar")
 def assemble_sidecar(source: SourceRef, name: str, out_dir: str) -> FileRef | None:
-    ckpt = open_checkpoint(source.uri)
+    ckpt = open_checkpoint(source.uri, source.fingerprint)
     _, structure, _ = checkpoint_model(ckpt)
     return assemble_heads_sidecar(os.path.join(out_dir, SIDECAR_NAME.format(name=name)), ckpt, structure, name,
                                   source.fingerprint)

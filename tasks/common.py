@@ -9,8 +9,12 @@ from so8t_core.errors import So8tError, StorageError
 
 
 @functools.lru_cache(maxsize=8)
-def open_checkpoint(uri: str) -> Checkpoint:
-    """One Checkpoint per source per process: headers are read once, tensors on demand."""
+def open_checkpoint(uri: str, fingerprint: str) -> Checkpoint:
+    """One Checkpoint per source version per process: headers are read once, tensors on demand.
+
+    Keyed by the fingerprint the fetch stage computed, so a checkpoint changed between two
+    runs in one process (a test, a long-lived worker) is opened afresh.
+    """
     return Checkpoint.open(uri, cache_dir=default_cache_dir())
 
 

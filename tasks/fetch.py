@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prefect import task
 
-from so8t_core.checkpoint import fingerprint
+from so8t_core.checkpoint import Checkpoint, default_cache_dir, fingerprint
 from so8t_core.refs import SourceRef
 
-from .common import STORAGE_RETRIES, open_checkpoint
+from .common import STORAGE_RETRIES
 
 
 @task(name="fetch-checkpoint", **STORAGE_RETRIES)
-def fetch_checkpoint(source: str) -> SourceRef:
-    return fingerprint(open_checkpoint(source))
+def fetch_checkpoint(source: str, work_dir: str) -> SourceRef:
+    """Fingerprint every tensor; shards unchanged since an earlier run are not read again."""
+    return fingerprint(Checkpoint.open(source, cache_dir=default_cache_dir()), cache_dir=work_dir)

@@ -26,7 +26,7 @@ def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
     """Logits of the PyTorch SO8T reference (gates live) on the validation text; cached by fingerprint."""
     path = os.path.join(work_dir, "reference", f"{source.fingerprint}.npz")
     if not os.path.exists(path):
-        ckpt = open_checkpoint(source.uri)
+        ckpt = open_checkpoint(source.uri, source.fingerprint)
         ids = validation_token_ids(ckpt)
         logits = So8tReference(ckpt).logits(ids)
         with local_atomic_file(path) as tmp:
@@ -38,7 +38,7 @@ def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
 @task(name="validate-gguf", task_run_name="validate-{quant}")
 def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
                   reference: FileRef | None, imatrix: tuple[str, str, str] | None = None) -> dict:
-    ckpt = open_checkpoint(source.uri)
+    ckpt = open_checkpoint(source.uri, source.fingerprint)
     extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
     arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra)
     gate = GATES[quant]

@@ -1,0 +1,99 @@
+"""Caching and resume: a re-run quantizes nothing, a change re-quantizes only what it touches, and a
+run killed with SIGKILL finishes on the next start with byte-identical output."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tasks.quantize
+from flows.convert import convert
+from test_cli import copy, rewrite_tensor
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the quantize work that actually ran (a cached task does not call stage_tensor)."""
+    seen = []
+    real = tasks.quantize.stage_tensor
+
+    def counting(ckpt, item, *a, **kw):
+        seen.append(item.gguf_name)
+        return real(ckpt, item, *a, **kw)
+
+    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
+    return seen
+
+
+def run(src, out, work, **kw):
+    return convert(source=src, output=str(out), quants=["Q8_0", "Q4_K_M"], run_validation=False,
+                   work_dir=str(work), name="fx", **kw)
+
+
+def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(make_fixture, tmp_path, calls):
+    src = copy(make_fixture(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=512, shards=2, seed=31),
+               tmp_path / "ckpt")
+    first = run(src, tmp_path / "o1", tmp_path / "w")
+    assert len(calls) == 30  # 3 layers × 9 + embedding, output, output norm
+    calls.clear()
+    second = run(src, tmp_path / "o2", tmp_path / "w")
+    assert calls == []
+    for name in ("fx-Q8_0.gguf", "fx-Q4_K_M.gguf"):
+        assert first["files"][name]["sha256"] == second["files"][name]["sha256"]
+
+    # One tensor of one shard changes: only that tensor is quantized again.
+    import numpy as np
+    rewrite_tensor(src, "model.layers.2.mlp.down_proj.weight",
+                   np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32))
+    third = run(src, tmp_path / "o3", tmp_path / "w")
+    assert calls == ["blk.2.ffn_down.weight"]
+    assert third["fingerprint"] != first["fingerprint"]
+    calls.clear()
+
+    # An override changes the type of the attn_q tensors only.
+    run(src, tmp_path / "o4", tmp_path / "w", tensor_types=["attn_q=q8_0"])
+    assert sorted(calls) == ["blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.attn_q.weight"]
+
+
+SLOW_FIXTURE = dict(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=2048, shards=2, seed=41)
+
+
+def test_a_killed_run_resumes_and_writes_the_same_bytes(make_fixture, tmp_path):
+    src = make_fixture(**SLOW_FIXTURE)
+    cli = os.path.join(os.path.dirname(sys.executable), "so8t-gguf")
+    args = ["convert", src, "--quant", "Q4_K_M", "Q8_0", "F16", "--no-validate", "--name", "fx"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a run of its own, as from a shell
+
+    clean = subprocess.run([cli, *args, "--output", str(tmp_path / "clean"), "--work-dir", str(tmp_path / "w1")],
+                           capture_output=True, text=True, env=env)
+    assert clean.returncode == 0, clean.stderr
+
+    work = tmp_path / "w2"
+    proc = subprocess.Popen([cli, *args, "--output", str(tmp_path / "out"), "--work-dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    results = work / "results"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(os.listdir(results)) >= 8:  # some tensors done, most not
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(os.listdir(results))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    resumed = subprocess.run([cli, *args, "--output", str(tmp_path / "out"), "--work-dir", str(work), "--json"],
+                             capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 8 <= done_before < 8 * 9 + 3
+    a = json.loads((tmp_path / "clean" / "manifest.json").read_text())["files"]
+    b = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]
+    for name in ("fx-Q4_K_M.gguf", "fx-Q8_0.gguf", "fx-F16.gguf", "fx.so8t-heads.gguf"):
+        assert a[name] == b[name], name
