@@ -119,3 +119,13 @@ def test_70b_attn_v_rule():
     shape = ModelShape(arch="llama", n_layers=80, n_heads=64, n_kv_heads=8)
     types = assign_types(names, quant_type("Q4_K_S"), shape)
     assert set(types) == {gguf.GGMLQuantizationType.Q5_K}  # Q4_K bumped to Q5_K for 70B
+
+
+def test_torch_engine_writes_the_same_files_as_ggml(make_fixture, tmp_path):
+    src = make_fixture(**FIXTURES["mistral-256"])
+    for engine in ("ggml", "torch"):
+        convert(source=src, output=str(tmp_path / engine), quants=["Q4_K_M", "Q3_K_S", "Q5_1"], run_validation=False,
+                work_dir=str(tmp_path / f"w-{engine}"), name="fx", engine=engine)
+    for mix in ("Q4_K_M", "Q3_K_S", "Q5_1"):
+        a = (tmp_path / "ggml" / f"fx-{mix}.gguf").read_bytes()
+        assert a == (tmp_path / "torch" / f"fx-{mix}.gguf").read_bytes(), mix
