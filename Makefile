@@ -46,7 +46,8 @@ $(LLAMA_CONVERTER): | $(LLAMA_SDIST)
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(LLAMA_CONVERTER_PATHS))
 	mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
-$(STAMP): pyproject.toml $(LLAMA_WHEEL)
+# _kquants.c: the editable install compiles the simd engine's C extension in place.
+$(STAMP): pyproject.toml so8t_core/_kquants.c $(LLAMA_WHEEL)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 	$(BIN)/pip install -q torch==2.13.0
@@ -59,8 +60,8 @@ $(STAMP): pyproject.toml $(LLAMA_WHEEL)
 run: $(STAMP)
 	$(BIN)/so8t-gguf convert --quant F32 Q8_0 --output $(DEMO_OUT)
 	@echo
-	@echo "llama.cpp, chatting with $(DEMO_OUT)/smollm2-135m-so8t-demo-Q8_0.gguf:"
-	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo-Q8_0.gguf "What is the capital of France?"
+	@echo "llama.cpp, chatting with the latest Q8_0 release in $(DEMO_OUT)/smollm2-135m-so8t-demo:"
+	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo --quant Q8_0 "What is the capital of France?"
 
 test: $(STAMP) $(LLAMA_CONVERTER)
 	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q

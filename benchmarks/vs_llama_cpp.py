@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/vs_llama_cpp.py [--threads N] [--skip-e2e] [--work DIR]
 
-(a) Quantization throughput per type on a 4096×4096 float32 matrix: our engines
-    (``ggml``: libggml through ctypes, threaded over rows; ``torch``: the vectorized port)
+(a) Quantization throughput per type on the weights of a 135M-parameter F32 GGUF: our engines
+    (``simd``: our SIMD C kernels, the default on CPU; ``ggml``: libggml through ctypes;
+    both threaded over rows; ``torch``: the vectorized port)
     against llama.cpp's quantizer as llama-quantize runs it (``llama_model_quantize`` on a
     GGUF holding just that matrix, so its file I/O is included: that is how it is used).
 (b) End to end, Hugging Face safetensors → Q4_K_M GGUF, on a generated ~1.1B-parameter llama
@@ -73,12 +74,10 @@ def throughput(threads: int, work: str) -> list[dict]:
     weights = [(t, g.numpy_shape(t)) for t in g.tensors if len(t.shape) == 2]
     n_elements = sum(int(np.prod(s)) for _, s in weights)
     llama_cpp.llama_backend_init()
-    engines = {"ggml": "so8t_core.ggml_engine"}
-    try:
-        import so8t_core.torch_engine  # noqa: F401
-        engines["torch"] = "so8t_core.torch_engine"
-    except ImportError:
-        pass
+    from so8t_core import simd_engine
+    from so8t_core.quantize import quantize
+
+    engines = ["simd", "ggml", "torch"] if simd_engine.available() else ["ggml", "torch"]
     rows = []
     for t in TYPES:
         qtype = gguf.GGMLQuantizationType[t]
@@ -91,18 +90,15 @@ def throughput(threads: int, work: str) -> list[dict]:
                                                       ctypes.byref(params)) == 0
         ref = best_of(theirs)
         row = {"type": t, "llama.cpp s": ref}
-        for engine, module in engines.items():
-            quantize_rows = __import__(module, fromlist=["quantize_rows"]).quantize_rows
-
+        for engine in engines:
             def ours():
                 with open(os.path.join(work, "ours.bin"), "wb") as out:
                     for tensor, shape in weights:
                         x = np.asarray(tensor.data).reshape(shape)
-                        kwargs = {"n_threads": threads} if engine == "ggml" else {}
-                        out.write(quantize_rows(x, qtype, **kwargs))
-            row[f"{engine} engine s"] = best_of(ours, n=3 if engine == "ggml" else 1)
+                        out.write(quantize(x, qtype, engine, n_threads=threads))
+            row[f"{engine} engine s"] = best_of(ours, n=1 if engine == "torch" else 3)
             row[f"llama.cpp / {engine}"] = ref / row[f"{engine} engine s"]
-        row["M weights/s (ggml)"] = n_elements / row["ggml engine s"] / 1e6
+        row[f"M weights/s ({engines[0]})"] = n_elements / row[f"{engines[0]} engine s"] / 1e6
         rows.append(row)
     return rows
 
@@ -169,7 +165,7 @@ def end_to_end(threads: int, work: str) -> list[dict]:
     ours_out = os.path.join(work, "ours")
     wall_ours, rss_ours = run_measured([os.path.join(os.path.dirname(sys.executable), "so8t-gguf"), "convert", src,
                                         "--quant", "Q4_K_M", "--no-validate", "--output", ours_out,
-                                        "--work-dir", tempfile.mkdtemp(dir=work), "--engine", "ggml"], env)
+                                        "--work-dir", tempfile.mkdtemp(dir=work), "--engine", "auto"], env)
     converter = os.path.join(os.environ.get("SO8T_LLAMA_CPP_SRC", os.path.expanduser(
         "~/.cache/so8t-gguf/llama.cpp-0.3.36")), "vendor", "llama.cpp", "convert_hf_to_gguf.py")
     f16 = os.path.join(work, "llama-f16.gguf")

@@ -74,10 +74,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  validated    {quant}: mean KLD {f.get('mean_kld', float('nan')):.3g}, "
               f"top-1 {100 * f.get('top1_agreement', float('nan')):.2f}% over {f.get('n_tokens')} tokens, "
               f"{'passed' if v['passed'] else 'FAILED'}")
-    print(f"files in {result['output']}:")
-    for name, ref in sorted(result["files"].items()):
-        print(f"  {name:<48} {ref['size']:>12,} bytes")
-    print(f"  {'manifest.json':<48} {result['manifest']['size']:>12,} bytes")
+    for quant, release in result["releases"].items():
+        state = "already published, nothing uploaded" if release["uploaded"] == 0 else "published"
+        print(f"{quant}: {release['uri']} ({state})")
+        for name, ref in sorted(release["files"].items()):
+            print(f"  {name:<48} {ref['size']:>12,} bytes")
+        print(f"  {'manifest.json':<48} {release['manifest']['size']:>12,} bytes")
+    print(f"latest: {result['latest']['uri']}")
     return 0
 
 
@@ -126,8 +129,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from so8t_core.llama_runtime import LlamaCppModel
+    from so8t_core.publish import model_gguf
 
-    with LlamaCppModel(args.gguf, n_ctx=1024) as model:
+    with LlamaCppModel(model_gguf(args.gguf, args.quant), n_ctx=1024) as model:
         print(model.generate_chat(args.message, max_tokens=args.max_tokens))
     return 0
 
@@ -178,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
     c.add_argument("--pure", action="store_true", help="no mix rules: every 2-D weight gets the default type")
     c.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
-    c.add_argument("--engine", default="auto", choices=["auto", "ggml", "torch"],
-                   help="quantization engine (auto: torch on a GPU, else ggml); both write the same bytes")
+    c.add_argument("--engine", default="auto", choices=["auto", "simd", "ggml", "torch"],
+                   help="quantization engine (auto: torch on a GPU, else simd); all write the same bytes")
     c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")
     c.add_argument("--max-memory", type=float, metavar="GB", help="cap peak memory by limiting tensors in flight")
     c.add_argument("--name", help="base name of the output files (default: the source folder name)")
@@ -208,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
-    ch.add_argument("gguf")
+    ch.add_argument("gguf", metavar="MODEL", help="a .gguf file, a release folder, or a model folder with "
+                    "latest.json (then --quant picks the release)")
     ch.add_argument("message")
+    ch.add_argument("--quant", help="with a model folder: which quant's latest release")
     ch.add_argument("--max-tokens", type=int, default=48)
     ch.set_defaults(func=cmd_chat)
 

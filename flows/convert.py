@@ -27,12 +27,13 @@ from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
 from so8t_core.imatrix import load_imatrix
 from so8t_core.plan import CHUNK_ELEMENTS
+from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
 from so8t_core.quantize import ggml_type, quant_type, resolve_engine
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
-from tasks.publish import publish, write_model_card, write_stats_parquet
+from tasks.publish import publish, publish_latest, write_model_card, write_stats_parquet
 from tasks.quantize import quantize_tensor
 from tasks.validate import reference_logits, validate_gguf
 
@@ -134,7 +135,6 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
 
     out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
     os.makedirs(out_dir, exist_ok=True)
-    files = {}
     split = Split(max_tensors=split_max_tensors, max_bytes=split_max_size)
     im_info = (im.uri, im.sha256, imatrix) if im else None
     uncovered: list[str] = []
@@ -145,13 +145,10 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             log.warning("imatrix has no entry for %d quantized tensors (e.g. %s): quantized without it",
                         len(uncovered), uncovered[0])
     ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir, split, im_info) for q in quants}
-    for refs in ggufs.values():
-        files.update({os.path.basename(r.uri): r for r in refs})
     sidecar = assemble_sidecar(src, name, out_dir)
-    if sidecar is not None:
-        files[SIDECAR_NAME.format(name=name)] = sidecar
 
     validations: dict[str, dict] = {}
+    validation_files = {}
     if run_validation:
         reference = reference_logits(src, work_dir)
         for q in quants:
@@ -162,7 +159,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
                      100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
             report = os.path.join(out_dir, VALIDATION_NAME.format(name=name, quant=q))
             _write_json(report, v)
-            files[VALIDATION_NAME.format(name=name, quant=q)] = file_ref(report)
+            validation_files[q] = file_ref(report)
         failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
         if failed:
             detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in failed.items())
@@ -170,28 +167,45 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             raise ValidationError(source, f"validation failed ({detail}); nothing was published",
                                   f"see {os.path.join(out_dir, first)}")
 
-    for q in quants:
-        path = os.path.join(out_dir, STATS_NAME.format(name=name, quant=q))
-        files[STATS_NAME.format(name=name, quant=q)] = write_stats_parquet(q, staged[q], path)
-    bake_errors = [s.bake_error for s in staged[quants[0]] if s.bake_error is not None]
-    max_bake_error = max(bake_errors, default=0.0)
+    bake_errors = {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}
+    max_bake_error = max(bake_errors.values(), default=0.0)
     analysis_path = os.path.join(out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, analysis)
-    files[ANALYSIS_NAME] = file_ref(analysis_path)
-    n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged[q]) for q in quants for r in ggufs[q]}
-    files[MODEL_CARD_NAME] = write_model_card(os.path.join(out_dir, MODEL_CARD_NAME), name, analysis, files,
-                                              n_params, validations, max_bake_error, src.fingerprint, CONVERTER)
+    common = {ANALYSIS_NAME: file_ref(analysis_path)}
+    if sidecar is not None:
+        common[SIDECAR_NAME.format(name=name)] = sidecar
 
-    manifest = {"name": name, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
-                "quants": quants, "validation": validations,
-                "imatrix": None if im is None else {"sha256": im.sha256, "entries": len(im.entries),
-                                                    "tensors_without_entry": uncovered},
-                "bake_errors": {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}}
-    manifest_ref = publish(files, output, manifest)
-    log.info("published %d files to %s", len(files) + 1, output)
+    # One release per quant: <output>/<name>/<fingerprint>/<quant>/, manifest.json last.
+    releases, latest = {}, {}
+    for q in quants:
+        qdir = os.path.join(out_dir, q)
+        os.makedirs(qdir, exist_ok=True)
+        files = {os.path.basename(r.uri): r for r in ggufs[q]}
+        files.update(common)
+        files[STATS_NAME.format(name=name, quant=q)] = write_stats_parquet(
+            q, staged[q], os.path.join(qdir, STATS_NAME.format(name=name, quant=q)))
+        if q in validations:
+            files[VALIDATION_NAME.format(name=name, quant=q)] = validation_files[q]
+        n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged[q]) for r in ggufs[q]}
+        files[MODEL_CARD_NAME] = write_model_card(
+            os.path.join(qdir, MODEL_CARD_NAME), name, analysis, files, n_params,
+            {q: validations[q]} if q in validations else {}, max_bake_error, src.fingerprint, CONVERTER)
+        manifest = {"name": name, "quant": q, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
+                    "validation": validations.get(q), "bake_errors": bake_errors,
+                    "imatrix": None if im is None else {"sha256": im.sha256, "entries": len(im.entries),
+                                                        "tensors_without_entry": uncovered}}
+        release = release_uri(output, name, src.fingerprint, q)
+        manifest_ref, uploaded = publish(files, release, manifest)
+        releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in files.items()},
+                       "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
+        latest[q] = {"source_fingerprint": src.fingerprint,
+                     "release": f"{src.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
+                     "gguf": os.path.basename(ggufs[q][0].uri)}
+        log.info("published %s: %d of %d files uploaded to %s", q, uploaded, len(files), release)
+    latest_ref = publish_latest(output, name, latest)
     return {"name": name, "output": output, "source": source, "fingerprint": src.fingerprint,
-            "files": {n: f.model_dump() for n, f in files.items()}, "manifest": manifest_ref.model_dump(),
-            "validation": validations, "max_bake_error": max_bake_error, "analysis": analysis}
+            "releases": releases, "latest": latest_ref.model_dump(), "validation": validations,
+            "max_bake_error": max_bake_error, "analysis": analysis}
 
 
 def _write_json(path: str, obj) -> None:

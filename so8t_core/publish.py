@@ -1,13 +1,28 @@
-"""Publishing a release: copy files to the destination, verify them, write the manifest last.
+"""Publishing releases atomically to any fsspec destination.
 
-Each file is uploaded, then its size and sha256 are checked at the destination; only
-when every file checks out is ``manifest.json`` written. A reader that trusts only
-releases with a manifest never sees a partial one.
+Layout (docs/architecture.md):
+
+    <dest>/<model>/<fingerprint[:16]>/<quant>/   one release: GGUF file(s), stats, validation,
+                                                 heads sidecar, analysis, README.md, manifest.json
+    <dest>/<model>/latest.json                   for each quant, the release published last
+
+``manifest.json`` is a release's commit record: it lists every file with its size and
+sha256 and is written last. A release without it is incomplete and must be ignored; one
+with it is complete. Publishing works so that this holds at every instant, whatever fails:
+
+1. if the release's manifest already lists exactly these files, nothing is uploaded, and
+   a file the release already holds with the same sha256 is never uploaded again;
+2. every other file is uploaded under ``<release>/.staging-<id>/`` and verified (size and
+   sha256 read back from the destination);
+3. only then is an existing manifest removed (the old release turns invisible, never
+   partial), the files are moved into place, and the new manifest is written;
+4. ``latest.json`` moves to the new release last.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Mapping
 
 from . import storage
@@ -15,23 +30,125 @@ from .constants import MANIFEST_NAME
 from .errors import StorageError
 from .refs import FileRef
 
+LATEST_NAME = "latest.json"
+FINGERPRINT_CHARS = 16
 
-def publish_release(files: Mapping[str, FileRef], dest: str, manifest_extra: Mapping[str, Any]) -> FileRef:
-    """Upload ``files`` (name → local FileRef) to ``dest``; return the manifest's ref."""
-    storage.makedirs(dest)
-    for name, ref in files.items():
-        target = storage.join(dest, name)
-        if storage.exists(target) and storage.size(target) == ref.size and storage.sha256_of(target) == ref.sha256:
-            continue  # already published: same bytes
-        storage.upload_file(ref.uri, target)
-        if storage.size(target) != ref.size or storage.sha256_of(target) != ref.sha256:
-            raise StorageError(target, "verification failed after upload (size or sha256 differs)",
-                               "retry; the destination may be unreliable")
-    manifest = {
-        **manifest_extra,
-        "files": {name: {"sha256": ref.sha256, "size": ref.size} for name, ref in sorted(files.items())},
-    }
-    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    target = storage.join(dest, MANIFEST_NAME)
-    storage.write_bytes_atomic(target, data)
-    return FileRef(uri=target, sha256=storage.sha256_bytes(data), size=len(data))
+
+def release_uri(dest: str, model: str, fingerprint: str, quant: str) -> str:
+    return storage.join(dest, model, fingerprint[:FINGERPRINT_CHARS], quant)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def manifest_document(files: Mapping[str, FileRef], extra: Mapping[str, Any]) -> dict:
+    return {**extra, "files": {n: {"sha256": r.sha256, "size": r.size} for n, r in sorted(files.items())}}
+
+
+def read_manifest(release: str) -> dict | None:
+    """A release's manifest, or None when the release is absent or incomplete."""
+    uri = storage.join(release, MANIFEST_NAME)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (ValueError, StorageError):
+        return None
+
+
+def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[str, Any]) -> tuple[FileRef, int]:
+    """Publish ``files`` (name → local FileRef) as the release at ``release``.
+
+    Returns the manifest's ref and how many files were uploaded (0 when the release was
+    already published with these exact files).
+    """
+    manifest = manifest_document(files, extra)
+    data = _json_bytes(manifest)
+    manifest_ref = FileRef(uri=storage.join(release, MANIFEST_NAME), sha256=storage.sha256_bytes(data),
+                           size=len(data))
+    current = read_manifest(release)
+    if current == manifest:
+        return manifest_ref, 0
+    # Files the current release already holds with the same bytes stay where they are.
+    listed = (current or {}).get("files", {})
+    unchanged = {n for n, ref in files.items() if listed.get(n) == {"sha256": ref.sha256, "size": ref.size}
+                 and storage.exists(storage.join(release, n)) and storage.size(storage.join(release, n)) == ref.size}
+    changed = [n for n in files if n not in unchanged]
+
+    staging = storage.join(release, f".staging-{uuid.uuid4().hex[:12]}")
+    try:
+        for name in changed:
+            ref, target = files[name], storage.join(staging, name)
+            storage.upload_file(ref.uri, target)
+            if storage.size(target) != ref.size or storage.sha256_of(target) != ref.sha256:
+                raise StorageError(target, "verification failed after upload (size or sha256 differs)",
+                                   "retry; the destination may be unreliable")
+        old_manifest = storage.join(release, MANIFEST_NAME)
+        if storage.exists(old_manifest):
+            storage.remove(old_manifest)  # the old release turns invisible before any file changes
+        for name in changed:
+            storage.move(storage.join(staging, name), storage.join(release, name))
+        storage.write_bytes_atomic(manifest_ref.uri, data)
+        # Files of the previous release that this one does not list (e.g. fewer split shards):
+        # unlisted, so invisible already; removed so the release holds what it lists.
+        for name in set(listed) - set(files):
+            stale = storage.join(release, name)
+            if storage.exists(stale):
+                storage.remove(stale)
+    finally:
+        storage.remove_tree(staging)
+    return manifest_ref, len(changed)
+
+
+def read_latest(dest: str, model: str) -> dict | None:
+    """``<dest>/<model>/latest.json``, or None when nothing was published for ``model``."""
+    uri = storage.join(dest, model, LATEST_NAME)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (ValueError, StorageError):
+        return None
+
+
+def latest_release(dest: str, model: str, quant: str) -> str | None:
+    """The URI of the release of ``model`` at ``quant`` published last, or None."""
+    entry = ((read_latest(dest, model) or {}).get("quants") or {}).get(quant)
+    return None if entry is None else storage.join(dest, model, entry["release"].rstrip("/"))
+
+
+def model_gguf(path: str, quant: str | None = None) -> str:
+    """The model GGUF a local path names: a .gguf file itself, a release folder (its first model
+    file), or a model folder with latest.json (the latest release of ``quant``)."""
+    import os
+
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, LATEST_NAME)):
+        latest = read_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))) or {}
+        quants = sorted((latest.get("quants") or {}))
+        if quant is None or quant not in quants:
+            raise StorageError(path, f"{'a quant is needed' if quant is None else f'no release of {quant}'} "
+                               f"(published: {', '.join(quants) or 'none'})", "pass --quant")
+        path = latest_release(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)),
+                              quant)
+    manifest = read_manifest(path) if os.path.isdir(path) else None
+    if manifest is None:
+        raise StorageError(path, "neither a GGUF file nor a complete release (no manifest.json)",
+                           "pass a .gguf file, a release folder or a model folder with latest.json")
+    models = sorted(n for n in manifest["files"] if n.endswith(".gguf") and not n.endswith(".so8t-heads.gguf"))
+    if not models:
+        raise StorageError(path, "the release lists no model GGUF", "check its manifest.json")
+    return os.path.join(path, models[0])  # a split model loads through its first shard
+
+
+def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]]) -> FileRef:
+    """Point ``latest.json`` at the given releases (quant → entry), keeping other quants' entries."""
+    uri = storage.join(dest, model, LATEST_NAME)
+    current = read_latest(dest, model) or {}
+    quants = dict(current.get("quants", {}))
+    quants.update(entries)
+    data = _json_bytes({"model": model, "quants": quants})
+    storage.write_bytes_atomic(uri, data)
+    return FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))

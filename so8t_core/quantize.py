@@ -1,15 +1,20 @@
 """Quantization: engines, per-tensor bytes, and the staging of quantized tensors.
 
 Which type each tensor gets is decided by :mod:`so8t_core.quant_mix` (llama.cpp's mixes).
-The bytes come from one of two engines that produce the same bytes:
+The bytes come from one of three engines that produce the same bytes:
 
 * ``ggml``: libggml's own quantizers (``ggml_quantize_chunk``) through ctypes, i.e. exactly
-  what llama-quantize writes; threads over row chunks. The default on CPU, and the only
-  engine for importance-matrix quantization.
+  what llama-quantize writes; threads over row chunks. The oracle the others are checked
+  against, and the only engine for importance-matrix quantization.
+* ``simd``: our C extension (``_kquants.c``), the same reference algorithms run on many
+  blocks at once in SIMD lanes, 3-10× faster than libggml's scalar code on the K types
+  (tests/test_simd_engine.py, benchmarks/engines.py). Types it does not speed up, and
+  imatrix quantization, go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
   checked byte for byte against ``ggml`` (tests/test_torch_engine.py).
 
-``auto`` picks ``torch`` when a GPU is present, else ``ggml``.
+``auto`` picks ``torch`` when a GPU is present, else ``simd`` when its extension is built,
+else ``ggml``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from .plan import Materializer, TensorPlan
 from .refs import StagedTensor
 from .storage import local_atomic_file
 
-# Part of every staging key: bump when the bytes for the same inputs may change. Both
+# Part of every staging key: bump when the bytes for the same inputs may change. All
 # engines write identical bytes, so the engine is not part of the key.
 FORMAT_VERSION = "llama.cpp-0.3.36/1"
-ENGINES = ("auto", "ggml", "torch")
+ENGINES = ("auto", "simd", "ggml", "torch")
 # Types whose quantizer uses an importance matrix when given one (llama-quantize --imatrix).
 IMATRIX_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
                  GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
@@ -74,11 +79,18 @@ SUPPORTED_TENSOR_TYPES = (
 def resolve_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise UnsupportedError(f"--engine {engine}", "unknown engine", f"choose from {', '.join(ENGINES)}")
+    from . import simd_engine
+
+    if engine == "simd" and not simd_engine.available():
+        raise UnsupportedError("--engine simd", "the simd engine's C extension is not built",
+                               "reinstall with a C compiler (pip install -e .), or use --engine ggml")
     if engine != "auto":
         return engine
     import torch
 
-    return "torch" if torch.cuda.is_available() else "ggml"
+    if torch.cuda.is_available():
+        return "torch"
+    return "simd" if simd_engine.available() else "ggml"
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -102,6 +114,11 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml"
         from .torch_engine import quantize_rows as torch_quantize_rows
 
         return torch_quantize_rows(rows, qtype)
+    if engine == "simd" and imatrix is None:
+        from . import simd_engine
+
+        if qtype in simd_engine.SUPPORTED:
+            return simd_engine.quantize_rows(rows, qtype, n_threads)
     from .ggml_engine import quantize_rows
 
     return quantize_rows(rows, qtype, imatrix=imatrix, n_threads=n_threads)

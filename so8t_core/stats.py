@@ -25,8 +25,8 @@ SCHEMA = pa.schema([
     ("cosine", pa.float64()),
     ("snr_db", pa.float64()),
     ("bake_error", pa.float64()),
-    ("seconds", pa.float64()),
 ])
+# No timings: a release's files are a function of its inputs (same inputs, same bytes).
 
 
 def stats_table(staged: Sequence[StagedTensor]) -> pa.Table:
@@ -35,7 +35,6 @@ def stats_table(staged: Sequence[StagedTensor]) -> pa.Table:
         "ggml_type": s.ggml_type, "shape": list(s.shape), "params": s.n_elements, "bytes": s.nbytes,
         "bits_per_weight": s.bits_per_weight, "rmse": s.rmse, "relative_rmse": s.relative_rmse,
         "max_abs_error": s.max_abs_error, "cosine": s.cosine, "snr_db": s.snr_db, "bake_error": s.bake_error,
-        "seconds": s.seconds,
     } for s in staged]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 

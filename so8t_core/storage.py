@@ -141,3 +141,31 @@ def upload_file(local: str, uri: str) -> None:
         return
     fs, path = resolve(uri)
     fs.put_file(local, path)
+
+
+def remove(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file within one store (a rename locally, copy-then-delete on object stores)."""
+    if is_local(src) and is_local(dst):
+        os.makedirs(os.path.dirname(local_path(dst)), exist_ok=True)
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    fs.mv(src_path, dst_path)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 from prefect import task
 
 from so8t_core.assemble import file_ref
 from so8t_core.model_card import render_model_card
-from so8t_core.publish import publish_release
+from so8t_core.publish import publish_release, update_latest
 from so8t_core.refs import FileRef, StagedTensor
 from so8t_core.stats import write_stats
 
@@ -32,6 +31,12 @@ def write_model_card(path: str, name: str, analysis: dict, files: dict[str, File
     return file_ref(path)
 
 
-@task(name="publish-release", **STORAGE_RETRIES)
-def publish(files: dict[str, FileRef], dest: str, manifest: dict) -> FileRef:
-    return publish_release(files, dest, manifest)
+@task(name="publish-release", task_run_name="publish-{release}", **STORAGE_RETRIES)
+def publish(files: dict[str, FileRef], release: str, manifest: dict) -> tuple[FileRef, int]:
+    """Upload, verify, then commit the release with its manifest; returns (manifest, files uploaded)."""
+    return publish_release(files, release, manifest)
+
+
+@task(name="publish-latest", **STORAGE_RETRIES)
+def publish_latest(dest: str, model: str, entries: dict[str, dict]) -> FileRef:
+    return update_latest(dest, model, entries)

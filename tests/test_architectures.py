@@ -5,6 +5,7 @@ import pytest
 
 from flows.convert import convert
 from so8t_core.gguf_file import read_gguf
+from published import gguf_path, release  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -39,7 +40,7 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
         assert result["validation"][quant]["passed"], result["validation"][quant]
     f32 = result["validation"]["F32"]["llama_cpp"]
     assert f32["mean_kld"] < 1e-4 and f32["top1_agreement"] >= 0.995
-    g = read_gguf(str(tmp_path / "out" / "fx-F32.gguf"))
+    g = read_gguf(str(gguf_path(tmp_path / "out", "fx", "F32")))
     assert g.value("general.architecture") == gguf_arch
     names = {t.name for t in g.tensors}
     assert ("output.weight" in names) != kwargs.get("tied", False)

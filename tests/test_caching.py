@@ -12,6 +12,7 @@ import pytest
 
 import tasks.quantize
 from flows.convert import convert
+from published import release
 from test_cli import copy, rewrite_tensor
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -44,8 +45,8 @@ def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(m
     calls.clear()
     second = run(src, tmp_path / "o2", tmp_path / "w")
     assert calls == []
-    for name in ("fx-Q8_0.gguf", "fx-Q4_K_M.gguf"):
-        assert first["files"][name]["sha256"] == second["files"][name]["sha256"]
+    for q in ("Q8_0", "Q4_K_M"):
+        assert first["releases"][q]["files"] == second["releases"][q]["files"]
 
     # One tensor of one shard changes: only that tensor is quantized again.
     import numpy as np
@@ -87,13 +88,14 @@ def test_a_killed_run_resumes_and_writes_the_same_bytes(make_fixture, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(os.listdir(results))
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("**/manifest.json"))
 
     resumed = subprocess.run([cli, *args, "--output", str(tmp_path / "out"), "--work-dir", str(work), "--json"],
                              capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert 8 <= done_before < 8 * 9 + 3
-    a = json.loads((tmp_path / "clean" / "manifest.json").read_text())["files"]
-    b = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]
-    for name in ("fx-Q4_K_M.gguf", "fx-Q8_0.gguf", "fx-F16.gguf", "fx.so8t-heads.gguf"):
-        assert a[name] == b[name], name
+    for q in ("Q4_K_M", "Q8_0", "F16"):
+        a = json.loads((release(tmp_path / "clean", "fx", q) / "manifest.json").read_text())["files"]
+        b = json.loads((release(tmp_path / "out", "fx", q) / "manifest.json").read_text())["files"]
+        for name in (f"fx-{q}.gguf", "fx.so8t-heads.gguf", f"fx-{q}.stats.parquet"):
+            assert a[name] == b[name], name

@@ -117,6 +117,14 @@ def test_convert_inspect_and_validate_commands(make_fixture, tmp_path, capsys):
                  "--work-dir", str(tmp_path / "w")]) == 0
     text = capsys.readouterr().out
     assert "validated    F32" in text and "passed" in text and "fx-F32.gguf" in text
+    from published import gguf_path
+    assert "latest: " in text and str(out / "fx" / "latest.json") in text
+    for target in (out / "fx", gguf_path(out, "fx", "F32").parent, gguf_path(out, "fx", "F32")):
+        assert main(["chat", str(target), "--quant", "F32", "Hello", "--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(out / "fx"), "--quant", "Q4_K_M", "Hello"]) == 2
+    assert "no release of Q4_K_M (published: F32)" in capsys.readouterr().err
+    out = gguf_path(out, "fx", "F32").parent
     assert main(["inspect", str(out / "fx-F32.gguf")]) == 0
     text = capsys.readouterr().out
     assert "gated layers       [0, 1]" in text and "blk.0.attn_output.weight" in text

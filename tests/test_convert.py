@@ -11,6 +11,7 @@ import pytest
 from flows.convert import convert, tensors_in_flight
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import read_gguf
+from published import gguf_path, release
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -41,7 +42,7 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
     assert f32["tokenizer"]["ok"] and f32["tokenizer"]["first_mismatch"] is None
     assert f32["tokenizer"]["n_tokens"] == f32["tokenizer"]["n_tokens_llama_cpp"] > 300
     assert result["validation"]["Q8_0"]["passed"] and result["validation"]["Q8_0"]["tokenizer"]["ok"]
-    g = read_gguf(str(tmp_path / "out" / "fx-Q8_0.gguf"))
+    g = read_gguf(str(gguf_path(tmp_path / "out", "fx", "Q8_0")))
     if variant == "phi3":
         assert g.value("general.architecture") == "phi3" and "phi3" in g.value("general.name").lower()
         assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.add_bos_token") is True
@@ -49,7 +50,7 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
     layers = VARIANTS[variant].get("gated_layers", (0, 1) if VARIANTS[variant].get("so8t", True) else ())
     assert g.value("so8t.baked_layers", []) == list(layers)
     assert ("output.weight" in {t.name for t in g.tensors}) != VARIANTS[variant].get("tied", False)
-    heads = tmp_path / "out" / "fx.so8t-heads.gguf"
+    heads = release(tmp_path / "out", "fx", "Q8_0") / "fx.so8t-heads.gguf"
     assert heads.exists() == VARIANTS[variant].get("so8t", True)
 
 
@@ -60,12 +61,12 @@ def test_output_is_deterministic_and_reruns_reuse_staged_tensors(make_fixture, t
     second = convert(source=src, output=str(tmp_path / "b"), quants=["Q8_0"], work_dir=str(tmp_path / "w2"),
                      run_validation=False, name="fx")
     for name in ("fx-Q8_0.gguf", "fx.so8t-heads.gguf"):
-        assert first["files"][name]["sha256"] == second["files"][name]["sha256"]
+        assert first["releases"]["Q8_0"]["files"][name]["sha256"] == second["releases"]["Q8_0"]["files"][name]["sha256"]
     staged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "w1" / "tensors") for f in fs]
     mtimes = {p: os.stat(p).st_mtime_ns for p in staged}
     third = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
                     run_validation=False, name="fx")
-    assert third["files"]["fx-Q8_0.gguf"]["sha256"] == first["files"]["fx-Q8_0.gguf"]["sha256"]
+    assert third["releases"]["Q8_0"] == {**first["releases"]["Q8_0"], "uploaded": 0}  # nothing uploaded again
     assert {p: os.stat(p).st_mtime_ns for p in staged} == mtimes  # nothing re-quantized
 
 
@@ -73,16 +74,25 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
     out = tmp_path / "out"
     result = convert(source=make_fixture(layers=3), output=str(out), quants=["F16", "Q8_0"],
                      work_dir=str(tmp_path / "work"), name="fx")
+    fp = result["fingerprint"][:16]
+    assert json.loads((out / "fx" / "latest.json").read_text()) == {"model": "fx", "quants": {
+        q: {"source_fingerprint": result["fingerprint"], "release": f"{fp}/{q}/", "gguf": f"fx-{q}.gguf"}
+        for q in ("F16", "Q8_0")}}
+    for q in ("F16", "Q8_0"):
+        rel = out / "fx" / fp / q
+        assert release(out, "fx", q) == rel and result["releases"][q]["uri"] == str(rel)
+        manifest = json.loads((rel / "manifest.json").read_text())
+        assert set(manifest["files"]) == {f"fx-{q}.gguf", f"fx-{q}.stats.parquet", f"fx-{q}.validation.json",
+                                          "fx.so8t-heads.gguf", "README.md", "analysis.json"}
+        assert sorted(p.name for p in rel.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+        assert json.loads((rel / f"fx-{q}.validation.json").read_text()) == manifest["validation"]
+        import hashlib
+        for name, info in manifest["files"].items():
+            data = (rel / name).read_bytes()
+            assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
+        assert manifest["source_fingerprint"] == result["fingerprint"] and manifest["quant"] == q
+    out = out / "fx" / fp / "Q8_0"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"fx-F16.gguf", "fx-Q8_0.gguf", "fx-F16.stats.parquet", "fx-Q8_0.stats.parquet",
-                                      "fx-F16.validation.json", "fx-Q8_0.validation.json",
-                                      "fx.so8t-heads.gguf", "README.md", "analysis.json"}
-    assert json.loads((out / "fx-Q8_0.validation.json").read_text()) == manifest["validation"]["Q8_0"]
-    import hashlib
-    for name, info in manifest["files"].items():
-        data = (out / name).read_bytes()
-        assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
-    assert manifest["source_fingerprint"] == result["fingerprint"]
     table = pq.read_table(out / "fx-Q8_0.stats.parquet").to_pylist()
     assert len(table) == 3 * 9 + 3
     by_name = {r["tensor"]: r for r in table}
@@ -121,6 +131,7 @@ def test_split_output_loads_in_llama_cpp_as_a_set(make_fixture, tmp_path):
     out = tmp_path / "out"
     result = convert(source=make_fixture(layers=3), output=str(out), quants=["F32"], work_dir=str(tmp_path / "w"),
                      name="fx", split_max_tensors=10)
+    out = release(out, "fx", "F32")
     shards = sorted(p.name for p in out.glob("fx-F32-*.gguf"))
     assert shards == ["fx-F32-00001-of-00003.gguf", "fx-F32-00002-of-00003.gguf", "fx-F32-00003-of-00003.gguf"]
     f32 = result["validation"]["F32"]

@@ -11,8 +11,10 @@ from so8t_core.demo_tokenizer import smollm2_gguf_path
 from so8t_core.gguf_file import read_gguf
 from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.plan import permute_qk
+from published import gguf_path, release as release_dir
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+DEMO = "smollm2-135m-so8t-demo"
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def test_f32_matches_the_pytorch_reference_in_llama_cpp(release):
 
 def test_llama_cpp_generates_sensible_text_from_the_q8_0_file(release):
     out, _ = release
-    with LlamaCppModel(str(out / "smollm2-135m-so8t-demo-Q8_0.gguf"), n_ctx=512) as model:
+    with LlamaCppModel(str(gguf_path(out, DEMO, "Q8_0")), n_ctx=512) as model:
         reply = model.generate_chat("What is the capital of France?", max_tokens=24)
     assert "Paris" in reply
 
 
 def test_gguf_metadata_and_provenance(release):
     out, result = release
-    g = read_gguf(str(out / "smollm2-135m-so8t-demo-Q8_0.gguf"))
+    g = read_gguf(str(gguf_path(out, DEMO, "Q8_0")))
     assert g.value("general.architecture") == "llama" and g.value("general.file_type") == 7
     assert g.value("so8t.baked_layers") == list(DEMO_GATED_LAYERS)
     assert g.value("so8t.rotation") == "cayley" and g.value("so8t.position") == "pre_o_proj"
@@ -55,7 +57,7 @@ def test_gguf_metadata_and_provenance(release):
 def test_unbaked_tensors_round_trip_to_the_original_smollm2_weights(release):
     """Q/K go HF layout and back: non-gated layers equal the original GGUF (after bf16 rounding)."""
     out, _ = release
-    ours = read_gguf(str(out / "smollm2-135m-so8t-demo-F32.gguf"))
+    ours = read_gguf(str(gguf_path(out, DEMO, "F32")))
     original = read_gguf(smollm2_gguf_path())
     for name in ("blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_output.weight", "token_embd.weight"):
         a = ours.dequantized(ours.tensor(name))
@@ -72,7 +74,7 @@ def test_sidecar_holds_the_triality_heads(release, demo_checkpoint):
     from so8t_core.checkpoint import Checkpoint
 
     out, _ = release
-    side = read_gguf(str(out / "smollm2-135m-so8t-demo.so8t-heads.gguf"))
+    side = read_gguf(str(release_dir(out, DEMO, "Q8_0") / "smollm2-135m-so8t-demo.so8t-heads.gguf"))
     assert side.value("general.architecture") == "so8t-heads"
     assert side.value("so8t.heads.names") == ["safety", "authority"]
     assert side.value("so8t.heads.safety.labels") == ["safe", "unsafe"]
@@ -86,6 +88,7 @@ def test_sidecar_holds_the_triality_heads(release, demo_checkpoint):
 
 def test_model_card_states_facts_from_the_run(release):
     out, result = release
+    out = release_dir(out, DEMO, "F32")
     card = (out / "README.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     for name, info in manifest["files"].items():

@@ -12,6 +12,7 @@ from so8t_core.errors import ValidationError
 from so8t_core.heads import run_heads
 from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.reference import So8tReference
+from published import release as published_release
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -22,7 +23,7 @@ def release(make_fixture, tmp_path_factory):
     src = make_fixture(position="post_o_proj", attention_bias=True, seed=21)
     out = tmp_path_factory.mktemp("heads")
     convert(source=src, output=str(out), quants=["F32"], work_dir=str(out / "w"), name="fx")
-    return src, out
+    return src, published_release(out, "fx", "F32")
 
 
 def test_heads_match_the_reference_on_llama_cpp_hidden_states(release):
@@ -48,6 +49,6 @@ def test_heads_cli_and_a_mismatched_sidecar(release, make_fixture, tmp_path, cap
     other = tmp_path / "other"
     convert(source=make_fixture(seed=22), output=str(other), quants=["F32"], work_dir=str(tmp_path / "w"), name="o")
     with pytest.raises(ValidationError, match="different checkpoint"):
-        run_heads(str(out / "fx-F32.gguf"), str(other / "o.so8t-heads.gguf"), TEXT)
+        run_heads(str(out / "fx-F32.gguf"), str(published_release(other, "o", "F32") / "o.so8t-heads.gguf"), TEXT)
     assert main(["heads", str(out / "fx-F32.gguf"), str(out / "fx-F32.gguf"), TEXT]) == 2
     assert "not an SO8T heads sidecar" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from so8t_core.errors import CheckpointError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.imatrix import load_imatrix
 from test_quant_mixes import FIXTURES, assert_same_tensors
+from published import gguf_path, release  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -103,19 +104,19 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
     result = convert(source=src, output=str(out), quants=["F32", mix], run_validation=False,
                      work_dir=str(tmp_path / "w"), name="fx", imatrix=str(tmp_path / "imatrix.gguf"))
     theirs = str(tmp_path / "llama.gguf")
-    llama_quantize_with_imatrix(str(out / "fx-F32.gguf"), theirs, int(QUANT_TYPES[mix].file_type),
+    llama_quantize_with_imatrix(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type),
                                 load_imatrix(str(tmp_path / "imatrix.gguf")).entries)
-    assert_same_tensors(str(out / f"fx-{mix}.gguf"), theirs)
-    g = read_gguf(str(out / f"fx-{mix}.gguf"))
+    assert_same_tensors(str(gguf_path(out, "fx", mix)), theirs)
+    g = read_gguf(str(gguf_path(out, "fx", mix)))
     assert g.value("quantize.imatrix.entries_count") == len(names)
     assert g.value("quantize.imatrix.chunks_count") == 7
     assert g.value("quantize.imatrix.dataset") == "calibration.txt"
-    manifest = result["files"]  # the imatrix changed the bytes: not the plain quantization
+    manifest = result["releases"][mix]["files"]  # the imatrix changed the bytes: not the plain quantization
     assert manifest[f"fx-{mix}.gguf"]["sha256"]
     if mix == "Q4_K_M":
         plain = tmp_path / "plain"
         convert(source=src, output=str(plain), quants=[mix], run_validation=False, work_dir=str(tmp_path / "w"),
                 name="fx")
-        a, b = read_gguf(str(out / f"fx-{mix}.gguf")), read_gguf(str(plain / f"fx-{mix}.gguf"))
+        a, b = read_gguf(str(gguf_path(out, "fx", mix))), read_gguf(str(gguf_path(plain, "fx", mix)))
         assert np.ascontiguousarray(a.tensor("blk.0.attn_q.weight").data).tobytes() != \
             np.ascontiguousarray(b.tensor("blk.0.attn_q.weight").data).tobytes()

@@ -13,7 +13,8 @@ from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import UnsupportedError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.quant_mix import ModelShape, assign_types, use_more_bits
-from so8t_core.quantize import quant_type
+from so8t_core.quantize import quant_type, resolve_engine
+from published import gguf_path, release  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -68,7 +69,7 @@ def assert_same_tensors(ours: str, theirs: str) -> dict:
 def converted(request, make_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     convert(source=make_fixture(**FIXTURES[request.param]), output=str(out), quants=["F32", *MIXES],
-            run_validation=False, work_dir=str(out / "w"), name="fx", engine="ggml")
+            run_validation=False, work_dir=str(out / "w"), name="fx")  # the default engine: simd on CPU
     return request.param, out
 
 
@@ -76,8 +77,8 @@ def converted(request, make_fixture, tmp_path_factory):
 def test_mix_is_byte_identical_to_llama_quantize(converted, mix, tmp_path):
     case, out = converted
     theirs = str(tmp_path / f"llama-{mix}.gguf")
-    llama_quantize(str(out / "fx-F32.gguf"), theirs, int(QUANT_TYPES[mix].file_type))
-    types = assert_same_tensors(str(out / f"fx-{mix}.gguf"), theirs)
+    llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type))
+    types = assert_same_tensors(str(gguf_path(out, "fx", mix)), theirs)
     if case == "llama-256" and mix == "Q4_K_M":  # the rules really did something
         assert types["output.weight"] == "Q6_K" and types["blk.3.attn_q.weight"] == "Q4_K"
         assert {int(n.split(".")[1]) for n, t in types.items() if "ffn_down" in n and t == "Q6_K"} == \
@@ -95,17 +96,17 @@ def test_overrides_match_llama_quantize(make_fixture, tmp_path):
             name="fx", tensor_types=["attn_q=q8_0", "ffn_(up|gate)=Q5_K"], output_tensor_type="q4_k",
             token_embedding_type="Q8_0")
     theirs = str(tmp_path / "llama.gguf")
-    llama_quantize(str(out / "fx-F32.gguf"), theirs, int(QUANT_TYPES["Q4_K_M"].file_type), output_type=T.Q4_K,
+    llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES["Q4_K_M"].file_type), output_type=T.Q4_K,
                    embd_type=T.Q8_0, overrides=[("attn_q", T.Q8_0), ("ffn_(up|gate)", T.Q5_K)])
-    types = assert_same_tensors(str(out / "fx-Q4_K_M.gguf"), theirs)
+    types = assert_same_tensors(str(gguf_path(out, "fx", "Q4_K_M")), theirs)
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "Q5_K"
     assert types["output.weight"] == "Q4_K" and types["token_embd.weight"] == "Q8_0"
     pure = tmp_path / "pure"
     convert(source=src, output=str(pure), quants=["F32", "Q5_K_M"], run_validation=False,
             work_dir=str(tmp_path / "w"), name="fx", pure=True)
-    llama_quantize(str(pure / "fx-F32.gguf"), str(tmp_path / "lp.gguf"), int(QUANT_TYPES["Q5_K_M"].file_type),
+    llama_quantize(str(gguf_path(pure, "fx", "F32")), str(tmp_path / "lp.gguf"), int(QUANT_TYPES["Q5_K_M"].file_type),
                    pure=True)
-    types = assert_same_tensors(str(pure / "fx-Q5_K_M.gguf"), str(tmp_path / "lp.gguf"))
+    types = assert_same_tensors(str(gguf_path(pure, "fx", "Q5_K_M")), str(tmp_path / "lp.gguf"))
     assert {t for n, t in types.items() if n.endswith("weight") and "norm" not in n} == {"Q5_K"}
 
 
@@ -121,11 +122,13 @@ def test_70b_attn_v_rule():
     assert set(types) == {gguf.GGMLQuantizationType.Q5_K}  # Q4_K bumped to Q5_K for 70B
 
 
-def test_torch_engine_writes_the_same_files_as_ggml(make_fixture, tmp_path):
+def test_every_engine_writes_the_same_files(make_fixture, tmp_path):
     src = make_fixture(**FIXTURES["mistral-256"])
-    for engine in ("ggml", "torch"):
+    assert resolve_engine("auto") == "simd"  # no GPU here: the SIMD kernels are the default
+    for engine in ("ggml", "simd", "torch"):
         convert(source=src, output=str(tmp_path / engine), quants=["Q4_K_M", "Q3_K_S", "Q5_1"], run_validation=False,
                 work_dir=str(tmp_path / f"w-{engine}"), name="fx", engine=engine)
     for mix in ("Q4_K_M", "Q3_K_S", "Q5_1"):
-        a = (tmp_path / "ggml" / f"fx-{mix}.gguf").read_bytes()
-        assert a == (tmp_path / "torch" / f"fx-{mix}.gguf").read_bytes(), mix
+        a = gguf_path(tmp_path / "ggml", "fx", mix).read_bytes()
+        assert a == gguf_path(tmp_path / "simd", "fx", mix).read_bytes(), mix
+        assert a == gguf_path(tmp_path / "torch", "fx", mix).read_bytes(), mix

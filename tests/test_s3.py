@@ -34,11 +34,23 @@ def test_checkpoint_on_s3_reads_like_the_local_copy(s3_fixture):
 @pytest.mark.usefixtures("prefect_server")
 def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
     _, remote = s3_fixture
-    result = convert(source=remote, output="s3://releases/fx", quants=["F32"], work_dir=str(tmp_path / "w"))
+    result = convert(source=remote, output="s3://releases/models", quants=["F32"], work_dir=str(tmp_path / "w"))
     assert result["validation"]["F32"]["passed"]
     fs = fsspec.filesystem("s3")
-    manifest = json.loads(fs.cat_file("releases/fx/manifest.json"))
-    assert "fx-F32.gguf" in manifest["files"]
+    fp = result["fingerprint"]
+    latest = json.loads(fs.cat_file("releases/models/fx/latest.json"))
+    assert latest["quants"]["F32"] == {"source_fingerprint": fp, "release": f"{fp[:16]}/F32/", "gguf": "fx-F32.gguf"}
+    release = f"releases/models/fx/{fp[:16]}/F32"
+    assert result["releases"]["F32"]["uri"] == f"s3://{release}"
+    manifest = json.loads(fs.cat_file(f"{release}/manifest.json"))
+    assert "fx-F32.gguf" in manifest["files"] and manifest["source_fingerprint"] == fp
     for name, info in manifest["files"].items():
-        data = fs.cat_file(f"releases/fx/{name}")
+        data = fs.cat_file(f"{release}/{name}")
         assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(release)) == sorted([*manifest["files"], "manifest.json"])
+    # The same run again: every task cached, nothing uploaded, the release untouched.
+    etags = {p: fs.info(p)["ETag"] for p in fs.find(release)}
+    again = convert(source=remote, output="s3://releases/models", quants=["F32"], work_dir=str(tmp_path / "w"))
+    assert again["releases"]["F32"]["uploaded"] == 0
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.find(release)} == etags

@@ -14,6 +14,7 @@ from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import RotationError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.rotation import rotation_blocks
+from published import gguf_path, release  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -94,7 +95,7 @@ def test_variant_converts_and_matches_the_unbaked_reference(variant, make_fixtur
     f = result["validation"]["F32"]
     assert f["passed"], f
     assert f["llama_cpp"]["mean_kld"] < 1e-4 and f["llama_cpp"]["top1_agreement"] >= 0.995
-    g = read_gguf(str(tmp_path / "out" / "v-F32.gguf"))
+    g = read_gguf(str(gguf_path(tmp_path / "out", "v", "F32")))
     assert g.value("so8t.baked_layers") == [0, 2]
     assert len(g.tensors) == 1 + 1 + 1 + 3 * 9  # embd, output, output_norm, 3 layers × 9
     if variant == "stored-rotation":
@@ -107,12 +108,12 @@ def test_variant_converts_and_matches_the_unbaked_reference(variant, make_fixtur
                             "alpha_gate", "so8_rotation_gate.theta",
                             "group_structure.non_commutative_gate.R_safe.rotation_params"}
         assert a["wrapper_prefix"] == "base_model."
-        side = read_gguf(str(tmp_path / "out" / "v.so8t-heads.gguf"))
+        side = read_gguf(str(release(tmp_path / "out", "v", "F32") / "v.so8t-heads.gguf"))
         assert side.value("so8t.heads.extra") == ["safety_head.0.weight", "safety_head.2.weight",
                                                   "verifier_head.2.bias"]
         np.testing.assert_array_equal(side.dequantized(side.tensor("safety_head.2.weight")),
                                       SAFETY_AWARE_EXTRAS["safety_head.2.weight"])
-        card = (tmp_path / "out" / "README.md").read_text()
+        card = (release(tmp_path / "out", "v", "F32") / "README.md").read_text()
         assert "Stripped: `so8t_adapters.0.proj.weight`" in card
 
 
