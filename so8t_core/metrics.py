@@ -23,6 +23,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # the simd engine's C extension (optional): single-pass error sums
+    from ._kquants import error_sums as _error_sums
+except ImportError:
+    _error_sums = None
+
 # Elements per chunk in tensor_error_stats: bounds each float64 temporary to 8 MiB
 # per temporary even for multi-GB weight tensors.
 _CHUNK_ELEMENTS = 1 << 20
@@ -168,14 +173,21 @@ class ErrorStats:
         _check_same_shape(ref, app, "tensor_error_stats")
         ref_flat, app_flat = ref.reshape(-1), app.reshape(-1)
         for start in range(0, ref_flat.size, _CHUNK_ELEMENTS):
-            r = ref_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
-            a = app_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
-            e = a - r
-            self.sum_ref2 += float(np.dot(r, r))
-            self.sum_app2 += float(np.dot(a, a))
-            self.sum_err2 += float(np.dot(e, e))
-            self.dot += float(np.dot(r, a))
-            chunk_max = float(np.max(np.abs(e)))
+            r = ref_flat[start:start + _CHUNK_ELEMENTS]
+            a = app_flat[start:start + _CHUNK_ELEMENTS]
+            if _error_sums is not None and r.dtype == a.dtype == np.float32:
+                # One pass in C, float64 sums, GIL released (the quantize stage's hot loop).
+                ref2, app2, err2, dot, chunk_max = _error_sums(np.ascontiguousarray(r), np.ascontiguousarray(a))
+            else:
+                r, a = r.astype(np.float64), a.astype(np.float64)
+                e = a - r
+                ref2, app2, err2, dot = (float(np.dot(r, r)), float(np.dot(a, a)), float(np.dot(e, e)),
+                                         float(np.dot(r, a)))
+                chunk_max = float(np.max(np.abs(e)))
+            self.sum_ref2 += ref2
+            self.sum_app2 += app2
+            self.sum_err2 += err2
+            self.dot += dot
             if chunk_max > self.max_abs or math.isnan(chunk_max):
                 self.max_abs = chunk_max
         self.n += ref_flat.size

@@ -26,7 +26,6 @@ from typing import Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from .checkpoint import Checkpoint
 from .constants import NOT_STORAGE_TYPES, QUANT_TYPES, QuantType
@@ -86,11 +85,17 @@ def resolve_engine(engine: str) -> str:
                                "reinstall with a C compiler (pip install -e .), or use --engine ggml")
     if engine != "auto":
         return engine
-    import torch
+    if _gpu_driver_present():  # importing torch costs seconds: only where a GPU may be
+        import torch
 
-    if torch.cuda.is_available():
-        return "torch"
+        if torch.cuda.is_available():
+            return "torch"
     return "simd" if simd_engine.available() else "ggml"
+
+
+def _gpu_driver_present() -> bool:
+    """Whether a CUDA or ROCm driver is loaded (what torch.cuda needs), without importing torch."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -124,15 +129,16 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml"
     return quantize_rows(rows, qtype, imatrix=imatrix, n_threads=n_threads)
 
 
-def dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+def dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
+               n_threads: int | None = None) -> np.ndarray:
     buf = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
     if qtype == GGMLQuantizationType.F32:
         return buf.view(np.float32).reshape(shape)
     if qtype == GGMLQuantizationType.F16:
         return buf.view(np.float16).astype(np.float32).reshape(shape)
-    block, size = GGML_QUANT_SIZES[qtype]
-    rows = buf.reshape(-1, shape[-1] // block * size) if len(shape) > 1 else buf.reshape(1, -1)
-    return gguf_quants.dequantize(rows, qtype).reshape(shape).astype(np.float32, copy=False)
+    from .ggml_engine import dequantize_rows  # llama.cpp's own to_float, at C speed
+
+    return dequantize_rows(buf, qtype, shape[-1], n_threads).reshape(shape)
 
 
 # --- one planned tensor → staged bytes ---------------------------------------------------
@@ -175,7 +181,7 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
             for _, chunk in materializer.chunks():
                 for i, _, qtype, weights, _ in todo:
                     raw = quantize(chunk, qtype, engine, weights, n_threads)
-                    outputs[i].add(raw, chunk, dequantize(raw, qtype, chunk.shape))
+                    outputs[i].add(raw, chunk, dequantize(raw, qtype, chunk.shape, n_threads))
             seconds = time.perf_counter() - t0
             for i, quant_name, qtype, _, bin_path in todo:
                 sha, nbytes, stats = outputs[i].finish()

@@ -185,3 +185,22 @@ def test_kld_keeps_leading_axes():
     kld = kl_divergence(ref, ref[..., ::-1])
     assert kld.shape == (2, 3) and np.all(kld > 0)
     np.testing.assert_allclose(kld.reshape(-1), kl_divergence(ref.reshape(6, 10), ref[..., ::-1].reshape(6, 10)))
+
+
+def test_c_error_sums_match_float64_numpy():
+    """The quantize stage's single-pass C sums equal numpy's float64 reference (to rounding)."""
+    from so8t_core import _kquants
+
+    rng = np.random.default_rng(3)
+    for n in (1, 3, 4, 1001, 1 << 16):
+        r = rng.standard_normal(n).astype(np.float32) * 3
+        a = (r + rng.standard_normal(n).astype(np.float32) * 0.01).astype(np.float32)
+        r64, a64 = r.astype(np.float64), a.astype(np.float64)
+        want = (r64 @ r64, a64 @ a64, (a64 - r64) @ (a64 - r64), r64 @ a64, np.abs(a64 - r64).max())
+        assert _kquants.error_sums(r, a) == pytest.approx(want, rel=1e-12, abs=0)
+    a[7] = np.nan
+    assert math.isnan(_kquants.error_sums(r, a)[4])
+    a[7] = np.inf
+    assert _kquants.error_sums(r, a)[4] == np.inf
+    with pytest.raises(ValueError, match="same length"):
+        _kquants.error_sums(r, a[:-1])

@@ -341,3 +341,18 @@ def test_fp16_conversions():
     finite = np.isfinite(ref) | np.isinf(ref)
     np.testing.assert_array_equal(back.view(np.uint32)[finite], ref.view(np.uint32)[finite])
     assert np.isnan(back[~finite]).all()
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES + [T.BF16, T.F16], ids=lambda t: t.name)
+def test_ggml_dequantize_rows_equals_gguf_py(qtype):
+    """Dequantization (for the error statistics) through libggml's to_float: gguf-py's values exactly."""
+    from gguf import quants
+
+    x = _outliers(f"deq-{qtype.name}")
+    raw = ggml_engine.quantize_rows(x, qtype)
+    ours = ggml_engine.dequantize_rows(raw, qtype, x.shape[1], n_threads=2)
+    theirs = quants.dequantize(np.frombuffer(raw, np.uint8).reshape(x.shape[0], -1), qtype).astype(np.float32)
+    assert ours.shape == x.shape
+    np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="whole"):
+        ggml_engine.dequantize_rows(bytes(raw)[:-1], qtype, x.shape[1])
