@@ -30,6 +30,7 @@ from so8t_core.plan import CHUNK_ELEMENTS
 from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
 from so8t_core.quantize import ggml_type, quant_type, resolve_engine
+from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
@@ -119,17 +120,22 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     # A new task starts as soon as any running one finishes (not the oldest: a big tensor
     # would otherwise leave the other CPUs idle behind it).
     futures, running = [], set()
+    progress = artifacts.QuantizeProgress(name, len(plan))
     for i, item in enumerate(plan):
         if len(running) >= limit:
             done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
                                               return_when=concurrent.futures.FIRST_COMPLETED)
             running = {f for f in running if f.wrapped_future not in done}
+            progress.update(len(futures) - len(running))
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
         future = quantize.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref, threads)
         futures.append(future)
         running.add(future)
-    staged_by_tensor = [f.result() for f in futures]
+    staged_by_tensor = []
+    for f in futures:
+        staged_by_tensor.append(f.result())
+        progress.update(max(len(staged_by_tensor), len(futures) - len(running)))
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 
@@ -160,15 +166,20 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             report = os.path.join(out_dir, VALIDATION_NAME.format(name=name, quant=q))
             _write_json(report, v)
             validation_files[q] = file_ref(report)
-        failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
-        if failed:
-            detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in failed.items())
-            first = VALIDATION_NAME.format(name=name, quant=next(iter(failed)))
-            raise ValidationError(source, f"validation failed ({detail}); nothing was published",
-                                  f"see {os.path.join(out_dir, first)}")
 
     bake_errors = {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}
     max_bake_error = max(bake_errors.values(), default=0.0)
+    artifacts.stats_tables(name, staged)
+    facts = dict(source=source, fingerprint=src.fingerprint, quants=quants, staged=staged,
+                  validations=validations, max_bake_error=max_bake_error)
+    failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
+    if failed:
+        detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in failed.items())
+        first = VALIDATION_NAME.format(name=name, quant=next(iter(failed)))
+        artifacts.summary(name, **facts, releases={}, failure=f"Validation failed: {detail}.")
+        raise ValidationError(source, f"validation failed ({detail}); nothing was published",
+                              f"see {os.path.join(out_dir, first)}")
+
     analysis_path = os.path.join(out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
@@ -203,6 +214,8 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
                      "gguf": os.path.basename(ggufs[q][0].uri)}
         log.info("published %s: %d of %d files uploaded to %s", q, uploaded, len(files), release)
     latest_ref = publish_latest(output, name, latest)
+    artifacts.summary(name, **facts, releases=releases)
+    artifacts.release_links(name, releases)
     return {"name": name, "output": output, "source": source, "fingerprint": src.fingerprint,
             "releases": releases, "latest": latest_ref.model_dump(), "validation": validations,
             "max_bake_error": max_bake_error, "analysis": analysis}

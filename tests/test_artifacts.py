@@ -1,0 +1,72 @@
+"""Every run leaves artifacts in Prefect: progress, per-tensor stats tables, a summary, release links."""
+
+import asyncio
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.convert import convert
+from so8t_core.errors import ValidationError
+from so8t_core.report import artifact_key, redact_uri
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def run_artifacts(flow_run_id) -> dict[str, list]:
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    by_type: dict[str, list] = {}
+    for a in asyncio.run(read()):
+        by_type.setdefault(a.type, []).append(a)
+    return by_type
+
+
+def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
+    state = convert(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
+                    work_dir=str(tmp_path / "w"), name="fx", return_state=True)
+    result = state.result()
+    arts = run_artifacts(state.state_details.flow_run_id)
+    assert sorted(arts) == ["markdown", "progress", "table"]  # Prefect stores link artifacts as markdown
+    (progress,) = arts["progress"]
+    assert progress.key == "fx-quantize-progress" and float(progress.data) == 100.0
+    tables = {a.key: json.loads(a.data) if isinstance(a.data, str) else a.data for a in arts["table"]}
+    assert set(tables) == {"fx-f32-tensor-stats", "fx-q8-0-tensor-stats"}
+    rows = {r["tensor"]: r for r in tables["fx-q8-0-tensor-stats"]}
+    assert len(rows) == 2 * 9 + 3 and rows["blk.0.attn_q.weight"]["type"] == "Q8_0"
+    assert rows["blk.0.attn_q.weight"]["bits/weight"] == 8.5 and rows["output_norm.weight"]["SNR dB"] == "inf"
+    markdown = {a.key: a.data for a in arts["markdown"]}
+    text = markdown.pop("fx-summary")
+    assert text.startswith("# fx: converted")
+    assert result["fingerprint"] in text and "| Q8_0 | 21 |" in text and "passed" in text and "same ids" in text
+    assert f"{result['validation']['Q8_0']['llama_cpp']['mean_kld']:.3g}" in text
+    assert result["releases"]["Q8_0"]["uri"] in text
+    assert markdown == {f"fx-{q.lower().replace('_', '-')}-release":
+                        f"[fx {q} release](file://{result['releases'][q]['uri']})" for q in ("F32", "Q8_0")}
+
+
+def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, monkeypatch):
+    from so8t_core import validation
+
+    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
+                                                                 max_relative_rmse=0.0))
+    state = convert(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
+                    work_dir=str(tmp_path / "w"), name="fx", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValidationError):
+        state.result()
+    text = {a.key: a.data for a in run_artifacts(state.state_details.flow_run_id)["markdown"]}["fx-summary"]
+    assert text.startswith("# fx: FAILED") and "Nothing was published." in text
+    assert "Validation failed: F32: llama_cpp" in text and "| FAILED: llama_cpp |" in text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_uris_in_reports_carry_no_credentials():
+    assert redact_uri("s3://AKIAXXXX:s3cr3t@bucket/models/x?X-Amz-Signature=abc") == "s3://bucket/models/x"
+    assert redact_uri("https://user:pw@host:9000/b/k") == "https://host:9000/b/k"
+    assert redact_uri("/local/path") == "/local/path"
+    assert artifact_key("SmolLM2_135M", "Q4_K_M", "tensor-stats") == "smollm2-135m-q4-k-m-tensor-stats"
