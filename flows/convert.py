@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from gguf import GGMLQuantizationType
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -29,7 +30,7 @@ from so8t_core.imatrix import load_imatrix
 from so8t_core.plan import CHUNK_ELEMENTS
 from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
-from so8t_core.quantize import ggml_type, quant_type, resolve_engine
+from so8t_core.quantize import find_staged, ggml_type, quant_type, resolve_engine
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
@@ -114,27 +115,32 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     cpus = os.cpu_count() or 2
     limit = tensors_in_flight(max_memory_gb, largest, cpus)
     threads = max(1, cpus // limit)  # tensors in parallel × threads per tensor = the CPUs
-    # Cache records live beside the staged tensors they point to: clearing the work
-    # directory clears both.
-    quantize = quantize_tensor.with_options(result_storage=Path(work_dir) / "results")
     # A new task starts as soon as any running one finishes (not the oldest: a big tensor
     # would otherwise leave the other CPUs idle behind it).
     futures, running = [], set()
     progress = artifacts.QuantizeProgress(name, len(plan))
     for i, item in enumerate(plan):
+        shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
+        targets = [(q, types[q][i].name) for q in quants]
+        # Already staged by an earlier run (content-addressed, same inputs): no task needed.
+        weights = im.for_tensor(item.gguf_name, item.shape[-1]) if im and len(item.shape) == 2 else None
+        done_before = find_staged(item, [(q, GGMLQuantizationType[t]) for q, t in targets], staging_dir, shas,
+                                  weights)
+        if done_before is not None:
+            futures.append(done_before)
+            continue
         if len(running) >= limit:
             done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
                                               return_when=concurrent.futures.FIRST_COMPLETED)
             running = {f for f in running if f.wrapped_future not in done}
             progress.update(len(futures) - len(running))
-        shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
-        targets = [(q, types[q][i].name) for q in quants]
-        future = quantize.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref, threads)
+        future = quantize_tensor.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref,
+                                        threads)
         futures.append(future)
         running.add(future)
     staged_by_tensor = []
     for f in futures:
-        staged_by_tensor.append(f.result())
+        staged_by_tensor.append(f if isinstance(f, list) else f.result())
         progress.update(max(len(staged_by_tensor), len(futures) - len(running)))
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
@@ -157,8 +163,9 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     validation_files = {}
     if run_validation:
         reference = reference_logits(src, work_dir)
+        validate = validate_gguf.with_options(result_storage=Path(work_dir) / "results")
         for q in quants:
-            validations[q] = validate_gguf(src, q, name, ggufs[q][0], staged[q], reference, im_info)
+            validations[q] = validate(src, q, name, ggufs[q][0], staged[q], reference, im_info)
             v = validations[q]
             f = v.get("llama_cpp", {})
             log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),

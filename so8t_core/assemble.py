@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Sequence
 
@@ -15,8 +16,10 @@ from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .constants import HEADS_INPUT_FINAL_NORM, SIDECAR_ARCH, Keys, QuantType
 from .gguf_file import NO_SPLIT, GGUFKV, Split, TensorInfo, kv_array, kv_str, kv_u32, write_gguf
 from .gguf_metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_folder_name, model_kvs
+from .quantize import FORMAT_VERSION
 from .refs import FileRef, StagedTensor
 from .so8t import So8tStructure
+from .storage import local_atomic_file
 from .tokenizer import tokenizer_metadata
 
 
@@ -28,9 +31,45 @@ def file_ref(path: str) -> FileRef:
     return FileRef(uri=path, sha256=h.hexdigest(), size=os.path.getsize(path))
 
 
+def _inputs_key(arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor], split: Split) -> str:
+    """What a model GGUF is made of: metadata, the staged tensors' sha256, the split, the format."""
+    what = [FORMAT_VERSION, arch, [(kv.key, int(kv.vtype), kv.sub_type and int(kv.sub_type), kv.value) for kv in kvs],
+            [(s.gguf_name, s.ggml_type, list(s.shape), s.sha256) for s in staged], split.max_tensors, split.max_bytes]
+    data = json.dumps(what, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
 def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
                    split: Split = NO_SPLIT) -> list[FileRef]:
-    """Write the model GGUF (one file, or a split set): tensors in order, data streamed from staging."""
+    """Write the model GGUF (one file, or a split set): tensors in order, data streamed from staging.
+
+    A record beside the file (``<file>.inputs.json``: the inputs' key and the written files
+    with their identity) lets a re-run with the same inputs reuse the files untouched.
+    """
+    key = _inputs_key(arch, kvs, staged, split)
+    record = path + ".inputs.json"
+    try:
+        with open(record) as f:
+            previous = json.load(f)
+        if previous["key"] == key and all(os.path.exists(r["uri"]) and _identity(r["uri"]) == r["identity"]
+                                          for r in previous["files"]):
+            return [FileRef(uri=r["uri"], sha256=r["sha256"], size=r["size"]) for r in previous["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    refs = _write_model(path, arch, kvs, staged, split)
+    with local_atomic_file(record) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "files": [{**r.model_dump(), "identity": _identity(r.uri)} for r in refs]}, f)
+    return refs
+
+
+def _write_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
+                 split: Split) -> list[FileRef]:
     infos = [TensorInfo(s.gguf_name, tuple(s.shape), gguf.GGMLQuantizationType[s.ggml_type], s.nbytes)
              for s in staged]
     by_name = {s.gguf_name: s for s in staged}

@@ -161,13 +161,12 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
     files, so memory holds a few chunks, never the tensor. Staged files are content-addressed;
     one already staged (same inputs, same code version) is reused, not recomputed.
     """
-    imatrix_sha = None if imatrix is None else hashlib.sha256(np.ascontiguousarray(imatrix).tobytes()).hexdigest()
+    imatrix_sha = _imatrix_sha256(imatrix)
     done: dict[int, StagedTensor] = {}
     todo = []
     for i, (quant_name, qtype) in enumerate(targets):
         weights = imatrix if qtype in IMATRIX_TYPES else None
-        key = staging_key(source_sha256, item, qtype, imatrix_sha if weights is not None else None)
-        bin_path = os.path.join(staging_dir, key[:2], key + ".bin")
+        bin_path = _staged_path(staging_dir, source_sha256, item, qtype, imatrix_sha)
         cached = _staged(bin_path)
         if cached is not None:
             done[i] = cached.model_copy(update={"quant": quant_name})
@@ -197,6 +196,30 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
             for w in outputs.values():
                 w.close()
     return [done[i] for i in range(len(targets))]
+
+
+def _imatrix_sha256(imatrix: np.ndarray | None) -> str | None:
+    return None if imatrix is None else hashlib.sha256(np.ascontiguousarray(imatrix).tobytes()).hexdigest()
+
+
+def _staged_path(staging_dir: str, source_sha256: Sequence[str], item: TensorPlan, qtype: GGMLQuantizationType,
+                 imatrix_sha: str | None) -> str:
+    key = staging_key(source_sha256, item, qtype, imatrix_sha if qtype in IMATRIX_TYPES else None)
+    return os.path.join(staging_dir, key[:2], key + ".bin")
+
+
+def find_staged(item: TensorPlan, targets: Sequence[tuple[str, GGMLQuantizationType]], staging_dir: str,
+                source_sha256: Sequence[str], imatrix: np.ndarray | None = None) -> list[StagedTensor] | None:
+    """The staged records of ``item`` for every target, or None when any is missing: a file
+    lookup, so a re-run schedules no task for what an earlier run (even a killed one) staged."""
+    found = []
+    imatrix_sha = _imatrix_sha256(imatrix)
+    for quant_name, qtype in targets:
+        staged = _staged(_staged_path(staging_dir, source_sha256, item, qtype, imatrix_sha))
+        if staged is None:
+            return None
+        found.append(staged.model_copy(update={"quant": quant_name}))
+    return found
 
 
 def _staged(bin_path: str) -> StagedTensor | None:

@@ -76,6 +76,10 @@ PARITY_TEXT = (
 PARITY_SHOWN_IDS = 16  # ids of each side in a report: from a little before the first mismatch
 
 
+# Part of every cached validation's key: bump when a check or its report changes.
+VALIDATION_VERSION = "1"
+
+
 @dataclass(frozen=True)
 class Gate:
     max_mean_kld: float

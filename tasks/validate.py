@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -13,8 +16,9 @@ from so8t_core.quantize import quant_type
 from so8t_core.reference import So8tReference
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
 from so8t_core.storage import local_atomic_file
+from so8t_core.quantize import FORMAT_VERSION
 from so8t_core.validation import (
-    GATES, check_functional, check_readback, check_tensor_errors, check_tokenizer_parity, summarize,
+    GATES, VALIDATION_VERSION, check_functional, check_readback, check_tensor_errors, check_tokenizer_parity, summarize,
     validation_token_ids,
 )
 
@@ -35,7 +39,21 @@ def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
     return file_ref(path)
 
 
-@task(name="validate-gguf", task_run_name="validate-{quant}")
+def validation_cache_key(context, params) -> str:
+    """A validation's result is a function of the file, the reference, the checkpoint (its
+    tokenizer), the gate and the validator: a re-run with all of them unchanged reuses it."""
+    import llama_cpp
+
+    reference, imatrix = params["reference"], params.get("imatrix")
+    what = [VALIDATION_VERSION, FORMAT_VERSION, llama_cpp.__version__, params["source"].fingerprint,
+            params["quant"], params["name"], params["gguf"].sha256, [s.sha256 for s in params["staged"]],
+            reference.sha256 if reference else None, imatrix[1] if imatrix else None,
+            dataclasses.asdict(GATES[params["quant"]])]
+    return "validate-" + hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()
+
+
+@task(name="validate-gguf", task_run_name="validate-{quant}", cache_key_fn=validation_cache_key,
+      persist_result=True, result_serializer="json")
 def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
                   reference: FileRef | None, imatrix: tuple[str, str, str] | None = None) -> dict:
     ckpt = open_checkpoint(source.uri, source.fingerprint)

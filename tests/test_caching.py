@@ -57,8 +57,8 @@ def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(m
     assert third["fingerprint"] != first["fingerprint"]
     calls.clear()
 
-    # An override changes the type of the attn_q tensors only.
-    run(src, tmp_path / "o4", tmp_path / "w", tensor_types=["attn_q=q8_0"])
+    # An override changes the type of the attn_q tensors only (to one no quant has staged yet).
+    run(src, tmp_path / "o4", tmp_path / "w", tensor_types=["attn_q=q5_k"])
     assert sorted(calls) == ["blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.attn_q.weight"]
 
 
@@ -78,24 +78,47 @@ def test_a_killed_run_resumes_and_writes_the_same_bytes(make_fixture, tmp_path):
     work = tmp_path / "w2"
     proc = subprocess.Popen([cli, *args, "--output", str(tmp_path / "out"), "--work-dir", str(work)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    results = work / "results"
+    staged = work / "tensors"  # one .json record per finished tensor and type
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if results.exists() and len(os.listdir(results)) >= 8:  # some tensors done, most not
+        if staged.exists() and len(list(staged.glob("*/*.json"))) >= 8:  # some tensors done, most not
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(os.listdir(results))
+    before = {p: p.stat().st_mtime_ns for p in staged.glob("*/*.json")}
     assert not list((tmp_path / "out").glob("**/manifest.json"))
 
     resumed = subprocess.run([cli, *args, "--output", str(tmp_path / "out"), "--work-dir", str(work), "--json"],
                              capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
-    assert 8 <= done_before < 8 * 9 + 3
+    assert 8 <= len(before) < 3 * (8 * 9 + 3)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # what was done before the kill is not redone
     for q in ("Q4_K_M", "Q8_0", "F16"):
         a = json.loads((release(tmp_path / "clean", "fx", q) / "manifest.json").read_text())["files"]
         b = json.loads((release(tmp_path / "out", "fx", q) / "manifest.json").read_text())["files"]
         for name in (f"fx-{q}.gguf", "fx.so8t-heads.gguf", f"fx-{q}.stats.parquet"):
             assert a[name] == b[name], name
+
+
+def test_rerun_reuses_assembled_files_and_validation(make_fixture, tmp_path, monkeypatch):
+    import tasks.validate
+
+    checked = []
+    real = tasks.validate.check_functional
+    monkeypatch.setattr(tasks.validate, "check_functional", lambda *a, **k: checked.append(a[0]) or real(*a, **k))
+    src = make_fixture(layers=2, seed=33)
+    kw = dict(source=src, quants=["Q8_0"], work_dir=str(tmp_path / "w"), name="fx")
+    first = convert(output=str(tmp_path / "o1"), **kw)
+    assert len(checked) == 1
+    ggufs = list((tmp_path / "w" / "runs").glob("*/fx-Q8_0.gguf"))
+    stamps = {p: p.stat().st_mtime_ns for p in ggufs}
+    second = convert(output=str(tmp_path / "o2"), **kw)
+    assert len(checked) == 1  # validation came from the cache
+    assert second["validation"] == first["validation"]
+    assert {p: p.stat().st_mtime_ns for p in ggufs} == stamps  # not assembled again
+    # A file that changed under the record is written again, not trusted.
+    ggufs[0].write_bytes(b"corrupt")
+    third = convert(output=str(tmp_path / "o3"), **kw)
+    assert third["releases"]["Q8_0"]["files"] == first["releases"]["Q8_0"]["files"]
