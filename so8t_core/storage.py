@@ -7,6 +7,7 @@ all go through :func:`resolve`. Credentials are never part of a URI we log.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 from contextlib import contextmanager
@@ -16,6 +17,11 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from .errors import StorageError
+
+# The S3 client stack logs signed request headers (the access key id, the signature) at
+# DEBUG: credentials must never reach a log, whatever level the root logger is set to.
+for _wire_logger in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
+    logging.getLogger(_wire_logger).setLevel(logging.INFO)
 
 CHUNK = 8 << 20
 

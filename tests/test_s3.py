@@ -54,3 +54,27 @@ def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
     assert again["releases"]["F32"]["uploaded"] == 0
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(release)} == etags
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_credentials_never_reach_logs_artifacts_or_releases(s3_fixture, tmp_path, caplog):
+    import logging
+    import os
+
+    from test_artifacts import run_artifacts
+
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    _, remote = s3_fixture
+    caplog.set_level(logging.DEBUG)
+    state = convert(source=remote, output="s3://releases/secrets", quants=["Q8_0"], work_dir=str(tmp_path / "w"),
+                    return_state=True)
+    result = state.result()
+    texts = [caplog.text, json.dumps(result, default=str)]
+    texts += [a.data if isinstance(a.data, str) else json.dumps(a.data, default=str)
+              for arts in run_artifacts(state.state_details.flow_run_id).values() for a in arts]
+    fs = fsspec.filesystem("s3")
+    texts += [fs.cat_file(p).decode("utf-8", "replace") for p in fs.find("releases/secrets")
+              if not p.endswith((".gguf", ".parquet"))]
+    assert len(texts) > 5
+    for secret in secrets:
+        assert not [t for t in texts if secret in t]
