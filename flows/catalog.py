@@ -328,9 +328,10 @@ def requantize_catalog(catalog: str, work_dir: str | None = None, models: list[s
             summary["failed"][model.name], short[model.name] = _message(exc), _message(exc, hint=False)
             log.error("%s: %s", model.name, _message(exc))
 
+    stem = posixpath.basename(catalog).split(".")[0]
     try:
         create_markdown_artifact(summary_markdown(catalog, summary, dry_run),
-                                 key=artifact_key("catalog", posixpath.basename(catalog).rsplit(".", 1)[0]),
+                                 key=artifact_key(stem if stem.startswith("catalog") else f"catalog-{stem}"),
                                  description="What the catalog run converted, skipped and why")
     except Exception as exc:  # noqa: BLE001 - a UI view must not fail the run
         log.warning("could not create the catalog summary artifact: %s", exc)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import convert
+from flows.convert import convert, default_name
 from flows.params import ConvertParams
+from so8t_core.demo import DEMO_NAME
 
 
 @flow(name="convert-model")
@@ -21,5 +22,6 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
     Args:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
-    result = convert(**params.convert_kwargs())
+    name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
+    result = convert.with_options(flow_run_name=name)(**params.convert_kwargs())
     return {k: v for k, v in result.items() if k != "analysis"}
