@@ -48,3 +48,7 @@ class StorageError(So8tError):
 
 class ValidationError(So8tError):
     """A produced GGUF failed a validation gate; it is not published."""
+
+
+class CatalogError(So8tError):
+    """A catalog of models to (re-)quantize is unreadable or invalid, or some of its models failed."""

@@ -18,3 +18,20 @@ def test_every_deployment_entrypoint_loads_and_its_parameters_exist():
         accepted = inspect.signature(flow.fn).parameters
         assert set(dep.get("parameters", {})) <= set(accepted), dep["name"]
         assert dep["work_pool"]["name"]
+
+
+def test_the_convert_form_and_the_catalog_schedule():
+    from flows.catalog import load_catalog
+    from flows.params import ConvertParams
+
+    deployments = {d["name"]: d for d in yaml.safe_load(open(os.path.join(ROOT, "prefect.yaml")))["deployments"]}
+    convert = deployments["convert"]
+    assert convert["entrypoint"] == "flows/convert_model.py:convert_model"
+    assert ConvertParams(**convert["parameters"]["params"]).quants  # the defaults are a valid form
+    catalog = deployments["requantize-catalog"]
+    assert catalog["entrypoint"] == "flows/catalog.py:requantize_catalog"
+    assert [s["cron"] for s in catalog["schedules"]] == ["0 3 * * *"]
+    # The default catalog (relative to the project root, where the worker runs) is valid.
+    models = load_catalog(os.path.join(ROOT, catalog["parameters"]["catalog"]))
+    assert models[0].source == os.path.join(ROOT, "checkpoints", "smollm2-135m-so8t-demo")
+    assert models[0].destination == os.path.join(ROOT, "artifacts")

@@ -1,0 +1,27 @@
+"""The ``convert`` deployment's flow: ``convert`` with its parameters as one typed form.
+
+``flows.convert.convert`` keeps plain parameters for Python callers and the CLI; this flow
+takes a :class:`~flows.params.ConvertParams` instead, so that the Prefect UI shows a form with
+the quant mixes and engines to choose from and the server refuses a bad value before a run
+is created. It runs ``convert`` as a subflow (one run per conversion, as from the CLI).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.convert import convert, default_name
+from flows.params import ConvertParams
+from so8t_core.demo import DEMO_NAME
+
+
+@flow(name="convert-model")
+def convert_model(params: ConvertParams = ConvertParams()) -> dict:
+    """Convert an SO8T checkpoint into validated GGUF files and publish one release per quant mix.
+
+    Args:
+        params: The checkpoint, destination, quant mixes and options of the conversion.
+    """
+    name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
+    result = convert.with_options(flow_run_name=name)(**params.convert_kwargs())
+    return {k: v for k, v in result.items() if k != "analysis"}

@@ -1,0 +1,289 @@
+"""The Prefect surface: the typed form of the `convert` deployment, and the catalog flow that
+re-quantizes only what changed since the last published release."""
+
+import asyncio
+import inspect
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from prefect.utilities.callables import parameter_schema
+
+import so8t_core.checkpoint
+import so8t_core.storage
+import tasks.quantize
+from flows.catalog import CatalogModel, load_catalog, parse_catalog, quant_status, requantize_catalog
+from flows.convert import convert
+from flows.convert_model import convert_model
+from flows.params import ConvertParams
+from so8t_core import CONVERTER
+from so8t_core.constants import QUANT_TYPES
+from so8t_core.errors import CatalogError
+from so8t_core.quantize import ENGINES
+from test_cli import copy, rewrite_tensor
+
+# --- the typed form ------------------------------------------------------------------------------
+
+
+def resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def test_the_convert_form_offers_every_quant_mix_and_engine():
+    schema = parameter_schema(convert_model.fn).model_dump()
+    params = resolve(schema, schema["properties"]["params"])
+    fields = params["properties"]
+    quants = fields["quants"]
+    assert quants["type"] == "array" and quants["minItems"] == 1
+    mix = resolve(schema, quants["items"])
+    assert mix["type"] == "string" and mix["enum"] == list(QUANT_TYPES) and len(mix["enum"]) == 17
+    assert resolve(schema, fields["engine"])["enum"] == list(ENGINES) == ["auto", "simd", "ggml", "torch"]
+    assert {"source", "output", "run_validation", "name", "imatrix", "tensor_types"} <= set(fields)
+    assert "description" in fields["source"]
+    # The form's defaults are convert's: the same run as `so8t-gguf convert` with no options.
+    defaults = ConvertParams().convert_kwargs()
+    signature = inspect.signature(convert.fn).parameters
+    assert set(defaults) == set(signature)
+    assert {k: v for k, v in defaults.items()} == {k: p.default for k, p in signature.items()}
+
+
+def test_convert_params_check_values_as_the_cli_does():
+    p = ConvertParams(quants=["q4_k_m", "Q8_0"], engine="simd", name="", split_max_size="2G",
+                      output_tensor_type="q8_0")
+    kw = p.convert_kwargs()
+    assert kw["quants"] == ["Q4_K_M", "Q8_0"] and kw["engine"] == "simd" and kw["name"] is None
+    assert kw["split_max_size"] == 2_000_000_000 and kw["output_tensor_type"] == "Q8_0"
+    for bad in ({"quants": ["Q9_9"]}, {"quants": []}, {"engine": "cuda"}, {"quant": ["Q8_0"]},
+                {"split_max_size": "lots"}, {"name": "a/b"}):
+        with pytest.raises(ValueError):
+            ConvertParams(**bad)
+
+
+# --- the catalog file ----------------------------------------------------------------------------
+
+URL = "s3://bucket/catalogs/nightly.yaml"
+
+
+def test_catalog_defaults_overrides_and_relative_paths(tmp_path):
+    text = """
+destination: ../releases
+quants: [q8_0, Q4_K_M]
+run_validation: false
+models:
+  - name: a
+    source: s3://ckpts/a
+  - name: b
+    source: ckpts/b
+    quants: [F16, F16]
+    destination: s3://other/models
+    run_validation: true
+    engine: ggml
+"""
+    a, b = parse_catalog(text, URL)
+    assert a == CatalogModel(name="a", source="s3://ckpts/a", destination="s3://bucket/releases",
+                             quants=("Q8_0", "Q4_K_M"), run_validation=False, engine="auto")
+    assert b == CatalogModel(name="b", source="s3://bucket/catalogs/ckpts/b", destination="s3://other/models",
+                             quants=("F16",), run_validation=True, engine="ggml")
+    path = tmp_path / "sub" / "c.yaml"
+    path.parent.mkdir()
+    path.write_text(text)
+    local = load_catalog(str(path))
+    assert local[0].destination == str(tmp_path / "releases") and local[1].source == str(tmp_path / "sub/ckpts/b")
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("destination: /d\nmodels:\n  - name: a\n", ["models[0].source (model a): missing (required)"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, quants: [Q8_0, Q9_9]}\n",
+     ["models[0].quants[1] (model a): 'Q9_9' is not a quant mix", "choose from 'F32'", "'Q2_K'"]),
+    ("destination: /d\nquants: [Q7]\nmodels:\n  - {name: a, source: /s}\n", ["quants[0]: 'Q7' is not a quant mix"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, quant: [Q8_0]}\n",
+     ["models[0].quant (model a): unknown field", "fields here: name, source, quants"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, engine: cuda}\n", ["'cuda' is not a valid engine"]),
+    ("destination: /d\nmodels: []\n", ["models: list should have at least 1 item"]),
+    ("models:\n  - {name: a, source: /s}\n", ["models[0] (model a): no destination"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s}\n  - {name: a, source: /t}\n", ["appears twice"]),
+    ("destination: /d\nmodels:\n  - {name: a/b, source: /s}\n",
+     ["models[0].name (model a/b): 'a/b' is not a valid model name"]),
+    ("destination: /d\nmodels: [\n", ["not valid YAML", "line 3"]),
+    ("- a\n- b\n", ["must be a mapping"]),
+    ("", ["empty"]),
+])
+def test_a_bad_catalog_is_one_line_naming_the_catalog_and_the_problem(text, fragments):
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(text, URL)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"catalog {URL}: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_missing_catalog_is_one_line(tmp_path):
+    with pytest.raises(CatalogError, match=r"^catalog .*/nope\.yaml: file not found \(hint: check the catalog URL\)$"):
+        load_catalog(str(tmp_path / "nope.yaml"))
+
+
+def test_what_makes_a_quant_stale():
+    fp = "f" * 64
+    entry = {"source_fingerprint": fp, "release": f"{fp[:16]}/Q8_0/", "gguf": "m-Q8_0.gguf"}
+    manifest = {"source_fingerprint": fp, "converter": CONVERTER, "validation": {"passed": True}}
+    assert quant_status(fp, entry, manifest, True) is None
+    assert quant_status(fp, entry, {**manifest, "validation": None}, False) is None
+    assert quant_status(fp, None, None, True) == "not published yet"
+    assert quant_status("e" * 64, entry, manifest, True).startswith("source changed (ffffffffffffffff -> eeee")
+    assert quant_status(fp, entry, None, True) == "release incomplete (no manifest.json)"
+    assert quant_status(fp, entry, {**manifest, "converter": "so8t-gguf 0.0.1"}, True) == \
+        f"converter changed (so8t-gguf 0.0.1 -> {CONVERTER})"
+    assert quant_status(fp, entry, {**manifest, "validation": None}, True) == "published without validation"
+
+
+# --- the flows -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    """What actually ran: quantize work (a cached task does not stage), uploads, tensor hashing."""
+    seen = {"quantized": [], "uploaded": [], "hashed": []}
+    stage, upload, sha = tasks.quantize.stage_tensor, so8t_core.storage.upload_file, \
+        so8t_core.checkpoint.Checkpoint.tensor_sha256
+
+    def staging(ckpt, item, *a, **kw):
+        seen["quantized"].append(item.gguf_name)
+        return stage(ckpt, item, *a, **kw)
+
+    def uploading(local, uri):
+        seen["uploaded"].append(uri)
+        return upload(local, uri)
+
+    def hashing(self, name):
+        seen["hashed"].append(name)
+        return sha(self, name)
+
+    monkeypatch.setattr(tasks.quantize, "stage_tensor", staging)
+    monkeypatch.setattr(so8t_core.storage, "upload_file", uploading)
+    monkeypatch.setattr(so8t_core.checkpoint.Checkpoint, "tensor_sha256", hashing)
+
+    def take():
+        out = {k: list(v) for k, v in seen.items()}
+        for v in seen.values():
+            v.clear()
+        return out
+
+    return take
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    import boto3
+    import fsspec
+
+    boto3.client("s3").create_bucket(Bucket="catalog-tests")
+    return fsspec.filesystem("s3")
+
+
+def summary_artifact(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    artifacts = asyncio.run(read())
+    (artifact,) = [a for a in artifacts if a.key == "catalog-nightly"]
+    return artifact.data
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_catalog_runs_convert_only_what_changed(make_fixture, tmp_path, bucket, counters):
+    a = copy(make_fixture(shards=2, seed=51), tmp_path / "a")
+    b = copy(make_fixture(seed=52), tmp_path / "b")
+    catalog = {"destination": "s3://catalog-tests/releases", "run_validation": False,
+               "models": [{"name": "a", "source": a, "quants": ["Q8_0", "Q4_K_M"]}, {"name": "b", "source": b}]}
+    bucket.pipe_file("catalog-tests/nightly.yaml", yaml.safe_dump(catalog).encode())
+    url, work = "s3://catalog-tests/nightly.yaml", str(tmp_path / "work")
+
+    first = requantize_catalog(url, work_dir=work)
+    assert first["converted"] == {"a": {"Q8_0": "not published yet", "Q4_K_M": "not published yet"},
+                                  "b": {"Q8_0": "not published yet"}}
+    assert first["skipped"] == {} and first["failed"] == {}
+    done = counters()
+    assert len(done["quantized"]) == 2 * (2 * 9 + 3)  # two models, 2 layers x 9 + embedding, output, norm
+    latest = {m: json.loads(bucket.cat_file(f"catalog-tests/releases/{m}/latest.json")) for m in "ab"}
+    assert set(latest["a"]["quants"]) == {"Q8_0", "Q4_K_M"} and set(latest["b"]["quants"]) == {"Q8_0"}
+
+    # Nothing changed: nothing quantized, uploaded, or even hashed again (shard identities unchanged).
+    second = requantize_catalog(url, work_dir=work)
+    assert second["converted"] == {} and second["failed"] == {}
+    fp_a = latest["a"]["quants"]["Q8_0"]["source_fingerprint"]
+    assert second["skipped"]["a"] == {q: f"up to date ({fp_a[:16]}/{q})" for q in ("Q8_0", "Q4_K_M")}
+    assert set(second["skipped"]) == {"a", "b"}
+    assert counters() == {"quantized": [], "uploaded": [], "hashed": []}
+
+    # One tensor of one shard of model a changes: a dry run says so and does nothing...
+    rewrite_tensor(a, "model.layers.1.mlp.down_proj.weight",
+                   np.random.default_rng(7).standard_normal((64, 128)).astype(np.float32))
+    plan = requantize_catalog(url, work_dir=work, dry_run=True)
+    assert set(plan["would_convert"]) == {"a"} and set(plan["skipped"]) == {"b"}
+    assert plan["would_convert"]["a"]["Q8_0"].startswith(f"source changed ({fp_a[:16]} -> ")
+    done = counters()
+    assert done["quantized"] == [] and done["uploaded"] == []
+    changed_shard = set(done["hashed"])  # only the rewritten shard is read again
+    assert "model.layers.1.mlp.down_proj.weight" in changed_shard
+    assert len(changed_shard) < len(so8t_core.checkpoint.Checkpoint.open(a).tensors)
+
+    # ...and the real run converts model a only, re-quantizing the one tensor that changed.
+    third = requantize_catalog(url, work_dir=work)
+    assert set(third["converted"]) == {"a"} and set(third["converted"]["a"]) == {"Q8_0", "Q4_K_M"}
+    assert set(third["skipped"]) == {"b"}
+    done = counters()
+    assert done["quantized"] == ["blk.1.ffn_down.weight"]
+    assert done["uploaded"] and all("/releases/a/" in u for u in done["uploaded"])
+    assert done["hashed"] == []
+
+    # b's release lost its manifest (an interrupted publish), and a model whose checkpoint is
+    # gone joins the catalog: b is published again, the missing model fails, the run fails.
+    fp_b = latest["b"]["quants"]["Q8_0"]["source_fingerprint"]
+    manifest = f"catalog-tests/releases/b/{fp_b[:16]}/Q8_0/manifest.json"
+    bucket.rm(manifest)
+    catalog["models"].append({"name": "gone", "source": str(tmp_path / "gone")})
+    bucket.pipe_file("catalog-tests/nightly.yaml", yaml.safe_dump(catalog).encode())
+    state = requantize_catalog(url, work_dir=work, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "\n" not in message and message.startswith(f"catalog {url}: 1 of 3 model(s) failed: gone: "), message
+    assert "not a checkpoint folder" in message
+    done = counters()
+    assert done["quantized"] == [] and done["uploaded"] and all("/releases/b/" in u for u in done["uploaded"])
+    bucket.invalidate_cache()
+    assert bucket.exists(manifest)
+    report = summary_artifact(state.state_details.flow_run_id)
+    assert "| b | Q8_0 | converted | release incomplete (no manifest.json) |" in report
+    assert "| gone | | **failed** |" in report and "| a | Q4_K_M | skipped | up to date" in report
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_bad_catalog_fails_the_run_with_one_line(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text("destination: /d\nmodels:\n  - {name: a, source: /s, quants: [Q4_K]}\n")
+    state = requantize_catalog(str(path), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "\n" not in message and message.startswith(f"catalog {path}: models[0].quants[0] (model a): 'Q4_K' is")
+    path.write_text("destination: /d\nmodels:\n  - {name: a, source: /s}\n")
+    state = requantize_catalog(str(path), models=["b"], return_state=True)
+    assert state.is_failed() and str(state.result(raise_on_failure=False)) == \
+        f"catalog {path}: no model named b (hint: models: a)"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_convert_form_runs_convert(make_fixture, tmp_path):
+    # As a deployment run submits it: a JSON object, validated into ConvertParams by Prefect.
+    result = convert_model(params={"source": make_fixture(), "output": str(tmp_path / "out"), "quants": ["q8_0"],
+                                   "run_validation": False, "name": "fx", "work_dir": str(tmp_path / "w")})
+    assert set(result["releases"]) == {"Q8_0"}
+    assert os.path.exists(os.path.join(result["releases"]["Q8_0"]["uri"], "manifest.json"))
