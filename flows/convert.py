@@ -35,11 +35,13 @@ from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
-from tasks.publish import publish, publish_latest, write_model_card, write_stats_parquet
+from tasks.publish import publish, publish_latest, write_model_card, write_plots, write_stats_parquet
 from tasks.quantize import quantize_tensor
 from tasks.validate import reference_logits, validate_gguf
 
 DEFAULT_QUANTS = ("Q8_0",)
+PLOT_CAPTIONS = {"errors": "{quant}: relative RMSE of each quantized tensor against its float32 source, by layer",
+                 "bits-per-weight": "{quant}: bits per weight by tensor class"}
 # Per tensor in flight, per row chunk: the source bytes, their float32 form, the quantized
 # bytes and the dequantized copy used for error statistics.
 BYTES_IN_FLIGHT_PER_F32_BYTE = 4
@@ -204,10 +206,14 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             q, staged[q], os.path.join(qdir, STATS_NAME.format(name=name, quant=q)))
         if q in validations:
             files[VALIDATION_NAME.format(name=name, quant=q)] = validation_files[q]
+        plots = write_plots(name, q, staged[q], qdir)
+        files.update(plots)
+        artifacts.plots(name, q, {n: r.uri for n, r in plots.items()})
         n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged[q]) for r in ggufs[q]}
         files[MODEL_CARD_NAME] = write_model_card(
             os.path.join(qdir, MODEL_CARD_NAME), name, analysis, files, n_params,
-            {q: validations[q]} if q in validations else {}, max_bake_error, src.fingerprint, CONVERTER)
+            {q: validations[q]} if q in validations else {}, max_bake_error, src.fingerprint, CONVERTER,
+            ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots])
         manifest = {"name": name, "quant": q, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
                     "validation": validations.get(q), "bake_errors": bake_errors,
                     "imatrix": None if im is None else {"sha256": im.sha256, "entries": len(im.entries),

@@ -56,6 +56,17 @@ def summary(name: str, **facts) -> None:
         description=f"{name}: conversion summary"))
 
 
+def plots(name: str, quant: str, pngs: Mapping[str, str]) -> None:
+    """The release's plots, inlined (data URIs): the UI shows them without reaching the store."""
+    import base64
+
+    body = "\n\n".join(f"![{n}](data:image/png;base64,{base64.b64encode(open(p, 'rb').read()).decode()})"
+                         for n, p in sorted(pngs.items()))
+    _best_effort("plots", lambda: create_markdown_artifact(
+        f"# {name} {quant}\n\n{body}\n", key=artifact_key(name, quant, "plots"),
+        description=f"{name} {quant}: quantization error per tensor and bits per weight by tensor class"))
+
+
 def release_links(name: str, releases: Mapping[str, Mapping[str, Any]]) -> None:
     for quant, release in releases.items():
         uri = redact_uri(release["uri"])

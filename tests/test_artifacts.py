@@ -45,6 +45,9 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
     assert result["fingerprint"] in text and "| Q8_0 | 21 |" in text and "passed" in text and "same ids" in text
     assert f"{result['validation']['Q8_0']['llama_cpp']['mean_kld']:.3g}" in text
     assert result["releases"]["Q8_0"]["uri"] in text
+    for q in ("f32", "q8-0"):
+        plots = markdown.pop(f"fx-{q}-plots")
+        assert plots.count("](data:image/png;base64,iVBOR") == 2  # two inline PNGs
     assert markdown == {f"fx-{q.lower().replace('_', '-')}-release":
                         f"[fx {q} release](file://{result['releases'][q]['uri']})" for q in ("F32", "Q8_0")}
 

@@ -60,8 +60,8 @@ def test_output_is_deterministic_and_reruns_reuse_staged_tensors(make_fixture, t
                     run_validation=False, name="fx")
     second = convert(source=src, output=str(tmp_path / "b"), quants=["Q8_0"], work_dir=str(tmp_path / "w2"),
                      run_validation=False, name="fx")
-    for name in ("fx-Q8_0.gguf", "fx.so8t-heads.gguf"):
-        assert first["releases"]["Q8_0"]["files"][name]["sha256"] == second["releases"]["Q8_0"]["files"][name]["sha256"]
+    a, b = first["releases"]["Q8_0"]["files"], second["releases"]["Q8_0"]["files"]
+    assert len(a) == 7 and {n: f["sha256"] for n, f in a.items()} == {n: f["sha256"] for n, f in b.items()}
     staged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "w1" / "tensors") for f in fs]
     mtimes = {p: os.stat(p).st_mtime_ns for p in staged}
     third = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
@@ -83,7 +83,8 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
         assert release(out, "fx", q) == rel and result["releases"][q]["uri"] == str(rel)
         manifest = json.loads((rel / "manifest.json").read_text())
         assert set(manifest["files"]) == {f"fx-{q}.gguf", f"fx-{q}.stats.parquet", f"fx-{q}.validation.json",
-                                          "fx.so8t-heads.gguf", "README.md", "analysis.json"}
+                                          "fx.so8t-heads.gguf", "README.md", "analysis.json",
+                                          f"fx-{q}.errors.png", f"fx-{q}.bits-per-weight.png"}
         assert sorted(p.name for p in rel.iterdir()) == sorted([*manifest["files"], "manifest.json"])
         assert json.loads((rel / f"fx-{q}.validation.json").read_text()) == manifest["validation"]
         import hashlib
@@ -144,3 +145,19 @@ def test_split_output_loads_in_llama_cpp_as_a_set(make_fixture, tmp_path):
     assert set(shards) <= set(manifest["files"]) and "fx-F32.gguf" not in manifest["files"]
     from so8t_core.gguf_file import parse_split_size
     assert parse_split_size("2G") == 2_000_000_000 and parse_split_size("500m") == 500_000_000
+
+
+def test_model_card_front_matter_and_plots_come_from_the_files(make_fixture, tmp_path):
+    src = shutil.copytree(make_fixture(layers=2), tmp_path / "ckpt")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M\n---\n# x\n")
+    out = tmp_path / "out"
+    convert(source=str(src), output=str(out), quants=["Q8_0"], run_validation=False, work_dir=str(tmp_path / "w"),
+            name="fx")
+    rel = release(out, "fx", "Q8_0")
+    card = (rel / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert 'license: "apache-2.0"' in front and 'base_model:\n- "HuggingFaceTB/SmolLM2-135M"' in front
+    assert "- gguf\n- so8t\n" in front and "pipeline_tag: text-generation" in front and "quantized_by:" in front
+    for png in ("fx-Q8_0.errors.png", "fx-Q8_0.bits-per-weight.png"):
+        assert (rel / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in card
+    assert "FROM ./fx-Q8_0.gguf" in card and "PARAMETER stop" in card

@@ -96,6 +96,11 @@ def test_model_card_states_facts_from_the_run(release):
             assert info["sha256"] in card
     assert "[0, 4, 8, 12, 16, 20, 24, 28]" in card and "smollm2-135m-so8t-demo.so8t-heads.gguf" in card
     assert "training loss only" in card and "| F32 | 358 |" in card
+    assert "same ids (" in card  # tokenizer parity
+    # An Ollama Modelfile with SmolLM2's ChatML template and its turn-ending token.
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in card
+    assert 'PARAMETER stop "<|im_end|>"' in card
+    assert "](smollm2-135m-so8t-demo-F32.errors.png)" in card
 
 
 def test_demo_checkpoint_is_byte_identical_on_every_build(demo_checkpoint, tmp_path):
