@@ -56,13 +56,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.source:
         preflight(args.source)  # bad input fails here in a second, before the pipeline starts
     from flows.convert import convert
+    from so8t_core import console
 
-    result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
-                     run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
-                     work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
-                     split_max_size=split_bytes, tensor_types=args.tensor_type or [],
-                     output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
-                     pure=args.pure, engine=args.engine, imatrix=args.imatrix)
+    if not (args.quiet or args.json):
+        console.enable()
+    try:
+        result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
+                         run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
+                         work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
+                         split_max_size=split_bytes, tensor_types=args.tensor_type or [],
+                         output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
+                         pure=args.pure, engine=args.engine, imatrix=args.imatrix)
+    finally:
+        console.disable()
+    if args.quiet:
+        return 0
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})
         return 0
@@ -191,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
                    help="split each GGUF into files of at most N tensors")
     c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work)")
-    c.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    c.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status "
+                   "says how it went (errors still print one line)")
     c.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     c.set_defaults(func=cmd_convert)
 

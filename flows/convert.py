@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from so8t_core import CONVERTER
+from so8t_core import CONVERTER, console
 from so8t_core.assemble import file_ref
 from so8t_core.checkpoint import default_cache_dir
 from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME, VALIDATION_NAME
@@ -30,6 +30,7 @@ from so8t_core.imatrix import load_imatrix
 from so8t_core.plan import CHUNK_ELEMENTS
 from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
+from so8t_core.report import redact_uri
 from so8t_core.quantize import find_staged, ggml_type, quant_type, resolve_engine
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
@@ -81,6 +82,10 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             imatrix: str | None = None) -> dict:
     """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
     log = get_run_logger()
+
+    def say(msg: str, *args) -> None:  # the run's log, and the CLI's terminal when it shows progress
+        log.info(msg, *args)
+        console.stage(msg % args)
     quants = list(dict.fromkeys(quant_type(q).name for q in quants))  # refuse bad names before any work
     # An importance matrix is read (and checked) once here; tasks get its URI and sha256.
     im = load_imatrix(imatrix) if imatrix else None
@@ -97,12 +102,13 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     work_dir = work_dir or os.path.join(default_cache_dir(), "work")
     staging_dir = os.path.join(work_dir, "tensors")
 
+    console.stage(f"fetching {redact_uri(source)} (fingerprinting its tensors)")
     src = fetch_checkpoint(source, work_dir)
-    log.info("fetched %s: %d tensors, %.1f MB, fingerprint %s", source, len(src.tensor_sha256),
+    say("fetched %s: %d tensors, %.1f MB, fingerprint %s", redact_uri(source), len(src.tensor_sha256),
              src.n_bytes / 1e6, src.fingerprint[:16])
     result = analyze_checkpoint(src)
     analysis, plan = result.analysis, result.plan
-    log.info("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
+    say("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
 
     # Each quant is one of llama-quantize's mixes: its rules give every tensor a type.
     hp = analysis["hyperparameters"]
@@ -145,7 +151,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         staged_by_tensor.append(f if isinstance(f, list) else f.result())
         progress.update(max(len(staged_by_tensor), len(futures) - len(running)))
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
-    log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
+    say("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 
     out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
     os.makedirs(out_dir, exist_ok=True)
@@ -158,19 +164,21 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         if uncovered:  # llama-quantize only logs this; a silent quality loss worth saying
             log.warning("imatrix has no entry for %d quantized tensors (e.g. %s): quantized without it",
                         len(uncovered), uncovered[0])
+    console.stage("assembling " + ", ".join(quants))
     ggufs = {q: assemble_gguf(src, q, name, staged[q], out_dir, split, im_info) for q in quants}
     sidecar = assemble_sidecar(src, name, out_dir)
 
     validations: dict[str, dict] = {}
     validation_files = {}
     if run_validation:
+        console.stage("validating in llama.cpp against the PyTorch reference")
         reference = reference_logits(src, work_dir)
         validate = validate_gguf.with_options(result_storage=Path(work_dir) / "results")
         for q in quants:
             validations[q] = validate(src, q, name, ggufs[q][0], staged[q], reference, im_info)
             v = validations[q]
             f = v.get("llama_cpp", {})
-            log.info("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
+            say("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                      100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
             report = os.path.join(out_dir, VALIDATION_NAME.format(name=name, quant=q))
             _write_json(report, v)
@@ -225,7 +233,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         latest[q] = {"source_fingerprint": src.fingerprint,
                      "release": f"{src.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
                      "gguf": os.path.basename(ggufs[q][0].uri)}
-        log.info("published %s: %d of %d files uploaded to %s", q, uploaded, len(files), release)
+        say("published %s: %d of %d files uploaded to %s", q, uploaded, len(files), redact_uri(release))
     latest_ref = publish_latest(output, name, latest)
     artifacts.summary(name, **facts, releases=releases)
     artifacts.release_links(name, releases)

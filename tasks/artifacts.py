@@ -14,6 +14,7 @@ from uuid import UUID
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
+from so8t_core import console
 from so8t_core.refs import StagedTensor
 from so8t_core.report import artifact_key, redact_uri, stats_rows, summary_markdown
 
@@ -29,14 +30,17 @@ def _best_effort(what: str, fn: Callable[[], Any]) -> Any:
 
 
 class QuantizeProgress:
-    """A progress artifact for the quantize stage, updated as tensors finish (about every 2%)."""
+    """A progress artifact for the quantize stage, updated as tensors finish (about every 2%),
+    and the CLI's progress bar (``so8t_core.console``) when it shows one."""
 
     def __init__(self, name: str, total: int):
+        console.start_bar(total, "quantize")
         self.total, self.reported = max(1, total), -1.0
         self.id: UUID | None = _best_effort("progress", lambda: create_progress_artifact(
             0.0, key=artifact_key(name, "quantize-progress"), description=f"{name}: tensors quantized (%)"))
 
     def update(self, done: int) -> None:
+        console.update_bar(done)
         pct = round(100.0 * done / self.total, 1)
         if self.id is not None and (pct - self.reported >= 2.0 or pct >= 100.0) and pct != self.reported:
             self.reported = pct

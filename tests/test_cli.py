@@ -133,3 +133,20 @@ def test_convert_inspect_and_validate_commands(make_fixture, tmp_path, capsys):
     assert report["passed"] and report["tensor_errors"]["max_relative_rmse"] == 0.0
     # The validator notices a GGUF that does not belong to the reference.
     assert main(["validate", str(out / "fx-F32.gguf"), "--reference", make_fixture(seed=5)]) == 1
+
+
+def test_convert_shows_progress_unless_quiet_or_json(make_fixture, tmp_path):
+    src = make_fixture(layers=3, seed=9)
+    common = ["--quant", "Q8_0", "Q4_K_M", "--no-validate", "--name", "fx", "--work-dir", str(tmp_path / "w")]
+    shown = run("convert", src, "--output", str(tmp_path / "o1"), *common)
+    assert shown.returncode == 0, shown.stderr
+    stages = [line for line in shown.stderr.splitlines() if line.startswith("[")]
+    assert any("s] fetching " in s for s in stages) and any("] quantized 30 tensors" in s for s in stages)
+    assert any("] published Q4_K_M" in s for s in stages)
+    assert "quantize: 100%|" in shown.stderr and "30/30 [" in shown.stderr  # the bar, with elapsed<remaining
+    assert "latest: " in shown.stdout
+    quiet = run("convert", src, "--output", str(tmp_path / "o2"), "--quiet", *common)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    as_json = run("convert", src, "--output", str(tmp_path / "o3"), "--json", *common)
+    assert as_json.returncode == 0 and as_json.stderr == ""
+    assert set(json.loads(as_json.stdout)["releases"]) == {"Q8_0", "Q4_K_M"}
