@@ -44,6 +44,9 @@ def plot_tensor_errors(staged: Sequence[StagedTensor], title: str, path: str) ->
     if by_type:
         ax.set_yscale("log")
         ax.legend(title="type", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (-1: token embedding; last: output)")
     ax.set_ylabel("relative RMSE vs float32 source")
     ax.set_title(title)
