@@ -51,10 +51,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     resolve_engine(args.engine)
     if args.imatrix:
         load_imatrix(args.imatrix)
+    if args.lora and not args.source:
+        from so8t_core.lora import load_adapter
+
+        load_adapter(args.lora)
     if args.split_max_tensors < 0:
         raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
-        preflight(args.source)  # bad input fails here in a second, before the pipeline starts
+        preflight(args.source, args.lora)  # bad input fails here in a second, before the pipeline starts
     from flows.convert import convert
     from so8t_core import console
 
@@ -66,7 +70,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                          work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
                          split_max_size=split_bytes, tensor_types=args.tensor_type or [],
                          output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
-                         pure=args.pure, engine=args.engine, imatrix=args.imatrix)
+                         pure=args.pure, engine=args.engine, imatrix=args.imatrix,
+                         lora=args.lora)
     finally:
         console.disable()
     if args.quiet:
@@ -77,6 +82,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {result['source']}")
     print(f"  fingerprint  {result['fingerprint']}")
     print(f"  bake error   {result['max_bake_error']:.2e} (max over gated layers)")
+    if result.get("lora"):
+        lo = result["lora"]
+        print(f"  LoRA         {lo['uri']}: r={lo['r']}, alpha={lo['lora_alpha']:g}, scale {lo['scale']:.4g} "
+              f"({lo['scaling']}), merged into {len(lo['merged_tensors'])} tensors "
+              f"({', '.join(lo['effective_target_modules'])})")
     for quant, v in result["validation"].items():
         f = v.get("llama_cpp", {})
         print(f"  validated    {quant}: mean KLD {f.get('mean_kld', float('nan')):.3g}, "
@@ -190,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
     c.add_argument("--pure", action="store_true", help="no mix rules: every 2-D weight gets the default type")
     c.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
+    c.add_argument("--lora", metavar="ADAPTER_URI", help="merge a PEFT LoRA/rsLoRA adapter folder into the weights "
+                   "before baking")
     c.add_argument("--engine", default="auto", choices=["auto", "simd", "ggml", "torch"],
                    help="quantization engine (auto: torch on a GPU, else simd); all write the same bytes")
     c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")

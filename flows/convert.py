@@ -11,6 +11,7 @@ changed. Nothing reaches the output URI unless every validation gate passed, and
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
 from so8t_core.imatrix import load_imatrix
+from so8t_core.lora import apply_to_plan, load_adapter
 from so8t_core.plan import CHUNK_ELEMENTS
 from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
@@ -79,8 +81,11 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             work_dir: str | None = None, split_max_tensors: int = 0, split_max_size: int = 0,
             tensor_types: list[str] | None = None, output_tensor_type: str | None = None,
             token_embedding_type: str | None = None, pure: bool = False, engine: str = "auto",
-            imatrix: str | None = None) -> dict:
-    """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``."""
+            imatrix: str | None = None, lora: str | None = None) -> dict:
+    """Convert an SO8T checkpoint into validated GGUF files and publish them to ``output``.
+
+    ``lora``: a PEFT LoRA adapter folder merged into the weights before the bake; the release is
+    then that of the merged model (its fingerprint covers the adapter)."""
     log = get_run_logger()
 
     def say(msg: str, *args) -> None:  # the run's log, and the CLI's terminal when it shows progress
@@ -90,6 +95,8 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     # An importance matrix is read (and checked) once here; tasks get its URI and sha256.
     im = load_imatrix(imatrix) if imatrix else None
     im_ref = (im.uri, im.sha256) if im else None
+    adapter = load_adapter(lora) if lora else None
+    lora_ref = (adapter.uri, adapter.sha256) if adapter else None
     options = MixOptions(
         tensor_types=parse_tensor_types(tensor_types or []), pure=pure, has_imatrix=im is not None,
         output_tensor_type=ggml_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
@@ -109,6 +116,14 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     result = analyze_checkpoint(src)
     analysis, plan = result.analysis, result.plan
     say("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
+    fingerprint = src.fingerprint  # of what is released: the source, and the adapter merged into it
+    if adapter is not None:
+        plan = apply_to_plan(plan, adapter, redact_uri(source))
+        analysis = {**analysis, "lora": adapter.summary()}
+        fingerprint = hashlib.sha256(f"{src.fingerprint}|lora|{adapter.sha256}".encode()).hexdigest()
+        say("LoRA %s (r=%d, alpha=%g, scale %.4g, %s) merged into %d tensors: %s", redact_uri(adapter.uri),
+            adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
+            len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
 
     # Each quant is one of llama-quantize's mixes: its rules give every tensor a type.
     hp = analysis["hyperparameters"]
@@ -143,7 +158,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             running = {f for f in running if f.wrapped_future not in done}
             progress.update(len(futures) - len(running))
         future = quantize_tensor.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref,
-                                        threads)
+                                        threads, lora_ref)
         futures.append(future)
         running.add(future)
     staged_by_tensor = []
@@ -153,7 +168,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     say("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 
-    out_dir = os.path.join(work_dir, "runs", f"{name}-{src.fingerprint[:16]}")
+    out_dir = os.path.join(work_dir, "runs", f"{name}-{fingerprint[:16]}")
     os.makedirs(out_dir, exist_ok=True)
     split = Split(max_tensors=split_max_tensors, max_bytes=split_max_size)
     im_info = (im.uri, im.sha256, imatrix) if im else None
@@ -172,7 +187,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     validation_files = {}
     if run_validation:
         console.stage("validating in llama.cpp against the PyTorch reference")
-        reference = reference_logits(src, work_dir)
+        reference = reference_logits(src, work_dir, lora_ref)
         validate = validate_gguf.with_options(result_storage=Path(work_dir) / "results")
         for q in quants:
             validations[q] = validate(src, q, name, ggufs[q][0], staged[q], reference, im_info)
@@ -187,7 +202,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     bake_errors = {s.gguf_name: s.bake_error for s in staged[quants[0]] if s.bake_error is not None}
     max_bake_error = max(bake_errors.values(), default=0.0)
     artifacts.stats_tables(name, staged)
-    facts = dict(source=source, fingerprint=src.fingerprint, quants=quants, staged=staged,
+    facts = dict(source=source, fingerprint=fingerprint, quants=quants, staged=staged,
                   validations=validations, max_bake_error=max_bake_error)
     failed = {q: v["failures"] for q, v in validations.items() if not v["passed"]}
     if failed:
@@ -220,24 +235,27 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged[q]) for r in ggufs[q]}
         files[MODEL_CARD_NAME] = write_model_card(
             os.path.join(qdir, MODEL_CARD_NAME), name, analysis, files, n_params,
-            {q: validations[q]} if q in validations else {}, max_bake_error, src.fingerprint, CONVERTER,
+            {q: validations[q]} if q in validations else {}, max_bake_error, fingerprint, CONVERTER,
             ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots])
         manifest = {"name": name, "quant": q, "converter": CONVERTER, "source_fingerprint": src.fingerprint,
                     "validation": validations.get(q), "bake_errors": bake_errors,
                     "imatrix": None if im is None else {"sha256": im.sha256, "entries": len(im.entries),
                                                         "tensors_without_entry": uncovered}}
-        release = release_uri(output, name, src.fingerprint, q)
+        if adapter is not None:
+            manifest["lora"] = analysis["lora"]
+        release = release_uri(output, name, fingerprint, q)
         manifest_ref, uploaded = publish(files, release, manifest)
         releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in files.items()},
                        "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
         latest[q] = {"source_fingerprint": src.fingerprint,
-                     "release": f"{src.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
+                     "release": f"{fingerprint[:FINGERPRINT_CHARS]}/{q}/",
                      "gguf": os.path.basename(ggufs[q][0].uri)}
         say("published %s: %d of %d files uploaded to %s", q, uploaded, len(files), redact_uri(release))
     latest_ref = publish_latest(output, name, latest)
     artifacts.summary(name, **facts, releases=releases)
     artifacts.release_links(name, releases)
-    return {"name": name, "output": output, "source": source, "fingerprint": src.fingerprint,
+    return {"name": name, "output": output, "source": source, "fingerprint": fingerprint,
+            "source_fingerprint": src.fingerprint, "lora": analysis.get("lora"),
             "releases": releases, "latest": latest_ref.model_dump(), "validation": validations,
             "max_bake_error": max_bake_error, "analysis": analysis}
 

@@ -66,13 +66,16 @@ class ConvertParams(BaseModel):
     token_embedding_type: TensorType | None = Field(None, description="Type of token_embd.weight.")
     pure: bool = Field(False, description="No mix rules: every 2-D weight gets the mix's default type.")
     imatrix: str | None = Field(None, description="Importance matrix (llama-imatrix GGUF or legacy .dat).")
+    lora: str | None = Field(None, title="LoRA adapter", description="PEFT LoRA/rsLoRA adapter folder merged into "
+                                                                     "the weights before baking.")
 
     @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return upper_names(value)
 
-    @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", mode="before")
+    @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
@@ -88,4 +91,5 @@ class ConvertParams(BaseModel):
                     tensor_types=list(self.tensor_types) or None,
                     output_tensor_type=self.output_tensor_type.value if self.output_tensor_type else None,
                     token_embedding_type=self.token_embedding_type.value if self.token_embedding_type else None,
-                    pure=self.pure, engine=self.engine.value, imatrix=self.imatrix)
+                    pure=self.pure, engine=self.engine.value, imatrix=self.imatrix,
+                    lora=self.lora)

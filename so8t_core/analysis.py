@@ -30,13 +30,18 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
     return spec, structure, plan
 
 
-def preflight(uri: str) -> None:
-    """Everything checkable without reading the weights: files, headers, config, plan, gates.
+def preflight(uri: str, lora: str | None = None) -> None:
+    """Everything checkable without reading the weights: files, headers, config, plan, gates,
+    and that a LoRA adapter's pairs fit the model's weights.
 
     Catches most bad input in about a second, before a pipeline run starts.
     """
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
-    _, structure, _ = checkpoint_model(ckpt)
+    _, structure, plan = checkpoint_model(ckpt)
+    if lora:
+        from .lora import load_adapter
+
+        load_adapter(lora).bind(plan, ckpt.uri)
     for gate in structure.gates:
         checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
 

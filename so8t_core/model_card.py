@@ -114,6 +114,13 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
         lines.append(f"- Triality heads {heads} read the final normed hidden state; they are in "
                      f"`{name}.so8t-heads.gguf`, not in the model file (the task head is the LM head).")
     lines.append(f"- PET: {analysis['pet']}")
+    lora = analysis.get("lora")
+    if lora:
+        lines.append(f"- LoRA adapter merged before the bake (`W' = W + scale·B·A`, in float32): sha256 "
+                     f"`{lora['sha256']}`, r={lora['r']}, lora_alpha={lora['lora_alpha']:g}, scale "
+                     f"{lora['scale']:.6g} ({lora['scaling']}), on {len(lora['merged_tensors'])} tensors "
+                     f"({', '.join(f'`{m}`' for m in lora['effective_target_modules'])}). Validation compares "
+                     "against the reference with the same adapter merged.")
     for item in analysis["not_converted"]:
         lines.append(f"- Not converted: `{item['tensor']}` ({item['reason']}).")
     for item in analysis.get("stripped", []):

@@ -41,6 +41,7 @@ class TensorPlan(BaseModel):
     position: str | None = None
     bias_source: str | None = None  # o_proj bias, so the bake error covers the whole module
     values: tuple[float, ...] | None = None  # for "constant": tensors computed from config.json
+    lora: str | None = None  # sha256 of the LoRA pair merged into the source (W + scale·B@A) before the transform
 
     @property
     def n_elements(self) -> int:
@@ -55,6 +56,8 @@ class TensorPlan(BaseModel):
             parts += [f"gate={self.gate}", f"rotation={self.rotation}", f"position={self.position}"]
         if self.values is not None:
             parts.append("values=" + ",".join(repr(v) for v in self.values))
+        if self.lora is not None:
+            parts.append(f"lora={self.lora}")
         return ";".join(parts)
 
 

@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .checkpoint import Checkpoint
 from .constants import NOT_STORAGE_TYPES, QUANT_TYPES, QuantType
 from .errors import UnsupportedError
+from .lora import LoraAdapter, MergedReader
 from .metrics import ErrorStats
 from .plan import Materializer, TensorPlan
 from .refs import StagedTensor
@@ -153,8 +154,12 @@ def staging_key(source_sha256: Sequence[str], item: TensorPlan, qtype: GGMLQuant
 
 def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str, GGMLQuantizationType]],
                  staging_dir: str, source_sha256: Sequence[str], engine: str = "ggml",
-                 imatrix: np.ndarray | None = None, n_threads: int | None = None) -> list[StagedTensor]:
+                 imatrix: np.ndarray | None = None, n_threads: int | None = None,
+                 adapter: LoraAdapter | None = None) -> list[StagedTensor]:
     """Materialize one planned tensor (bake/permute), quantize it to each (quant, type) target, stage it.
+
+    An item marked with a LoRA pair (``item.lora``) reads its source with the adapter's delta
+    merged in, row chunk by row chunk, before the permutation or bake.
 
     The tensor streams through in row chunks: each chunk is read by byte range, transformed,
     quantized for every target, compared with its dequantization, and appended to the staged
@@ -176,7 +181,14 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
         t0 = time.perf_counter()
         outputs = {i: _StagedWriter(path) for i, _, _, _, path in todo}
         try:
-            materializer = Materializer(item, ckpt, ckpt.uri)
+            reader = ckpt
+            if item.lora is not None:
+                if adapter is None or adapter.pairs.get(item.source) is None \
+                        or adapter.pairs[item.source].sha256 != item.lora:
+                    raise UnsupportedError(item.gguf_name, "planned with a LoRA pair the given adapter does not have",
+                                           "pass the adapter the plan was made with")
+                reader = MergedReader(ckpt, adapter)
+            materializer = Materializer(item, reader, ckpt.uri)
             for _, chunk in materializer.chunks():
                 for i, _, qtype, weights, _ in todo:
                     raw = quantize(chunk, qtype, engine, weights, n_threads)

@@ -33,7 +33,9 @@ def _gate_fn(r: np.ndarray):
 
 
 class So8tReference:
-    def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None):
+    def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None, adapter=None):
+        """``adapter``: a :class:`so8t_core.lora.LoraAdapter` merged into the weights (W + scale·B@A),
+        so the reference is the model the conversion with ``--lora`` produces."""
         import torch
         import transformers
 
@@ -55,6 +57,13 @@ class So8tReference:
             raise RuntimeError(f"reference model mismatch: missing {missing}, unexpected {unexpected}")
         if spec.tied_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        if adapter is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for weight in adapter.pairs:
+                    if weight not in params:
+                        raise RuntimeError(f"reference model has no parameter {weight!r} for the LoRA adapter")
+                    params[weight].add_(torch.from_numpy(adapter.delta(weight)))
 
         position = self.structure.config.position if self.structure.config else None
         for gate in self.structure.gates:

@@ -22,17 +22,19 @@ from so8t_core.validation import (
     validation_token_ids,
 )
 
-from .common import open_checkpoint
+from .common import open_adapter, open_checkpoint
 
 
 @task(name="reference-logits")
-def reference_logits(source: SourceRef, work_dir: str) -> FileRef:
-    """Logits of the PyTorch SO8T reference (gates live) on the validation text; cached by fingerprint."""
-    path = os.path.join(work_dir, "reference", f"{source.fingerprint}.npz")
+def reference_logits(source: SourceRef, work_dir: str, lora: tuple[str, str] | None = None) -> FileRef:
+    """Logits of the PyTorch SO8T reference (gates live) on the validation text; cached by fingerprint
+    (and the LoRA adapter's sha256: with ``lora``, the reference has the adapter merged)."""
+    stem = source.fingerprint + (f"-lora-{lora[1][:32]}" if lora else "")
+    path = os.path.join(work_dir, "reference", f"{stem}.npz")
     if not os.path.exists(path):
         ckpt = open_checkpoint(source.uri, source.fingerprint)
         ids = validation_token_ids(ckpt)
-        logits = So8tReference(ckpt).logits(ids)
+        logits = So8tReference(ckpt, adapter=open_adapter(*lora) if lora else None).logits(ids)
         with local_atomic_file(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, token_ids=np.asarray(ids, dtype=np.int64), logits=logits)

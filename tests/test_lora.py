@@ -1,0 +1,215 @@
+"""--lora: a PEFT LoRA adapter is merged (W + scale·B@A) before the SO8T bake, validated against a
+reference with the same adapter merged, and cached per affected tensor."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import tasks.quantize
+from flows.convert import convert
+from published import gguf_path, release
+from so8t_core.analysis import checkpoint_model
+from so8t_core.checkpoint import Checkpoint
+from so8t_core.errors import CheckpointError, UnsupportedError
+from so8t_core.gguf_file import read_gguf
+from so8t_core.lora import MergedReader, load_adapter
+from so8t_core.reference import So8tReference
+from so8t_core.rotation import checked_rotation, fold_into_linear
+from so8t_core.validation import validation_token_ids
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=5)
+MODULES = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def write_adapter(dest, source, modules=MODULES, layers=(0, 1), r=4, alpha=8.0, rslora=False, seed=0,
+                  config=None, std=0.3):
+    """A PEFT-format adapter (what LoraModel.save_pretrained writes) with random A and B."""
+    ckpt = Checkpoint.open(source)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in layers:
+        for module in modules:
+            name = f"model.layers.{layer}.{module}"
+            out_f, in_f = ckpt.tensors[name + ".weight"].shape
+            tensors[f"base_model.model.{name}.lora_A.weight"] = (rng.standard_normal((r, in_f)) * std
+                                                                  ).astype(np.float32)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (rng.standard_normal((out_f, r)) * std
+                                                                  ).astype(np.float32)
+    os.makedirs(dest, exist_ok=True)
+    save_file(tensors, os.path.join(dest, "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "fan_in_fan_out": False,
+           "bias": "none", "use_dora": False, "modules_to_save": None, "task_type": "CAUSAL_LM",
+           "target_modules": sorted({m.split(".")[-1] for m in modules}), "base_model_name_or_path": source,
+           **(config or {})}
+    with open(os.path.join(dest, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(dest)
+
+
+def pair(adapter_dir, weight):
+    from safetensors.numpy import load_file
+
+    t = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    module = "base_model.model." + weight[: -len(".weight")]
+    return t[module + ".lora_A.weight"], t[module + ".lora_B.weight"]
+
+
+def test_scaling_lora_and_rslora(make_fixture, tmp_path):
+    src = make_fixture(**FIXTURE)
+    ckpt = Checkpoint.open(src)
+    w = "model.layers.0.self_attn.v_proj.weight"
+    for rslora, expect in ((False, 16.0 / 4), (True, 16.0 / math.sqrt(4))):
+        d = write_adapter(tmp_path / f"a{rslora}", src, alpha=16.0, rslora=rslora)
+        adapter = load_adapter(d)
+        assert adapter.scale == pytest.approx(expect)
+        a, b = pair(d, w)
+        merged = MergedReader(ckpt, adapter)
+        np.testing.assert_allclose(merged.read(w), ckpt.read(w) + expect * (b @ a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(merged.read_rows(w, 3, 9), (ckpt.read(w) + expect * (b @ a))[3:9],
+                                   rtol=1e-5, atol=1e-6)
+        summary = adapter.summary()
+        assert summary["effective_target_modules"] == ["o_proj", "q_proj", "v_proj"]
+        assert len(summary["merged_tensors"]) == 6 and summary["use_rslora"] is rslora
+
+
+@pytest.mark.parametrize("config,files,problem", [
+    ({"use_dora": True}, None, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    ({"bias": "all"}, None, "train biases"),
+    ({"fan_in_fan_out": True}, None, "fan_in_fan_out"),
+    (None, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 384), np.float32)}, "embedding"),
+    (None, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": np.zeros(64, np.float32)},
+     "trained bias"),
+    (None, {"base_model.model.lm_head.weight": np.zeros((384, 64), np.float32)}, "modules_to_save"),
+])
+def test_unsupported_adapters_are_refused_in_one_line(make_fixture, tmp_path, config, files, problem):
+    d = write_adapter(tmp_path / "a", make_fixture(**FIXTURE), config=config)
+    if files:
+        from safetensors.numpy import load_file
+
+        path = os.path.join(d, "adapter_model.safetensors")
+        save_file({**load_file(path), **files}, path)
+    with pytest.raises(UnsupportedError, match=problem) as err:
+        load_adapter(d)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_adapters_are_errors(make_fixture, tmp_path):
+    src = make_fixture(**FIXTURE)
+    _, _, plan = checkpoint_model(Checkpoint.open(src))
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        load_adapter(str(tmp_path))
+    d = write_adapter(tmp_path / "rank", src, config={"r": 8})
+    with pytest.raises(CheckpointError, match="r=8"):
+        load_adapter(d)
+    other = make_fixture(**{**FIXTURE, "hidden": 128, "intermediate": 256})
+    d = write_adapter(tmp_path / "shape", other)
+    with pytest.raises(CheckpointError, match="but the weight is"):
+        load_adapter(d).bind(plan, src)
+
+
+def test_merged_before_the_bake_and_validated_against_the_merged_reference(make_fixture, tmp_path):
+    src = make_fixture(**FIXTURE)
+    d = write_adapter(tmp_path / "adapter", src)
+    result = convert(source=src, output=str(tmp_path / "out"), quants=["F32"], work_dir=str(tmp_path / "w"),
+                     name="fx", lora=d)
+    f32 = result["validation"]["F32"]
+    assert f32["passed"], f32["failures"]
+    assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
+
+    # The adapter matters: the reference without it is far from the one with it.
+    ckpt = Checkpoint.open(src)
+    ids = validation_token_ids(ckpt)[:64]
+    plain, merged = So8tReference(ckpt).logits(ids), So8tReference(ckpt, adapter=load_adapter(d)).logits(ids)
+    assert np.abs(plain - merged).max() > 0.1
+
+    # Read the GGUF back: v_proj (neither permuted nor baked) is exactly W + scale·B@A,
+    # and o_proj is the bake of the merged weight (the merge came first).
+    g = read_gguf(str(gguf_path(tmp_path / "out", "fx", "F32")))
+    scale = 8.0 / 4
+    a, b = pair(d, "model.layers.1.self_attn.v_proj.weight")
+    want = ckpt.read("model.layers.1.self_attn.v_proj.weight") + scale * (b @ a)
+    np.testing.assert_allclose(g.dequantized(g.tensor("blk.1.attn_v.weight")), want,
+                               rtol=1e-5, atol=1e-6)
+    _, _, plan = checkpoint_model(ckpt)
+    item = next(p for p in plan if p.source == "model.layers.0.self_attn.o_proj.weight")
+    r = checked_rotation(ckpt.read(item.gate), item.rotation, src, item.gate)
+    a, b = pair(d, item.source)
+    baked, _ = fold_into_linear((ckpt.read(item.source) + scale * (b @ a)).astype(np.float64), None, r,
+                                item.position)
+    np.testing.assert_allclose(g.dequantized(g.tensor("blk.0.attn_output.weight")), baked,
+                               rtol=1e-4, atol=1e-5)
+
+    # The adapter is named in the result, the manifest and the model card.
+    lora = result["lora"]
+    assert lora["sha256"] == load_adapter(d).sha256 and lora["r"] == 4 and lora["scale"] == scale
+    assert lora["effective_target_modules"] == ["o_proj", "q_proj", "v_proj"]
+    rel = release(tmp_path / "out", "fx", "F32")
+    assert json.loads((rel / "manifest.json").read_text())["lora"]["sha256"] == lora["sha256"]
+    assert lora["sha256"] in (rel / "README.md").read_text()
+    assert result["fingerprint"] != result["source_fingerprint"]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    seen = []
+    real = tasks.quantize.stage_tensor
+
+    def counting(ckpt, item, *a, **kw):
+        seen.append(item.gguf_name)
+        return real(ckpt, item, *a, **kw)
+
+    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
+    return seen
+
+
+def test_changing_the_adapter_restages_only_the_tensors_it_touches(make_fixture, tmp_path, calls):
+    src = make_fixture(**FIXTURE)
+
+    def run(lora=None):
+        calls.clear()
+        convert(source=src, output=str(tmp_path / "out"), quants=["Q8_0"], run_validation=False,
+                work_dir=str(tmp_path / "w"), name="fx", lora=lora)
+        return sorted(calls)
+
+    touched = sorted(f"blk.{i}.{t}.weight" for i in (0, 1) for t in ("attn_q", "attn_v", "attn_output"))
+    assert len(run()) == 2 * 9 + 3
+    assert run(write_adapter(tmp_path / "a1", src)) == touched
+    assert run(write_adapter(tmp_path / "a2", src, alpha=4.0)) == touched  # new scale: every merged tensor
+    assert run(write_adapter(tmp_path / "a2", src, alpha=4.0)) == []  # same adapter again: nothing
+    # One pair changes: one tensor.
+    d = write_adapter(tmp_path / "a3", src, alpha=4.0)
+    from safetensors.numpy import load_file
+
+    path = os.path.join(d, "adapter_model.safetensors")
+    t = load_file(path)
+    t["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] *= 2
+    save_file(t, path)
+    assert run(d) == ["blk.1.attn_v.weight"]
+
+
+def test_an_adapter_that_targets_nothing_is_a_one_line_cli_error(make_fixture, tmp_path):
+    src = make_fixture(**FIXTURE)
+    # Its pairs name modules the model does not have (c_fc is GPT-2's MLP).
+    d = write_adapter(tmp_path / "a", src, modules=("self_attn.q_proj",), layers=(0,))
+    path = os.path.join(d, "adapter_model.safetensors")
+    from safetensors.numpy import load_file
+
+    save_file({k.replace("self_attn.q_proj", "mlp.c_fc"): v for k, v in load_file(path).items()}, path)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "convert", src, "--lora", d, "--output",
+                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "target no weight" in lines[0] and lines[0].startswith("so8t-gguf: error:")
