@@ -213,3 +213,20 @@ def test_an_adapter_that_targets_nothing_is_a_one_line_cli_error(make_fixture, t
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "target no weight" in lines[0] and lines[0].startswith("so8t-gguf: error:")
+
+
+def test_fused_phi3_modules_merge(make_fixture, tmp_path):
+    import shutil
+
+    # llama.cpp treats a vocabulary as Phi-3's by general.name, which comes from the folder name.
+    src = str(shutil.copytree(make_fixture(arch="phi3"), tmp_path / "tiny-phi3"))
+    # A delta of realistic size (std 0.3 makes q/k/v entries ~5 and llama.cpp's F16 KV cache the
+    # limit of agreement, though the merged weights stay exact).
+    d = write_adapter(tmp_path / "adapter", src, modules=("self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                          "self_attn.o_proj"), rslora=True, std=0.1)
+    result = convert(source=src, output=str(tmp_path / "out"), quants=["F32"], work_dir=str(tmp_path / "w"),
+                     name="fx", lora=d)
+    f32 = result["validation"]["F32"]
+    assert f32["passed"], f32["failures"]
+    assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
+    assert result["lora"]["effective_target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
