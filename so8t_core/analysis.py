@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint, default_cache_dir
 from .plan import TensorPlan, build_plan
 from .rotation import checked_rotation, gate_rotation
 from .so8t import So8tStructure, find_structure
+from .tokenizer import TEXT_FILES, check_tokenizer_files
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
 PET_NOTE = ("PET regularization is a training loss only (a second-order difference penalty on hidden "
@@ -44,6 +45,7 @@ def preflight(uri: str, lora: str | None = None) -> None:
         load_adapter(lora).bind(plan, ckpt.uri)
     for gate in structure.gates:
         checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
+    check_tokenizer_files({n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}, ckpt.uri)
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:

@@ -9,13 +9,14 @@ everything downstream (plan, metadata, reference forward) reads the spec.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import gguf
 
-from .errors import CheckpointError, UnsupportedError
+from .errors import CheckpointError, UnsupportedError, short_repr
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ModelSpec:
 def _int(config: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
     value = config.get(key, default)
     if type(value) is not int or value <= 0:
-        raise CheckpointError(where, f"config.json: {key} must be a positive integer, got {value!r}",
+        raise CheckpointError(where, f"config.json: {key} must be a positive integer, got {short_repr(value)}",
                               "fix config.json")
     return value
 
@@ -129,8 +130,48 @@ def _int(config: Mapping[str, Any], key: str, where: str, default: int | None = 
 def _number(config: Mapping[str, Any], key: str, where: str) -> float | None:
     value = config.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise CheckpointError(where, f"config.json: {key} must be a number, got {value!r}", "fix config.json")
+        raise CheckpointError(where, f"config.json: {key} must be a number, got {short_repr(value)}",
+                              "fix config.json")
     return None if value is None else float(value)
+
+
+# RoPE settings read as numbers (positive ones, and the others), and as lists of numbers.
+ROPE_POSITIVE = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                 "partial_rotary_factor")
+ROPE_NUMBERS = ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
+ROPE_LISTS = ("long_factor", "short_factor")
+
+
+def _check_rope(config: Mapping[str, Any], where: str) -> None:
+    """The RoPE block (rope_parameters / rope_scaling) holds what the converter computes with."""
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    # Top level: the keys rope_parameters() mirrors into the block.
+    blocks = [("", config, ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"))]
+    for key in ("rope_parameters", "rope_scaling"):
+        block = config.get(key)
+        if block is not None and not isinstance(block, Mapping):
+            raise CheckpointError(where, f"config.json: {key} must be an object, got {short_repr(block)}",
+                                  "fix config.json")
+        if block is not None:
+            blocks.append((f"{key}.", block, ROPE_POSITIVE + ROPE_NUMBERS + ROPE_LISTS + ("rope_type", "type")))
+    for prefix, block, keys in blocks:
+        for key in keys:
+            value = block.get(key)
+            if value is None:
+                continue
+            if key in ROPE_LISTS:
+                ok = isinstance(value, list) and all(number(v) for v in value)
+                need = "a list of numbers"
+            elif key in ("rope_type", "type"):
+                ok, need = isinstance(value, str), "a string"
+            else:
+                ok = number(value) and (key in ROPE_NUMBERS or value > 0)
+                need = "a number" if key in ROPE_NUMBERS else "a positive number"
+            if not ok:
+                raise CheckpointError(where, f"config.json: {prefix}{key} must be {need}, got {short_repr(value)}",
+                                      "fix config.json")
 
 
 def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,8 +198,9 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
                               'add e.g. "architectures": ["LlamaForCausalLM"]')
     hf_arch = archs[0]
     if hf_arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedError(where, f"base architecture {hf_arch} is not supported",
+        raise UnsupportedError(where, f"base architecture {hf_arch[:80]} is not supported",
                                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    _check_rope(config, where)
 
     config = with_transformers_defaults(config, hf_arch)
     hidden = _int(config, "hidden_size", where)

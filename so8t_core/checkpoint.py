@@ -73,8 +73,9 @@ class Checkpoint:
         config_bytes = storage.read_bytes(storage.join(uri, "config.json"))
         try:
             config = json.loads(config_bytes)
-        except ValueError as exc:
-            raise CheckpointError(storage.join(uri, "config.json"), f"not valid JSON ({exc})",
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[...]]]]"
+            problem = str(exc)[:200] if isinstance(exc, ValueError) else "nested too deeply"
+            raise CheckpointError(storage.join(uri, "config.json"), f"not valid JSON ({problem})",
                                   "fix or re-save config.json") from None
         if not isinstance(config, dict):
             raise CheckpointError(storage.join(uri, "config.json"), "must be a JSON object", "")
@@ -152,7 +153,10 @@ class Checkpoint:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a tensor (first axis) as float32: one byte-range read."""
         e = self.entry(name)
-        row_bytes = e.nbytes // e.shape[0]
+        if not e.shape or not 0 <= start <= stop <= e.shape[0]:
+            raise CheckpointError(e.file, f"tensor {name!r} of shape {list(e.shape)} has no rows {start}:{stop}",
+                                  "config.json and the weights disagree")
+        row_bytes = e.nbytes // e.shape[0] if e.shape[0] else 0
         try:
             raw = storage.read_bytes(e.file, e.start + start * row_bytes, e.start + stop * row_bytes)
         except StorageError as exc:
@@ -220,7 +224,7 @@ def _read_index(uri: str, index_name: str) -> dict[str, str]:
         index = json.loads(storage.read_bytes(where))
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict) and weight_map
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise CheckpointError(where, "not a valid index (needs a non-empty \"weight_map\" object)",
                               "re-save the checkpoint") from None
     for name, shard in weight_map.items():
@@ -230,6 +234,11 @@ def _read_index(uri: str, index_name: str) -> dict[str, str]:
             raise CheckpointError(where, f"tensor {name!r} points to {shard!r}, outside the checkpoint folder",
                                   "shard names must be plain file names in the same folder")
     return weight_map
+
+
+# What torch.load says when a storage's declared size and its data disagree (legacy
+# pickles allocate the declared size first; zip archives compare it with the record).
+_STORAGE_SIZE_ERRORS = ("can't allocate memory", "storage has wrong byte size", "does not match expected size")
 
 
 def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
@@ -246,8 +255,18 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     try:
         with fs.open(path, "rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, MemoryError, ...
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = lines[0] if lines else type(exc).__name__
+        if first.startswith("Weights only load failed"):  # generic; the reason is on a later line
+            first = next((line for line in lines[1:] if not line.startswith("Check the documentation")), first)
+            first = first.split(" Please use")[0]  # torch's advice to allow-list the global: not ours to give
+        if isinstance(exc, MemoryError) or any(s in first for s in _STORAGE_SIZE_ERRORS):
+            # A storage whose declared size is not what the file holds: torch tried (and
+            # failed) to allocate the declared size, or read fewer bytes than it declares.
+            raise CheckpointError(bin_uri, "refused to load: a tensor storage declares a size the file does not "
+                                           "hold (corrupt or crafted pickle)",
+                                  "re-download the file, or convert it to safetensors") from None
         raise CheckpointError(bin_uri, f"refused to load: not a plain tensor pickle ({first[:200]})",
                               "only weights_only=True pickles are accepted; convert it to safetensors") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -8,6 +8,12 @@ and exits non-zero; anything else is a bug in so8t-gguf and keeps its traceback.
 from __future__ import annotations
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """A value from an input file, for a message: its repr, cut short (corrupt input can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class So8tError(Exception):
     """A problem with the input or the environment, reported as one line."""
 

@@ -166,7 +166,37 @@ class GGUFContents:
         return tuple(int(d) for d in reversed(t.shape.tolist()))
 
     def dequantized(self, t: gguf.ReaderTensor) -> np.ndarray:
+        if not t.n_elements:  # a zero-sized dimension (ggml allows it; gguf-py cannot dequantize it)
+            return np.zeros(self.numpy_shape(t), dtype=np.float32)
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.numpy_shape(t)).astype(np.float32, copy=False)
+
+
+# Metadata arrays longer than this are refused: the largest vocabularies hold a few hundred
+# thousand tokens, and gguf-py keeps one small numpy array per item.
+MAX_ARRAY_ITEMS = 1 << 22
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader with the bounds checks llama.cpp's loader has and gguf-py lacks.
+
+    gguf-py returns a short (or empty) array for a read past the end of the file, so an
+    array whose count runs past the end loops for ever on empty reads; here such a read
+    is an error, and so is an array longer than :data:`MAX_ARRAY_ITEMS`.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
+            raise ValueError(f"{int(count)} x {np.dtype(dtype).name} at byte {int(offset)} run past the end of "
+                             f"the {len(self.data)}-byte file")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            n_items = int(self._get(orig_offs + 4, np.uint64)[0])
+            if n_items > MAX_ARRAY_ITEMS:
+                raise ValueError(f"metadata array at byte {orig_offs} declares {n_items} items "
+                                 f"(at most {MAX_ARRAY_ITEMS})")
+        return super()._get_field_parts(orig_offs, raw_type)
 
 
 def read_gguf(path: str) -> GGUFContents:
@@ -180,7 +210,10 @@ def read_gguf(path: str) -> GGUFContents:
         raise ValidationError(path, f"not a GGUF file (starts with {magic!r}; looks like {looks})",
                               "a real GGUF starts with the bytes 'GGUF'; re-convert the model")
     try:
-        return GGUFContents(path, gguf.GGUFReader(path))
+        reader = _CheckedReader(path)
+        for field in reader.fields.values():
+            field.contents()  # decode every value now (e.g. strings that are not UTF-8), not when first used
+        return GGUFContents(path, reader)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct.error on corrupt files
         raise ValidationError(path, f"corrupt GGUF file ({type(exc).__name__}: {str(exc)[:160]})",
                               "re-convert the model") from None

@@ -68,12 +68,23 @@ def size(uri: str) -> int:
         raise StorageError(uri, "file not found") from None
 
 
-def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
-    fs, path = resolve(uri)
+@contextmanager
+def _file_errors(uri: str) -> Iterator[None]:
+    """A file that is missing, a folder, or not ours to read: one-line errors naming it."""
     try:
-        data = fs.cat_file(path, start=start, end=end)
+        yield
     except FileNotFoundError:
         raise StorageError(uri, "file not found") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise StorageError(uri, "is a folder, not a file", "check the path") from None
+    except PermissionError:
+        raise StorageError(uri, "permission denied", "check the file's permissions, or the credentials") from None
+
+
+def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
+    fs, path = resolve(uri)
+    with _file_errors(uri):
+        data = fs.cat_file(path, start=start, end=end)
     if start is not None and end is not None and len(data) != end - start:
         raise StorageError(uri, f"short read: wanted bytes {start}..{end}, got {len(data)}",
                            "the file changed or is truncated")
@@ -99,7 +110,7 @@ def identity(uri: str) -> str | None:
 def sha256_of(uri: str) -> str:
     fs, path = resolve(uri)
     h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
+    with _file_errors(uri), fs.open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()

@@ -140,16 +140,40 @@ def _text(files: Mapping[str, bytes], name: str, where: str) -> str:
                               "re-save the file as UTF-8") from None
 
 
-def _json(files: Mapping[str, bytes], name: str, where: str) -> dict | None:
-    """The parsed JSON object of ``name``, or None when the file is absent."""
-    if name not in files:
-        return None
+def _parse_json(files: Mapping[str, bytes], name: str, where: str) -> Any:
     try:
-        obj = json.loads(_text(files, name, where))
+        return json.loads(_text(files, name, where))
     except json.JSONDecodeError as e:
         raise CheckpointError(posixpath.join(where, name),
                               f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
                               "re-download the tokenizer files of the checkpoint") from None
+    except (ValueError, RecursionError) as e:  # huge integers; "[[[[...]]]]"
+        problem = str(e)[:120] if isinstance(e, ValueError) else "nested too deeply"
+        raise CheckpointError(posixpath.join(where, name), f"not valid JSON ({problem})",
+                              "re-download the tokenizer files of the checkpoint") from None
+
+
+# Tokenizer files that are text: JSON documents, and the chat template (tokenizer.model is protobuf).
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+              "added_tokens.json", "chat_template.jinja")
+
+
+def check_tokenizer_files(files: Mapping[str, bytes], where: str) -> None:
+    """Refuse tokenizer files that are not UTF-8 text or not JSON, before any conversion work.
+
+    Only what every reader of these files needs; whether llama.cpp can reproduce the
+    tokenizer is decided when the metadata is built (:func:`tokenizer_metadata`).
+    """
+    for name in TEXT_FILES:
+        if name in files:
+            _text(files, name, where) if name.endswith(".jinja") else _parse_json(files, name, where)
+
+
+def _json(files: Mapping[str, bytes], name: str, where: str) -> dict | None:
+    """The parsed JSON object of ``name``, or None when the file is absent."""
+    if name not in files:
+        return None
+    obj = _parse_json(files, name, where)
     if not isinstance(obj, dict):
         raise CheckpointError(posixpath.join(where, name), f"expected a JSON object, found {type(obj).__name__}")
     return obj

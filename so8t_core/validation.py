@@ -116,13 +116,23 @@ def validation_token_ids(ckpt: Checkpoint) -> list[int]:
     """The fixed validation text tokenized by the checkpoint's own (Hugging Face) tokenizer."""
     from tokenizers import Tokenizer
 
+    from .tokenizer import check_tokenizer_files
+
     raw = ckpt.read_file("tokenizer.json")
     if raw is None:
         raise CheckpointError(ckpt.uri, "missing tokenizer.json", "copy the tokenizer files into the checkpoint")
-    tok = Tokenizer.from_str(raw.decode("utf-8"))
-    ids = tok.encode(VALIDATION_TEXT, add_special_tokens=False).ids
     cfg_raw = ckpt.read_file("tokenizer_config.json")
+    check_tokenizer_files({"tokenizer.json": raw, **({"tokenizer_config.json": cfg_raw} if cfg_raw else {})},
+                          ckpt.uri)  # UTF-8 JSON, or a one-line error naming the file
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{ckpt.uri}/tokenizer.json", f"the Hugging Face tokenizer cannot be loaded "
+                                                            f"({reason[:160]})", "check tokenizer.json") from None
+    ids = tok.encode(VALIDATION_TEXT, add_special_tokens=False).ids
     tcfg = json.loads(cfg_raw) if cfg_raw else {}
+    tcfg = tcfg if isinstance(tcfg, dict) else {}
     bos = ckpt.config.get("bos_token_id")
     if tcfg.get("add_bos_token") and isinstance(bos, int):
         ids = [bos] + ids
