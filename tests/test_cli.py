@@ -1,6 +1,7 @@
 """The command line as a user meets it: bad input gives one line and exit 2, never a traceback."""
 
 import json
+import re
 import os
 import shutil
 import struct
@@ -13,6 +14,9 @@ import pytest
 BIN = os.path.join(os.path.dirname(sys.executable), "so8t-gguf")
 
 
+PROGRESS_LINE = re.compile(r"^(\[\s*\d+\.\ds\] |quantize: )")
+
+
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     # As from a user's shell: the test session's Prefect log level is not inherited.
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}
@@ -22,7 +26,8 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # Progress (a line per stage, the tensor bar) may come before the error: the error is one line.
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("so8t-gguf: error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
