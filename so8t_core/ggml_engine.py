@@ -75,15 +75,23 @@ def dequantize_rows(raw, qtype: GGMLQuantizationType, n_per_row: int, n_threads:
     def run(start: int, stop: int) -> None:
         to_float(buf[start * rsize:].ctypes.data, out[start].ctypes.data, (stop - start) * n_per_row)
 
-    n_threads = max(1, n_threads or os.cpu_count() or 1)
-    if n_threads == 1 or nrows < 2:
-        if nrows:
-            run(0, nrows)
-    else:
-        chunk = max(1, -(-nrows // (n_threads * CHUNKS_PER_THREAD)))
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            list(pool.map(lambda s: run(s, min(nrows, s + chunk)), range(0, nrows, chunk)))
+    run_row_chunks(nrows, n_threads, run)
     return out
+
+
+def run_row_chunks(nrows: int, n_threads: int | None, run) -> None:
+    """Call ``run(start, stop)`` over rows ``[0, nrows)``: in one call on one thread, else in
+    ``CHUNKS_PER_THREAD`` chunks per thread handed out dynamically. The C code behind ``run``
+    releases the GIL, so the threads run in parallel."""
+    n_threads = max(1, n_threads or os.cpu_count() or 1)
+    if nrows == 0:
+        return
+    if n_threads == 1 or nrows < 2:
+        run(0, nrows)
+        return
+    chunk = max(1, -(-nrows // (n_threads * CHUNKS_PER_THREAD)))
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        list(pool.map(lambda start: run(start, min(nrows, start + chunk)), range(0, nrows, chunk)))
 
 
 def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
@@ -122,12 +130,5 @@ def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.nda
         if written != (stop - start) * rsize:
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {(stop - start) * rsize}")
 
-    n_threads = max(1, n_threads or os.cpu_count() or 1)
-    if n_threads == 1 or nrows < 2:
-        run(0, nrows)
-    else:
-        chunk = max(1, -(-nrows // (n_threads * CHUNKS_PER_THREAD)))
-        ranges = [(s, min(nrows, s + chunk)) for s in range(0, nrows, chunk)]
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            list(pool.map(lambda r: run(*r), ranges))
+    run_row_chunks(nrows, n_threads, run)
     return out.data  # the buffer itself: no copy of what can be a large tensor

@@ -46,15 +46,19 @@ def manifest_document(files: Mapping[str, FileRef], extra: Mapping[str, Any]) ->
     return {**extra, "files": {n: {"sha256": r.sha256, "size": r.size} for n, r in sorted(files.items())}}
 
 
-def read_manifest(release: str) -> dict | None:
-    """A release's manifest, or None when the release is absent or incomplete."""
-    uri = storage.join(release, MANIFEST_NAME)
+def _read_json(uri: str) -> dict | None:
+    """A JSON record, or None when it is absent or unreadable (then it does not count)."""
     if not storage.exists(uri):
         return None
     try:
         return json.loads(storage.read_bytes(uri))
     except (ValueError, StorageError):
         return None
+
+
+def read_manifest(release: str) -> dict | None:
+    """A release's manifest, or None when the release is absent or incomplete."""
+    return _read_json(storage.join(release, MANIFEST_NAME))
 
 
 def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[str, Any]) -> tuple[FileRef, int]:
@@ -103,13 +107,7 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
 
 def read_latest(dest: str, model: str) -> dict | None:
     """``<dest>/<model>/latest.json``, or None when nothing was published for ``model``."""
-    uri = storage.join(dest, model, LATEST_NAME)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (ValueError, StorageError):
-        return None
+    return _read_json(storage.join(dest, model, LATEST_NAME))
 
 
 def latest_release(dest: str, model: str, quant: str) -> str | None:

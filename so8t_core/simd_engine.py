@@ -17,11 +17,11 @@ with ``ggml_engine``.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .ggml_engine import run_row_chunks
 
 try:
     from so8t_core import _kquants
@@ -108,14 +108,5 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, n_threads: int | No
         if written != (stop - start) * rsize:
             raise RuntimeError(f"_kquants wrote {written} bytes, expected {(stop - start) * rsize}")
 
-    n_threads = max(1, n_threads or os.cpu_count() or 1)
-    if nrows == 0:
-        pass
-    elif n_threads == 1 or nrows < 2:
-        run(0, nrows)
-    else:
-        chunk = max(1, -(-nrows // (n_threads * CHUNKS_PER_THREAD)))
-        ranges = [(s, min(nrows, s + chunk)) for s in range(0, nrows, chunk)]
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            list(pool.map(lambda r: run(*r), ranges))
+    run_row_chunks(nrows, n_threads, run)
     return out.data  # the buffer itself: no copy of what can be a large tensor
