@@ -10,9 +10,9 @@ changed. Nothing reaches the output URI unless every validation gate passed, and
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
+import queue
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -36,6 +36,8 @@ from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish, publish_latest, write_model_card, write_stats_parquet
 from tasks.quantize import quantize_tensor
 from tasks.validate import reference_logits, validate_gguf
+
+from flows.runners import task_slots
 
 DEFAULT_QUANTS = ("Q8_0",)
 # Per tensor in flight, per row chunk: the source bytes, their float32 form, the quantized
@@ -110,25 +112,29 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     # Quantize: one task per tensor, at most `limit` tensors in memory at once.
     # Tensors stream through in row chunks: what a task holds is bounded by the chunk size.
     largest = min(max(p.n_elements for p in plan), CHUNK_ELEMENTS) * 4
-    cpus = os.cpu_count() or 2
-    limit = tensors_in_flight(max_memory_gb, largest, cpus)
-    threads = max(1, cpus // limit)  # tensors in parallel × threads per tensor = the CPUs
+    # The runner says how many tasks to keep in flight: the CPUs (threads), or twice the
+    # worker threads of a Dask cluster, which also fixes the quantizer's threads per task.
+    slots, threads = task_slots()
+    limit = tensors_in_flight(max_memory_gb, largest, slots)
+    threads = threads or max(1, slots // limit)  # tensors in parallel × threads per tensor = the CPUs
     # Cache records live beside the staged tensors they point to: clearing the work
     # directory clears both.
     quantize = quantize_tensor.with_options(result_storage=Path(work_dir) / "results")
     # A new task starts as soon as any running one finishes (not the oldest: a big tensor
     # would otherwise leave the other CPUs idle behind it).
-    futures, running = [], set()
+    # Every future puts itself on `finished` when it ends, whatever the runner (thread or
+    # Dask futures), so waiting for "any one" is a get().
+    futures, finished, running = [], queue.SimpleQueue(), 0
     for i, item in enumerate(plan):
-        if len(running) >= limit:
-            done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            running = {f for f in running if f.wrapped_future not in done}
+        if running >= limit:
+            finished.get()
+            running -= 1
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
         future = quantize.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref, threads)
+        future.add_done_callback(finished.put)
         futures.append(future)
-        running.add(future)
+        running += 1
     staged_by_tensor = [f.result() for f in futures]
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     log.info("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)

@@ -48,3 +48,7 @@ class StorageError(So8tError):
 
 class ValidationError(So8tError):
     """A produced GGUF failed a validation gate; it is not published."""
+
+
+class ClusterError(So8tError):
+    """The Dask cluster to run on cannot be reached or has no workers."""

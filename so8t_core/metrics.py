@@ -171,10 +171,12 @@ class ErrorStats:
             r = ref_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
             a = app_flat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
             e = a - r
-            self.sum_ref2 += float(np.dot(r, r))
-            self.sum_app2 += float(np.dot(a, a))
-            self.sum_err2 += float(np.dot(e, e))
-            self.dot += float(np.dot(r, a))
+            # einsum, not np.dot: BLAS's dot product rounds differently with its thread count
+            # (Dask workers run BLAS single-threaded), einsum the same in every process.
+            self.sum_ref2 += float(np.einsum("i,i->", r, r))
+            self.sum_app2 += float(np.einsum("i,i->", a, a))
+            self.sum_err2 += float(np.einsum("i,i->", e, e))
+            self.dot += float(np.einsum("i,i->", r, a))
             chunk_max = float(np.max(np.abs(e)))
             if chunk_max > self.max_abs or math.isnan(chunk_max):
                 self.max_abs = chunk_max
