@@ -26,6 +26,7 @@ def _quiet_prefect(verbose: bool) -> None:
         # traceback) stays in the run's logs on a server, and shows here with -v.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # --runner dask: the cluster's own logs
 
 
 def _print_json(obj: Any) -> None:
@@ -59,19 +60,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
         preflight(args.source, args.lora)  # bad input fails here in a second, before the pipeline starts
-    from flows.convert import convert
+    from flows.runners import convert_with
     from so8t_core import console
 
     if not (args.quiet or args.json):
         console.enable()
     try:
-        result = convert(source=args.source, output=args.output, quants=args.quant or ["Q8_0"],
-                         run_validation=not args.no_validate, name=args.name, max_memory_gb=args.max_memory,
-                         work_dir=args.work_dir, split_max_tensors=args.split_max_tensors,
-                         split_max_size=split_bytes, tensor_types=args.tensor_type or [],
-                         output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
-                         pure=args.pure, engine=args.engine, imatrix=args.imatrix,
-                         lora=args.lora)
+        # A bad --dask-address fails here, before the run starts.
+        result = convert_with(args.runner, args.dask_address, source=args.source, output=args.output,
+                              quants=args.quant or ["Q8_0"], run_validation=not args.no_validate, name=args.name,
+                              max_memory_gb=args.max_memory, work_dir=args.work_dir,
+                              split_max_tensors=args.split_max_tensors, split_max_size=split_bytes,
+                              tensor_types=args.tensor_type or [], output_tensor_type=args.output_tensor_type,
+                              token_embedding_type=args.token_embedding_type, pure=args.pure, engine=args.engine,
+                              imatrix=args.imatrix, lora=args.lora)
     finally:
         console.disable()
     if args.quiet:
@@ -210,7 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-max-size", metavar="SIZE", help="split each GGUF into files of at most SIZE (e.g. 2G)")
     c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
                    help="split each GGUF into files of at most N tensors")
-    c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work)")
+    c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work); with --dask-address, "
+                   "a path every worker sees (e.g. NFS) at the same place")
+    c.add_argument("--runner", default="threads", choices=["threads", "dask"],
+                   help="where the per-tensor quantize tasks run: a thread pool (default) or Dask (a local "
+                        "multi-process cluster, or the one at --dask-address)")
+    c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                   help="with --runner dask: an existing Dask scheduler; its workers need this project installed "
+                        "and the source and --work-dir at the same paths (see docs/scaling.md)")
     c.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status "
                    "says how it went (errors still print one line)")

@@ -1,6 +1,6 @@
 """The conversion pipeline as a Prefect flow.
 
-    fetch → analyze → quantize (one task per tensor, in parallel) → assemble → validate → publish
+    fetch → analyze → quantize (one task per tensor, small ones batched; in parallel) → assemble → validate → publish
 
 Tasks exchange references (URIs, sha256, sizes), never arrays. Quantized tensors are
 staged content-addressed under the work directory, so a re-run redoes only what
@@ -10,10 +10,10 @@ changed. Nothing reaches the output URI unless every validation gate passed, and
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
+import queue
 from pathlib import Path
 
 from gguf import GGMLQuantizationType
@@ -29,7 +29,7 @@ from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
 from so8t_core.imatrix import load_imatrix
 from so8t_core.lora import apply_to_plan, load_adapter
-from so8t_core.plan import CHUNK_ELEMENTS
+from so8t_core.plan import CHUNK_ELEMENTS, quantize_batches
 from so8t_core.publish import FINGERPRINT_CHARS, release_uri
 from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
 from so8t_core.report import redact_uri
@@ -39,8 +39,10 @@ from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish, publish_latest, write_model_card, write_plots, write_stats_parquet
-from tasks.quantize import quantize_tensor
+from tasks.quantize import quantize_tensors
 from tasks.validate import reference_logits, validate_gguf
+
+from flows.runners import task_slots
 
 DEFAULT_QUANTS = ("Q8_0",)
 PLOT_CAPTIONS = {"errors": "{quant}: relative RMSE of each quantized tensor against its float32 source, by layer",
@@ -132,39 +134,54 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
     names_shapes = [(p.gguf_name, p.shape) for p in plan]
     types = {q: assign_types(names_shapes, quant_type(q), shape, options) for q in quants}
 
-    # Quantize: one task per tensor, at most `limit` tensors in memory at once.
+    # Quantize: one task per tensor (small ones share one), at most `limit` tasks at once.
     # Tensors stream through in row chunks: what a task holds is bounded by the chunk size.
     largest = min(max(p.n_elements for p in plan), CHUNK_ELEMENTS) * 4
-    cpus = os.cpu_count() or 2
-    limit = tensors_in_flight(max_memory_gb, largest, cpus)
-    threads = max(1, cpus // limit)  # tensors in parallel × threads per tensor = the CPUs
-    # A new task starts as soon as any running one finishes (not the oldest: a big tensor
-    # would otherwise leave the other CPUs idle behind it).
-    futures, running = [], set()
-    progress = artifacts.QuantizeProgress(name, len(plan))
+    # The runner says how many tasks to keep in flight: the CPUs (threads), or twice the
+    # worker threads of a Dask cluster, which also fixes the quantizer's threads per task.
+    slots, threads = task_slots()
+    limit = tensors_in_flight(max_memory_gb, largest, slots)
+    threads = threads or max(1, slots // limit)  # tensors in parallel × threads per tensor = the CPUs
+    staged_by_tensor: list = [None] * len(plan)
+    to_quantize = []  # (position in plan, source sha256s, targets)
     for i, item in enumerate(plan):
         shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
         targets = [(q, types[q][i].name) for q in quants]
         # Already staged by an earlier run (content-addressed, same inputs): no task needed.
         weights = im.for_tensor(item.gguf_name, item.shape[-1]) if im and len(item.shape) == 2 else None
-        done_before = find_staged(item, [(q, GGMLQuantizationType[t]) for q, t in targets], staging_dir, shas,
-                                  weights)
-        if done_before is not None:
-            futures.append(done_before)
-            continue
+        staged_by_tensor[i] = find_staged(item, [(q, GGMLQuantizationType[t]) for q, t in targets], staging_dir,
+                                          shas, weights)
+        if staged_by_tensor[i] is None:
+            to_quantize.append((i, shas, targets))
+    progress = artifacts.QuantizeProgress(name, len(plan))
+    done = len(plan) - len(to_quantize)
+    progress.update(done)
+    # A new task starts as soon as any running one finishes (not the oldest: a big tensor
+    # would otherwise leave the other CPUs idle behind it). Every future puts itself on
+    # `finished` when it ends, whatever the runner (thread or Dask futures), so waiting for
+    # "any one" is a get().
+    finished, running = queue.SimpleQueue(), {}  # running: future → its tensors' positions
+
+    def wait_for_one() -> None:
+        nonlocal done
+        future = finished.get()
+        positions = running.pop(future)
+        for i, staged_tensor in zip(positions, future.result(), strict=True):
+            staged_by_tensor[i] = staged_tensor
+        done += len(positions)
+        progress.update(done)
+
+    for batch in quantize_batches([plan[i].n_elements for i, _, _ in to_quantize]):
         if len(running) >= limit:
-            done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            running = {f for f in running if f.wrapped_future not in done}
-            progress.update(len(futures) - len(running))
-        future = quantize_tensor.submit(src.uri, src.fingerprint, item, shas, targets, staging_dir, engine, im_ref,
-                                        threads, lora_ref)
-        futures.append(future)
-        running.add(future)
-    staged_by_tensor = []
-    for f in futures:
-        staged_by_tensor.append(f if isinstance(f, list) else f.result())
-        progress.update(max(len(staged_by_tensor), len(futures) - len(running)))
+            wait_for_one()
+        jobs = [to_quantize[j] for j in batch]
+        future = quantize_tensors.submit(src.uri, src.fingerprint, [plan[i] for i, _, _ in jobs],
+                                         [shas for _, shas, _ in jobs], [targets for _, _, targets in jobs],
+                                         staging_dir, engine, im_ref, threads, lora_ref)
+        running[future] = [i for i, _, _ in jobs]
+        future.add_done_callback(finished.put)
+    while running:
+        wait_for_one()
     staged = {q: [per_tensor[i] for per_tensor in staged_by_tensor] for i, q in enumerate(quants)}
     say("quantized %d tensors into %s with the %s engine", len(plan), ", ".join(quants), engine)
 

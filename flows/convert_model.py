@@ -3,15 +3,17 @@
 ``flows.convert.convert`` keeps plain parameters for Python callers and the CLI; this flow
 takes a :class:`~flows.params.ConvertParams` instead, so that the Prefect UI shows a form with
 the quant mixes and engines to choose from and the server refuses a bad value before a run
-is created. It runs ``convert`` as a subflow (one run per conversion, as from the CLI).
+is created. It runs ``convert`` as a subflow (one run per conversion, as from the CLI), on the
+runner the form names (a thread pool, or a Dask cluster: ``flows/runners.py``).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import convert, default_name
+from flows.convert import default_name
 from flows.params import ConvertParams
+from flows.runners import convert_with
 from so8t_core.demo import DEMO_NAME
 
 
@@ -23,5 +25,5 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
     name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
-    result = convert.with_options(flow_run_name=name)(**params.convert_kwargs())
+    result = convert_with(params.runner.value, params.dask_address, flow_run_name=name, **params.convert_kwargs())
     return {k: v for k, v in result.items() if k != "analysis"}

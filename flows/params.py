@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.runners import RUNNERS
 from so8t_core.constants import QUANT_TYPES
 from so8t_core.quantize import ENGINES, SUPPORTED_TENSOR_TYPES
 
@@ -25,6 +26,9 @@ Engine.__doc__ = "Quantization engine; every engine writes the same bytes (auto:
 # Tensor types an override may name (--output-tensor-type, --token-embedding-type).
 TensorType = Enum("TensorType", {t.name: t.name for t in SUPPORTED_TENSOR_TYPES}, type=str, module=__name__)
 TensorType.__doc__ = "A GGML tensor type so8t-gguf writes."
+# Where the quantize tasks run (flows/runners.py).
+Runner = Enum("Runner", {name: name for name in RUNNERS}, type=str, module=__name__)
+Runner.__doc__ = "Where the per-tensor quantize tasks run: a thread pool, or a Dask cluster; same bytes."
 
 
 def upper_names(value: Any) -> Any:
@@ -68,20 +72,26 @@ class ConvertParams(BaseModel):
     imatrix: str | None = Field(None, description="Importance matrix (llama-imatrix GGUF or legacy .dat).")
     lora: str | None = Field(None, title="LoRA adapter", description="PEFT LoRA/rsLoRA adapter folder merged into "
                                                                      "the weights before baking.")
+    runner: Runner = Field(Runner.threads, description="Where the quantize tasks run: a thread pool on the worker, "
+                                                       "or Dask (a local cluster, or the one at the address).")
+    dask_address: str | None = Field(None, pattern=r"^\s*[a-z]+://\S+\s*$", title="Dask scheduler",
+                                     description="With runner dask: an existing scheduler (tcp://host:8786) whose "
+                                                 "workers see the source and work_dir at the same paths.")
 
     @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return upper_names(value)
 
-    @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora",
+    @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora", "dask_address",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
 
     def convert_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``flows.convert.convert`` for these parameters."""
+        """The keyword arguments of ``flows.convert.convert`` for these parameters (the runner is
+        not one: it is chosen when the flow is called, ``flows.runners.convert_with``)."""
         from so8t_core.gguf_file import parse_split_size
 
         return dict(source=self.source, output=self.output, quants=[q.value for q in self.quants],

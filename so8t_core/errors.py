@@ -58,3 +58,7 @@ class ValidationError(So8tError):
 
 class CatalogError(So8tError):
     """A catalog of models to (re-)quantize is unreadable or invalid, or some of its models failed."""
+
+
+class ClusterError(So8tError):
+    """The Dask cluster to run on cannot be reached or has no workers."""

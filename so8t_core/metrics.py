@@ -181,8 +181,10 @@ class ErrorStats:
             else:
                 r, a = r.astype(np.float64), a.astype(np.float64)
                 e = a - r
-                ref2, app2, err2, dot = (float(np.dot(r, r)), float(np.dot(a, a)), float(np.dot(e, e)),
-                                         float(np.dot(r, a)))
+                # einsum, not np.dot: BLAS's dot product rounds differently with its thread count
+                # (Dask workers run BLAS single-threaded), einsum the same in every process.
+                ref2, app2, err2, dot = (float(np.einsum("i,i->", r, r)), float(np.einsum("i,i->", a, a)),
+                                         float(np.einsum("i,i->", e, e)), float(np.einsum("i,i->", r, a)))
                 chunk_max = float(np.max(np.abs(e)))
             self.sum_ref2 += ref2
             self.sum_app2 += app2

@@ -9,7 +9,7 @@ pass it around instead of arrays, and a cache key can name exactly what a tensor
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Literal, Mapping, Protocol
+from typing import Callable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -191,6 +191,31 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 # Rows are materialized in chunks of about this many elements (32 MiB of float32), so a
 # conversion holds a few chunks per tensor in flight, never a whole large tensor.
 CHUNK_ELEMENTS = 8 << 20
+
+# Tensors smaller than this share a quantize task, up to this many elements per task: a task
+# costs Prefect tens of milliseconds, more than quantizing a norm or a bias does.
+BATCH_ELEMENTS = 1 << 20
+
+
+def quantize_batches(sizes: Sequence[int], max_elements: int = BATCH_ELEMENTS) -> list[list[int]]:
+    """Positions of ``sizes`` (element counts) grouped into quantize tasks, in order of their
+    first tensor: a tensor of ``max_elements`` or more alone, smaller ones together until a
+    group reaches ``max_elements``. A task works through its tensors one after the other, so
+    its memory stays bounded by one tensor's row chunks, whatever the group's size."""
+    batches: list[list[int]] = []
+    small: list[int] = []
+    small_elements = 0
+    for i, n in enumerate(sizes):
+        if n >= max_elements:
+            batches.append([i])
+            continue
+        if not small:
+            batches.append(small)  # in place now, filled as small tensors come
+        small.append(i)
+        small_elements += n
+        if small_elements >= max_elements:
+            small, small_elements = [], 0
+    return batches
 
 
 class Reader(Protocol):

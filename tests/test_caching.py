@@ -12,6 +12,7 @@ import pytest
 
 import tasks.quantize
 from flows.convert import convert
+from so8t_core.plan import quantize_batches
 from published import release
 from test_cli import copy, rewrite_tensor
 
@@ -60,6 +61,15 @@ def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(m
     # An override changes the type of the attn_q tensors only (to one no quant has staged yet).
     run(src, tmp_path / "o4", tmp_path / "w", tensor_types=["attn_q=q5_k"])
     assert sorted(calls) == ["blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.attn_q.weight"]
+
+
+def test_small_tensors_share_a_quantize_task_big_ones_run_alone():
+    # Element counts; a group closes once it holds max_elements; groups in order of their first tensor.
+    assert quantize_batches([5, 100, 3, 4, 200, 1], max_elements=8) == [[0, 2], [1], [3, 5], [4]]
+    assert quantize_batches([8, 9], max_elements=8) == [[0], [1]]
+    assert quantize_batches([], max_elements=8) == []
+    sizes = [1 << 10, 1 << 21, 1 << 19, 1 << 19, 1 << 19, 7]  # a norm, a big matrix, small matrices
+    assert quantize_batches(sizes) == [[0, 2, 3], [1], [4, 5]]
 
 
 SLOW_FIXTURE = dict(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=2048, shards=2, seed=41)
