@@ -52,6 +52,23 @@ def make_fixture(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def quantize_calls(monkeypatch) -> list[str]:
+    """The GGUF names of the tensors quantized in this process, in order: staged tensors found
+    by a re-run, and work done on Dask workers, do not show here."""
+    import tasks.quantize
+
+    seen: list[str] = []
+    real = tasks.quantize.stage_tensor
+
+    def counting(ckpt, item, *a, **kw):
+        seen.append(item.gguf_name)
+        return real(ckpt, item, *a, **kw)
+
+    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 endpoint on loopback (moto's server); s3fs finds it through AWS_ENDPOINT_URL."""

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import tasks.quantize
 from flows.convert import convert
 from so8t_core.plan import quantize_batches
 from published import release
@@ -19,33 +18,19 @@ from test_cli import copy, rewrite_tensor
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the quantize work that actually ran (a cached task does not call stage_tensor)."""
-    seen = []
-    real = tasks.quantize.stage_tensor
-
-    def counting(ckpt, item, *a, **kw):
-        seen.append(item.gguf_name)
-        return real(ckpt, item, *a, **kw)
-
-    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
-    return seen
-
-
 def run(src, out, work, **kw):
     return convert(source=src, output=str(out), quants=["Q8_0", "Q4_K_M"], run_validation=False,
                    work_dir=str(work), name="fx", **kw)
 
 
-def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(make_fixture, tmp_path, calls):
+def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(make_fixture, tmp_path, quantize_calls):
     src = copy(make_fixture(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=512, shards=2, seed=31),
                tmp_path / "ckpt")
     first = run(src, tmp_path / "o1", tmp_path / "w")
-    assert len(calls) == 30  # 3 layers × 9 + embedding, output, output norm
-    calls.clear()
+    assert len(quantize_calls) == 30  # 3 layers × 9 + embedding, output, output norm
+    quantize_calls.clear()
     second = run(src, tmp_path / "o2", tmp_path / "w")
-    assert calls == []
+    assert quantize_calls == []
     for q in ("Q8_0", "Q4_K_M"):
         assert first["releases"][q]["files"] == second["releases"][q]["files"]
 
@@ -54,13 +39,13 @@ def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(m
     rewrite_tensor(src, "model.layers.2.mlp.down_proj.weight",
                    np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32))
     third = run(src, tmp_path / "o3", tmp_path / "w")
-    assert calls == ["blk.2.ffn_down.weight"]
+    assert quantize_calls == ["blk.2.ffn_down.weight"]
     assert third["fingerprint"] != first["fingerprint"]
-    calls.clear()
+    quantize_calls.clear()
 
     # An override changes the type of the attn_q tensors only (to one no quant has staged yet).
     run(src, tmp_path / "o4", tmp_path / "w", tensor_types=["attn_q=q5_k"])
-    assert sorted(calls) == ["blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.attn_q.weight"]
+    assert sorted(quantize_calls) == ["blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.attn_q.weight"]
 
 
 def test_small_tensors_share_a_quantize_task_big_ones_run_alone():

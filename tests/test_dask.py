@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-import tasks.quantize
 from flows.convert import convert
 from flows.convert_model import convert_model
 from flows.params import ConvertParams
@@ -40,20 +39,6 @@ def staged(work) -> list[str]:
     return sorted(p.name for p in (work / "tensors").rglob("*.bin"))
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Quantize work done in this process (work on Dask workers does not show here)."""
-    seen = []
-    real = tasks.quantize.stage_tensor
-
-    def counting(ckpt, item, *a, **kw):
-        seen.append(item.gguf_name)
-        return real(ckpt, item, *a, **kw)
-
-    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
-    return seen
-
-
 @pytest.fixture(scope="module")
 def threads_run(make_fixture, tmp_path_factory):
     src = make_fixture(**FIXTURE)
@@ -62,11 +47,11 @@ def threads_run(make_fixture, tmp_path_factory):
     return src, release_files(tmp / "out"), staged(tmp / "work")
 
 
-def test_local_dask_cluster_writes_the_same_bytes_as_threads(threads_run, tmp_path, calls):
+def test_local_dask_cluster_writes_the_same_bytes_as_threads(threads_run, tmp_path, quantize_calls):
     src, expected, expected_staged = threads_run
     # A fresh work directory: nothing comes from staging or the task cache.
     convert_with("dask", max_workers=2, **params(src, tmp_path / "out", tmp_path / "work"))
-    assert calls == []  # every tensor was quantized in the cluster's worker processes
+    assert quantize_calls == []  # every tensor was quantized in the cluster's worker processes
     assert staged(tmp_path / "work") == expected_staged
     assert release_files(tmp_path / "out") == expected
 

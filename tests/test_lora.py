@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import tasks.quantize
 from flows.convert import convert
 from published import gguf_path, release
 from so8t_core.analysis import checkpoint_model
@@ -159,27 +158,14 @@ def test_merged_before_the_bake_and_validated_against_the_merged_reference(make_
     assert result["fingerprint"] != result["source_fingerprint"]
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    seen = []
-    real = tasks.quantize.stage_tensor
-
-    def counting(ckpt, item, *a, **kw):
-        seen.append(item.gguf_name)
-        return real(ckpt, item, *a, **kw)
-
-    monkeypatch.setattr(tasks.quantize, "stage_tensor", counting)
-    return seen
-
-
-def test_changing_the_adapter_restages_only_the_tensors_it_touches(make_fixture, tmp_path, calls):
+def test_changing_the_adapter_restages_only_the_tensors_it_touches(make_fixture, tmp_path, quantize_calls):
     src = make_fixture(**FIXTURE)
 
     def run(lora=None):
-        calls.clear()
+        quantize_calls.clear()
         convert(source=src, output=str(tmp_path / "out"), quants=["Q8_0"], run_validation=False,
                 work_dir=str(tmp_path / "w"), name="fx", lora=lora)
-        return sorted(calls)
+        return sorted(quantize_calls)
 
     touched = sorted(f"blk.{i}.{t}.weight" for i in (0, 1) for t in ("attn_q", "attn_v", "attn_output"))
     assert len(run()) == 2 * 9 + 3
