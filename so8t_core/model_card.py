@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from .report import human_size
+
 # Ollama's Go template for ChatML, the format of templates that use <|im_start|>/<|im_end|>.
 CHATML_OLLAMA_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -40,14 +42,6 @@ def gguf_card_facts(metadata: Mapping[str, Any]) -> dict[str, Any]:
         stops.insert(0, "<|im_end|>")
     return {"license": metadata.get("general.license"), "base_models": bases, "chat_template": template,
             "stop_tokens": list(dict.fromkeys(stops))}
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _yaml_str(text: str) -> str:
@@ -133,7 +127,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     lines += ["", "## Files", "", "| file | size | bits per weight | sha256 |", "|---|---|---|---|"]
     for f in files:
         bpw = f"{f['bits_per_weight']:.2f}" if f.get("bits_per_weight") else "—"
-        lines.append(f"| `{f['name']}` | {_size(f['size'])} | {bpw} | `{f['sha256']}` |")
+        lines.append(f"| `{f['name']}` | {human_size(f['size'], 1)} | {bpw} | `{f['sha256']}` |")
     lines += ["", "## Validation", ""]
     if validations:
         lines += ["Logits from llama.cpp on a fixed English text, compared with the PyTorch SO8T reference "

@@ -47,10 +47,11 @@ def stats_rows(staged: Sequence[StagedTensor]) -> list[dict[str, Any]]:
     } for s in staged]
 
 
-def _size(n: int) -> str:
+def human_size(n: float, decimals: int = 2) -> str:
+    """A byte count in B, KiB, MiB or GiB (``decimals`` digits after the point above B)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.{decimals}f} {unit}"
         n /= 1024
     return str(n)
 
@@ -75,7 +76,7 @@ def summary_markdown(name: str, source: str, fingerprint: str, quants: Sequence[
         f = (v or {}).get("llama_cpp") or {}
         tok = (v or {}).get("tokenizer") or {}
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            q, len(tensors), _size(nbytes), f"{8 * nbytes / n:.3f}" if n else "-",
+            q, len(tensors), human_size(nbytes), f"{8 * nbytes / n:.3f}" if n else "-",
             f"{f['mean_kld']:.3g}" if "mean_kld" in f else "-",
             f"{100 * f['top1_agreement']:.1f}%" if "top1_agreement" in f else "-",
             ("same ids" if tok.get("ok") else "DIFFERENT") if tok else "-",
