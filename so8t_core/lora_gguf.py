@@ -139,6 +139,8 @@ def write_lora_gguf(adapter_uri: str, base_uri: str, output: str) -> dict[str, A
     if not storage.is_local(output):
         raise UnsupportedError(output, "the adapter GGUF is written to a local path", "pass --output FILE.gguf")
     output = storage.local_path(output)
+    if os.path.isdir(output):
+        raise UnsupportedError(output, "is a folder", "pass the path of the .gguf file to write")
     adapter = load_adapter(adapter_uri)
     ckpt = Checkpoint.open(base_uri, cache_dir=default_cache_dir())
     spec, _, plan = checkpoint_model(ckpt)
@@ -154,9 +156,9 @@ def write_lora_gguf(adapter_uri: str, base_uri: str, output: str) -> dict[str, A
             "arch": spec.arch, "tensors": len(infos), "base_fingerprint": base_fingerprint,
             "gguf_lora_alpha": gguf_alpha(adapter),
             "transforms": dict(sorted(Counter(p.transform for p in items).items())),
-            **{k: summary[k] for k in ("sha256", "r", "lora_alpha", "use_rslora", "scale", "scaling",
-                                       "effective_target_modules", "merged_tensors")},
-            "adapter_sha256": adapter.sha256}
+            "adapter_uri": summary["uri"], "adapter_sha256": adapter.sha256,
+            **{k: summary[k] for k in ("r", "lora_alpha", "use_rslora", "scale", "scaling",
+                                       "effective_target_modules", "merged_tensors")}}
 
 
 def check_adapter_file(g: GGUFContents, adapter: LoraAdapter, ckpt: Checkpoint, plan: Sequence[TensorPlan],

@@ -3,6 +3,7 @@
 The oracle is the merged model: llama.cpp running the base F32 GGUF with the adapter GGUF must
 give the logits of the F32 GGUF that ``convert --lora`` merged (same token ids, real llama.cpp)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -103,7 +104,8 @@ def test_adapter_gguf_in_llama_cpp_equals_the_merged_model(make_fixture, tmp_pat
     a = load_adapter(adapter)
     assert g.value("general.type") == "adapter" and g.value("adapter.type") == "lora"
     assert g.value("adapter.lora.alpha") == pytest.approx(a.scale * a.r, rel=1e-6)
-    assert g.value(Keys.LORA_SHA256) == a.sha256 == result["sha256"]
+    assert g.value(Keys.LORA_SHA256) == a.sha256 == result["adapter_sha256"]
+    assert result["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert g.value(Keys.SOURCE_FINGERPRINT) == read_gguf(base).value(Keys.SOURCE_FINGERPRINT)
     assert g.value(Keys.LORA_SCALING) == ("rslora" if rslora else "lora")
     assert len(g.tensors) == 2 * len(modules) * 2 == result["tensors"]
@@ -140,6 +142,8 @@ def test_refusals(make_fixture, tmp_path):
         write_lora_gguf(d, src, str(tmp_path / "x.gguf"))
     with pytest.raises(UnsupportedError, match="local path"):
         write_lora_gguf(write_adapter(tmp_path / "ok", src), src, "s3://bucket/x.gguf")
+    with pytest.raises(UnsupportedError, match="is a folder"):
+        write_lora_gguf(str(tmp_path / "ok"), src, str(tmp_path))
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -190,11 +194,14 @@ def test_validate_runs_base_and_adapter_against_the_merged_reference(make_fixtur
     report = validate_file(q8, Checkpoint.open(src), lora=(adapter, load_adapter(peft)))
     assert report["passed"], report["failures"]
 
-    # Checked against another PEFT adapter (same shapes), the file and the logits both fail.
+    # Checked against another PEFT adapter (same shapes), the file and the logits both fail: exit 1.
     other = write_adapter(tmp_path / "other", src, std=0.1, seed=1)
-    report = validate_file(f32, Checkpoint.open(src), lora=(adapter, load_adapter(other)))
-    assert not report["passed"] and {"adapter", "llama_cpp"} <= set(report["failures"])
-    assert any("so8t.lora.sha256" in p for p in report["adapter"]["problems"])
+    out = cli("validate", f32, "--reference", src, "--lora", adapter, "--lora-reference", other)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("  LoRA adapter") and line.endswith("FAILED") for line in lines)
+    assert any("problem: so8t.lora.sha256" in line for line in lines)
+    assert lines[-1].startswith("FAILED:") and "adapter" in lines[-1] and "llama_cpp" in lines[-1]
 
 
 def test_an_adapter_gguf_made_for_another_base_is_named_as_such(make_fixture, tmp_path):
