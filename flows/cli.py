@@ -125,7 +125,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from so8t_core.checkpoint import Checkpoint, default_cache_dir
     from so8t_core.validation import validate_file
 
-    report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()))
+    lora = None
+    if args.lora or args.lora_reference:
+        from so8t_core.lora import load_adapter
+
+        if not (args.lora and args.lora_reference):
+            raise So8tError("--lora", "needs both the adapter GGUF (--lora) and the PEFT adapter it was made from "
+                                      "(--lora-reference)", "pass both, or neither")
+        lora = (args.lora, load_adapter(args.lora_reference))
+    report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
     if args.json:
         _print_json(report)
     else:
@@ -137,6 +145,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"({report['tensor_errors']['worst_tensor']}), {'ok' if report['tensor_errors']['ok'] else 'FAILED'}")
         print(f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "
               f"over {f['n_tokens']} tokens, {'ok' if f['ok'] else 'FAILED'}")
+        if "adapter" in report:
+            a = report["adapter"]
+            print(f"  LoRA adapter   {args.lora}: {a['pairs']} pairs, max |difference| from the PEFT pairs "
+                  f"{a['max_abs_diff']:.3g}, {'ok' if a['ok'] else 'FAILED'}")
+            for p in a["problems"]:
+                print(f"  problem: {p}")
         if "tokenizer" in report:
             t = report["tokenizer"]
             where = "" if t["ok"] else f", first difference at token {t['first_mismatch']}"
@@ -145,6 +159,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  problem: {p}")
         print("passed" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
     return 0 if report["passed"] else 1
+
+
+def cmd_lora_gguf(args: argparse.Namespace) -> int:
+    from so8t_core.lora_gguf import write_lora_gguf
+
+    result = write_lora_gguf(args.adapter, args.base, args.output)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"wrote {result['output']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}...)")
+    print(f"  adapter      r={result['r']}, lora_alpha={result['lora_alpha']:g}, scale {result['scale']:.4g} "
+          f"({result['scaling']}) -> adapter.lora.alpha {result['gguf_lora_alpha']:g}")
+    print(f"  tensors      {result['tensors']} ({len(result['merged_tensors'])} pairs on "
+          f"{', '.join(result['effective_target_modules'])}; "
+          + ", ".join(f"{n} {t}" for t, n in result["transforms"].items()) + ")")
+    print(f"  base         {result['arch']}, fingerprint {result['base_fingerprint'][:16]}")
+    print(f"run: llama-cli -m BASE.gguf --lora {result['output']}")
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -239,8 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a GGUF against its source checkpoint in llama.cpp")
     v.add_argument("gguf")
     v.add_argument("--reference", required=True, metavar="SOURCE", help="the checkpoint it was converted from")
+    v.add_argument("--lora", metavar="ADAPTER.gguf", help="run the model with this LoRA adapter GGUF (from lora-gguf)")
+    v.add_argument("--lora-reference", metavar="ADAPTER_URI",
+                   help="the PEFT adapter folder --lora was made from; the reference merges it")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_validate)
+
+    lg = sub.add_parser("lora-gguf", help="write a PEFT LoRA adapter as a llama.cpp LoRA adapter GGUF for the "
+                        "model converted from --base")
+    lg.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder: path, file:// or s3://")
+    lg.add_argument("--base", required=True, metavar="SOURCE", help="the checkpoint the base GGUF is converted from")
+    lg.add_argument("--output", required=True, metavar="OUT.gguf", help="where to write the adapter GGUF (local)")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=cmd_lora_gguf)
 
     ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
     ch.add_argument("gguf", metavar="MODEL", help="a .gguf file, a release folder, or a model folder with "

@@ -55,6 +55,14 @@ class Keys:
     HEADS_LABELS = "so8t.heads.{head}.labels"
     HEADS_EXTRA = "so8t.heads.extra"  # classifier heads of SO8T variants, stored as they are
 
+    # LoRA adapter GGUF (so8t-gguf lora-gguf): the PEFT adapter it was made from. Its
+    # so8t.source_fingerprint is the base checkpoint's, as in the base model's GGUF.
+    LORA_SHA256 = "so8t.lora.sha256"
+    LORA_RANK = "so8t.lora.r"
+    LORA_ALPHA = "so8t.lora.lora_alpha"  # PEFT's; llama.cpp's adapter.lora.alpha is scale × r
+    LORA_SCALING = "so8t.lora.scaling"  # "lora" (lora_alpha / r) or "rslora" (lora_alpha / sqrt(r))
+    LORA_TARGET_MODULES = "so8t.lora.target_modules"
+
 
 SIDECAR_ARCH = "so8t-heads"
 # Which hidden state the heads read: llama.cpp's embeddings output (after output_norm).

@@ -169,7 +169,8 @@ class LlamaCppModel:
     """
 
     def __init__(self, gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None,
-                 embeddings: bool = False, n_batch: int = DEFAULT_N_BATCH) -> None:
+                 embeddings: bool = False, n_batch: int = DEFAULT_N_BATCH, lora_path: str | None = None) -> None:
+        """``lora_path``: a LoRA adapter GGUF applied at scale 1 (llama.cpp's ``--lora``)."""
         self.gguf_path = os.fspath(gguf_path)
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError(f"n_ctx and n_batch must be positive, got {n_ctx}, {n_batch}")
@@ -179,6 +180,8 @@ class LlamaCppModel:
         self._batch: llama_cpp.llama_batch | None = None
 
         _check_gguf_file(self.gguf_path)
+        if lora_path is not None:
+            _check_gguf_file(os.fspath(lora_path))
         n_batch = min(n_ctx, n_batch)
         with _captured_llama_log() as log:
             try:
@@ -195,6 +198,7 @@ class LlamaCppModel:
                     embedding=self.embeddings,
                     pooling_type=(llama_cpp.LLAMA_POOLING_TYPE_NONE if self.embeddings
                                   else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED),
+                    lora_path=None if lora_path is None else os.fspath(lora_path),
                     verbose=False,
                 )
             except jinja2.TemplateError as exc:

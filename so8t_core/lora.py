@@ -78,6 +78,11 @@ class LoraAdapter:
                                   "the adapter is corrupt or training diverged")
         return arr
 
+    def pair_arrays(self, weight: str) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) of the pair on ``weight``, float32, as saved (A: r×in, B: out×r; unscaled)."""
+        pair = self.pairs[weight]
+        return self._read(pair.a), self._read(pair.b)
+
     def delta_rows(self, weight: str, start: int, stop: int) -> np.ndarray:
         """``scale · B[start:stop] @ A`` in float32: the change of rows start:stop of ``weight``."""
         pair = self.pairs[weight]

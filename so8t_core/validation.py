@@ -22,9 +22,10 @@ import numpy as np
 
 from .analysis import checkpoint_model
 from .checkpoint import TOKENIZER_FILES, Checkpoint
-from .constants import QUANT_TYPES
+from .constants import QUANT_TYPES, Keys
 from .errors import CheckpointError, ValidationError
 from .gguf_file import GGUFKV, GGUFContents, read_gguf, split_paths
+from .lora import LoraAdapter
 from .metrics import logit_agreement, tensor_error_stats
 from .plan import materialize
 from .quantize import SUPPORTED_TENSOR_TYPES
@@ -258,10 +259,12 @@ def check_tensor_errors(relative_rmse: Mapping[str, float], gate: Gate) -> dict[
 
 
 def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Sequence[int], gate: Gate,
-                     n_threads: int | None = None) -> dict[str, Any]:
+                     n_threads: int | None = None, lora_path: str | None = None) -> dict[str, Any]:
+    """llama.cpp's logits of ``gguf_path`` (with the LoRA adapter GGUF ``lora_path`` applied) against the reference."""
     from .llama_runtime import LlamaCppModel
 
-    with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads) as model:
+    with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads,
+                       lora_path=lora_path) as model:
         logits = model.logits(list(token_ids))
     agreement = logit_agreement(reference_logits, logits)
     ok = agreement["mean_kld"] <= gate.max_mean_kld and agreement["top1_agreement"] >= gate.min_top1
@@ -269,8 +272,10 @@ def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Se
 
 
 def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None,
-              tokenizer: dict | None = None) -> dict[str, Any]:
+              tokenizer: dict | None = None, adapter: dict | None = None) -> dict[str, Any]:
     checks = {"readback": readback, "tensor_errors": tensor_errors}
+    if adapter is not None:
+        checks["adapter"] = adapter
     if functional is not None:
         checks["llama_cpp"] = functional
     if tokenizer is not None:
@@ -282,11 +287,15 @@ def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict 
 QUANT_BY_FILE_TYPE = {int(q.file_type): q for q in QUANT_TYPES.values()}
 
 
-def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None) -> dict[str, Any]:
+def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None,
+                  lora: tuple[str, LoraAdapter] | None = None) -> dict[str, Any]:
     """Validate any GGUF against the checkpoint it claims to come from, independently of a run.
 
     Every planned tensor is re-materialized from the checkpoint (baked, permuted) and
     compared with the file's dequantized tensor; the logits check runs as in a conversion.
+    ``lora``: (adapter GGUF, the PEFT adapter it was made from): the adapter file is read back
+    against the PEFT pairs in the baked model's space, and llama.cpp runs the model with it
+    against the reference with the PEFT adapter merged.
     """
     shards = [read_gguf(p) for p in split_paths(gguf_path)]
     g = shards[0]
@@ -321,9 +330,17 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
                 "metadata_keys": len(g.reader.fields) - 3, "problems": problems[:20]}
     from .reference import So8tReference
 
+    lora_path, adapter = lora if lora is not None else (None, None)
+    adapter_check = None
+    if lora is not None:
+        from .lora_gguf import check_adapter_file
+
+        adapter_check = check_adapter_file(read_gguf(lora_path), adapter, ckpt, plan, spec.arch,
+                                           g.value(Keys.SOURCE_FINGERPRINT))
     ids = validation_token_ids(ckpt)
-    functional = check_functional(gguf_path, So8tReference(ckpt).logits(ids), ids, gate, n_threads)
+    functional = check_functional(gguf_path, So8tReference(ckpt, adapter=adapter).logits(ids), ids, gate, n_threads,
+                                  lora_path=lora_path)
     return summarize(quant.name, readback, check_tensor_errors(errors, gate) if errors else
                      {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
                       gate.max_relative_rmse, "over_bound": []}, functional,
-                     check_tokenizer_parity(gguf_path, ckpt, n_threads))
+                     check_tokenizer_parity(gguf_path, ckpt, n_threads), adapter_check)
