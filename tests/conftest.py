@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # Isolate everything the code caches or Prefect stores, before anything imports prefect.
 _SESSION_DIR = tempfile.mkdtemp(prefix="so8t-gguf-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # 1-2 GB a session: work dirs, Prefect's DB
 os.environ["SO8T_GGUF_CACHE"] = os.path.join(_SESSION_DIR, "cache")
 os.environ["PREFECT_HOME"] = os.path.join(_SESSION_DIR, "prefect-home")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_SESSION_DIR, "prefect-results")
