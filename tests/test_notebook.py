@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "so8t_gguf_quickstart.ipynb"
@@ -110,3 +111,16 @@ def test_last_cell_gives_the_ollama_modelfile(executed):
     assert f"FROM ./{NAME}-Q8_0.gguf" in out and f"ollama create {NAME} -f Modelfile" in out
     assert f"lms import {NAME}-Q8_0.gguf" in out
     assert os.path.isfile(out.split("GGUF file: ", 1)[1].strip())
+
+
+def test_a_wrong_model_path_stops_the_notebook_with_so8t_ggufs_one_line_error(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SO8T_NOTEBOOK_MODEL", "no-such-model")
+        client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+        with pytest.raises(CellExecutionError, match="so8t-gguf analyze failed with exit status 2"):
+            client.execute()
+    analyze = next(c for c in nb.cells if c.get("id") == "analyze")
+    out = text_of(analyze)
+    assert "so8t-gguf: error: " in out and "not a checkpoint folder" in out and "Traceback" not in out
+    assert all(c.outputs == [] for c in nb.cells[nb.cells.index(analyze) + 1:] if c.cell_type == "code")
