@@ -34,6 +34,9 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    # The temporary local API Prefect starts for the run can need more than Prefect's default 20 s
+    # on a busy 2-core machine (Colab's free tier, CI); failing the conversion then would be spurious.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
     from so8t_core.analysis import preflight
     from so8t_core.gguf_file import parse_split_size
