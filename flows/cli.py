@@ -343,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("so8t-gguf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`so8t-gguf inspect … | head`): stop quietly, as a shell tool
+        # killed by SIGPIPE would, and keep Python's exit-time flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -155,3 +155,13 @@ def test_convert_shows_progress_unless_quiet_or_json(make_fixture, tmp_path):
     as_json = run("convert", src, "--output", str(tmp_path / "o3"), "--json", *common)
     assert as_json.returncode == 0 and as_json.stderr == ""
     assert set(json.loads(as_json.stdout)["releases"]) == {"Q8_0", "Q4_K_M"}
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(make_fixture):
+    # `so8t-gguf analyze … | head`: stdout's reader is gone before anything is written.
+    proc = subprocess.Popen([BIN, "analyze", make_fixture(layers=1), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert stderr == ""
