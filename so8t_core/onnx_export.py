@@ -73,6 +73,15 @@ def local_output_path(output: str) -> str:
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise StorageError(path, "is a folder", "give a file name ending in .onnx")
+    folder = os.path.dirname(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise StorageError(folder, "is a file, not a folder", "choose a folder for --output")
+    try:  # before the export, which takes minutes: can a file be written there?
+        os.makedirs(folder, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".so8t-onnx-", dir=folder))
+    except OSError as e:
+        raise StorageError(folder, f"cannot write there ({e.strerror or type(e).__name__})",
+                           "choose a writable folder for --output") from None
     return path
 
 

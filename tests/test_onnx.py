@@ -177,7 +177,9 @@ def test_bad_input_is_refused_in_one_line(make_fixture, tmp_path, capsys, monkey
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"so8t-gguf: error: {missing}")
 
     cases = [(["--output", "s3://bucket/model.onnx"], "written to a local path only"),
-             (["--output", str(tmp_path / "model.bin")], "must end in .onnx")]
+             (["--output", str(tmp_path / "model.bin")], "must end in .onnx"),
+             (["--output", str(tmp_path / "a-file" / "model.onnx")], "is a file, not a folder")]
+    (tmp_path / "a-file").write_bytes(b"")
     for extra, fragment in cases:
         assert main(["onnx", make_fixture(), *extra]) == 2
         err = capsys.readouterr().err
@@ -188,4 +190,4 @@ def test_bad_input_is_refused_in_one_line(make_fixture, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert err == ("so8t-gguf: error: so8t-gguf onnx: onnxruntime not installed "
                    "(hint: pip install 'so8t-gguf[onnx]')\n")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["a-file"]
