@@ -182,6 +182,37 @@ def cmd_lora_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_onnx(args: argparse.Namespace) -> int:
+    from so8t_core.analysis import preflight
+    from so8t_core.checkpoint import Checkpoint, default_cache_dir
+    from so8t_core.onnx_export import export_onnx, local_output_path, require_onnx
+
+    require_onnx()
+    local_output_path(args.output)
+    preflight(args.source, args.lora)  # bad input fails here in a second, before any model is built
+    adapter = None
+    if args.lora:
+        from so8t_core.lora import load_adapter
+
+        adapter = load_adapter(args.lora)
+    result = export_onnx(Checkpoint.open(args.source, cache_dir=default_cache_dir()), args.output, adapter)
+    if args.json:
+        _print_json(result)
+        return 0
+    c = result["check"]
+    print(f"exported {result['path']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}…)")
+    if result["external_data"]:
+        d = result["external_data"]
+        print(f"  weights      {d['path']} ({d['size']:,} bytes; keep it beside the .onnx file)")
+    print(f"  graph        input_ids, attention_mask [batch, sequence] int64 -> logits [batch, sequence, "
+          f"{result['outputs']['logits'][2]}] float32; opset {result['opset']}; no KV cache; "
+          "triality heads not included")
+    print(f"  onnxruntime  max |Δlogit| {c['max_abs_diff_vs_baked_torch']:.2e} vs the baked PyTorch model, "
+          f"{c['max_abs_diff_vs_so8t_reference']:.2e} vs the SO8T reference, over {c['n_tokens']} tokens "
+          f"(tolerance {c['tolerance']:.2e}): ok")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from so8t_core.llama_runtime import LlamaCppModel
     from so8t_core.publish import model_gguf
@@ -287,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--output", required=True, metavar="OUT.gguf", help="where to write the adapter GGUF (local)")
     lg.add_argument("--json", action="store_true")
     lg.set_defaults(func=cmd_lora_gguf)
+
+    o = sub.add_parser("onnx", help="export the baked model to ONNX and check it with onnxruntime against PyTorch")
+    o.add_argument("source", metavar="SOURCE", help="checkpoint folder: path, file:// or s3://")
+    o.add_argument("--output", required=True, metavar="FILE.onnx", help="where to write the ONNX file (local path)")
+    o.add_argument("--lora", metavar="ADAPTER_URI", help="merge a PEFT LoRA/rsLoRA adapter folder into the weights "
+                   "before baking")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_onnx)
 
     ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
     ch.add_argument("gguf", metavar="MODEL", help="a .gguf file, a release folder, or a model folder with "

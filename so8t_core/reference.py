@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .architectures import model_spec
+from .architectures import ModelSpec, model_spec
 from .checkpoint import Checkpoint
 from .rotation import checked_rotation
 from .so8t import So8tStructure, find_structure
@@ -32,31 +32,49 @@ def _gate_fn(r: np.ndarray):
     return rotate
 
 
+def _tensor(a: np.ndarray):
+    """A float32 torch view of ``a``, copied only when it must be (read-only buffers, other dtypes)."""
+    import torch
+
+    if a.dtype != np.float32 or not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, dtype=np.float32)
+    return torch.from_numpy(a)
+
+
+def base_model(config: dict, spec: ModelSpec, state: dict[str, np.ndarray]):
+    """transformers' own float32 model for ``spec`` (eager attention, eval mode) holding exactly ``state``.
+
+    ``config`` is the checkpoint's config.json; its SO8T block is not the base model's."""
+    import torch
+    import transformers
+
+    model_class = getattr(transformers, spec.hf_architecture)
+    cfg = {k: v for k, v in config.items() if k not in ("so8t", "architectures", "torch_dtype", "dtype")}
+    hf_config = model_class.config_class(**cfg)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_class(hf_config).float().eval()
+    missing, unexpected = model.load_state_dict({k: _tensor(v) for k, v in state.items()}, strict=False)
+    allowed_missing = {"lm_head.weight"} if spec.tied_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"reference model mismatch: missing {missing}, unexpected {unexpected}")
+    if spec.tied_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 class So8tReference:
     def __init__(self, checkpoint: Checkpoint, structure: So8tStructure | None = None, adapter=None):
         """``adapter``: a :class:`so8t_core.lora.LoraAdapter` merged into the weights (W + scale·B@A),
         so the reference is the model the conversion with ``--lora`` produces."""
         import torch
-        import transformers
 
         spec = model_spec(checkpoint.config, checkpoint.uri)
-        model_class = getattr(transformers, spec.hf_architecture)
         self.structure = structure or find_structure(checkpoint.tensors, checkpoint.config, spec, checkpoint.uri)
-        cfg = {k: v for k, v in checkpoint.config.items() if k not in ("so8t", "architectures", "torch_dtype", "dtype")}
-        config = model_class.config_class(**cfg)
-        config._attn_implementation = "eager"
-        torch.manual_seed(0)
-        model = model_class(config).float().eval()
-
         so8t_names = self.structure.non_base_tensors
-        state = {name: torch.from_numpy(checkpoint.read(name).copy())
+        state = {name: checkpoint.read(name)
                  for name in checkpoint.tensors if name not in so8t_names and not name.endswith("rotary_emb.inv_freq")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed_missing = {"lm_head.weight"} if spec.tied_embeddings else set()
-        if set(missing) - allowed_missing or unexpected:
-            raise RuntimeError(f"reference model mismatch: missing {missing}, unexpected {unexpected}")
-        if spec.tied_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model = base_model(checkpoint.config, spec, state)
         if adapter is not None:
             params = dict(model.named_parameters())
             with torch.no_grad():
@@ -104,3 +122,31 @@ class So8tReference:
             y = torch.from_numpy(np.asarray(hidden, dtype=np.float32)) @ w.T
             out[head] = (y if b is None else y + b).numpy()
         return out
+
+
+def baked_model(checkpoint: Checkpoint, adapter=None):
+    """The plain model the GGUF stands for, as a transformers model: every gate folded into its
+    o_proj exactly as the conversion folds it (the same plan, the same float64 bake), the LoRA
+    adapter (if any) merged before the bake, no hooks and no SO8T tensors.
+
+    Weights stay in Hugging Face layout: the Q/K row permutation of the plan is llama.cpp's
+    and is not applied here. The triality heads are not part of it (see ``So8tReference.heads``).
+    """
+    from .analysis import checkpoint_model
+    from .lora import MergedReader
+    from .plan import materialize
+
+    spec, _, plan = checkpoint_model(checkpoint)
+    reader = checkpoint
+    if adapter is not None:
+        adapter.bind(plan, checkpoint.uri)
+        reader = MergedReader(checkpoint, adapter)
+    state = {}
+    for item in plan:
+        if item.transform == "constant":
+            continue  # llama.cpp's RoPE factor tensors; transformers computes them from config.json
+        if item.transform.startswith("bake"):
+            state[item.source], _ = materialize(item, reader, checkpoint.uri)
+        else:
+            state[item.source] = reader.read(item.source)
+    return base_model(checkpoint.config, spec, state)
