@@ -83,8 +83,9 @@ def fixture_config(s: FixtureSpec) -> dict:
         "eos_token_id": 2,
         "torch_dtype": s.dtype,
     }
-    if s.head_dim is not None:
-        config["head_dim"] = s.head_dim
+    if s.head_dim is not None or s.arch == "qwen3":
+        # Qwen3's config defaults head_dim to 128 (not hidden / heads): always say it there.
+        config["head_dim"] = s.hd
     if s.arch in ("llama", "mistral"):
         config.update(attention_bias=s.attention_bias, mlp_bias=False)
     if s.arch == "mistral":

@@ -1,9 +1,13 @@
 """Every base architecture, with gates: F32 and Q8_0 convert, llama.cpp loads both, and the F32 logits
 match the PyTorch SO8T reference (which also checks RoPE scaling, biases, q/k norms and padding)."""
 
+import json
+import os
+
 import pytest
 
 from flows.convert import convert
+from so8t_core.analysis import preflight
 from so8t_core.gguf_file import read_gguf
 from published import gguf_path, release  # noqa: F401
 
@@ -55,3 +59,10 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
         assert result["validation"]["F32"]["tokenizer"]["ok"]
     if case == "qwen2-896-tied":
         assert len(g.value("tokenizer.ggml.tokens")) == 384  # 360 real tokens + 24 padding entries
+
+
+def test_a_qwen3_fixture_without_head_dim_is_a_valid_checkpoint(make_fixture):
+    # Qwen3's config defaults head_dim to 128, not hidden / heads: the fixture must say 16.
+    src = make_fixture(arch="qwen3")
+    assert json.load(open(os.path.join(src, "config.json")))["head_dim"] == 16
+    preflight(src)
