@@ -25,13 +25,21 @@ for _wire_logger in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
 
 CHUNK = 8 << 20
 
+# Object stores fail a share of requests (HTTP 500/503, dropped connections) as a matter of
+# course. botocore's "standard" retry mode retries those with exponential backoff and jitter;
+# 10 attempts make a request that fails one time in five come through all but once in 10^7.
+# The timeouts bound a stalled connection. (docs/reliability.md measures this.)
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 10, "mode": "standard"}, "connect_timeout": 10,
+                    "read_timeout": 60}
+
 
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """URI → (filesystem, path). Local paths become absolute."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
+    options = {"config_kwargs": S3_CLIENT_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
     try:
-        return url_to_fs(uri)
+        return url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(uri, f"cannot open this location ({exc})",
                            "use a local path, file://, or s3:// with s3fs installed") from None
