@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -155,6 +156,38 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         return
     fs, path = resolve(uri)
     fs.pipe_file(path, data)  # object stores replace whole objects atomically
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole object only if none is there: True when this call created it, False when one
+    existed (ours or another writer's; read it to tell). Exclusive on local folders (a hard link,
+    which fails if the name exists) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:  # complete content before the name appears
+                f.write(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    fs, path = resolve(uri)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:  # 412 Precondition Failed: an object was there (maybe ours, if a retry)
+        return False
+    except OSError:
+        fs.invalidate_cache(path)
+        if fs.exists(path):  # s3fs versions that map 412 to a plain OSError
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
 
 
 def upload_file(local: str, uri: str) -> None:
