@@ -13,11 +13,12 @@ import posixpath
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import StorageError
+from .errors import StorageError, UnsupportedError
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
@@ -38,12 +39,25 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """URI → (filesystem, path). Local paths become absolute."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
+    else:
+        refuse_credentials(uri)
     options = {"config_kwargs": S3_CLIENT_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
     try:
         return url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(uri, f"cannot open this location ({exc})",
                            "use a local path, file://, or s3:// with s3fs installed") from None
+
+
+def refuse_credentials(uri: str) -> None:
+    """A URI with credentials in it (``s3://key:secret@bucket/x``) is refused, and the error names
+    it without them: credentials belong in the environment or a profile, never in a URI that
+    logs, manifests and error messages repeat."""
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        raise UnsupportedError(shown, "credentials in the URI are not accepted",
+                           "remove them; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
 
 
 def join(uri: str, *parts: str) -> str:
