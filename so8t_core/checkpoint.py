@@ -67,6 +67,8 @@ class Checkpoint:
                 "check the path; `so8t-gguf demo-checkpoint DEST` builds an example"
             raise CheckpointError(uri, "not a checkpoint folder", hint)
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+        if storage.is_local(uri):
+            _refuse_links_outside(uri, names)
         if "config.json" not in names:
             raise CheckpointError(storage.join(uri, "config.json"), "missing config.json",
                                   "a Hugging Face checkpoint folder needs config.json beside its weights")
@@ -279,6 +281,25 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     with storage.local_atomic_file(out) as tmp:
         save_file(tensors, tmp)
     return out
+
+
+def _refuse_links_outside(folder: str, names) -> None:
+    """A local checkpoint's files may be symbolic links (Hugging Face's cache holds
+    ``snapshots/<rev>/<file> -> ../../blobs/<sha256>``), but only to files inside the checkpoint
+    folder or, for a cache snapshot, inside its repository folder (``models--org--name``). A link
+    elsewhere would make us read, and publish (README.md feeds the model card and the GGUF's
+    metadata), a file the checkpoint's author picked on this machine."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    if os.path.basename(os.path.dirname(real)) == "snapshots":
+        roots.append(os.path.dirname(os.path.dirname(real)))
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if not any(os.path.commonpath([target, root]) == root for root in roots):
+                raise CheckpointError(path, "is a symbolic link to a file outside the checkpoint folder",
+                                      "copy the file into the folder if it belongs to the checkpoint")
 
 
 def default_cache_dir() -> str:

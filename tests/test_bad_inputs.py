@@ -184,6 +184,10 @@ CASES: list[Case] = [
          lambda t, fx: corrupt_text(copy_fixture(fx, t), "tokenizer_config.json"),
          ("tokenizer_config.json", "not UTF-8"),
          fixed="refused only at GGUF assembly, after every tensor was quantized"),
+    Case("symlink_outside_folder", "README.md a symbolic link to a file outside the checkpoint folder", "convert",
+         lambda t, fx: link_outside(copy_fixture(fx, t), "README.md"),
+         ("README.md", "symbolic link to a file outside the checkpoint folder"),
+         fixed="followed the link and read the file (README.md front matter feeds general.* metadata)"),
     Case("tokenizer_json_nested", "tokenizer.json of 100000 nested JSON arrays", "convert",
          lambda t, fx: write_file(copy_fixture(fx, t), "tokenizer.json", b"[" * 100_000 + b"]" * 100_000),
          ("tokenizer.json", "nested too deeply"), fixed="RecursionError traceback at GGUF assembly"),
@@ -197,6 +201,18 @@ def copy_fixture(make_fixture, tmp: Path, **spec) -> str:
     dst = tmp / "ckpt"
     shutil.copytree(make_fixture(**spec), dst)
     return str(dst)
+
+
+def link_outside(folder: str, name: str) -> str:
+    """Replace ``name`` in the checkpoint by a symbolic link to a file beside the folder."""
+    outside = os.path.join(os.path.dirname(folder), "not-part-of-the-checkpoint.txt")
+    with open(outside, "w") as f:
+        f.write("aws_secret_access_key = not-for-publishing\n")
+    target = os.path.join(folder, name)
+    if os.path.lexists(target):
+        os.remove(target)
+    os.symlink(os.path.relpath(outside, folder), target)
+    return folder
 
 
 def write_file(folder: str, name: str, data: bytes) -> str:
@@ -466,6 +482,20 @@ def test_a_good_checkpoint_passes_under_the_same_limit(make_fixture):
     proc = run_cli(["analyze", make_fixture()], limited=True)
     assert proc.returncode == 0, proc.stderr
     assert "rotation gates on 2 layers" in proc.stdout
+
+
+def test_a_hugging_face_cache_snapshot_of_symlinks_is_read(make_fixture, tmp_path):
+    """The cache's layout: snapshots/<rev>/<file> links to ../../blobs/<name>; links stay allowed there."""
+    repo = tmp_path / "models--org--fx"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in Path(make_fixture()).iterdir():
+        shutil.copyfile(path, blobs / path.name)
+        os.symlink(os.path.join("..", "..", "blobs", path.name), snapshot / path.name)
+    from flows.cli import main
+
+    assert main(["analyze", str(snapshot)]) == 0
 
 
 def test_corpus_is_well_formed():

@@ -72,22 +72,21 @@ def test_concurrent_publishers_of_one_release_leave_one_complete_release(dest, t
     final = visible(release)
     winners = [i for i, files in versions.items()
                if final == {n: {"sha256": r.sha256, "size": r.size} for n, r in files.items()}]
-    assert len(winners) == 1 and pub.read_manifest(release)["publisher"] == winners[0]
     fs, path = storage.resolve(release)
     fs.invalidate_cache()
     leftovers = sorted(p for p in fs.find(path, withdirs=False) if "/." in p[len(path):])
+    record("concurrent_publish", backend=dest.split("://")[0] if "://" in dest else "local",
+           publishers=PUBLISHERS, mixed=int(len(winners) != 1) + len(errors), reads_checked=len(seen),
+           reads_straddling_a_commit=len(straddled))
+    assert len(winners) == 1 and pub.read_manifest(release)["publisher"] == winners[0]
     assert leftovers == []  # no staging prefix, no lock left behind
     assert not errors and len(seen) > 1
-    record("concurrent_publish", backend=dest.split("://")[0] if "://" in dest else "local",
-           publishers=PUBLISHERS, complete=1, mixed=0, reads_checked=len(seen),
-           reads_straddling_a_commit=len(straddled))
 
 
 def test_concurrent_publishers_of_different_quants_all_stay_in_latest(dest):
     quants = [f"Q{i}_0" for i in range(PUBLISHERS)]
     run_at_once([lambda q=q: pub.update_latest(dest, "m", {q: {"release": f"{FP_A[:16]}/{q}/"}}) for q in quants])
     latest = pub.read_latest(dest, "m")
-    assert sorted(latest["quants"]) == quants
-    lost = PUBLISHERS - len(latest["quants"])
     record("concurrent_latest", backend=dest.split("://")[0] if "://" in dest else "local",
-           publishers=PUBLISHERS, entries_lost=lost)
+           publishers=PUBLISHERS, entries_lost=PUBLISHERS - len(latest["quants"]))
+    assert sorted(latest["quants"]) == quants
