@@ -7,7 +7,7 @@ Runs, in one pytest session: the fault-injection run (tests/test_faults.py), the
 grep (tests/test_secrets.py) and the bad-input corpus (tests/test_bad_inputs.py). The tests
 append what they measured to a JSON-lines file (tests/reliability_record.py); pass/fail comes
 from pytest's JUnit report. Prints a Markdown table with the date and the machine; exits 1 when
-any of these tests failed. Takes ~6-10 minutes on 2 cores.
+any of these tests failed. Takes 3-5 minutes on 2 cores.
 """
 
 from __future__ import annotations
