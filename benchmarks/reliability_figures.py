@@ -53,8 +53,8 @@ def table(records: list[dict], outcomes: dict[str, list[tuple[str, bool]]]) -> t
     """(the Markdown table, whether every guarantee held)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, ROOT)
-    from crash_run import POINTS
     from test_bad_inputs import CASES
+    from test_crash import CASES as KILL_CASES
 
     by_kind = collections.defaultdict(list)
     for r in records:
@@ -89,7 +89,7 @@ def table(records: list[dict], outcomes: dict[str, list[tuple[str, bool]]]) -> t
         ("Faults injected on S3 (share of requests failed)",
          f"{sum(injected.values())} of {requests} requests ({kinds})",
          f"{fault_runs_identical} of {len(faults)} conversion(s) completed, release byte-identical to a clean run"),
-        ("Kill points (SIGKILL)", f"{len(kills)} of {len(POINTS)} ({', '.join(r['point'] for r in kills)})",
+        ("Kill points (SIGKILL)", f"{len(kills)} of {len(KILL_CASES)} ({', '.join(r['point'] for r in kills)})",
          f"{resumed_identical} resumed, release byte-identical to an uninterrupted run; "
          f"{partial_seen} partial releases visible after a kill"),
         ("Bad inputs", f"{len(bad)} of {len(CASES)} corpus cases run",
@@ -103,7 +103,7 @@ def table(records: list[dict], outcomes: dict[str, list[tuple[str, bool]]]) -> t
         ("**Secrets leaked** (must be 0)", f"{places} outputs, logs, exception texts and files grepped",
          f"**{leaked}**"),
     ]
-    held = (fault_runs_identical == len(faults) > 0 and resumed_identical == len(kills) == len(POINTS)
+    held = (fault_runs_identical == len(faults) > 0 and resumed_identical == len(kills) == len(KILL_CASES)
             and bad and all(bad) and len(bad) == len(CASES) and releases_lost == 0 and leaked == 0
             and same_release and latest and secrets)
     lines = ["| guarantee | tried | result |", "|---|---|---|"]
