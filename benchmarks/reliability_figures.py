@@ -91,7 +91,8 @@ def table(records: list[dict], outcomes: dict[str, list[tuple[str, bool]]]) -> t
          f"{fault_runs_identical} of {len(faults)} conversion(s) completed, release byte-identical to a clean run"),
         ("Kill points (SIGKILL)", f"{len(kills)} of {len(KILL_CASES)} ({', '.join(r['point'] for r in kills)})",
          f"{resumed_identical} resumed, release byte-identical to an uninterrupted run; "
-         f"{partial_seen} partial releases visible after a kill"),
+         f"{partial_seen} partial releases visible after a kill; "
+         f"{sum(r.get('leftovers', 0) for r in kills)} staging prefixes or locks left after the rerun"),
         ("Bad inputs", f"{len(bad)} of {len(CASES)} corpus cases run",
          f"{sum(bad)} refused in one line, exit 2, nothing published"),
         ("Concurrent publishers", f"{sum(r['publishers'] for r in same_release)} on one release "

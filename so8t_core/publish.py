@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 import time
 import uuid
@@ -42,6 +43,7 @@ from .refs import FileRef
 
 LATEST_NAME = "latest.json"
 LOCK_NAME = ".publish-lock"
+STAGING_PREFIX = ".staging-"
 # A holder on another host is presumed crashed after this long. Committing (moves within the
 # store, one small write) takes seconds; uploads happen before the lock is taken.
 LOCK_STALE_SECONDS = 900
@@ -75,6 +77,17 @@ def read_manifest(release: str) -> dict | None:
     return _read_json(storage.join(release, MANIFEST_NAME))
 
 
+def _gone_here(pid) -> bool:
+    """Whether ``pid`` names no running process of this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError, TypeError):
+        return False
+    return False
+
+
 def _lock_stale(holder: dict | None) -> bool:
     """A lock whose holder is gone: a process of this host that no longer runs, or any holder
     after LOCK_STALE_SECONDS (a holder on another host that crashed)."""
@@ -82,15 +95,26 @@ def _lock_stale(holder: dict | None) -> bool:
         return False
     if time.time() - float(holder.get("created", 0)) > LOCK_STALE_SECONDS:
         return True
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(holder.get("pid", 0)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, OverflowError):
-        return False
-    return False
+    return holder.get("host") == socket.gethostname() and _gone_here(holder.get("pid"))
+
+
+def _host_tag() -> str:
+    return storage.sha256_bytes(socket.gethostname().encode())[:8]
+
+
+def _staging_name() -> str:
+    """``.staging-<host tag>-<pid>-<id>``: the owner in the name lets a later publisher on this
+    host remove what a killed one left behind."""
+    return f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _remove_abandoned_staging(release: str, ours: str) -> None:
+    """Staging prefixes in ``release`` left by killed publishers of this host (their uploads can
+    never be committed). Called holding the release's lock; others' staging is left alone."""
+    for name in storage.list_names(release):
+        parts = name[len(STAGING_PREFIX):].split("-") if name.startswith(STAGING_PREFIX) else []
+        if name != ours and len(parts) == 3 and parts[0] == _host_tag() and _gone_here(parts[1]):
+            storage.remove_tree(storage.join(release, name))
 
 
 @contextmanager
@@ -130,7 +154,7 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
                            size=len(data))
     if read_manifest(release) == manifest:
         return manifest_ref, 0
-    staging = storage.join(release, f".staging-{uuid.uuid4().hex[:12]}")
+    staging = storage.join(release, _staging_name())
     staged: set[str] = set()
 
     def stage(names: Iterable[str]) -> None:
@@ -164,6 +188,7 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
                 stale = storage.join(release, name)
                 if storage.exists(stale):
                     storage.remove(stale)
+            _remove_abandoned_staging(release, posixpath.basename(staging))
     finally:
         storage.remove_tree(staging)
     return manifest_ref, len(changed)

@@ -143,6 +143,16 @@ def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def list_names(uri: str) -> list[str]:
+    """The names of the entries (files and folders) directly in the folder ``uri``; [] when absent."""
+    fs, path = resolve(uri)
+    fs.invalidate_cache(path)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.makedirs(path, exist_ok=True)

@@ -43,6 +43,13 @@ def tree(dest: str) -> dict[str, bytes]:
     return {p[len(root):].lstrip("/"): fs.cat_file(p) for p in paths}
 
 
+def hidden_leftovers(dest: str) -> list[str]:
+    """Staging prefixes and locks under ``dest`` (a finished run leaves none)."""
+    fs, root = storage.resolve(dest)
+    fs.invalidate_cache()
+    return sorted(p[len(root):] for p in fs.find(root) if "/." in p[len(root):])
+
+
 def file_hashes(dest: str) -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in tree(dest).items()}
 
@@ -116,7 +123,10 @@ def test_a_killed_run_leaves_no_partial_release_and_resumes(point, backend, matr
 
     status = main(convert_args(new, dest, work))  # the rerun, with the killed run's work dir
     identical = status == 0 and not partial_releases(dest) and file_hashes(dest) == file_hashes(str(reference))
+    leftovers = hidden_leftovers(dest)  # what the killed run left is cleaned up by the rerun
     record("kill_point", point=f"{point} ({backend})", resumed=int(status == 0), identical=int(identical),
-           partial_after_kill=len(partial_after_kill), previous_lost=int(not previous_intact))
+           partial_after_kill=len(partial_after_kill), previous_lost=int(not previous_intact),
+           leftovers=len(leftovers))
     assert partial_after_kill == [] and previous_intact
     assert status == 0 and identical
+    assert leftovers == []
