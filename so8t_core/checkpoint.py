@@ -67,6 +67,8 @@ class Checkpoint:
                 "check the path; `so8t-gguf demo-checkpoint DEST` builds an example"
             raise CheckpointError(uri, "not a checkpoint folder", hint)
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+        if storage.is_local(uri):
+            _refuse_links_outside(uri, names)
         if "config.json" not in names:
             raise CheckpointError(storage.join(uri, "config.json"), "missing config.json",
                                   "a Hugging Face checkpoint folder needs config.json beside its weights")
@@ -241,6 +243,44 @@ def _read_index(uri: str, index_name: str) -> dict[str, str]:
 _STORAGE_SIZE_ERRORS = ("can't allocate memory", "storage has wrong byte size", "does not match expected size")
 
 
+_LEGACY_SCAN = 64 << 20  # the pickles of a legacy file precede its storages; a state dict's are far smaller
+_INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"}
+_DEVICES = ("cpu", "cuda", "mps", "meta", "xpu")
+
+
+def _legacy_declared_elements(head: bytes) -> int | None:
+    """The storage elements a legacy (pre-zip) torch file declares, read from its pickles
+    without running them; None for a zip archive or when the head does not parse (torch's own
+    loader then reports the problem).
+
+    The legacy layout is four pickles (magic number, protocol version, system info, the object)
+    and then the storages' bytes. In the object's pickle each storage is a persistent id,
+    ``("storage", type, key, location, numel, ...)``: the last integer before each BINPERSID."""
+    import io
+    import pickletools
+
+    if head[:4] == b"PK\x03\x04":
+        return None
+    stream, storages = io.BytesIO(head), {}
+    try:
+        for index in range(4):
+            last_int, strings = None, []
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in _INT_OPS and isinstance(arg, int):
+                    last_int = arg
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                elif op.name == "MARK":
+                    last_int, strings = None, []
+                elif op.name in ("BINPERSID", "PERSID") and index == 3 and last_int is not None:
+                    # A storage shared by several tensors is declared once per tensor: count its key once.
+                    key = tuple(a for a in strings if a != "storage" and not a.startswith(_DEVICES))
+                    storages[key or len(storages)] = max(0, last_int)
+    except (ValueError, EOFError, UnicodeDecodeError, OverflowError):
+        return None
+    return sum(storages.values())
+
+
 def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     """Load a ``.bin`` shard with weights_only=True and cache it as safetensors."""
     import torch
@@ -252,6 +292,13 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     if os.path.exists(out):
         return out
     fs, path = storage.resolve(bin_uri)
+    declared = _legacy_declared_elements(storage.read_bytes(bin_uri, 0, min(storage.size(bin_uri), _LEGACY_SCAN)))
+    if declared is not None and declared > storage.size(bin_uri):
+        # Each element is at least a byte: the file cannot hold what it declares. torch would
+        # allocate the declared sizes before finding that out.
+        raise CheckpointError(bin_uri, "refused to load: a tensor storage declares a size the file does not "
+                                       "hold (corrupt or crafted pickle)",
+                              "re-download the file, or convert it to safetensors")
     try:
         with fs.open(path, "rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
@@ -279,6 +326,25 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     with storage.local_atomic_file(out) as tmp:
         save_file(tensors, tmp)
     return out
+
+
+def _refuse_links_outside(folder: str, names) -> None:
+    """A local checkpoint's files may be symbolic links (Hugging Face's cache holds
+    ``snapshots/<rev>/<file> -> ../../blobs/<sha256>``), but only to files inside the checkpoint
+    folder or, for a cache snapshot, inside its repository folder (``models--org--name``). A link
+    elsewhere would make us read, and publish (README.md feeds the model card and the GGUF's
+    metadata), a file the checkpoint's author picked on this machine."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    if os.path.basename(os.path.dirname(real)) == "snapshots":
+        roots.append(os.path.dirname(os.path.dirname(real)))
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if not any(os.path.commonpath([target, root]) == root for root in roots):
+                raise CheckpointError(path, "is a symbolic link to a file outside the checkpoint folder",
+                                      "copy the file into the folder if it belongs to the checkpoint")
 
 
 def default_cache_dir() -> str:

@@ -10,13 +10,15 @@ import hashlib
 import logging
 import os
 import posixpath
+import threading
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import StorageError
+from .errors import StorageError, UnsupportedError
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
@@ -25,16 +27,37 @@ for _wire_logger in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
 
 CHUNK = 8 << 20
 
+# Object stores fail a share of requests (HTTP 500/503, dropped connections) as a matter of
+# course. botocore's "standard" retry mode retries those with exponential backoff and jitter;
+# 10 attempts make a request that fails one time in five come through all but once in 10^7.
+# The timeouts bound a stalled connection. (docs/reliability.md measures this.)
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 10, "mode": "standard"}, "connect_timeout": 10,
+                    "read_timeout": 60}
+
 
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """URI → (filesystem, path). Local paths become absolute."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
+    else:
+        refuse_credentials(uri)
+    options = {"config_kwargs": S3_CLIENT_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
     try:
-        return url_to_fs(uri)
+        return url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(uri, f"cannot open this location ({exc})",
                            "use a local path, file://, or s3:// with s3fs installed") from None
+
+
+def refuse_credentials(uri: str) -> None:
+    """A URI with credentials in it (``s3://key:secret@bucket/x``) is refused, and the error names
+    it without them: credentials belong in the environment or a profile, never in a URI that
+    logs, manifests and error messages repeat."""
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        raise UnsupportedError(shown, "credentials in the URI are not accepted",
+                           "remove them; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -120,6 +143,16 @@ def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def list_names(uri: str) -> list[str]:
+    """The names of the entries (files and folders) directly in the folder ``uri``; [] when absent."""
+    fs, path = resolve(uri)
+    fs.invalidate_cache(path)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.makedirs(path, exist_ok=True)
@@ -147,6 +180,38 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         return
     fs, path = resolve(uri)
     fs.pipe_file(path, data)  # object stores replace whole objects atomically
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole object only if none is there: True when this call created it, False when one
+    existed (ours or another writer's; read it to tell). Exclusive on local folders (a hard link,
+    which fails if the name exists) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:  # complete content before the name appears
+                f.write(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    fs, path = resolve(uri)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:  # 412 Precondition Failed: an object was there (maybe ours, if a retry)
+        return False
+    except OSError:
+        fs.invalidate_cache(path)
+        if fs.exists(path):  # s3fs versions that map 412 to a plain OSError
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
 
 
 def upload_file(local: str, uri: str) -> None:

@@ -9,7 +9,7 @@ from so8t_core.analysis import analyze, checkpoint_model
 from so8t_core.plan import TensorPlan
 from so8t_core.refs import SourceRef
 
-from .common import open_checkpoint
+from .common import STORAGE_RETRIES, open_checkpoint
 
 
 class AnalysisResult(BaseModel):
@@ -17,7 +17,7 @@ class AnalysisResult(BaseModel):
     plan: list[TensorPlan]
 
 
-@task(name="analyze-checkpoint")
+@task(name="analyze-checkpoint", **STORAGE_RETRIES)
 def analyze_checkpoint(source: SourceRef) -> AnalysisResult:
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     _, _, plan = checkpoint_model(ckpt)

@@ -14,10 +14,10 @@ from so8t_core.imatrix import imatrix_kvs, load_imatrix_cached
 from so8t_core.quantize import quant_type
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
 
-from .common import open_checkpoint
+from .common import STORAGE_RETRIES, open_checkpoint
 
 
-@task(name="assemble-gguf", task_run_name="assemble-{quant}")
+@task(name="assemble-gguf", task_run_name="assemble-{quant}", **STORAGE_RETRIES)
 def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedTensor], out_dir: str,
                   split: Split = NO_SPLIT, imatrix: tuple[str, str, str] | None = None) -> list[FileRef]:
     """The model GGUF for one quant: one file, or a split set whose first file is the one to load.
@@ -29,7 +29,7 @@ def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedT
                           split)
 
 
-@task(name="assemble-heads-sidecar")
+@task(name="assemble-heads-sidecar", **STORAGE_RETRIES)
 def assemble_sidecar(source: SourceRef, name: str, out_dir: str) -> FileRef | None:
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     _, structure, _ = checkpoint_model(ckpt)

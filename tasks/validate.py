@@ -22,10 +22,10 @@ from so8t_core.validation import (
     validation_token_ids,
 )
 
-from .common import open_adapter, open_checkpoint
+from .common import STORAGE_RETRIES, open_adapter, open_checkpoint
 
 
-@task(name="reference-logits")
+@task(name="reference-logits", **STORAGE_RETRIES)
 def reference_logits(source: SourceRef, work_dir: str, lora: tuple[str, str] | None = None) -> FileRef:
     """Logits of the PyTorch SO8T reference (gates live) on the validation text; cached by fingerprint
     (and the LoRA adapter's sha256: with ``lora``, the reference has the adapter merged)."""

@@ -85,3 +85,18 @@ def s3_endpoint():
                       AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def dest(request, tmp_path):
+    """A publishing destination: a local folder, and a fresh bucket on the S3 endpoint."""
+    if request.param == "local":
+        return str(tmp_path / "releases")
+    request.getfixturevalue("s3_endpoint")
+    import uuid
+
+    import boto3
+
+    bucket = f"pub-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/models"

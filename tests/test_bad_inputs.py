@@ -155,6 +155,10 @@ CASES: list[Case] = [
          lambda t, fx: bin_checkpoint(t, fx, legacy_bin_declaring(1 << 34)),
          ("pytorch_model.bin", "a tensor storage declares a size the file does not hold"), via="limited",
          fixed="refused as 'not a plain tensor pickle', with torch's allocator error as the reason"),
+    Case("huge_bin_storage_unlimited", "legacy-format pytorch_model.bin declaring a 4 TiB storage, no memory limit",
+         "analyze", lambda t, fx: bin_checkpoint(t, fx, legacy_bin_declaring(1 << 40)),
+         ("pytorch_model.bin", "a tensor storage declares a size the file does not hold"),
+         fixed="torch reserved the declared size before the refusal; only a memory limit stopped it"),
     Case("huge_zip_bin_storage", "zip-format pytorch_model.bin declaring a 1 TiB storage", "analyze",
          lambda t, fx: bin_checkpoint(t, fx, zip_bin_declaring(t, 1 << 40)),
          ("pytorch_model.bin", "a tensor storage declares a size the file does not hold"),
@@ -184,6 +188,10 @@ CASES: list[Case] = [
          lambda t, fx: corrupt_text(copy_fixture(fx, t), "tokenizer_config.json"),
          ("tokenizer_config.json", "not UTF-8"),
          fixed="refused only at GGUF assembly, after every tensor was quantized"),
+    Case("symlink_outside_folder", "README.md a symbolic link to a file outside the checkpoint folder", "convert",
+         lambda t, fx: link_outside(copy_fixture(fx, t), "README.md"),
+         ("README.md", "symbolic link to a file outside the checkpoint folder"),
+         fixed="followed the link and read the file (README.md front matter feeds general.* metadata)"),
     Case("tokenizer_json_nested", "tokenizer.json of 100000 nested JSON arrays", "convert",
          lambda t, fx: write_file(copy_fixture(fx, t), "tokenizer.json", b"[" * 100_000 + b"]" * 100_000),
          ("tokenizer.json", "nested too deeply"), fixed="RecursionError traceback at GGUF assembly"),
@@ -197,6 +205,18 @@ def copy_fixture(make_fixture, tmp: Path, **spec) -> str:
     dst = tmp / "ckpt"
     shutil.copytree(make_fixture(**spec), dst)
     return str(dst)
+
+
+def link_outside(folder: str, name: str) -> str:
+    """Replace ``name`` in the checkpoint by a symbolic link to a file beside the folder."""
+    outside = os.path.join(os.path.dirname(folder), "not-part-of-the-checkpoint.txt")
+    with open(outside, "w") as f:
+        f.write("aws_secret_access_key = not-for-publishing\n")
+    target = os.path.join(folder, name)
+    if os.path.lexists(target):
+        os.remove(target)
+    os.symlink(os.path.relpath(outside, folder), target)
+    return folder
 
 
 def write_file(folder: str, name: str, data: bytes) -> str:
@@ -466,6 +486,20 @@ def test_a_good_checkpoint_passes_under_the_same_limit(make_fixture):
     proc = run_cli(["analyze", make_fixture()], limited=True)
     assert proc.returncode == 0, proc.stderr
     assert "rotation gates on 2 layers" in proc.stdout
+
+
+def test_a_hugging_face_cache_snapshot_of_symlinks_is_read(make_fixture, tmp_path):
+    """The cache's layout: snapshots/<rev>/<file> links to ../../blobs/<name>; links stay allowed there."""
+    repo = tmp_path / "models--org--fx"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in Path(make_fixture()).iterdir():
+        shutil.copyfile(path, blobs / path.name)
+        os.symlink(os.path.join("..", "..", "blobs", path.name), snapshot / path.name)
+    from flows.cli import main
+
+    assert main(["analyze", str(snapshot)]) == 0
 
 
 def test_corpus_is_well_formed():

@@ -7,7 +7,6 @@ what a reader sees afterwards.
 
 import hashlib
 import json
-import uuid
 
 import pytest
 
@@ -18,18 +17,6 @@ from so8t_core.errors import StorageError
 
 FP_A = "a" * 64
 FP_B = "b" * 64
-
-
-@pytest.fixture(params=["local", "s3"])
-def dest(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "releases")
-    request.getfixturevalue("s3_endpoint")
-    import boto3
-
-    bucket = f"pub-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/models"
 
 
 def local_files(tmp_path, tag: str, names=("m-Q4_K_M.gguf", "m-Q4_K_M.stats.parquet", "README.md")):
