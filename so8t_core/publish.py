@@ -11,7 +11,9 @@ sha256 and is written last. A release without it is incomplete and must be ignor
 with it is complete. Publishing works so that this holds at every instant, whatever fails:
 
 1. if the release's manifest already lists exactly these files, nothing is uploaded, and
-   a file the release already holds with the same sha256 is never uploaded again;
+   a file the release already holds with the same sha256 is never uploaded again; a run
+   without validation never replaces a validated release of the same bytes (it would only
+   take the validation away), so it publishes nothing then;
 2. every other file is uploaded under ``<release>/.staging-<id>/`` and verified (size and
    sha256 read back from the destination);
 3. only then, holding the release's lock (``<release>/.publish-lock``, taken by an exclusive
@@ -37,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
 from . import storage
-from .constants import MANIFEST_NAME
+from .constants import MANIFEST_NAME, MODEL_CARD_NAME
 from .errors import StorageError
 from .refs import FileRef
 
@@ -152,8 +154,11 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
     data = _json_bytes(manifest)
     manifest_ref = FileRef(uri=storage.join(release, MANIFEST_NAME), sha256=storage.sha256_bytes(data),
                            size=len(data))
-    if read_manifest(release) == manifest:
+    current = read_manifest(release)
+    if current == manifest:
         return manifest_ref, 0
+    if _validated_same_files(current, manifest):
+        return _committed_manifest_ref(release), 0
     staging = storage.join(release, _staging_name())
     staged: set[str] = set()
 
@@ -169,11 +174,13 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
     try:
         # Uploads go to our own staging prefix, outside the lock: concurrent publishers upload in
         # parallel and only take turns to commit.
-        stage(_changed(files, release, read_manifest(release)))
+        stage(_changed(files, release, current))
         with exclusive(release):
             current = read_manifest(release)  # what the publisher before us committed, if any
             if current == manifest:
                 return manifest_ref, 0
+            if _validated_same_files(current, manifest):
+                return _committed_manifest_ref(release), 0
             changed = _changed(files, release, current)
             stage(n for n in changed if n not in staged)
             old_manifest = storage.join(release, MANIFEST_NAME)
@@ -192,6 +199,24 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
     finally:
         storage.remove_tree(staging)
     return manifest_ref, len(changed)
+
+
+def _validated_same_files(current: dict | None, new: dict) -> bool:
+    """Whether ``new``, published without validation, would only take a passed validation away
+    from the committed release: every file it has but the model card (which says whether the
+    model was validated) is committed with the same bytes. Then the committed release stays."""
+    if current is None or new.get("validation") is not None:
+        return False
+    if not (current.get("validation") or {}).get("passed"):
+        return False
+    committed = current.get("files", {})
+    return all(committed.get(n) == info for n, info in new["files"].items() if n != MODEL_CARD_NAME)
+
+
+def _committed_manifest_ref(release: str) -> FileRef:
+    uri = storage.join(release, MANIFEST_NAME)
+    data = storage.read_bytes(uri)
+    return FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
 
 
 def _changed(files: Mapping[str, FileRef], release: str, current: dict | None) -> list[str]:

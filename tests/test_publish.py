@@ -153,3 +153,24 @@ def test_a_release_with_fewer_files_drops_the_old_ones(dest, tmp_path):
     pub.publish_release(local_files(tmp_path, "split", names=shards), release, {})
     pub.publish_release(local_files(tmp_path, "whole", names=("m-F32.gguf", "README.md")), release, {})
     assert listing(release) == ["README.md", "m-F32.gguf", "manifest.json"]
+
+
+def test_an_unvalidated_run_does_not_replace_a_validated_release_of_the_same_bytes(dest, tmp_path):
+    files = local_files(tmp_path, "v1")
+    release = pub.release_uri(dest, "m", FP_A, "Q4_K_M")
+    validated = {"quant": "Q4_K_M", "validation": {"passed": True, "mean_kld": 0.01}}
+    ref, _ = pub.publish_release(files, release, validated)
+    # The same GGUF and stats, a model card that says "not validated", no validation record.
+    unvalidated = dict(files, **local_files(tmp_path, "v2", names=("README.md",)))
+    again, uploaded = pub.publish_release(unvalidated, release, {"quant": "Q4_K_M", "validation": None})
+    assert uploaded == 0 and again == ref
+    assert pub.read_manifest(release)["validation"]["passed"]
+    assert visible(release)["README.md"]["sha256"] == files["README.md"].sha256
+    # Different bytes are a different model: published, validation or not.
+    changed = dict(files, **local_files(tmp_path, "v3", names=("m-Q4_K_M.gguf",)))
+    _, uploaded = pub.publish_release(changed, release, {"quant": "Q4_K_M", "validation": None})
+    assert uploaded == 1 and pub.read_manifest(release)["validation"] is None
+    # A failed validation is not worth keeping either.
+    pub.publish_release(files, release, {"quant": "Q4_K_M", "validation": {"passed": False}})
+    _, uploaded = pub.publish_release(unvalidated, release, {"quant": "Q4_K_M", "validation": None})
+    assert uploaded == 1 and pub.read_manifest(release)["validation"] is None
