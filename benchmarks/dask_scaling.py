@@ -101,6 +101,9 @@ def convert(source: str, quant: str, runner: str, scratch: Path) -> dict:
         sys.exit(f"{runner} run failed:\n{log[-4000:]}")
     start = end = None
     for line in log.splitlines():
+        # Prefect's log lines carry a clock time; the CLI's progress copies of them do not.
+        if seconds(line) is None:
+            continue
         if "analyzed:" in line:
             start = seconds(line)
         elif "quantized" in line and "tensors into" in line:
