@@ -155,10 +155,8 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
     manifest_ref = FileRef(uri=storage.join(release, MANIFEST_NAME), sha256=storage.sha256_bytes(data),
                            size=len(data))
     current = read_manifest(release)
-    if current == manifest:
-        return manifest_ref, 0
-    if _validated_same_files(current, manifest):
-        return _committed_manifest_ref(release), 0
+    if (kept := _kept(current, manifest, manifest_ref, release)) is not None:
+        return kept, 0
     staging = storage.join(release, _staging_name())
     staged: set[str] = set()
 
@@ -177,10 +175,8 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
         stage(_changed(files, release, current))
         with exclusive(release):
             current = read_manifest(release)  # what the publisher before us committed, if any
-            if current == manifest:
-                return manifest_ref, 0
-            if _validated_same_files(current, manifest):
-                return _committed_manifest_ref(release), 0
+            if (kept := _kept(current, manifest, manifest_ref, release)) is not None:
+                return kept, 0
             changed = _changed(files, release, current)
             stage(n for n in changed if n not in staged)
             old_manifest = storage.join(release, MANIFEST_NAME)
@@ -199,6 +195,17 @@ def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[s
     finally:
         storage.remove_tree(staging)
     return manifest_ref, len(changed)
+
+
+def _kept(current: dict | None, manifest: dict, manifest_ref: FileRef, release: str) -> FileRef | None:
+    """The committed manifest's ref when publishing ``manifest`` over ``current`` would change
+    nothing worth changing (the same release, or one that would only lose its validation);
+    None when the release is to be published."""
+    if current == manifest:
+        return manifest_ref
+    if _validated_same_files(current, manifest):
+        return _committed_manifest_ref(release)
+    return None
 
 
 def _validated_same_files(current: dict | None, new: dict) -> bool:
@@ -271,7 +278,7 @@ def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]
         quants = dict(current.get("quants", {}))
         quants.update(entries)
         data = _json_bytes({"model": model, "quants": quants})
-        if storage.exists(uri) and storage.sha256_of(uri) == storage.sha256_bytes(data):
-            return FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
-        storage.write_bytes_atomic(uri, data)
-    return FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
+        ref = FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
+        if not (storage.exists(uri) and storage.sha256_of(uri) == ref.sha256):  # unchanged: not rewritten
+            storage.write_bytes_atomic(uri, data)
+    return ref
