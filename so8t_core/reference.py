@@ -15,6 +15,7 @@ import numpy as np
 
 from .architectures import ModelSpec, model_spec
 from .checkpoint import Checkpoint
+from .lora import MergedReader
 from .rotation import checked_rotation
 from .so8t import So8tStructure, find_structure
 
@@ -72,16 +73,13 @@ class So8tReference:
         spec = model_spec(checkpoint.config, checkpoint.uri)
         self.structure = structure or find_structure(checkpoint.tensors, checkpoint.config, spec, checkpoint.uri)
         so8t_names = self.structure.non_base_tensors
-        state = {name: checkpoint.read(name)
+        # The adapter's delta is merged as the conversion merges it (lora.MergedReader).
+        reader = checkpoint if adapter is None else MergedReader(checkpoint, adapter)
+        state = {name: reader.read(name)
                  for name in checkpoint.tensors if name not in so8t_names and not name.endswith("rotary_emb.inv_freq")}
+        if adapter is not None and (unknown := sorted(set(adapter.pairs) - set(state))):
+            raise RuntimeError(f"reference model has no parameter {unknown[0]!r} for the LoRA adapter")
         model = base_model(checkpoint.config, spec, state)
-        if adapter is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for weight in adapter.pairs:
-                    if weight not in params:
-                        raise RuntimeError(f"reference model has no parameter {weight!r} for the LoRA adapter")
-                    params[weight].add_(torch.from_numpy(adapter.delta(weight)))
 
         position = self.structure.config.position if self.structure.config else None
         for gate in self.structure.gates:
@@ -133,7 +131,6 @@ def baked_model(checkpoint: Checkpoint, adapter=None):
     and is not applied here. The triality heads are not part of it (see ``So8tReference.heads``).
     """
     from .analysis import checkpoint_model
-    from .lora import MergedReader
     from .plan import materialize
 
     spec, _, plan = checkpoint_model(checkpoint)
