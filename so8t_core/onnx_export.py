@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import CONVERTER
+from . import CONVERTER, storage
 from .checkpoint import Checkpoint
 from .constants import Keys
 from .errors import StorageError, UnsupportedError, ValidationError
@@ -148,14 +147,6 @@ def _onnxruntime_logits(path: str, ids: list[int]) -> np.ndarray:
     return logits[0]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_onnx(ckpt: Checkpoint, output: str, adapter=None) -> dict[str, Any]:
     """Export the baked model of ``ckpt`` to ``output`` (a local ``.onnx`` path), check it with
     onnxruntime, and return what was written and measured.
@@ -179,7 +170,7 @@ def export_onnx(ckpt: Checkpoint, output: str, adapter=None) -> dict[str, Any]:
     metadata = {Keys.SOURCE_FINGERPRINT: source.fingerprint, Keys.BAKED_LAYERS: json.dumps(structure.gated_layers),
                 Keys.CONVERTER: CONVERTER}
     if adapter is not None:
-        metadata["so8t.lora_sha256"] = adapter.sha256
+        metadata[Keys.LORA_SHA256] = adapter.sha256
 
     t0 = time.perf_counter()
     # One model in memory at a time: baked (export, its logits), then onnxruntime, then the reference.
@@ -225,7 +216,7 @@ def export_onnx(ckpt: Checkpoint, output: str, adapter=None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = {"path": path, "size": os.path.getsize(path), "sha256": _sha256(path), "opset": OPSET,
+    result = {"path": path, "size": os.path.getsize(path), "sha256": storage.sha256_of(path), "opset": OPSET,
               "external_data": None, "inputs": {"input_ids": ["batch", "sequence"],
                                                 "attention_mask": ["batch", "sequence"]},
               "outputs": {"logits": ["batch", "sequence", int(reference_logits.shape[-1])]},
@@ -233,5 +224,5 @@ def export_onnx(ckpt: Checkpoint, output: str, adapter=None) -> dict[str, Any]:
               "architecture": spec.hf_architecture}
     if external:
         data = os.path.join(os.path.dirname(path), name + ".data")
-        result["external_data"] = {"path": data, "size": os.path.getsize(data), "sha256": _sha256(data)}
+        result["external_data"] = {"path": data, "size": os.path.getsize(data), "sha256": storage.sha256_of(data)}
     return result

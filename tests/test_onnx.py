@@ -158,7 +158,7 @@ def test_phi3_with_a_lora_adapter_and_external_data(make_fixture, tmp_path, monk
     assert data["path"] == str(out / "phi3.onnx.data") and result["size"] < 50_000 < data["size"]
     assert sorted(os.listdir(out)) == ["phi3.onnx", "phi3.onnx.data"]
     meta = {p.key: p.value for p in onnx.load(result["path"], load_external_data=False).metadata_props}
-    assert meta["so8t.lora_sha256"] == adapter.sha256
+    assert meta["so8t.lora.sha256"] == adapter.sha256
 
     ckpt = Checkpoint.open(source)
     (logits,) = run_batch(session(result["path"]), [PROMPTS[1]])
