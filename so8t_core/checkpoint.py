@@ -281,6 +281,11 @@ def _legacy_declared_elements(head: bytes) -> int | None:
     return sum(storages.values())
 
 
+def _declared_size_error(bin_uri: str) -> CheckpointError:
+    return CheckpointError(bin_uri, "refused to load: a tensor storage declares a size the file does not hold "
+                                    "(corrupt or crafted pickle)", "re-download the file, or convert it to safetensors")
+
+
 def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     """Load a ``.bin`` shard with weights_only=True and cache it as safetensors."""
     import torch
@@ -296,9 +301,7 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
     if declared is not None and declared > storage.size(bin_uri):
         # Each element is at least a byte: the file cannot hold what it declares. torch would
         # allocate the declared sizes before finding that out.
-        raise CheckpointError(bin_uri, "refused to load: a tensor storage declares a size the file does not "
-                                       "hold (corrupt or crafted pickle)",
-                              "re-download the file, or convert it to safetensors")
+        raise _declared_size_error(bin_uri)
     try:
         with fs.open(path, "rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
@@ -311,9 +314,7 @@ def _bin_as_safetensors(bin_uri: str, cache_dir: str | None) -> str:
         if isinstance(exc, MemoryError) or any(s in first for s in _STORAGE_SIZE_ERRORS):
             # A storage whose declared size is not what the file holds: torch tried (and
             # failed) to allocate the declared size, or read fewer bytes than it declares.
-            raise CheckpointError(bin_uri, "refused to load: a tensor storage declares a size the file does not "
-                                           "hold (corrupt or crafted pickle)",
-                                  "re-download the file, or convert it to safetensors") from None
+            raise _declared_size_error(bin_uri) from None
         raise CheckpointError(bin_uri, f"refused to load: not a plain tensor pickle ({first[:200]})",
                               "only weights_only=True pickles are accepted; convert it to safetensors") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
