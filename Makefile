@@ -47,7 +47,7 @@ $(LLAMA_CONVERTER): | $(LLAMA_SDIST)
 	mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
 # _kquants.c: the editable install compiles the simd engine's C extension in place.
-$(STAMP): pyproject.toml so8t_core/_kquants.c $(LLAMA_WHEEL)
+$(STAMP): pyproject.toml so8t_core/quantize/engines/_kquants.c $(LLAMA_WHEEL)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 	$(BIN)/pip install -q torch==2.13.0

@@ -19,12 +19,13 @@ import numpy as np
 
 from flows.convert import demo_source
 from so8t_core.analysis import checkpoint_model
-from so8t_core.assemble import assemble_heads_sidecar
-from so8t_core.checkpoint import Checkpoint, fingerprint
-from so8t_core.quantize import quant_type
-from so8t_core.sequential import convert_sequential
-from so8t_core.reference import So8tReference
-from so8t_core.validation import GATES, check_functional, validation_token_ids
+from so8t_core.assemble.sequential import convert_sequential
+from so8t_core.assemble.sidecar import assemble_heads_sidecar
+from so8t_core.constants import quant_type
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.fingerprint import fingerprint
+from so8t_core.validate.checks import GATES, check_functional, validation_token_ids
+from so8t_core.validate.reference import So8tReference
 
 
 def main() -> None:

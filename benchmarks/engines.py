@@ -1,4 +1,4 @@
-"""Quantization throughput: the simd engine (so8t_core._kquants) against libggml's reference code.
+"""Quantization throughput: the simd engine (so8t_core.quantize.engines._kquants) against libggml's reference code.
 
     .venv/bin/python benchmarks/engines.py [--rows 4096] [--cols 4096] [--repeat 3] [--threads 1 2]
                                            [--types Q2_K Q4_K ...] [--isa avx2]
@@ -46,7 +46,8 @@ def cpu_name() -> str:
 def main() -> None:
     from gguf import GGMLQuantizationType
 
-    from so8t_core import simd_engine, ggml_engine
+    from so8t_core.quantize.engines import ggml as ggml_engine
+    from so8t_core.quantize.engines import simd as simd_engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)
@@ -58,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if not simd_engine.available():
-        sys.exit("so8t_core._kquants is not built: run `pip install -e .`")
+        sys.exit("so8t_core.quantize.engines._kquants is not built: run `pip install -e .`")
     types = ([GGMLQuantizationType[t] for t in args.types] if args.types
              else sorted(simd_engine.SUPPORTED, key=lambda t: t.name))
     isa = args.isa or simd_engine.ISA

@@ -57,11 +57,11 @@ def throughput(threads: int, work: str) -> list[dict]:
     import gguf
     import llama_cpp
 
-    from so8t_core.fixtures import FixtureSpec, build_fixture
+    from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.gguf_file import read_gguf
-    from so8t_core.llama_runtime import _captured_llama_log
-    from so8t_core.sequential import convert_sequential
-    from so8t_core.checkpoint import Checkpoint
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
+    from so8t_core.validate.llama_runtime import _captured_llama_log
 
     src = os.path.join(work, "wide")
     if not os.path.exists(os.path.join(src, "config.json")):
@@ -74,8 +74,8 @@ def throughput(threads: int, work: str) -> list[dict]:
     weights = [(t, g.numpy_shape(t)) for t in g.tensors if len(t.shape) == 2]
     n_elements = sum(int(np.prod(s)) for _, s in weights)
     llama_cpp.llama_backend_init()
-    from so8t_core import simd_engine
-    from so8t_core.quantize import quantize
+    from so8t_core.quantize.engines import quantize
+    from so8t_core.quantize.engines import simd as simd_engine
 
     engines = ["simd", "ggml", "torch"] if simd_engine.available() else ["ggml", "torch"]
     rows = []
@@ -121,8 +121,8 @@ def build_1b(dest: str) -> str:
     """A TinyLlama-shaped llama checkpoint: random bf16 weights, SmolLM2's tokenizer, 2 shards."""
     if os.path.exists(os.path.join(dest, "config.json")):
         return dest
-    from so8t_core.checkpoint_writer import write_checkpoint
-    from so8t_core.demo_tokenizer import smollm2_gguf_path, smollm2_tokenizer_files
+    from so8t_core.testing.checkpoint_writer import write_checkpoint
+    from so8t_core.testing.tokenizers import smollm2_gguf_path, smollm2_tokenizer_files
 
     s = TINYLLAMA
     vocab = 49152
@@ -158,7 +158,7 @@ def end_to_end(threads: int, work: str) -> list[dict]:
     import llama_cpp
 
     src = build_1b(os.path.join(work, "tinyllama-shape-1.1b"))
-    from so8t_core.checkpoint import Checkpoint
+    from so8t_core.source.checkpoint import Checkpoint
 
     n_params = sum(e.n_elements for e in Checkpoint.open(src).tensors.values())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

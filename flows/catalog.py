@@ -43,11 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flows.convert import convert
 from flows.params import Engine, QuantMix, upper_names
-from so8t_core import CONVERTER, storage
-from so8t_core.checkpoint import Checkpoint, default_cache_dir, fingerprint
+from so8t_core import storage
+from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError, So8tError
-from so8t_core.publish import FINGERPRINT_CHARS, read_latest, read_manifest
-from so8t_core.report import artifact_key, redact_uri
+from so8t_core.publish.release import FINGERPRINT_CHARS, read_latest, read_manifest
+from so8t_core.publish.report import artifact_key
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.fingerprint import fingerprint
+from so8t_core.storage import default_cache_dir, redact_uri
 from tasks.common import STORAGE_RETRIES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -39,10 +39,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
     from so8t_core.analysis import preflight
+    from so8t_core.constants import ggml_type, quant_type
     from so8t_core.gguf_file import parse_split_size
-    from so8t_core.imatrix import load_imatrix
-    from so8t_core.quant_mix import parse_tensor_types
-    from so8t_core.quantize import ggml_type, quant_type, resolve_engine
+    from so8t_core.quantize.engines import resolve_engine
+    from so8t_core.quantize.imatrix import load_imatrix
+    from so8t_core.quantize.mixes import parse_tensor_types
 
     for q in args.quant or []:
         quant_type(q)
@@ -56,15 +57,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.imatrix:
         load_imatrix(args.imatrix)
     if args.lora and not args.source:
-        from so8t_core.lora import load_adapter
+        from so8t_core.source.lora import load_adapter
 
         load_adapter(args.lora)
     if args.split_max_tensors < 0:
         raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
     if args.source:
         preflight(args.source, args.lora)  # bad input fails here in a second, before the pipeline starts
+    from flows import console
     from flows.runners import convert_with
-    from so8t_core import console
 
     if not (args.quiet or args.json):
         console.enable()
@@ -109,7 +110,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from so8t_core.analysis import analyze, render_text
-    from so8t_core.checkpoint import Checkpoint, default_cache_dir
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
 
     report = analyze(Checkpoint.open(args.source, cache_dir=default_cache_dir()))
     _print_json(report) if args.json else print(render_text(report))
@@ -117,7 +119,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from so8t_core.gguf_inspect import inspect_gguf, render_inspection
+    from so8t_core.validate.inspection import inspect_gguf, render_inspection
 
     report = inspect_gguf(args.gguf)
     _print_json(report) if args.json else print(render_inspection(report))
@@ -125,12 +127,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from so8t_core.checkpoint import Checkpoint, default_cache_dir
-    from so8t_core.validation import validate_file
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+    from so8t_core.validate.checks import validate_file
 
     lora = None
     if args.lora or args.lora_reference:
-        from so8t_core.lora import load_adapter
+        from so8t_core.source.lora import load_adapter
 
         if not (args.lora and args.lora_reference):
             raise So8tError("--lora", "needs both the adapter GGUF (--lora) and the PEFT adapter it was made from "
@@ -165,7 +168,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_gguf(args: argparse.Namespace) -> int:
-    from so8t_core.lora_gguf import write_lora_gguf
+    from so8t_core.assemble.lora_gguf import write_lora_gguf
 
     result = write_lora_gguf(args.adapter, args.base, args.output)
     if args.json:
@@ -184,15 +187,16 @@ def cmd_lora_gguf(args: argparse.Namespace) -> int:
 
 def cmd_onnx(args: argparse.Namespace) -> int:
     from so8t_core.analysis import preflight
-    from so8t_core.checkpoint import Checkpoint, default_cache_dir
-    from so8t_core.onnx_export import export_onnx, local_output_path, require_onnx
+    from so8t_core.export.onnx import export_onnx, local_output_path, require_onnx
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
 
     require_onnx()
     local_output_path(args.output)
     preflight(args.source, args.lora)  # bad input fails here in a second, before any model is built
     adapter = None
     if args.lora:
-        from so8t_core.lora import load_adapter
+        from so8t_core.source.lora import load_adapter
 
         adapter = load_adapter(args.lora)
     result = export_onnx(Checkpoint.open(args.source, cache_dir=default_cache_dir()), args.output, adapter)
@@ -214,8 +218,8 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from so8t_core.llama_runtime import LlamaCppModel
-    from so8t_core.publish import model_gguf
+    from so8t_core.publish.release import model_gguf
+    from so8t_core.validate.llama_runtime import LlamaCppModel
 
     with LlamaCppModel(model_gguf(args.gguf, args.quant), n_ctx=1024) as model:
         print(model.generate_chat(args.message, max_tokens=args.max_tokens))
@@ -223,7 +227,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
-    from so8t_core.heads import render_heads, run_heads
+    from so8t_core.validate.heads import render_heads, run_heads
 
     result = run_heads(args.gguf, args.sidecar, args.text)
     _print_json(result) if args.json else print(render_heads(result))
@@ -231,14 +235,14 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
-    from so8t_core.demo import build_demo_checkpoint
+    from so8t_core.testing.demo import build_demo_checkpoint
 
     print(build_demo_checkpoint(args.dest))
     return 0
 
 
 def cmd_fixture(args: argparse.Namespace) -> int:
-    from so8t_core.fixtures import FixtureSpec, build_fixture
+    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
     gated = tuple(int(x) for x in args.gated_layers.split(",")) if args.gated_layers else None
     spec = FixtureSpec(arch=args.arch, layers=args.layers, hidden=args.hidden, heads=args.heads,

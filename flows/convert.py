@@ -20,20 +20,30 @@ from gguf import GGMLQuantizationType
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from so8t_core import CONVERTER, console
-from so8t_core.assemble import file_ref
-from so8t_core.checkpoint import default_cache_dir
-from so8t_core.constants import ANALYSIS_NAME, MODEL_CARD_NAME, SIDECAR_NAME, STATS_NAME, VALIDATION_NAME
-from so8t_core.demo import DEMO_NAME, build_demo_checkpoint
+from flows import console
+from flows.runners import task_slots
+from so8t_core.constants import (
+    ANALYSIS_NAME,
+    CONVERTER,
+    MODEL_CARD_NAME,
+    SIDECAR_NAME,
+    STATS_NAME,
+    VALIDATION_NAME,
+    ggml_type,
+    quant_type,
+)
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import Split
-from so8t_core.imatrix import load_imatrix
-from so8t_core.lora import apply_to_plan, load_adapter
 from so8t_core.plan import CHUNK_ELEMENTS, quantize_batches
-from so8t_core.publish import FINGERPRINT_CHARS, release_uri
-from so8t_core.quant_mix import MixOptions, ModelShape, assign_types, parse_tensor_types
-from so8t_core.report import redact_uri
-from so8t_core.quantize import find_staged, ggml_type, quant_type, resolve_engine
+from so8t_core.publish.release import FINGERPRINT_CHARS, release_uri
+from so8t_core.quantize.engines import resolve_engine
+from so8t_core.quantize.imatrix import load_imatrix
+from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, parse_tensor_types
+from so8t_core.quantize.staging import find_staged
+from so8t_core.refs import file_ref
+from so8t_core.source.lora import apply_to_plan, load_adapter
+from so8t_core.storage import default_cache_dir, redact_uri
+from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
@@ -41,8 +51,6 @@ from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish, publish_latest, write_model_card, write_plots, write_stats_parquet
 from tasks.quantize import quantize_tensors
 from tasks.validate import reference_logits, validate_gguf
-
-from flows.runners import task_slots
 
 DEFAULT_QUANTS = ("Q8_0",)
 PLOT_CAPTIONS = {"errors": "{quant}: relative RMSE of each quantized tensor against its float32 source, by layer",
@@ -154,8 +162,10 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
         if staged_by_tensor[i] is None:
             to_quantize.append((i, shas, targets))
     progress = artifacts.QuantizeProgress(name, len(plan))
+    console.start_bar(len(plan), "quantize")
     done = len(plan) - len(to_quantize)
     progress.update(done)
+    console.update_bar(done)
     # A new task starts as soon as any running one finishes (not the oldest: a big tensor
     # would otherwise leave the other CPUs idle behind it). Every future puts itself on
     # `finished` when it ends, whatever the runner (thread or Dask futures), so waiting for
@@ -170,6 +180,7 @@ def convert(source: str | None = None, output: str = "./artifacts", quants: list
             staged_by_tensor[i] = staged_tensor
         done += len(positions)
         progress.update(done)
+        console.update_bar(done)
 
     for batch in quantize_batches([plan[i].n_elements for i, _, _ in to_quantize]):
         if len(running) >= limit:

@@ -14,7 +14,7 @@ from prefect import flow
 from flows.convert import default_name
 from flows.params import ConvertParams
 from flows.runners import convert_with
-from so8t_core.demo import DEMO_NAME
+from so8t_core.testing.demo import DEMO_NAME
 
 
 @flow(name="convert-model")

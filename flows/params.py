@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.runners import RUNNERS
-from so8t_core.constants import QUANT_TYPES
-from so8t_core.quantize import ENGINES, SUPPORTED_TENSOR_TYPES
+from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES
+from so8t_core.quantize.engines import ENGINES
 
 # llama-quantize's mixes (what --quant accepts), in llama.cpp's order.
 QuantMix = Enum("QuantMix", {name: name for name in QUANT_TYPES}, type=str, module=__name__)

@@ -260,7 +260,7 @@ def cluster_slots(client) -> tuple[int, int]:
     except Exception as exc:  # the function could not even be unpickled there
         raise ClusterError(where, f"a worker cannot run so8t-gguf's tasks ({type(exc).__name__}: {exc})",
                            "install this project (same version) on every worker, or add it to PYTHONPATH") from None
-    from so8t_core import CONVERTER
+    from so8t_core.constants import CONVERTER
 
     for worker, facts in info.items():
         if facts.get("converter") != CONVERTER:
@@ -279,8 +279,8 @@ def cluster_slots(client) -> tuple[int, int]:
 def _worker_info() -> dict:
     """Runs on each worker: its CPUs and the so8t-gguf it imports."""
     try:
-        from so8t_core import CONVERTER
         import tasks.quantize  # noqa: F401
+        from so8t_core.constants import CONVERTER
     except Exception as exc:
         return {"cpus": os.cpu_count(), "error": f"{type(exc).__name__}: {exc}"}
     return {"cpus": os.cpu_count(), "converter": CONVERTER}

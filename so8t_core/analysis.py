@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .architectures import (
-    EMBEDDING, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, model_spec,
-)
-from .checkpoint import Checkpoint, default_cache_dir
-from .plan import TensorPlan, build_plan
-from .rotation import checked_rotation, gate_rotation
-from .so8t import So8tStructure, find_structure
-from .tokenizer import TEXT_FILES, check_tokenizer_files
+from so8t_core.plan import TensorPlan, build_plan
+from so8t_core.source.architectures import EMBEDDING, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, model_spec
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.rotation import checked_rotation, gate_rotation
+from so8t_core.source.so8t import So8tStructure, find_structure
+from so8t_core.source.tokenizer import TEXT_FILES, check_tokenizer_files
+from so8t_core.storage import default_cache_dir
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
 PET_NOTE = ("PET regularization is a training loss only (a second-order difference penalty on hidden "
@@ -40,7 +39,7 @@ def preflight(uri: str, lora: str | None = None) -> None:
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
     _, structure, plan = checkpoint_model(ckpt)
     if lora:
-        from .lora import load_adapter
+        from so8t_core.source.lora import load_adapter
 
         load_adapter(lora).bind(plan, ckpt.uri)
     for gate in structure.gates:

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
+from so8t_core.errors import UnsupportedError
+
+__version__ = "0.1.0"
+CONVERTER = f"so8t-gguf {__version__}"  # written into every GGUF, manifest and model card
+
 # --- SO8T checkpoint format (docs/so8t-format.md) --------------------------------------
 
 SO8T_FORMAT_VERSION = 1
@@ -75,7 +80,7 @@ HEADS_INPUT_FINAL_NORM = "output_norm"
 class QuantType:
     """A user-facing quant choice (what ``--quant`` accepts): one of llama-quantize's mixes.
 
-    The per-tensor types of a mix are decided by so8t_core.quant_mix.
+    The per-tensor types of a mix are decided by so8t_core.quantize.mixes.
     """
 
     name: str
@@ -111,6 +116,37 @@ NOT_STORAGE_TYPES = {
     "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",
 }
 
+# Tensor types an override may name (--output-tensor-type, --tensor-type REGEX=TYPE).
+SUPPORTED_TENSOR_TYPES = (
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q3_K,
+    GGMLQuantizationType.Q2_K,
+)
+
+
+def quant_type(name: str) -> QuantType:
+    key = name.upper()
+    if key in QUANT_TYPES:
+        return QUANT_TYPES[key]
+    if key in NOT_STORAGE_TYPES:
+        raise UnsupportedError(f"--quant {name}", NOT_STORAGE_TYPES[key], "use --quant Q8_0")
+    raise UnsupportedError(f"--quant {name}", "unknown or not yet supported quant type",
+                           f"choose from {', '.join(QUANT_TYPES)}")
+
+
+def ggml_type(name: str, where: str) -> GGMLQuantizationType:
+    """A GGML tensor type by name, for overrides like --output-tensor-type q8_0."""
+    try:
+        qtype = GGMLQuantizationType[name.upper()]
+    except KeyError:
+        qtype = None
+    if qtype is None or qtype.name in NOT_STORAGE_TYPES or qtype not in SUPPORTED_TENSOR_TYPES:
+        raise UnsupportedError(where, f"{name!r} is not a tensor type so8t-gguf writes",
+                               f"choose from {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
+    return qtype
+
+
 # --- Output file names -------------------------------------------------------------------
 
 GGUF_NAME = "{name}-{quant}.gguf"
@@ -120,3 +156,5 @@ MODEL_CARD_NAME = "README.md"
 MANIFEST_NAME = "manifest.json"
 ANALYSIS_NAME = "analysis.json"
 VALIDATION_NAME = "{name}-{quant}.validation.json"
+ERRORS_PLOT = "{name}-{quant}.errors.png"
+BPW_PLOT = "{name}-{quant}.bits-per-weight.png"

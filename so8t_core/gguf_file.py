@@ -17,7 +17,14 @@ from typing import Any, Callable, Sequence
 import gguf
 import numpy as np
 
-from .errors import UnsupportedError, ValidationError
+from so8t_core.errors import UnsupportedError, ValidationError
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes a tensor of this shape and type takes in a GGUF file."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    return n // block * size
 
 
 @dataclass(frozen=True)

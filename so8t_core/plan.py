@@ -14,11 +14,11 @@ from typing import Callable, Iterator, Literal, Mapping, Protocol, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
-from .errors import CheckpointError
-from .constants import ROTATION_BLOCK
-from .rotation import apply_gate, checked_rotation, fold_into_linear
-from .so8t import So8tStructure
+from so8t_core.constants import ROTATION_BLOCK
+from so8t_core.errors import CheckpointError
+from so8t_core.source.architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
+from so8t_core.source.rotation import apply_gate, checked_rotation, fold_into_linear
+from so8t_core.source.so8t import So8tStructure
 
 Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant"]
 

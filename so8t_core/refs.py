@@ -11,6 +11,8 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
+from so8t_core import storage
+
 
 class FileRef(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -18,6 +20,11 @@ class FileRef(BaseModel):
     uri: str
     sha256: str
     size: int
+
+
+def file_ref(uri: str) -> FileRef:
+    """A file as stages pass it: where it is, its sha256 and its size."""
+    return FileRef(uri=uri, sha256=storage.sha256_of(uri), size=storage.size(uri))
 
 
 class SourceRef(BaseModel):

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import StorageError, UnsupportedError
+from so8t_core.errors import StorageError, UnsupportedError
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
@@ -49,14 +49,24 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
                            "use a local path, file://, or s3:// with s3fs installed") from None
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials (``s3://key:secret@bucket/x`` → ``s3://bucket/x``) or query."""
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def refuse_credentials(uri: str) -> None:
     """A URI with credentials in it (``s3://key:secret@bucket/x``) is refused, and the error names
     it without them: credentials belong in the environment or a profile, never in a URI that
     logs, manifests and error messages repeat."""
     parts = urlsplit(uri)
     if parts.username is not None or parts.password is not None:
-        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
-        raise UnsupportedError(shown, "credentials in the URI are not accepted",
+        raise UnsupportedError(redact_uri(uri), "credentials in the URI are not accepted",
                            "remove them; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
 
 
@@ -251,3 +261,8 @@ def move(src: str, dst: str) -> None:
     fs, src_path = resolve(src)
     _, dst_path = resolve(dst)
     fs.mv(src_path, dst_path)
+
+
+def default_cache_dir() -> str:
+    """Where so8t-gguf caches what it can compute again (work files, converted shards, demo)."""
+    return os.environ.get("SO8T_GGUF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "so8t-gguf"))

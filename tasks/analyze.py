@@ -8,8 +8,7 @@ from pydantic import BaseModel
 from so8t_core.analysis import analyze, checkpoint_model
 from so8t_core.plan import TensorPlan
 from so8t_core.refs import SourceRef
-
-from .common import STORAGE_RETRIES, open_checkpoint
+from tasks.common import STORAGE_RETRIES, open_checkpoint
 
 
 class AnalysisResult(BaseModel):

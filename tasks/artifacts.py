@@ -1,5 +1,5 @@
 """Prefect artifacts of a conversion run: quantization progress, per-tensor stats tables, the
-Markdown summary and links to the published releases (``so8t_core/report.py`` renders them).
+Markdown summary and links to the published releases (``so8t_core/publish/report.py`` renders them).
 
 Artifacts are a view of the run for the UI, not part of its result: an API error while
 creating one is logged and the run goes on.
@@ -11,12 +11,17 @@ import logging
 from typing import Any, Callable, Mapping, Sequence
 from uuid import UUID
 
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
-from so8t_core import console
+from so8t_core.publish.report import artifact_key, stats_rows, summary_markdown
 from so8t_core.refs import StagedTensor
-from so8t_core.report import artifact_key, redact_uri, stats_rows, summary_markdown
+from so8t_core.storage import redact_uri
 
 log = logging.getLogger("so8t_gguf.artifacts")
 
@@ -30,17 +35,14 @@ def _best_effort(what: str, fn: Callable[[], Any]) -> Any:
 
 
 class QuantizeProgress:
-    """A progress artifact for the quantize stage, updated as tensors finish (about every 2%),
-    and the CLI's progress bar (``so8t_core.console``) when it shows one."""
+    """A progress artifact for the quantize stage, updated as tensors finish (about every 2%)."""
 
     def __init__(self, name: str, total: int):
-        console.start_bar(total, "quantize")
         self.total, self.reported = max(1, total), -1.0
         self.id: UUID | None = _best_effort("progress", lambda: create_progress_artifact(
             0.0, key=artifact_key(name, "quantize-progress"), description=f"{name}: tensors quantized (%)"))
 
     def update(self, done: int) -> None:
-        console.update_bar(done)
         pct = round(100.0 * done / self.total, 1)
         if self.id is not None and (pct - self.reported >= 2.0 or pct >= 100.0) and pct != self.reported:
             self.reported = pct

@@ -7,14 +7,13 @@ import os
 from prefect import task
 
 from so8t_core.analysis import checkpoint_model
-from so8t_core.assemble import assemble_heads_sidecar, assemble_model, model_metadata
-from so8t_core.constants import GGUF_NAME, SIDECAR_NAME
+from so8t_core.assemble.model import assemble_model, model_metadata
+from so8t_core.assemble.sidecar import assemble_heads_sidecar
+from so8t_core.constants import GGUF_NAME, SIDECAR_NAME, quant_type
 from so8t_core.gguf_file import NO_SPLIT, Split
-from so8t_core.imatrix import imatrix_kvs, load_imatrix_cached
-from so8t_core.quantize import quant_type
+from so8t_core.quantize.imatrix import imatrix_kvs, load_imatrix_cached
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
-
-from .common import STORAGE_RETRIES, open_checkpoint
+from tasks.common import STORAGE_RETRIES, open_checkpoint
 
 
 @task(name="assemble-gguf", task_run_name="assemble-{quant}", **STORAGE_RETRIES)

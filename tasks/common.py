@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from so8t_core.checkpoint import Checkpoint, default_cache_dir
 from so8t_core.errors import So8tError, StorageError
-from so8t_core.lora import LoraAdapter, load_adapter
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.lora import LoraAdapter, load_adapter
+from so8t_core.storage import default_cache_dir
 
 
 @functools.lru_cache(maxsize=8)

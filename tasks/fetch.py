@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from so8t_core.checkpoint import Checkpoint, default_cache_dir, fingerprint
 from so8t_core.refs import SourceRef
-
-from .common import STORAGE_RETRIES
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.fingerprint import fingerprint
+from so8t_core.storage import default_cache_dir
+from tasks.common import STORAGE_RETRIES
 
 
 @task(name="fetch-checkpoint", **STORAGE_RETRIES)

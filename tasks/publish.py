@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from prefect import task
 
-from so8t_core.assemble import file_ref
+from so8t_core.constants import BPW_PLOT, ERRORS_PLOT
 from so8t_core.gguf_file import read_gguf
-from so8t_core.model_card import gguf_card_facts, render_model_card
-from so8t_core.plots import BPW_PLOT, ERRORS_PLOT, plot_bits_per_weight, plot_tensor_errors
-from so8t_core.publish import publish_release, update_latest
-from so8t_core.refs import FileRef, StagedTensor
-from so8t_core.stats import write_stats
-
-from .common import STORAGE_RETRIES
+from so8t_core.publish.model_card import gguf_card_facts, render_model_card
+from so8t_core.publish.plots import plot_bits_per_weight, plot_tensor_errors
+from so8t_core.publish.release import publish_release, update_latest
+from so8t_core.publish.stats import write_stats
+from so8t_core.refs import FileRef, StagedTensor, file_ref
+from tasks.common import STORAGE_RETRIES
 
 
 @task(name="write-stats", task_run_name="write-stats-{quant}")

@@ -2,7 +2,7 @@
 quantize, stage the bytes).
 
 The staging area is the cache: every staged tensor is stored under a key naming exactly what
-it is made of (``so8t_core.quantize.staging_key``: the source tensors' sha256, the transform
+it is made of (``so8t_core.quantize.staging.staging_key``: the source tensors' sha256, the transform
 (bake, permutation), the target type, the importance matrix and the format version), written
 atomically. The flow looks a tensor up there before scheduling its task, so a run whose
 inputs did not change executes no quantize task, a changed shard or override re-quantizes
@@ -15,12 +15,11 @@ from __future__ import annotations
 from gguf import GGMLQuantizationType
 from prefect import task
 
-from so8t_core.imatrix import load_imatrix_cached
 from so8t_core.plan import TensorPlan
-from so8t_core.quantize import stage_tensor
+from so8t_core.quantize.imatrix import load_imatrix_cached
+from so8t_core.quantize.staging import stage_tensor
 from so8t_core.refs import StagedTensor
-
-from .common import STORAGE_RETRIES, open_adapter, open_checkpoint
+from tasks.common import STORAGE_RETRIES, open_adapter, open_checkpoint
 
 
 def _run_name() -> str:

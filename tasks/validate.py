@@ -10,19 +10,24 @@ import os
 import numpy as np
 from prefect import task
 
-from so8t_core.assemble import file_ref, model_metadata
-from so8t_core.imatrix import imatrix_kvs, load_imatrix_cached
-from so8t_core.quantize import quant_type
-from so8t_core.reference import So8tReference
-from so8t_core.refs import FileRef, SourceRef, StagedTensor
+from so8t_core.assemble.model import model_metadata
+from so8t_core.constants import quant_type
+from so8t_core.quantize.imatrix import imatrix_kvs, load_imatrix_cached
+from so8t_core.quantize.staging import FORMAT_VERSION
+from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.storage import local_atomic_file
-from so8t_core.quantize import FORMAT_VERSION
-from so8t_core.validation import (
-    GATES, VALIDATION_VERSION, check_functional, check_readback, check_tensor_errors, check_tokenizer_parity, summarize,
+from so8t_core.validate.checks import (
+    GATES,
+    VALIDATION_VERSION,
+    check_functional,
+    check_readback,
+    check_tensor_errors,
+    check_tokenizer_parity,
+    summarize,
     validation_token_ids,
 )
-
-from .common import STORAGE_RETRIES, open_adapter, open_checkpoint
+from so8t_core.validate.reference import So8tReference
+from tasks.common import STORAGE_RETRIES, open_adapter, open_checkpoint
 
 
 @task(name="reference-logits", **STORAGE_RETRIES)

@@ -41,7 +41,7 @@ def demo_checkpoint() -> str:
 @pytest.fixture(scope="session")
 def make_fixture(tmp_path_factory):
     """Build (once per distinct spec) a tiny random SO8T checkpoint."""
-    from so8t_core.fixtures import FixtureSpec, build_fixture
+    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
     built: dict = {}
 

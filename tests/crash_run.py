@@ -16,12 +16,12 @@ import threading
 
 # point -> (module, attribute, N, "before" | "after" the Nth call); what the run has done by then.
 POINTS = {
-    "fetch": ("so8t_core.checkpoint", "Checkpoint.tensor_sha256", 3, "before"),  # fingerprinting shards
-    "quantize": ("so8t_core.quantize", "_StagedWriter.finish", 3, "after"),  # 3 tensors staged
+    "fetch": ("so8t_core.source.checkpoint", "Checkpoint.tensor_sha256", 3, "before"),  # fingerprinting shards
+    "quantize": ("so8t_core.quantize.staging", "_StagedWriter.finish", 3, "after"),  # 3 tensors staged
     "assemble": ("gguf", "GGUFWriter.write_tensor_data", 3, "after"),  # a partial GGUF on disk
     "validate": ("tasks.validate", "check_functional", 1, "before"),  # the model loaded in llama.cpp
     "publish-upload": ("so8t_core.storage", "upload_file", 2, "after"),  # 2 files staged at the destination
-    "publish-verified": ("so8t_core.publish", "exclusive", 1, "before"),  # all staged and verified
+    "publish-verified": ("so8t_core.publish.release", "exclusive", 1, "before"),  # all staged and verified
     "publish-commit": ("so8t_core.storage", "move", 2, "after"),  # 2 files moved into the release
     "publish-manifest": ("so8t_core.storage", "write_bytes_atomic", 1, "before"),  # moved, no manifest yet
     "publish-latest": ("so8t_core.storage", "write_bytes_atomic", 2, "before"),  # latest.json's lock held

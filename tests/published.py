@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from so8t_core.publish import latest_release
+from so8t_core.publish.release import latest_release
 
 
 def release(out, name: str, quant: str) -> Path:

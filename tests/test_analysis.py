@@ -6,7 +6,7 @@ import pytest
 
 from flows.cli import main
 from so8t_core.analysis import analyze
-from so8t_core.checkpoint import Checkpoint
+from so8t_core.source.checkpoint import Checkpoint
 
 
 def test_counts_by_class_on_a_known_fixture(make_fixture):

@@ -5,11 +5,11 @@ import json
 import os
 
 import pytest
+from published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
 from so8t_core.analysis import preflight
 from so8t_core.gguf_file import read_gguf
-from published import gguf_path, release  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -9,7 +9,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.convert import convert
 from so8t_core.errors import ValidationError
-from so8t_core.report import artifact_key, redact_uri
+from so8t_core.publish.report import artifact_key
+from so8t_core.storage import redact_uri
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -53,7 +54,7 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
 
 
 def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, monkeypatch):
-    from so8t_core import validation
+    from so8t_core.validate import checks as validation
 
     monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
                                                                  max_relative_rmse=0.0))

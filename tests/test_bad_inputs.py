@@ -29,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
 from test_cli import BIN, assert_one_line_error, rewrite_tensor
 
 ADDRESS_SPACE_LIMIT = 3 << 30  # for "limited" cases: far below any giant allocation, far above the CLI's needs

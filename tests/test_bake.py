@@ -6,10 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.plan import materialize
-from so8t_core.reference import So8tReference
-from so8t_core.rotation import block_diagonal, checked_rotation
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.rotation import block_diagonal, checked_rotation
+from so8t_core.validate.reference import So8tReference
 
 TOKENS = list(np.random.default_rng(0).integers(3, 384, size=48))
 

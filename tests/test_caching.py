@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
+from published import release
+from test_cli import copy, rewrite_tensor
 
 from flows.convert import convert
 from so8t_core.plan import quantize_batches
-from published import release
-from test_cli import copy, rewrite_tensor
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

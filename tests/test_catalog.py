@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import yaml
 from prefect.utilities.callables import parameter_schema
+from test_cli import copy, rewrite_tensor
 
-import so8t_core.checkpoint
+import so8t_core.source.checkpoint
 import so8t_core.storage
 import tasks.quantize
 from flows.catalog import CatalogModel, load_catalog, parse_catalog, quant_status, requantize_catalog
 from flows.convert import convert
 from flows.convert_model import convert_model
 from flows.params import ConvertParams
-from so8t_core import CONVERTER
-from so8t_core.constants import QUANT_TYPES
+from so8t_core.constants import CONVERTER, QUANT_TYPES
 from so8t_core.errors import CatalogError
-from so8t_core.quantize import ENGINES
-from test_cli import copy, rewrite_tensor
+from so8t_core.quantize.engines import ENGINES
 
 # --- the typed form ------------------------------------------------------------------------------
 
@@ -148,7 +147,7 @@ def counters(monkeypatch):
     """What actually ran: quantize work (a cached task does not stage), uploads, tensor hashing."""
     seen = {"quantized": [], "uploaded": [], "hashed": []}
     stage, upload, sha = tasks.quantize.stage_tensor, so8t_core.storage.upload_file, \
-        so8t_core.checkpoint.Checkpoint.tensor_sha256
+        so8t_core.source.checkpoint.Checkpoint.tensor_sha256
 
     def staging(ckpt, item, *a, **kw):
         seen["quantized"].append(item.gguf_name)
@@ -164,7 +163,7 @@ def counters(monkeypatch):
 
     monkeypatch.setattr(tasks.quantize, "stage_tensor", staging)
     monkeypatch.setattr(so8t_core.storage, "upload_file", uploading)
-    monkeypatch.setattr(so8t_core.checkpoint.Checkpoint, "tensor_sha256", hashing)
+    monkeypatch.setattr(so8t_core.source.checkpoint.Checkpoint, "tensor_sha256", hashing)
 
     def take():
         out = {k: list(v) for k, v in seen.items()}
@@ -234,7 +233,7 @@ def test_catalog_runs_convert_only_what_changed(make_fixture, tmp_path, bucket, 
     assert done["quantized"] == [] and done["uploaded"] == []
     changed_shard = set(done["hashed"])  # only the rewritten shard is read again
     assert "model.layers.1.mlp.down_proj.weight" in changed_shard
-    assert len(changed_shard) < len(so8t_core.checkpoint.Checkpoint.open(a).tensors)
+    assert len(changed_shard) < len(so8t_core.source.checkpoint.Checkpoint.open(a).tensors)
 
     # ...and the real run converts model a only, re-quantizing the one tensor that changed.
     third = requantize_catalog(url, work_dir=work)

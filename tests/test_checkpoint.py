@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from so8t_core.checkpoint import Checkpoint, fingerprint
 from so8t_core.errors import CheckpointError
-from so8t_core.safetensors_format import parse_header
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.fingerprint import fingerprint
+from so8t_core.source.safetensors_format import parse_header
 
 
 def raw_safetensors(header: dict, data: bytes) -> bytes:

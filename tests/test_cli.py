@@ -1,8 +1,8 @@
 """The command line as a user meets it: bad input gives one line and exit 2, never a traceback."""
 
 import json
-import re
 import os
+import re
 import shutil
 import struct
 import subprocess

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 
-from so8t_core import publish as pub
-from so8t_core import storage
-from so8t_core.errors import So8tError
 from reliability_record import record
 from test_publish import FP_A, local_files, visible
+
+from so8t_core import storage
+from so8t_core.errors import So8tError
+from so8t_core.publish import release as pub
 
 PUBLISHERS = 4
 

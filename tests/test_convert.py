@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from published import gguf_path, release
 
 from flows.convert import convert, tensors_in_flight
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import read_gguf
-from published import gguf_path, release
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -110,7 +110,7 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
 
 
 def test_failed_validation_publishes_nothing(make_fixture, tmp_path, monkeypatch):
-    from so8t_core import validation
+    from so8t_core.validate import checks as validation
 
     monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
                                                                  max_relative_rmse=0.0))

@@ -28,15 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from llama_cpp_oracle import convert_with_llama_cpp, llama_cpp_dir
+
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint
-from so8t_core.checkpoint_writer import write_checkpoint
+from so8t_core.assemble.sequential import convert_sequential
+from so8t_core.constants import quant_type
 from so8t_core.gguf_file import read_gguf
 from so8t_core.plan import materialize
-from so8t_core.quantize import quant_type
-from so8t_core.sequential import convert_sequential
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.testing.checkpoint_writer import write_checkpoint
 
 # The fixtures' tokenizer is a small random byte-level BPE with plain GPT-2 pre-tokenization.
 # convert knows pre-tokenizers only by the hash of one vocabulary's token ids, so it refuses it;
@@ -286,7 +286,7 @@ def test_missing_converter_fails_with_the_way_to_get_it(monkeypatch, tmp_path):
 
 
 def test_missing_hyperparameters_take_transformers_defaults_as_llama_cpp_does():
-    from so8t_core.architectures import model_spec
+    from so8t_core.source.architectures import model_spec
 
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
             "intermediate_size": 128, "vocab_size": 300}
@@ -299,7 +299,7 @@ def test_missing_hyperparameters_take_transformers_defaults_as_llama_cpp_does():
 def test_the_defaults_table_matches_the_installed_transformers():
     import transformers
 
-    from so8t_core.architectures import HF_CONFIG_DEFAULTS
+    from so8t_core.source.architectures import HF_CONFIG_DEFAULTS
 
     for arch, defaults in HF_CONFIG_DEFAULTS.items():
         cfg = getattr(transformers, arch).config_class(hidden_size=64, num_attention_heads=4)

@@ -17,10 +17,10 @@ from pathlib import Path
 import boto3
 import fsspec
 import pytest
-
 from crash_run import POINTS
-from flows.cli import main
 from reliability_record import record
+
+from flows.cli import main
 from so8t_core import storage
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

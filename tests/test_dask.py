@@ -6,14 +6,14 @@ import socket
 import threading
 
 import pytest
+from published import release
+from test_cli import assert_one_line_error, run
 
 from flows.convert import convert
 from flows.convert_model import convert_model
 from flows.params import ConvertParams
 from flows.runners import convert_with, task_runner
-from published import release
 from so8t_core.errors import ClusterError, UnsupportedError
-from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

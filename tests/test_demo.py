@@ -4,14 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from published import gguf_path
+from published import release as release_dir
 
 from flows.convert import convert
-from so8t_core.demo import DEMO_GATED_LAYERS, unpermute_qk
-from so8t_core.demo_tokenizer import smollm2_gguf_path
 from so8t_core.gguf_file import read_gguf
-from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.plan import permute_qk
-from published import gguf_path, release as release_dir
+from so8t_core.testing.demo import DEMO_GATED_LAYERS, unpermute_qk
+from so8t_core.testing.tokenizers import smollm2_gguf_path
+from so8t_core.validate.llama_runtime import LlamaCppModel
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 DEMO = "smollm2-135m-so8t-demo"
@@ -71,7 +72,7 @@ def test_unbaked_tensors_round_trip_to_the_original_smollm2_weights(release):
 
 
 def test_sidecar_holds_the_triality_heads(release, demo_checkpoint):
-    from so8t_core.checkpoint import Checkpoint
+    from so8t_core.source.checkpoint import Checkpoint
 
     out, _ = release
     side = read_gguf(str(release_dir(out, DEMO, "Q8_0") / "smollm2-135m-so8t-demo.so8t-heads.gguf"))
@@ -107,7 +108,7 @@ def test_demo_checkpoint_is_byte_identical_on_every_build(demo_checkpoint, tmp_p
     import hashlib
     import os
 
-    from so8t_core.demo import build_demo_checkpoint
+    from so8t_core.testing.demo import build_demo_checkpoint
 
     again = build_demo_checkpoint(str(tmp_path / "again"))
     names = sorted(os.listdir(demo_checkpoint))

@@ -10,10 +10,10 @@ import boto3
 import fsspec
 import pytest
 import s3fs
-
 from faulty_s3 import FAULT_KINDS, FaultyS3Proxy
-from flows.convert import convert
 from reliability_record import record
+
+from flows.convert import convert
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 FAULT_SHARE = 0.2

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from so8t_core.errors import So8tError
-from so8t_core.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, decode_float, header_length, parse_header
+from so8t_core.source.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, decode_float, header_length, parse_header
 
 SCALE = float(os.environ.get("SO8T_FUZZ_SCALE", "1"))
 SECONDS_PER_EXAMPLE = 10  # a hang, not a slow example
@@ -179,8 +179,18 @@ def scratch(tmp_path_factory):
 def valid_gguf(scratch) -> bytes:
     import gguf
 
-    from so8t_core.gguf_file import GGUFKV, TensorInfo, kv_array, kv_bool, kv_f32, kv_str, kv_u32, write_gguf
-    from so8t_core.quantize import quantize, tensor_nbytes
+    from so8t_core.gguf_file import (
+        GGUFKV,
+        TensorInfo,
+        kv_array,
+        kv_bool,
+        kv_f32,
+        kv_str,
+        kv_u32,
+        tensor_nbytes,
+        write_gguf,
+    )
+    from so8t_core.quantize.engines import quantize
 
     rng = np.random.default_rng(0)
     arrays = {"a.weight": rng.standard_normal((2, 32)).astype(np.float32),
@@ -201,7 +211,7 @@ def valid_gguf(scratch) -> bytes:
 @given(data=st.data())
 def test_fuzz_gguf_reader(valid_gguf, scratch, data):
     from so8t_core.gguf_file import read_gguf
-    from so8t_core.gguf_inspect import inspect_gguf, render_inspection
+    from so8t_core.validate.inspection import inspect_gguf, render_inspection
 
     edits = data.draw(mutations(len(valid_gguf), len(valid_gguf) - 160))  # the last 160 bytes: tensor data
     path = str(scratch / "mutated.gguf")
@@ -228,7 +238,7 @@ config_values = st.one_of(json_values, st.integers(-1, 300), st.sampled_from([0,
 
 def read_everything(folder: str) -> None:
     from so8t_core.analysis import preflight
-    from so8t_core.checkpoint import Checkpoint
+    from so8t_core.source.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(folder, cache_dir=os.path.join(folder, ".cache"))
     for name, entry in ckpt.tensors.items():

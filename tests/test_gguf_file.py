@@ -5,8 +5,19 @@ import numpy as np
 import pytest
 
 from so8t_core.errors import ValidationError
-from so8t_core.gguf_file import GGUFKV, TensorInfo, kv_array, kv_bool, kv_f32, kv_str, kv_u32, read_gguf, write_gguf
-from so8t_core.quantize import dequantize, quantize, tensor_nbytes
+from so8t_core.gguf_file import (
+    GGUFKV,
+    TensorInfo,
+    kv_array,
+    kv_bool,
+    kv_f32,
+    kv_str,
+    kv_u32,
+    read_gguf,
+    tensor_nbytes,
+    write_gguf,
+)
+from so8t_core.quantize.engines import dequantize, quantize
 
 
 def test_round_trip_of_metadata_and_tensors(tmp_path):

@@ -4,15 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from published import release as published_release
 
 from flows.cli import main
 from flows.convert import convert
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import ValidationError
-from so8t_core.heads import run_heads
-from so8t_core.llama_runtime import LlamaCppModel
-from so8t_core.reference import So8tReference
-from published import release as published_release
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.validate.heads import run_heads
+from so8t_core.validate.llama_runtime import LlamaCppModel
+from so8t_core.validate.reference import So8tReference
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 TEXT = "The quick brown fox jumps over the lazy dog."

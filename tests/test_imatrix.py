@@ -8,16 +8,16 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from published import gguf_path, release  # noqa: F401
+from test_quant_mixes import FIXTURES, assert_same_tensors
 
 from flows.convert import convert
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import CheckpointError
 from so8t_core.gguf_file import read_gguf
-from so8t_core.imatrix import load_imatrix
-from test_quant_mixes import FIXTURES, assert_same_tensors
-from published import gguf_path, release  # noqa: F401
+from so8t_core.quantize.imatrix import load_imatrix
+from so8t_core.source.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

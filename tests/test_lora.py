@@ -9,18 +9,18 @@ import sys
 
 import numpy as np
 import pytest
+from published import gguf_path, release
 from safetensors.numpy import save_file
 
 from flows.convert import convert
-from published import gguf_path, release
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.gguf_file import read_gguf
-from so8t_core.lora import MergedReader, load_adapter
-from so8t_core.reference import So8tReference
-from so8t_core.rotation import checked_rotation, fold_into_linear
-from so8t_core.validation import validation_token_ids
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.lora import MergedReader, load_adapter
+from so8t_core.source.rotation import checked_rotation, fold_into_linear
+from so8t_core.validate.checks import validation_token_ids
+from so8t_core.validate.reference import So8tReference
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

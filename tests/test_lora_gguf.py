@@ -14,19 +14,20 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from published import gguf_path
+from test_lora import write_adapter
 
 from flows.convert import convert
-from published import gguf_path
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint, fingerprint
+from so8t_core.assemble import lora_gguf
+from so8t_core.assemble.lora_gguf import check_adapter_file, write_lora_gguf
 from so8t_core.constants import Keys
 from so8t_core.errors import CheckpointError, UnsupportedError, ValidationError
 from so8t_core.gguf_file import TensorInfo, kv_str, read_gguf, write_gguf
-from so8t_core import lora_gguf
-from so8t_core.lora import load_adapter
-from so8t_core.lora_gguf import check_adapter_file, write_lora_gguf
-from so8t_core.validation import validate_file, validation_token_ids
-from test_lora import write_adapter
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.fingerprint import fingerprint
+from so8t_core.source.lora import load_adapter
+from so8t_core.validate.checks import validate_file, validation_token_ids
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

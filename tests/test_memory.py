@@ -8,8 +8,8 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import os, resource, sys
     from so8t_core.analysis import checkpoint_model
-    from so8t_core.checkpoint import Checkpoint
-    from so8t_core.sequential import convert_sequential
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.assemble.sequential import convert_sequential
 
     src, work = sys.argv[1], sys.argv[2]
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

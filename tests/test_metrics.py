@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from so8t_core.metrics import kl_divergence, log_softmax, logit_agreement, tensor_error_stats
+from so8t_core.metrics import kl_divergence, log_softmax, logit_agreement
+from so8t_core.quantize.error_stats import tensor_error_stats
 
 # --- log_softmax -------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ def test_kld_keeps_leading_axes():
 
 def test_c_error_sums_match_float64_numpy():
     """The quantize stage's single-pass C sums equal numpy's float64 reference (to rounding)."""
-    from so8t_core import _kquants
+    from so8t_core.quantize.engines import _kquants
 
     rng = np.random.default_rng(3)
     for n in (1, 3, 4, 1001, 1 << 16):

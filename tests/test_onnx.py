@@ -16,13 +16,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from flows.cli import main
-from so8t_core import onnx_export
 from so8t_core.analysis import checkpoint_model
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import ValidationError
-from so8t_core.lora import load_adapter
-from so8t_core.onnx_export import export_onnx, tolerance
-from so8t_core.reference import So8tReference, base_model, baked_model
+from so8t_core.export import onnx as onnx_export
+from so8t_core.export.onnx import export_onnx, tolerance
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.lora import load_adapter
+from so8t_core.validate.reference import So8tReference, baked_model, base_model
 
 BIN = os.path.join(os.path.dirname(sys.executable), "so8t-gguf")
 RNG = np.random.default_rng(7)

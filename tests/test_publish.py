@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from so8t_core import publish as pub
 from so8t_core import storage
-from so8t_core.assemble import file_ref
 from so8t_core.errors import StorageError
+from so8t_core.publish import release as pub
+from so8t_core.refs import file_ref
 
 FP_A = "a" * 64
 FP_B = "b" * 64

@@ -7,14 +7,14 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
-from so8t_core.constants import QUANT_TYPES
+from so8t_core.constants import QUANT_TYPES, quant_type
 from so8t_core.errors import UnsupportedError
 from so8t_core.gguf_file import read_gguf
-from so8t_core.quant_mix import ModelShape, assign_types, use_more_bits
-from so8t_core.quantize import quant_type, resolve_engine
-from published import gguf_path, release  # noqa: F401
+from so8t_core.quantize.engines import resolve_engine
+from so8t_core.quantize.mixes import ModelShape, assign_types, use_more_bits
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

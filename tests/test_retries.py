@@ -4,8 +4,8 @@ import pytest
 from prefect import flow
 
 import so8t_core.storage as storage
-from so8t_core.assemble import file_ref
 from so8t_core.errors import CheckpointError
+from so8t_core.refs import file_ref
 from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish
 

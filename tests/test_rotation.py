@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from so8t_core.errors import RotationError
-from so8t_core.rotation import (
-    apply_gate, bake_error, block_diagonal, check_gate_shape, checked_rotation, fold_into_linear, rotation_blocks,
+from so8t_core.source.rotation import (
+    apply_gate,
+    bake_error,
+    block_diagonal,
+    check_gate_shape,
+    checked_rotation,
+    fold_into_linear,
+    rotation_blocks,
     rotation_health,
 )
 

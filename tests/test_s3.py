@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flows.convert import convert
-from so8t_core.checkpoint import Checkpoint
+from so8t_core.source.checkpoint import Checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from pathlib import Path
 import boto3
 import fsspec
 import pytest
+from reliability_record import record
 
 from flows.cli import main
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import So8tError
-from reliability_record import record
+from so8t_core.source.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 URI_KEY, URI_SECRET = "AKIAURIKEYLEAKTEST01", "uri-secret-never-to-be-seen-3f9a1c"

@@ -11,9 +11,11 @@ import zlib
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
-from so8t_core import simd_engine, ggml_engine
+from so8t_core.quantize.engines import ggml as ggml_engine
+from so8t_core.quantize.engines import simd as simd_engine
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -247,7 +249,7 @@ def _assert_same(got: memoryview, ref: bytes, qtype: T, what: str) -> None:
 
 
 def test_extension_is_built():
-    assert simd_engine.available(), "so8t_core._kquants is missing: run `pip install -e .`"
+    assert simd_engine.available(), "so8t_core.quantize.engines._kquants is missing: run `pip install -e .`"
     assert set(ALL_TYPES) == simd_engine.IMPLEMENTED
     assert set(K_TYPES) <= simd_engine.SUPPORTED <= simd_engine.IMPLEMENTED
     assert "generic" in simd_engine.ISAS and simd_engine.ISA == simd_engine.ISAS[0]
@@ -314,7 +316,7 @@ def test_unsupported_type_and_isa():
 
 def test_fp16_conversions():
     """d/dmin are rounded to fp16 from float32 with round-to-nearest-even, as ggml does in software."""
-    from so8t_core import _kquants
+    from so8t_core.quantize.engines import _kquants
 
     rng = np.random.default_rng(16)
     bits = np.concatenate([

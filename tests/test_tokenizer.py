@@ -18,13 +18,15 @@ import llama_cpp
 import pytest
 from tokenizers import Tokenizer
 
-from so8t_core.demo_tokenizer import (
-    CHATML_TEMPLATE, _fixture_files_cached, fixture_tokenizer_files, smollm2_gguf_path,
+from so8t_core.errors import CheckpointError, UnsupportedError
+from so8t_core.source.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_metadata
+from so8t_core.testing.tokenizers import (
+    CHATML_TEMPLATE,
+    _fixture_files_cached,
+    fixture_tokenizer_files,
+    smollm2_gguf_path,
     smollm2_tokenizer_files,
 )
-from so8t_core.errors import CheckpointError, UnsupportedError
-from so8t_core.tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_metadata
-
 
 # English, Japanese, code, emoji (with ZWJ and skin tone), digits, odd whitespace, contractions.
 TEXT = (
@@ -229,7 +231,7 @@ def test_pre_tokenizer_recognised_by_structure(pre, pre_tokenizer, model, tmp_pa
 def test_sentencepiece_model(tmp_path):
     import sentencepiece as spm
 
-    from so8t_core.demo_tokenizer import _FIXTURE_CORPUS
+    from so8t_core.testing.tokenizers import _FIXTURE_CORPUS
 
     model = io.BytesIO()
     # Llama-style SentencePiece: identity normalizer, whitespace kept, byte fallback.
@@ -373,15 +375,13 @@ def test_spm_fixture_is_deterministic_and_exactly_sized(style):
     import subprocess
     import sys
 
-    from so8t_core.demo_tokenizer import (
-        PHI3_ADDED_TOKENS, _fixture_spm_files_cached, fixture_spm_tokenizer_files,
-    )
+    from so8t_core.testing.tokenizers import PHI3_ADDED_TOKENS, _fixture_spm_files_cached, fixture_spm_tokenizer_files
 
     files = fixture_spm_tokenizer_files(384, style=style)
     assert _sha16(files) == SPM_PINS[style]
     # Trained again from scratch, here and in a fresh interpreter (other hash seed): the same bytes.
     assert dict(_fixture_spm_files_cached.__wrapped__(384, 0, style)) == files
-    code = ("import hashlib, json; from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files as f; "
+    code = ("import hashlib, json; from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files as f; "
             f"print(json.dumps({{k: hashlib.sha256(v).hexdigest()[:16] for k, v in f(384, 0, {style!r}).items()}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
@@ -410,8 +410,8 @@ def test_spm_fixture_is_deterministic_and_exactly_sized(style):
 
 @pytest.mark.parametrize("style, vocab_size", [("llama", 384), ("llama", 700), ("phi3", 384), ("phi3", 512)])
 def test_spm_fixture_metadata_and_llama_cpp_parity(style, vocab_size, tmp_path):
-    from so8t_core.demo_tokenizer import PHI3_ADDED_TOKENS, fixture_spm_tokenizer_files
-    from so8t_core.validation import PARITY_TEXT
+    from so8t_core.testing.tokenizers import PHI3_ADDED_TOKENS, fixture_spm_tokenizer_files
+    from so8t_core.validate.checks import PARITY_TEXT
 
     files = fixture_spm_tokenizer_files(vocab_size, seed=2, style=style)
     sp, tok = _sp(files), hf(files)
@@ -451,8 +451,8 @@ def test_spm_fixture_phi3_chat_text_tokenizes_like_hf_when_named_phi3(tmp_path):
     "<unk>", "<s>" and "<|endoftext|>", which the byte-level BPE fixture lacks)."""
     from gguf import GGUFValueType
 
-    from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files
     from so8t_core.gguf_file import GGUFKV
+    from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files
 
     files = fixture_spm_tokenizer_files(384, style="phi3")
     kvs = tokenizer_metadata(files, {"vocab_size": 384, "bos_token_id": 1, "eos_token_id": 2}, "mem://phi3")
@@ -472,8 +472,8 @@ def test_spm_fixture_phi3_chat_text_tokenizes_like_hf_when_named_phi3(tmp_path):
 def test_spm_fixture_loads_in_transformers(style, tmp_path):
     from transformers import AutoTokenizer
 
-    from so8t_core.demo_tokenizer import fixture_spm_tokenizer_files
-    from so8t_core.validation import PARITY_TEXT
+    from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files
+    from so8t_core.validate.checks import PARITY_TEXT
 
     files = fixture_spm_tokenizer_files(384, style=style)
     for name, data in files.items():

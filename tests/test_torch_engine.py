@@ -7,10 +7,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf.quants import np_roundf
 
-from so8t_core import ggml_engine, torch_engine
+from so8t_core.quantize.engines import ggml as ggml_engine
+from so8t_core.quantize.engines import torch as torch_engine
 
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 LEGACY_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)

@@ -11,11 +11,16 @@ import shutil
 
 import pytest
 
-from so8t_core.checkpoint import Checkpoint
-from so8t_core.fixtures import FixtureSpec, build_fixture
-from so8t_core.sequential import convert_sequential
-from so8t_core.validation import (
-    PARITY_SHOWN_IDS, PARITY_TEXT, check_tokenizer_parity, hf_token_ids, summarize, validate_file,
+from so8t_core.assemble.sequential import convert_sequential
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.testing.fixtures import FixtureSpec, build_fixture
+from so8t_core.validate.checks import (
+    PARITY_SHOWN_IDS,
+    PARITY_TEXT,
+    check_tokenizer_parity,
+    hf_token_ids,
+    summarize,
+    validate_file,
 )
 
 # kind -> (checkpoint folder name, FixtureSpec arguments). The phi3 folder name makes general.name

@@ -6,15 +6,15 @@ import os
 
 import numpy as np
 import pytest
+from published import gguf_path, release  # noqa: F401
 from safetensors.numpy import load_file, save_file
 
 from flows.convert import convert
 from so8t_core.analysis import analyze
-from so8t_core.checkpoint import Checkpoint
 from so8t_core.errors import RotationError
 from so8t_core.gguf_file import read_gguf
-from so8t_core.rotation import rotation_blocks
-from published import gguf_path, release  # noqa: F401
+from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.rotation import rotation_blocks
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

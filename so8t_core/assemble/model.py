@@ -1,0 +1,101 @@
+"""Assembling the model GGUF from staged tensors: its metadata, and the file (or split set) itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import gguf
+
+from so8t_core.analysis import checkpoint_model
+from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_folder_name, model_kvs
+from so8t_core.constants import CONVERTER, QuantType
+from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, write_gguf
+from so8t_core.quantize.staging import FORMAT_VERSION
+from so8t_core.refs import FileRef, StagedTensor, file_ref
+from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
+from so8t_core.source.tokenizer import tokenizer_metadata
+from so8t_core.storage import local_atomic_file
+
+
+def _inputs_key(arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor], split: Split) -> str:
+    """What a model GGUF is made of: metadata, the staged tensors' sha256, the split, the format."""
+    what = [FORMAT_VERSION, arch, [(kv.key, int(kv.vtype), kv.sub_type and int(kv.sub_type), kv.value) for kv in kvs],
+            [(s.gguf_name, s.ggml_type, list(s.shape), s.sha256) for s in staged], split.max_tensors, split.max_bytes]
+    data = json.dumps(what, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
+                   split: Split = NO_SPLIT) -> list[FileRef]:
+    """Write the model GGUF (one file, or a split set): tensors in order, data streamed from staging.
+
+    A record beside the file (``<file>.inputs.json``: the inputs' key and the written files
+    with their identity) lets a re-run with the same inputs reuse the files untouched.
+    """
+    key = _inputs_key(arch, kvs, staged, split)
+    record = path + ".inputs.json"
+    try:
+        with open(record) as f:
+            previous = json.load(f)
+        if previous["key"] == key and all(os.path.exists(r["uri"]) and _identity(r["uri"]) == r["identity"]
+                                          for r in previous["files"]):
+            return [FileRef(uri=r["uri"], sha256=r["sha256"], size=r["size"]) for r in previous["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    refs = _write_model(path, arch, kvs, staged, split)
+    with local_atomic_file(record) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "files": [{**r.model_dump(), "identity": _identity(r.uri)} for r in refs]}, f)
+    return refs
+
+
+def _write_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
+                 split: Split) -> list[FileRef]:
+    infos = [TensorInfo(s.gguf_name, tuple(s.shape), gguf.GGMLQuantizationType[s.ggml_type], s.nbytes)
+             for s in staged]
+    by_name = {s.gguf_name: s for s in staged}
+
+    def read(t: TensorInfo) -> bytes:
+        s = by_name[t.name]
+        with open(s.uri, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != s.sha256:
+            raise RuntimeError(f"staged tensor {s.uri} changed since it was written")
+        return data
+
+    return [file_ref(p) for p in write_gguf(path, arch, kvs, infos, read, split)]
+
+
+def tokenizer_files(ckpt: Checkpoint) -> dict[str, bytes]:
+    return {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
+
+
+def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerprint: str,
+                   staged: Sequence[StagedTensor], extra: Sequence[GGUFKV] = ()) -> tuple[str, list[GGUFKV]]:
+    """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors.
+
+    ``extra``: keys llama-quantize adds for this file (the quantize.imatrix.* keys).
+    """
+    spec, structure, _ = checkpoint_model(ckpt)
+    tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri)
+    provenance = Provenance(
+        source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
+        max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
+    n_params = sum(s.n_elements for s in staged)
+    general = general_kvs(spec.arch, model_folder_name(ckpt.uri, name), model_card_files(ckpt), n_params)
+    return spec.arch, model_kvs(general, spec, quant, tok, provenance, extra)
+
+
+def model_card_files(ckpt: Checkpoint) -> dict[str, bytes]:
+    """What gguf.Metadata reads for general.*: the model card, config.json, generation_config.json."""
+    files = {n: data for n in MODEL_CARD_FILES if n != "config.json" and (data := ckpt.read_file(n)) is not None}
+    files["config.json"] = ckpt.config_bytes
+    return files

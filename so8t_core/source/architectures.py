@@ -1,0 +1,299 @@
+"""Base architectures: what a Hugging Face config means, and how its tensors map to GGUF.
+
+Each supported ``architectures[0]`` of config.json maps to one llama.cpp architecture
+and a small set of rules (:class:`ArchRules`): which tensors a layer has and their
+shapes, whether Q/K rows are permuted for llama.cpp's RoPE layout, and whether Q/K/V
+and gate/up are fused. The hyperparameters are read once into a :class:`ModelSpec`;
+everything downstream (plan, metadata, reference forward) reads the spec.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import gguf
+
+from so8t_core.errors import CheckpointError, UnsupportedError, short_repr
+
+
+@dataclass(frozen=True)
+class ArchRules:
+    model_arch: gguf.MODEL_ARCH
+    permutes_qk: bool = False  # HF rotate-half → llama.cpp interleaved (llama.cpp's LlamaModel)
+    fused_qkv: bool = False  # one qkv_proj (phi3)
+    fused_gate_up: bool = False  # one gate_up_proj (phi3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
+    qkv_bias: bool = False  # q/k/v biases always present (qwen2)
+
+
+LLAMA = ArchRules(gguf.MODEL_ARCH.LLAMA, permutes_qk=True)
+QWEN2 = ArchRules(gguf.MODEL_ARCH.QWEN2, qkv_bias=True)
+QWEN3 = ArchRules(gguf.MODEL_ARCH.QWEN3, qk_norm=True)
+PHI3 = ArchRules(gguf.MODEL_ARCH.PHI3, fused_qkv=True, fused_gate_up=True)
+
+# HF architecture → rules. Mistral is a llama in GGUF, exactly as llama.cpp converts it.
+SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+    "Phi3ForCausalLM": PHI3,
+}
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hf_architecture: str
+    arch: str  # llama.cpp architecture name, e.g. "llama"
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    context_length: int | None
+    rope_theta: float | None
+    rms_norm_eps: float | None
+    tied_embeddings: bool
+    rope_scaling: dict[str, Any] | None  # rope_parameters / rope_scaling, with rope_type normalized
+    head_dim_explicit: bool  # config.json names head_dim (then GGUF gets key/value_length)
+    attention_bias: bool  # q/k/v/o biases (llama's attention_bias)
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rules(self) -> ArchRules:
+        return SUPPORTED_ARCHITECTURES[self.hf_architecture]
+
+    @property
+    def model_arch(self) -> gguf.MODEL_ARCH:
+        return self.rules.model_arch
+
+    @property
+    def permutes_qk(self) -> bool:
+        return self.rules.permutes_qk
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the attention output, i.e. of o_proj's input (n_heads · head_dim)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def rope_type(self) -> str | None:
+        rs = self.rope_scaling or {}
+        rope_type = rs.get("rope_type", rs.get("type"))
+        return rope_type.lower() if isinstance(rope_type, str) else None
+
+    def rotated_width(self, position: str) -> int:
+        """Width of the activation an SO8T gate rotates: o_proj's input or its output."""
+        return self.attention_width if position == "pre_o_proj" else self.hidden_size
+
+    def tensor_name_map(self) -> gguf.TensorNameMap:
+        return gguf.get_tensor_name_map(self.model_arch, self.n_layers)
+
+    def layer_tensor_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """(required, optional) tensors of one layer: name suffix → shape."""
+        r, h, hd, ff = self.rules, self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        required = {"self_attn.o_proj.weight": (h, q), "mlp.down_proj.weight": (h, ff),
+                    "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        optional = {"self_attn.o_proj.bias": (h,)}
+        if r.fused_qkv:
+            required["self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+            optional["self_attn.qkv_proj.bias"] = (q + 2 * kv,)
+        else:
+            qkv = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv}
+            required.update({f"{n}.weight": (rows, h) for n, rows in qkv.items()})
+            (required if r.qkv_bias else optional).update({f"{n}.bias": (rows,) for n, rows in qkv.items()})
+        if r.fused_gate_up:
+            required["mlp.gate_up_proj.weight"] = (2 * ff, h)
+        else:
+            required.update({"mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h)})
+        if r.qk_norm:
+            required.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+        return required, optional
+
+
+def _int(config: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if type(value) is not int or value <= 0:
+        raise CheckpointError(where, f"config.json: {key} must be a positive integer, got {short_repr(value)}",
+                              "fix config.json")
+    return value
+
+
+def _number(config: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CheckpointError(where, f"config.json: {key} must be a number, got {short_repr(value)}",
+                              "fix config.json")
+    return None if value is None else float(value)
+
+
+# RoPE settings read as numbers (positive ones, and the others), and as lists of numbers.
+ROPE_POSITIVE = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                 "partial_rotary_factor")
+ROPE_NUMBERS = ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
+ROPE_LISTS = ("long_factor", "short_factor")
+
+
+def _check_rope(config: Mapping[str, Any], where: str) -> None:
+    """The RoPE block (rope_parameters / rope_scaling) holds what the converter computes with."""
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    # Top level: the keys rope_parameters() mirrors into the block.
+    blocks = [("", config, ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"))]
+    for key in ("rope_parameters", "rope_scaling"):
+        block = config.get(key)
+        if block is not None and not isinstance(block, Mapping):
+            raise CheckpointError(where, f"config.json: {key} must be an object, got {short_repr(block)}",
+                                  "fix config.json")
+        if block is not None:
+            blocks.append((f"{key}.", block, ROPE_POSITIVE + ROPE_NUMBERS + ROPE_LISTS + ("rope_type", "type")))
+    for prefix, block, keys in blocks:
+        for key in keys:
+            value = block.get(key)
+            if value is None:
+                continue
+            if key in ROPE_LISTS:
+                ok = isinstance(value, list) and all(number(v) for v in value)
+                need = "a list of numbers"
+            elif key in ("rope_type", "type"):
+                ok, need = isinstance(value, str), "a string"
+            else:
+                ok = number(value) and (key in ROPE_NUMBERS or value > 0)
+                need = "a number" if key in ROPE_NUMBERS else "a positive number"
+            if not ok:
+                raise CheckpointError(where, f"config.json: {prefix}{key} must be {need}, got {short_repr(value)}",
+                                      "fix config.json")
+
+
+def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE settings in one dict, as llama.cpp's converter assembles them.
+
+    transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
+    ``rope_scaling`` (with ``type`` in older files). Top-level ``rope_theta``,
+    ``partial_rotary_factor`` and ``original_max_position_embeddings`` are mirrored in.
+    """
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+        if key not in params and config.get(key) is not None:
+            params[key] = config[key]
+    if "rope_type" not in params and params.get("type") is not None:
+        params["rope_type"] = params["type"]
+    return params
+
+
+def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
+    """Read the base-model hyperparameters from config.json, checking they are consistent."""
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise CheckpointError(where, "config.json has no \"architectures\" list",
+                              'add e.g. "architectures": ["LlamaForCausalLM"]')
+    hf_arch = archs[0]
+    if hf_arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedError(where, f"base architecture {hf_arch[:80]} is not supported",
+                               f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    _check_rope(config, where)
+
+    config = with_transformers_defaults(config, hf_arch)
+    hidden = _int(config, "hidden_size", where)
+    n_heads = _int(config, "num_attention_heads", where)
+    n_kv = _int(config, "num_key_value_heads", where, default=n_heads)
+    head_dim_explicit = config.get("head_dim") is not None
+    head_dim = _int(config, "head_dim", where) if head_dim_explicit else hidden // n_heads
+    if not head_dim_explicit and hidden % n_heads:
+        raise CheckpointError(where, f"config.json: hidden_size {hidden} is not divisible by "
+                                     f"num_attention_heads {n_heads}", "set head_dim explicitly")
+    if n_heads % n_kv:
+        raise CheckpointError(where, f"config.json: num_attention_heads {n_heads} is not a multiple of "
+                                     f"num_key_value_heads {n_kv}", "fix config.json")
+    rope = rope_parameters(config)
+    rope_theta = rope.get("rope_theta")
+    if rope_theta is not None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))):
+        raise CheckpointError(where, f"config.json: rope_theta must be a number, got {rope_theta!r}", "")
+    context = config.get("max_position_embeddings")
+
+    return ModelSpec(
+        hf_architecture=hf_arch,
+        arch=gguf.MODEL_ARCH_NAMES[SUPPORTED_ARCHITECTURES[hf_arch].model_arch],
+        n_layers=_int(config, "num_hidden_layers", where),
+        hidden_size=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        intermediate_size=_int(config, "intermediate_size", where),
+        vocab_size=_int(config, "vocab_size", where),
+        context_length=None if context is None else _int(config, "max_position_embeddings", where),
+        rope_theta=None if rope_theta is None else float(rope_theta),
+        rms_norm_eps=_number(config, "rms_norm_eps", where),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_scaling=rope if rope.get("rope_type") not in (None, "default") else None,
+        head_dim_explicit=head_dim_explicit,
+        attention_bias=bool(config.get("attention_bias", False)),
+        config=dict(config),
+    )
+
+
+# Hyperparameters a config.json may leave out, and the value the transformers config class
+# (4.x and 5.x alike) then gives them, as llama.cpp's converter sees them (it reads configs
+# through AutoConfig) and the model uses them. "hidden/heads" is computed. A table, not an
+# import: importing transformers costs seconds. tests/test_converter_parity.py checks it
+# against the installed transformers.
+HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                         "head_dim": "hidden/heads"},
+    "MistralForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+                           "head_dim": "hidden/heads"},
+    "Qwen2ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0},
+    "Qwen3ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+                         "head_dim": 128},
+    "Phi3ForCausalLM": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+}
+
+
+def with_transformers_defaults(config: Mapping[str, Any], hf_arch: str) -> dict[str, Any]:
+    out = dict(config)
+    for key, value in HF_CONFIG_DEFAULTS.get(hf_arch, {}).items():
+        if key == "rope_theta" and rope_parameters(out).get("rope_theta") is not None:
+            continue
+        if out.get(key) is None:
+            if value == "hidden/heads":
+                hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+                if not (type(hidden) is int and type(heads) is int and heads > 0):
+                    continue  # reported by model_spec's own checks
+                value = hidden // heads
+            out[key] = value
+    return out
+
+
+def layer_of(hf_name: str) -> int | None:
+    m = LAYER_RE.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
+# Tensor classes reported by the analysis.
+EMBEDDING, ATTENTION, FFN, NORM, ROTATION, TRIALITY, OTHER = (
+    "embedding", "attention", "ffn", "norm", "so8t_rotation", "triality_heads", "other")
+TENSOR_CLASSES = (EMBEDDING, ATTENTION, FFN, NORM, ROTATION, TRIALITY, OTHER)
+
+_CLASS_BY_GGUF_PREFIX = (
+    ("token_embd", EMBEDDING), ("output_norm", NORM), ("output.", EMBEDDING),
+    ("attn_norm", NORM), ("ffn_norm", NORM), ("attn_q_norm", NORM), ("attn_k_norm", NORM),
+    ("attn_", ATTENTION), ("ffn_", FFN), ("rope_", OTHER),
+)
+
+
+def gguf_tensor_class(gguf_name: str) -> str:
+    """Class of a base-model tensor from its GGUF name (``blk.N.`` stripped)."""
+    short = re.sub(r"^blk\.\d+\.", "", gguf_name)
+    for prefix, cls in _CLASS_BY_GGUF_PREFIX:
+        if short.startswith(prefix):
+            return cls
+    return OTHER
