@@ -42,7 +42,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.convert import convert
-from flows.params import Engine, QuantMix, upper_names
+from flows.params import NAME_PATTERN, ConvertParams, Engine, QuantMix, upper_names
 from so8t_core import storage
 from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError, So8tError
@@ -53,7 +53,6 @@ from so8t_core.source.fingerprint import fingerprint
 from so8t_core.storage import default_cache_dir, redact_uri
 from tasks.common import STORAGE_RETRIES
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 FORMAT_HINT = "see the catalog format in deployments/README.md"
 
 
@@ -318,10 +317,10 @@ def requantize_catalog(catalog: str, work_dir: str | None = None, models: list[s
         if dry_run:
             summary["converted"][model.name] = todo
             continue
-        state = convert.with_options(flow_run_name=model.name)(
-            source=model.source, output=model.destination, quants=list(todo), run_validation=model.run_validation,
-            name=model.name, engine=model.engine, max_memory_gb=model.max_memory_gb, work_dir=work_dir,
-            return_state=True)
+        params = ConvertParams(source=model.source, output=model.destination, quants=list(todo),
+                               run_validation=model.run_validation, name=model.name, engine=model.engine,
+                               max_memory_gb=model.max_memory_gb, work_dir=work_dir)
+        state = convert.with_options(flow_run_name=model.name)(params, return_state=True)
         if state.is_completed():
             summary["converted"][model.name] = todo
         else:

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from flows.params import add_cli_options
 from so8t_core import __version__
 from so8t_core.errors import So8tError
 
@@ -38,73 +39,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # on a busy 2-core machine (Colab's free tier, CI); failing the conversion then would be spurious.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
+    from flows.params import check_inputs, from_cli
     from so8t_core.analysis import preflight
-    from so8t_core.constants import ggml_type, quant_type
-    from so8t_core.gguf_file import parse_split_size
-    from so8t_core.quantize.engines import resolve_engine
-    from so8t_core.quantize.imatrix import load_imatrix
-    from so8t_core.quantize.mixes import parse_tensor_types
 
-    for q in args.quant or []:
-        quant_type(q)
-    split_bytes = parse_split_size(args.split_max_size) if args.split_max_size else 0
-    parse_tensor_types(args.tensor_type or [])
-    for flag, value in (("--output-tensor-type", args.output_tensor_type),
-                        ("--token-embedding-type", args.token_embedding_type)):
-        if value:
-            ggml_type(value, flag)
-    resolve_engine(args.engine)
-    if args.imatrix:
-        load_imatrix(args.imatrix)
-    if args.lora and not args.source:
-        from so8t_core.source.lora import load_adapter
-
-        load_adapter(args.lora)
-    if args.split_max_tensors < 0:
-        raise So8tError("--split-max-tensors", "must be 0 (no limit) or positive", "")
-    if args.source:
-        preflight(args.source, args.lora)  # bad input fails here in a second, before the pipeline starts
+    params = from_cli(args)
+    check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    if params.source:
+        preflight(params.source, params.lora)
     from flows import console
     from flows.runners import convert_with
 
     if not (args.quiet or args.json):
         console.enable()
     try:
-        # A bad --dask-address fails here, before the run starts.
-        result = convert_with(args.runner, args.dask_address, source=args.source, output=args.output,
-                              quants=args.quant or ["Q8_0"], run_validation=not args.no_validate, name=args.name,
-                              max_memory_gb=args.max_memory, work_dir=args.work_dir,
-                              split_max_tensors=args.split_max_tensors, split_max_size=split_bytes,
-                              tensor_types=args.tensor_type or [], output_tensor_type=args.output_tensor_type,
-                              token_embedding_type=args.token_embedding_type, pure=args.pure, engine=args.engine,
-                              imatrix=args.imatrix, lora=args.lora)
+        result = convert_with(params)  # a bad --dask-address fails here, before the run starts
     finally:
         console.disable()
-    if args.quiet:
-        return 0
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "analysis"})
-        return 0
-    print(f"converted {result['source']}")
-    print(f"  fingerprint  {result['fingerprint']}")
-    print(f"  bake error   {result['max_bake_error']:.2e} (max over gated layers)")
-    if result.get("lora"):
-        lo = result["lora"]
-        print(f"  LoRA         {lo['uri']}: r={lo['r']}, alpha={lo['lora_alpha']:g}, scale {lo['scale']:.4g} "
-              f"({lo['scaling']}), merged into {len(lo['merged_tensors'])} tensors "
-              f"({', '.join(lo['effective_target_modules'])})")
-    for quant, v in result["validation"].items():
-        f = v.get("llama_cpp", {})
-        print(f"  validated    {quant}: mean KLD {f.get('mean_kld', float('nan')):.3g}, "
-              f"top-1 {100 * f.get('top1_agreement', float('nan')):.2f}% over {f.get('n_tokens')} tokens, "
-              f"{'passed' if v['passed'] else 'FAILED'}")
-    for quant, release in result["releases"].items():
-        state = "already published, nothing uploaded" if release["uploaded"] == 0 else "published"
-        print(f"{quant}: {release['uri']} ({state})")
-        for name, ref in sorted(release["files"].items()):
-            print(f"  {name:<48} {ref['size']:>12,} bytes")
-        print(f"  {'manifest.json':<48} {release['manifest']['size']:>12,} bytes")
-    print(f"latest: {result['latest']['uri']}")
+    elif not args.quiet:
+        from so8t_core.publish.report import render_conversion
+
+        print(render_conversion(result))
     return 0
 
 
@@ -129,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.storage import default_cache_dir
-    from so8t_core.validate.checks import validate_file
+    from so8t_core.validate.checks import render_validation, validate_file
 
     lora = None
     if args.lora or args.lora_reference:
@@ -140,54 +96,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                       "(--lora-reference)", "pass both, or neither")
         lora = (args.lora, load_adapter(args.lora_reference))
     report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
-    if args.json:
-        _print_json(report)
-    else:
-        f = report.get("llama_cpp", {})
-        print(f"{args.gguf}: {report['quant']}")
-        rb = report["readback"]
-        print(f"  read-back      {'ok' if rb['ok'] else 'FAILED'} ({rb['tensors']} tensors)")
-        print(f"  tensor errors  max relative RMSE {report['tensor_errors']['max_relative_rmse']:.3g} "
-              f"({report['tensor_errors']['worst_tensor']}), {'ok' if report['tensor_errors']['ok'] else 'FAILED'}")
-        print(f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "
-              f"over {f['n_tokens']} tokens, {'ok' if f['ok'] else 'FAILED'}")
-        if "adapter" in report:
-            a = report["adapter"]
-            print(f"  LoRA adapter   {args.lora}: {a['pairs']} pairs, max |difference| from the PEFT pairs "
-                  f"{a['max_abs_diff']:.3g}, {'ok' if a['ok'] else 'FAILED'}")
-            for p in a["problems"]:
-                print(f"  problem: {p}")
-        if "tokenizer" in report:
-            t = report["tokenizer"]
-            where = "" if t["ok"] else f", first difference at token {t['first_mismatch']}"
-            print(f"  tokenizer      {t['n_tokens']} tokens, {'identical ids' if t['ok'] else 'DIFFERENT'}{where}")
-        for p in report["readback"]["problems"]:
-            print(f"  problem: {p}")
-        print("passed" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
+    _print_json(report) if args.json else print(render_validation(report, args.gguf, args.lora))
     return 0 if report["passed"] else 1
 
 
 def cmd_lora_gguf(args: argparse.Namespace) -> int:
-    from so8t_core.assemble.lora_gguf import write_lora_gguf
+    from so8t_core.assemble.lora_gguf import render_lora_gguf, write_lora_gguf
 
     result = write_lora_gguf(args.adapter, args.base, args.output)
-    if args.json:
-        _print_json(result)
-        return 0
-    print(f"wrote {result['output']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}...)")
-    print(f"  adapter      r={result['r']}, lora_alpha={result['lora_alpha']:g}, scale {result['scale']:.4g} "
-          f"({result['scaling']}) -> adapter.lora.alpha {result['gguf_lora_alpha']:g}")
-    print(f"  tensors      {result['tensors']} ({len(result['merged_tensors'])} pairs on "
-          f"{', '.join(result['effective_target_modules'])}; "
-          + ", ".join(f"{n} {t}" for t, n in result["transforms"].items()) + ")")
-    print(f"  base         {result['arch']}, fingerprint {result['base_fingerprint'][:16]}")
-    print(f"run: llama-cli -m BASE.gguf --lora {result['output']}")
+    _print_json(result) if args.json else print(render_lora_gguf(result))
     return 0
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
     from so8t_core.analysis import preflight
-    from so8t_core.export.onnx import export_onnx, local_output_path, require_onnx
+    from so8t_core.export.onnx import export_onnx, local_output_path, render_export, require_onnx
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.storage import default_cache_dir
 
@@ -200,20 +123,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
         adapter = load_adapter(args.lora)
     result = export_onnx(Checkpoint.open(args.source, cache_dir=default_cache_dir()), args.output, adapter)
-    if args.json:
-        _print_json(result)
-        return 0
-    c = result["check"]
-    print(f"exported {result['path']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}…)")
-    if result["external_data"]:
-        d = result["external_data"]
-        print(f"  weights      {d['path']} ({d['size']:,} bytes; keep it beside the .onnx file)")
-    print(f"  graph        input_ids, attention_mask [batch, sequence] int64 -> logits [batch, sequence, "
-          f"{result['outputs']['logits'][2]}] float32; opset {result['opset']}; no KV cache; "
-          "triality heads not included")
-    print(f"  onnxruntime  max |Δlogit| {c['max_abs_diff_vs_baked_torch']:.2e} vs the baked PyTorch model, "
-          f"{c['max_abs_diff_vs_so8t_reference']:.2e} vs the SO8T reference, over {c['n_tokens']} tokens "
-          f"(tolerance {c['tolerance']:.2e}): ok")
+    _print_json(result) if args.json else print(render_export(result))
     return 0
 
 
@@ -261,38 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a checkpoint (default: the embedded demo) into GGUF files")
-    c.add_argument("source", nargs="?", help="checkpoint folder: path, file:// or s3:// (default: demo)")
-    c.add_argument("--output", default="./artifacts", help="where to publish (default ./artifacts)")
-    c.add_argument("--quant", action="extend", nargs="+", metavar="TYPE",
-                   help="llama-quantize mixes: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q5_1 Q5_0 Q4_K_M Q4_K_S "
-                        "Q4_1 Q4_0 Q3_K_L Q3_K_M Q3_K_S Q2_K (default Q8_0)")
-    c.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE",
-                   help="override the type of tensors whose name matches REGEX (first match wins)")
-    c.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight")
-    c.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
-    c.add_argument("--pure", action="store_true", help="no mix rules: every 2-D weight gets the default type")
-    c.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
-    c.add_argument("--lora", metavar="ADAPTER_URI", help="merge a PEFT LoRA/rsLoRA adapter folder into the weights "
-                   "before baking")
-    c.add_argument("--engine", default="auto", choices=["auto", "simd", "ggml", "torch"],
-                   help="quantization engine (auto: torch on a GPU, else simd); all write the same bytes")
-    c.add_argument("--no-validate", action="store_true", help="skip validation (and its gates)")
-    c.add_argument("--max-memory", type=float, metavar="GB", help="cap peak memory by limiting tensors in flight")
-    c.add_argument("--name", help="base name of the output files (default: the source folder name)")
-    c.add_argument("--split-max-size", metavar="SIZE", help="split each GGUF into files of at most SIZE (e.g. 2G)")
-    c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
-                   help="split each GGUF into files of at most N tensors")
-    c.add_argument("--work-dir", help="staging directory (default ~/.cache/so8t-gguf/work); with --dask-address, "
-                   "a path every worker sees (e.g. NFS) at the same place")
-    c.add_argument("--runner", default="threads", choices=["threads", "dask"],
-                   help="where the per-tensor quantize tasks run: a thread pool (default) or Dask (a local "
-                        "multi-process cluster, or the one at --dask-address)")
-    c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                   help="with --runner dask: an existing Dask scheduler; its workers need this project installed "
-                        "and the source and --work-dir at the same paths (see docs/scaling.md)")
-    c.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status "
-                   "says how it went (errors still print one line)")
+    add_cli_options(c)  # one option per ConvertParams field (flows/params.py)
+    shown = c.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress)")
+    shown.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status "
+                       "says how it went (errors still print one line)")
     c.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     c.set_defaults(func=cmd_convert)
 

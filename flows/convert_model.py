@@ -1,10 +1,10 @@
 """The ``convert`` deployment's flow: ``convert`` with its parameters as one typed form.
 
-``flows.convert.convert`` keeps plain parameters for Python callers and the CLI; this flow
-takes a :class:`~flows.params.ConvertParams` instead, so that the Prefect UI shows a form with
-the quant mixes and engines to choose from and the server refuses a bad value before a run
-is created. It runs ``convert`` as a subflow (one run per conversion, as from the CLI), on the
-runner the form names (a thread pool, or a Dask cluster: ``flows/runners.py``).
+Both this flow and ``flows.convert.convert`` take a :class:`~flows.params.ConvertParams`, so
+the Prefect UI shows a form with the quant mixes and engines to choose from and the server
+refuses a bad value before a run is created. This one exists because a flow's task runner is
+fixed when its run starts: it runs ``convert`` as a subflow (one run per conversion, as from
+the CLI) on the runner the form names (a thread pool, or a Dask cluster: ``flows/runners.py``).
 """
 
 from __future__ import annotations
@@ -25,5 +25,5 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
     name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
-    result = convert_with(params.runner.value, params.dask_address, flow_run_name=name, **params.convert_kwargs())
+    result = convert_with(params, flow_run_name=name)
     return {k: v for k, v in result.items() if k != "analysis"}

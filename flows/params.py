@@ -1,21 +1,38 @@
-"""Typed parameters of the deployments: what the Prefect UI renders as a form.
+"""The parameters of a conversion, defined once: the flow takes them, the CLI's options and the
+Prefect UI's form are made from them.
 
-Prefect turns a flow's signature into a JSON schema (``parameter_openapi_schema``), and the UI
-renders that schema as the deployment's "Custom run" form, checked on the server before a run
-is created. Enums become drop-downs, so the quant mixes and engines are chosen, not typed.
-The choices come from the library's own tables: a mix added there appears here.
+``ConvertParams`` is the one list. Prefect turns it into a JSON schema
+(``parameter_openapi_schema``), which the UI renders as the deployment's "Custom run" form and
+the server checks before a run is created; enums become drop-downs, so the quant mixes and
+engines are chosen, not typed, and the choices come from the library's own tables. The CLI
+builds ``so8t-gguf convert``'s options from the same fields (:func:`add_cli_options`): each
+field's description is its help, and a :class:`Cli` marker says how it is spelled there when
+the plain ``--field-name`` will not do. ``tests/test_params.py`` checks the three agree.
 """
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.runners import RUNNERS
-from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES
+from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_type
+from so8t_core.errors import UnsupportedError
 from so8t_core.quantize.engines import ENGINES
+
+RUNNERS = ("threads", "dask")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+SIZE_PATTERN = r"^\s*[0-9]+\s*[KkMmGg]?\s*$"
+ADDRESS_PATTERN = r"^\s*[a-z]+://\S+\s*$"
+# What a value that does not match a field's pattern is told.
+PATTERN_RULES = {
+    "name": "not a plain name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
+    "split_max_size": "not a size: a number of bytes, or with K, M or G (e.g. 2G)",
+    "dask_address": "not an address: e.g. tcp://scheduler-host:8786",
+}
 
 # llama-quantize's mixes (what --quant accepts), in llama.cpp's order.
 QuantMix = Enum("QuantMix", {name: name for name in QUANT_TYPES}, type=str, module=__name__)
@@ -29,6 +46,19 @@ TensorType.__doc__ = "A GGML tensor type so8t-gguf writes."
 # Where the quantize tasks run (flows/runners.py).
 Runner = Enum("Runner", {name: name for name in RUNNERS}, type=str, module=__name__)
 Runner.__doc__ = "Where the per-tensor quantize tasks run: a thread pool, or a Dask cluster; same bytes."
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a field is spelled on ``so8t-gguf convert``'s command line, where ``--field-name``
+    will not do: another ``flag``, a ``positional`` argument, a list given with ``append``
+    (the flag repeated) rather than several values after one flag."""
+
+    flag: str | None = None
+    metavar: str | None = None
+    positional: bool = False
+    append: bool = False
+    help: str | None = None  # where the field's description would read wrong (a --no-… switch)
 
 
 def upper_names(value: Any) -> Any:
@@ -45,38 +75,58 @@ class ConvertParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(
+    source: Annotated[str | None, Cli(positional=True, metavar="SOURCE")] = Field(
         None, title="Source checkpoint",
         description="Hugging Face checkpoint folder: a path, file:// or s3:// URL. Empty: the embedded demo.")
-    output: str = Field("./artifacts", title="Destination",
-                        description="Where releases are published: <destination>/<name>/<fingerprint>/<quant>/.")
-    quants: list[QuantMix] = Field([QuantMix.Q8_0], min_length=1, title="Quant mixes",
-                                   description="One release per mix.")
-    run_validation: bool = Field(True, description="Validate every file (read-back, tensor errors, llama.cpp "
-                                                   "logits, tokenizer) before anything is published.")
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                             description="Model name: the release folder and the files' base name. Empty: the "
-                                         "source folder's name.")
-    engine: Engine = Field(Engine.auto, description="Quantization engine; all write the same bytes.")
-    max_memory_gb: float | None = Field(None, gt=0, description="Cap peak memory by limiting tensors in flight.")
-    work_dir: str | None = Field(None, description="Staging directory (default ~/.cache/so8t-gguf/work).")
-    split_max_size: str | None = Field(None, pattern=r"^\s*[0-9]+\s*[KkMmGg]?\s*$",
-                                       description="Split each GGUF into files of at most this size (e.g. 2G).")
-    split_max_tensors: int = Field(0, ge=0, description="Split each GGUF into files of at most this many tensors "
-                                                        "(0: no limit).")
-    tensor_types: list[str] = Field([], description="Overrides REGEX=TYPE: tensors whose name matches REGEX get "
-                                                    "TYPE (first match wins).")
-    output_tensor_type: TensorType | None = Field(None, description="Type of output.weight.")
-    token_embedding_type: TensorType | None = Field(None, description="Type of token_embd.weight.")
-    pure: bool = Field(False, description="No mix rules: every 2-D weight gets the mix's default type.")
-    imatrix: str | None = Field(None, description="Importance matrix (llama-imatrix GGUF or legacy .dat).")
-    lora: str | None = Field(None, title="LoRA adapter", description="PEFT LoRA/rsLoRA adapter folder merged into "
-                                                                     "the weights before baking.")
-    runner: Runner = Field(Runner.threads, description="Where the quantize tasks run: a thread pool on the worker, "
-                                                       "or Dask (a local cluster, or the one at the address).")
-    dask_address: str | None = Field(None, pattern=r"^\s*[a-z]+://\S+\s*$", title="Dask scheduler",
-                                     description="With runner dask: an existing scheduler (tcp://host:8786) whose "
-                                                 "workers see the source and work_dir at the same paths.")
+    output: Annotated[str, Cli(metavar="DEST")] = Field(
+        "./artifacts", title="Destination",
+        description="Where releases are published, as DEST/NAME/FINGERPRINT/QUANT/ (default ./artifacts).")
+    quants: Annotated[list[QuantMix], Cli(flag="--quant", metavar="TYPE")] = Field(
+        [QuantMix.Q8_0], min_length=1, title="Quant mixes",
+        description="llama-quantize mixes, one release each: " + " ".join(QUANT_TYPES) + " (default Q8_0).")
+    run_validation: Annotated[bool, Cli(flag="--no-validate", help="skip validation and its gates: the files are "
+                                                                 "published unchecked")] = Field(
+        True, title="Validate",
+        description="Validate every file (read-back, tensor errors, llama.cpp logits, tokenizer) before anything "
+                    "is published; --no-validate skips validation and its gates.")
+    name: Annotated[str | None, Cli(metavar="NAME")] = Field(
+        None, pattern=NAME_PATTERN, title="Model name",
+        description="The release folder and the files' base name (default: the source folder's name).")
+    engine: Engine = Field(Engine.auto, title="Engine",
+                           description="Quantization engine (auto: torch on a GPU, else simd); all write the same "
+                                       "bytes.")
+    max_memory_gb: Annotated[float | None, Cli(flag="--max-memory", metavar="GB")] = Field(
+        None, gt=0, title="Memory cap (GB)", description="Cap peak memory by limiting how many tensors are in flight.")
+    work_dir: Annotated[str | None, Cli(metavar="DIR")] = Field(
+        None, title="Work folder",
+        description="Staging folder (default ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
+                    "sees at the same place (e.g. NFS).")
+    split_max_size: Annotated[str | None, Cli(metavar="SIZE")] = Field(
+        None, pattern=SIZE_PATTERN, title="Split size",
+        description="Split each GGUF into files of at most this size (e.g. 2G).")
+    split_max_tensors: Annotated[int, Cli(metavar="N")] = Field(
+        0, ge=0, title="Split tensors",
+        description="Split each GGUF into files of at most this many tensors (0: no limit).")
+    tensor_types: Annotated[list[str], Cli(flag="--tensor-type", metavar="REGEX=TYPE", append=True)] = Field(
+        [], title="Tensor type overrides",
+        description="Tensors whose name matches REGEX get TYPE (first match wins), as in llama-quantize.")
+    output_tensor_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
+        None, title="Output tensor type", description="Type of output.weight.")
+    token_embedding_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
+        None, title="Token embedding type", description="Type of token_embd.weight.")
+    pure: bool = Field(False, title="Pure", description="No mix rules: every 2-D weight gets the mix's default type.")
+    imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
+        None, title="Importance matrix", description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
+    lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(
+        None, title="LoRA adapter",
+        description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking.")
+    runner: Runner = Field(Runner.threads, title="Runner",
+                           description="Where the per-tensor quantize tasks run: a thread pool, or Dask (a local "
+                                       "multi-process cluster, or the one at the scheduler address).")
+    dask_address: Annotated[str | None, Cli(metavar="tcp://HOST:PORT")] = Field(
+        None, pattern=ADDRESS_PATTERN, title="Dask scheduler",
+        description="With runner dask: an existing scheduler whose workers have this project and see the source "
+                    "and the work folder at the same paths (docs/scaling.md).")
 
     @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
@@ -89,17 +139,117 @@ class ConvertParams(BaseModel):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
 
-    def convert_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``flows.convert.convert`` for these parameters (the runner is
-        not one: it is chosen when the flow is called, ``flows.runners.convert_with``)."""
+    @property
+    def quant_names(self) -> list[str]:
+        return list(dict.fromkeys(q.value for q in self.quants))
+
+    @property
+    def split_max_bytes(self) -> int:
         from so8t_core.gguf_file import parse_split_size
 
-        return dict(source=self.source, output=self.output, quants=[q.value for q in self.quants],
-                    run_validation=self.run_validation, name=self.name, max_memory_gb=self.max_memory_gb,
-                    work_dir=self.work_dir, split_max_tensors=self.split_max_tensors,
-                    split_max_size=parse_split_size(self.split_max_size) if self.split_max_size else 0,
-                    tensor_types=list(self.tensor_types) or None,
-                    output_tensor_type=self.output_tensor_type.value if self.output_tensor_type else None,
-                    token_embedding_type=self.token_embedding_type.value if self.token_embedding_type else None,
-                    pure=self.pure, engine=self.engine.value, imatrix=self.imatrix,
-                    lora=self.lora)
+        return parse_split_size(self.split_max_size) if self.split_max_size else 0
+
+
+# --- The inputs, checked ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What ``check_inputs`` resolved: the quant names, llama-quantize's overrides, the engine,
+    and the importance matrix and LoRA adapter, read and checked."""
+
+    quants: list[str]
+    options: Any  # so8t_core.quantize.mixes.MixOptions
+    engine: str
+    imatrix: Any  # so8t_core.quantize.imatrix.Imatrix | None
+    adapter: Any  # so8t_core.source.lora.LoraAdapter | None
+
+
+def check_inputs(params: ConvertParams) -> CheckedInputs:
+    """Refuse bad inputs before any work: quant names, overrides, engine, imatrix, adapter (the
+    CLI calls this before Prefect starts; the flow again, since Python calls it directly). An
+    importance matrix and an adapter are read and checked once here; tasks get their URI and sha256."""
+    from so8t_core.quantize.engines import resolve_engine
+    from so8t_core.quantize.imatrix import load_imatrix
+    from so8t_core.quantize.mixes import MixOptions, parse_tensor_types
+    from so8t_core.source.lora import load_adapter
+
+    def tensor_type(value: TensorType | None, flag: str):
+        return ggml_type(value.value, flag) if value else None
+
+    quants = [quant_type(q).name for q in params.quant_names]
+    im = load_imatrix(params.imatrix) if params.imatrix else None
+    options = MixOptions(
+        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure, has_imatrix=im is not None,
+        output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
+        token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
+    return CheckedInputs(quants=quants, options=options, engine=resolve_engine(params.engine.value), imatrix=im,
+                         adapter=load_adapter(params.lora) if params.lora else None)
+
+
+# --- The command line, made from the fields ------------------------------------------------
+
+def cli_spelling(field: str) -> Cli:
+    """The Cli marker of a field (a plain ``--field-name`` when it has none)."""
+    info = ConvertParams.model_fields[field]
+    marker = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
+    if marker.flag is None and not marker.positional:
+        marker = Cli(flag="--" + field.replace("_", "-"), metavar=marker.metavar, append=marker.append,
+                     help=marker.help)
+    return marker
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, Enum) and arg is not QuantMix and arg is not TensorType:
+            return [e.value for e in arg]  # quant and tensor type names are checked case-insensitively later
+    return None
+
+
+def add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """Add one option (or the positional) per ConvertParams field, with the field's description as help."""
+    for field, info in ConvertParams.model_fields.items():
+        spelling = cli_spelling(field)
+        kwargs: dict[str, Any] = {"help": spelling.help or info.description}
+        if spelling.metavar:
+            kwargs["metavar"] = spelling.metavar
+        if info.annotation is bool:
+            # A switch: --pure turns on what is off; --no-validate turns off what is on.
+            kwargs.update(action="store_false" if info.default else "store_true", dest=field)
+            kwargs.pop("metavar", None)
+        elif get_origin(info.annotation) is list:
+            kwargs.update(action="append" if spelling.append else "extend", dest=field, default=None)
+            if not spelling.append:
+                kwargs["nargs"] = "+"
+        else:
+            scalar = next((a for a in (info.annotation, *get_args(info.annotation)) if a in (int, float)), str)
+            kwargs.update(type=scalar, default=None, choices=_choices(info.annotation))
+            if not spelling.positional:
+                kwargs["dest"] = field
+        if spelling.positional:
+            parser.add_argument(field, nargs="?", **kwargs)
+        else:
+            parser.add_argument(spelling.flag, **kwargs)
+
+
+def from_cli(args: argparse.Namespace) -> ConvertParams:
+    """The ConvertParams of a parsed command line; a value the fields refuse is a one-line error
+    naming the option."""
+    given = {f: getattr(args, f) for f in ConvertParams.model_fields if getattr(args, f, None) is not None}
+    for q in given.get("quants", []):
+        quant_type(q)  # the library's messages say more than the enum's ("Q8_K is not a file type ...")
+    for field in ("output_tensor_type", "token_embedding_type"):
+        if given.get(field):
+            ggml_type(given[field], cli_spelling(field).flag)
+    try:
+        return ConvertParams(**given)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        spelling = cli_spelling(field) if field in ConvertParams.model_fields else Cli()
+        where = spelling.metavar if spelling.positional else spelling.flag or field
+        value = given.get(field)
+        shown = " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else value
+        problem = PATTERN_RULES.get(field) if err["type"] == "string_pattern_mismatch" else None
+        problem = problem or err["msg"][:1].lower() + err["msg"][1:]
+        raise UnsupportedError(f"{where} {shown}".strip(), problem, "see so8t-gguf convert --help") from None

@@ -6,11 +6,11 @@ the caller, not by a flow parameter::
     from flows.convert import convert
     from flows.runners import task_runner
 
-    convert.with_options(task_runner=task_runner("dask"))(source=..., quants=[...])
+    convert.with_options(task_runner=task_runner("dask"))(ConvertParams(source=..., quants=[...]))
     convert.with_options(task_runner=task_runner("dask", "tcp://scheduler:8786"))(...)
 
-or with :func:`convert_with`, as the CLI and the ``convert`` deployment's flow
-(``flows/convert_model.py``, whose form has the runner and the scheduler address) do. Only
+or with :func:`convert_with`, which reads the runner and the scheduler address from the
+parameters, as the CLI and the ``convert`` deployment's flow (``flows/convert_model.py``) do. Only
 the quantize tasks are submitted to the runner; fetch, analyze, assemble, validate and
 publish run in the flow's own process.
 
@@ -31,9 +31,9 @@ from typing import Any, Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.params import RUNNERS
 from so8t_core.errors import ClusterError, UnsupportedError
 
-RUNNERS = ("threads", "dask")
 CONNECT_TIMEOUT_S = 10  # reaching the scheduler
 WORKERS_TIMEOUT_S = 30  # a scheduler with no worker yet: how long to wait for one
 
@@ -211,19 +211,20 @@ def api_for_workers() -> Iterator[None]:
         yield
 
 
-def convert_with(runner: str = "threads", dask_address: str | None = None, max_workers: int | None = None,
-                 flow_run_name: str | None = None, **parameters: Any) -> dict:
-    """Run ``convert`` with ``parameters`` on the chosen task runner (what the CLI does)."""
+def convert_with(params, max_workers: int | None = None, flow_run_name: str | None = None) -> dict:
+    """Run ``convert`` with ``params`` (a ``ConvertParams``) on the task runner they name
+    (what the CLI and the ``convert`` deployment do)."""
     from flows.convert import convert
 
-    options: dict[str, Any] = {"task_runner": task_runner(runner, dask_address, max_workers)}
+    runner = params.runner.value
+    options: dict[str, Any] = {"task_runner": task_runner(runner, params.dask_address, max_workers)}
     if flow_run_name:
         options["flow_run_name"] = flow_run_name
     flow_ = convert.with_options(**options)
     if runner != "dask":
-        return flow_(**parameters)
+        return flow_(params)
     with api_for_workers():
-        return flow_(**parameters)
+        return flow_(params)
 
 
 def task_slots() -> tuple[int, int | None]:

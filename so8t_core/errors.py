@@ -52,6 +52,10 @@ class StorageError(So8tError):
     """Reading or writing a URI failed."""
 
 
+class InputChangedError(So8tError):
+    """An input file changed while a run was using it (retrying cannot help: run again)."""
+
+
 class ValidationError(So8tError):
     """A produced GGUF failed a validation gate; it is not published."""
 

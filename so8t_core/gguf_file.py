@@ -178,6 +178,38 @@ class GGUFContents:
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.numpy_shape(t)).astype(np.float32, copy=False)
 
 
+def pair_tensors(tensors: Sequence[gguf.ReaderTensor], expected: Sequence[tuple[str, tuple[int, ...]]],
+                 problems: list[str], allowed_types: Callable[[int], Sequence] | None = None,
+                 in_order: bool = False) -> list[tuple[int, gguf.ReaderTensor]]:
+    """Read-back, the structural part: a file's ``tensors`` against the ``expected`` (name, numpy
+    shape) list. Unexpected and missing tensors (and, ``in_order``, reordered ones), shapes and
+    types (the types ``allowed_types(i)`` allows for expected tensor ``i``) go to ``problems``; the
+    (index in ``expected``, file tensor) pairs that passed come back for the caller to compare
+    their contents its own way."""
+    by_name = {t.name: t for t in tensors}
+    names = [name for name, _ in expected]
+    extra = [t.name for t in tensors if t.name not in set(names)]
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:5])}")
+    if in_order and [t.name for t in tensors if t.name in set(names)] != [n for n in names if n in by_name]:
+        problems.append("tensors are not in the planned order")
+    pairs = []
+    for i, (name, shape) in enumerate(expected):
+        t = by_name.get(name)
+        if t is None:
+            problems.append(f"{name} missing")
+            continue
+        if GGUFContents.numpy_shape(t) != tuple(shape):
+            problems.append(f"{name}: shape {list(GGUFContents.numpy_shape(t))}, expected {list(shape)}")
+            continue
+        if allowed_types is not None and t.tensor_type not in (allowed := allowed_types(i)):
+            problems.append(f"{name}: type {t.tensor_type.name}, expected "
+                            + " or ".join(getattr(a, "name", str(a)) for a in allowed))
+            continue
+        pairs.append((i, t))
+    return pairs
+
+
 # Metadata arrays longer than this are refused: the largest vocabularies hold a few hundred
 # thousand tokens, and gguf-py keeps one small numpy array per item.
 MAX_ARRAY_ITEMS = 1 << 22

@@ -6,19 +6,23 @@ all go through :func:`resolve`. Credentials are never part of a URI we log.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import posixpath
+import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from so8t_core.errors import StorageError, UnsupportedError
+from so8t_core.errors import InputChangedError, StorageError, UnsupportedError
+
+T = TypeVar("T")
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
@@ -266,3 +270,44 @@ def move(src: str, dst: str) -> None:
 def default_cache_dir() -> str:
     """Where so8t-gguf caches what it can compute again (work files, converted shards, demo)."""
     return os.environ.get("SO8T_GGUF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "so8t-gguf"))
+
+
+def local_output_file(uri: str, suffix: str, what: str) -> str:
+    """The local path a command writes one file to (``--output NAME<suffix>``), checked before
+    any work: a local path or ``file://`` URL whose name ends in ``suffix``, not a folder, in a
+    folder that exists or can be made, and can be written (a probe is created and removed).
+    ``what``: the file, for messages ("the ONNX file")."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in path:
+        raise UnsupportedError(uri, f"{what} is written to a local path only",
+                               "write it locally, then copy it (e.g. with the aws CLI)")
+    if not path.endswith(suffix):
+        raise UnsupportedError(uri, f"the output file name must end in {suffix}", f"e.g. --output model{suffix}")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise StorageError(path, "is a folder", f"give a file name ending in {suffix}")
+    folder = os.path.dirname(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise StorageError(folder, "is a file, not a folder", "choose a folder for --output")
+    try:  # before the work, which can take minutes: can a file be written there?
+        os.makedirs(folder, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".so8t-probe-", dir=folder))
+    except OSError as e:
+        raise StorageError(folder, f"cannot write there ({e.strerror or type(e).__name__})",
+                           "choose a writable folder for --output") from None
+    return path
+
+
+def pinned(load: Callable[[str], T], what: str, maxsize: int = 4) -> Callable[[str, str], T]:
+    """``load`` (URI → an object with a ``sha256``) cached per process and pinned to the sha256
+    the flow saw when it checked the file: tasks each need part of the same file (an imatrix's
+    entries, an adapter's pairs) and read it once; a file that changed since is an error, not
+    silently another file. ``what``: the file, for the message ("the imatrix file")."""
+    @functools.lru_cache(maxsize=maxsize)
+    def load_pinned(uri: str, sha256: str) -> T:
+        loaded = load(uri)
+        if loaded.sha256 != sha256:
+            raise InputChangedError(redact_uri(uri), f"{what} changed during the run", "run the conversion again")
+        return loaded
+
+    return load_pinned

@@ -6,7 +6,6 @@ import functools
 
 from so8t_core.errors import So8tError, StorageError
 from so8t_core.source.checkpoint import Checkpoint
-from so8t_core.source.lora import LoraAdapter, load_adapter
 from so8t_core.storage import default_cache_dir
 
 
@@ -18,15 +17,6 @@ def open_checkpoint(uri: str, fingerprint: str) -> Checkpoint:
     runs in one process (a test, a long-lived worker) is opened afresh.
     """
     return Checkpoint.open(uri, cache_dir=default_cache_dir())
-
-
-@functools.lru_cache(maxsize=4)
-def open_adapter(uri: str, sha256: str) -> LoraAdapter:
-    """One LoRA adapter per version per process (its A matrices are cached once read)."""
-    adapter = load_adapter(uri)
-    if adapter.sha256 != sha256:
-        raise StorageError(uri, "the LoRA adapter changed during the run", "run the conversion again")
-    return adapter
 
 
 def retry_transient(task, task_run, state) -> bool:

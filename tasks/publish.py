@@ -6,9 +6,9 @@ from prefect import task
 
 from so8t_core.constants import BPW_PLOT, ERRORS_PLOT
 from so8t_core.gguf_file import read_gguf
+from so8t_core.publish import release
 from so8t_core.publish.model_card import gguf_card_facts, render_model_card
 from so8t_core.publish.plots import plot_bits_per_weight, plot_tensor_errors
-from so8t_core.publish.release import publish_release, update_latest
 from so8t_core.publish.stats import write_stats
 from so8t_core.refs import FileRef, StagedTensor, file_ref
 from tasks.common import STORAGE_RETRIES
@@ -47,12 +47,12 @@ def write_model_card(path: str, name: str, analysis: dict, files: dict[str, File
     return file_ref(path)
 
 
-@task(name="publish-release", task_run_name="publish-{release}", **STORAGE_RETRIES)
-def publish(files: dict[str, FileRef], release: str, manifest: dict) -> tuple[FileRef, int]:
-    """Upload, verify, then commit the release with its manifest; returns (manifest, files uploaded)."""
-    return publish_release(files, release, manifest)
+@task(name="publish-release", task_run_name="publish-{uri}", **STORAGE_RETRIES)
+def publish_release(files: dict[str, FileRef], uri: str, manifest: dict) -> tuple[FileRef, int]:
+    """Upload, verify, then commit the release at ``uri`` with its manifest; returns (manifest, files uploaded)."""
+    return release.publish_release(files, uri, manifest)
 
 
 @task(name="publish-latest", **STORAGE_RETRIES)
 def publish_latest(dest: str, model: str, entries: dict[str, dict]) -> FileRef:
-    return update_latest(dest, model, entries)
+    return release.update_latest(dest, model, entries)

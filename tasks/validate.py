@@ -15,6 +15,7 @@ from so8t_core.constants import quant_type
 from so8t_core.quantize.imatrix import imatrix_kvs, load_imatrix_cached
 from so8t_core.quantize.staging import FORMAT_VERSION
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
+from so8t_core.source.lora import load_adapter_cached
 from so8t_core.storage import local_atomic_file
 from so8t_core.validate.checks import (
     GATES,
@@ -27,7 +28,7 @@ from so8t_core.validate.checks import (
     validation_token_ids,
 )
 from so8t_core.validate.reference import So8tReference
-from tasks.common import STORAGE_RETRIES, open_adapter, open_checkpoint
+from tasks.common import STORAGE_RETRIES, open_checkpoint
 
 
 @task(name="reference-logits", **STORAGE_RETRIES)
@@ -39,7 +40,7 @@ def reference_logits(source: SourceRef, work_dir: str, lora: tuple[str, str] | N
     if not os.path.exists(path):
         ckpt = open_checkpoint(source.uri, source.fingerprint)
         ids = validation_token_ids(ckpt)
-        logits = So8tReference(ckpt, adapter=open_adapter(*lora) if lora else None).logits(ids)
+        logits = So8tReference(ckpt, adapter=load_adapter_cached(*lora) if lora else None).logits(ids)
         with local_atomic_file(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, token_ids=np.asarray(ids, dtype=np.int64), logits=logits)

@@ -8,6 +8,7 @@ import pytest
 from published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.analysis import preflight
 from so8t_core.gguf_file import read_gguf
 
@@ -38,8 +39,8 @@ ARCHS = {
 @pytest.mark.parametrize("case", list(ARCHS))
 def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp_path):
     kwargs, gguf_arch = ARCHS[case]
-    result = convert(source=make_fixture(**kwargs), output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
-                     work_dir=str(tmp_path / "w"), name="fx")
+    result = convert(ConvertParams(source=make_fixture(**kwargs), output=str(tmp_path / "out"),
+                                   quants=["F32", "Q8_0"], work_dir=str(tmp_path / "w"), name="fx"))
     for quant in ("F32", "Q8_0"):
         assert result["validation"][quant]["passed"], result["validation"][quant]
     f32 = result["validation"]["F32"]["llama_cpp"]

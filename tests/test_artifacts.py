@@ -8,6 +8,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.errors import ValidationError
 from so8t_core.publish.report import artifact_key
 from so8t_core.storage import redact_uri
@@ -28,8 +29,8 @@ def run_artifacts(flow_run_id) -> dict[str, list]:
 
 
 def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
-    state = convert(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
-                    work_dir=str(tmp_path / "w"), name="fx", return_state=True)
+    state = convert(ConvertParams(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
+                                  work_dir=str(tmp_path / "w"), name="fx"), return_state=True)
     result = state.result()
     arts = run_artifacts(state.state_details.flow_run_id)
     assert sorted(arts) == ["markdown", "progress", "table"]  # Prefect stores link artifacts as markdown
@@ -58,8 +59,8 @@ def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, mon
 
     monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
                                                                  max_relative_rmse=0.0))
-    state = convert(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
-                    work_dir=str(tmp_path / "w"), name="fx", return_state=True)
+    state = convert(ConvertParams(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
+                                  work_dir=str(tmp_path / "w"), name="fx"), return_state=True)
     assert state.is_failed()
     with pytest.raises(ValidationError):
         state.result()

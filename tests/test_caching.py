@@ -13,14 +13,15 @@ from published import release
 from test_cli import copy, rewrite_tensor
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.plan import quantize_batches
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def run(src, out, work, **kw):
-    return convert(source=src, output=str(out), quants=["Q8_0", "Q4_K_M"], run_validation=False,
-                   work_dir=str(work), name="fx", **kw)
+    return convert(ConvertParams(source=src, output=str(out), quants=["Q8_0", "Q4_K_M"], run_validation=False,
+                                 work_dir=str(work), name="fx", **kw))
 
 
 def test_rerun_executes_no_quantize_task_and_changes_redo_only_what_they_touch(make_fixture, tmp_path, quantize_calls):
@@ -105,15 +106,15 @@ def test_rerun_reuses_assembled_files_and_validation(make_fixture, tmp_path, mon
     monkeypatch.setattr(tasks.validate, "check_functional", lambda *a, **k: checked.append(a[0]) or real(*a, **k))
     src = make_fixture(layers=2, seed=33)
     kw = dict(source=src, quants=["Q8_0"], work_dir=str(tmp_path / "w"), name="fx")
-    first = convert(output=str(tmp_path / "o1"), **kw)
+    first = convert(ConvertParams(output=str(tmp_path / "o1"), **kw))
     assert len(checked) == 1
     ggufs = list((tmp_path / "w" / "runs").glob("*/fx-Q8_0.gguf"))
     stamps = {p: p.stat().st_mtime_ns for p in ggufs}
-    second = convert(output=str(tmp_path / "o2"), **kw)
+    second = convert(ConvertParams(output=str(tmp_path / "o2"), **kw))
     assert len(checked) == 1  # validation came from the cache
     assert second["validation"] == first["validation"]
     assert {p: p.stat().st_mtime_ns for p in ggufs} == stamps  # not assembled again
     # A file that changed under the record is written again, not trusted.
     ggufs[0].write_bytes(b"corrupt")
-    third = convert(output=str(tmp_path / "o3"), **kw)
+    third = convert(ConvertParams(output=str(tmp_path / "o3"), **kw))
     assert third["releases"]["Q8_0"]["files"] == first["releases"]["Q8_0"]["files"]

@@ -1,66 +1,21 @@
-"""The Prefect surface: the typed form of the `convert` deployment, and the catalog flow that
-re-quantizes only what changed since the last published release."""
+"""The catalog flow: re-quantizes only what changed since the last published release."""
 
 import asyncio
-import inspect
 import json
 import os
 
 import numpy as np
 import pytest
 import yaml
-from prefect.utilities.callables import parameter_schema
 from test_cli import copy, rewrite_tensor
 
 import so8t_core.source.checkpoint
 import so8t_core.storage
 import tasks.quantize
 from flows.catalog import CatalogModel, load_catalog, parse_catalog, quant_status, requantize_catalog
-from flows.convert import convert
 from flows.convert_model import convert_model
-from flows.params import ConvertParams
-from so8t_core.constants import CONVERTER, QUANT_TYPES
+from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError
-from so8t_core.quantize.engines import ENGINES
-
-# --- the typed form ------------------------------------------------------------------------------
-
-
-def resolve(schema: dict, node: dict) -> dict:
-    while "$ref" in node:
-        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
-    return node
-
-
-def test_the_convert_form_offers_every_quant_mix_and_engine():
-    schema = parameter_schema(convert_model.fn).model_dump()
-    params = resolve(schema, schema["properties"]["params"])
-    fields = params["properties"]
-    quants = fields["quants"]
-    assert quants["type"] == "array" and quants["minItems"] == 1
-    mix = resolve(schema, quants["items"])
-    assert mix["type"] == "string" and mix["enum"] == list(QUANT_TYPES) and len(mix["enum"]) == 17
-    assert resolve(schema, fields["engine"])["enum"] == list(ENGINES) == ["auto", "simd", "ggml", "torch"]
-    assert {"source", "output", "run_validation", "name", "imatrix", "tensor_types"} <= set(fields)
-    assert "description" in fields["source"]
-    # The form's defaults are convert's: the same run as `so8t-gguf convert` with no options.
-    defaults = ConvertParams().convert_kwargs()
-    signature = inspect.signature(convert.fn).parameters
-    assert set(defaults) == set(signature)
-    assert {k: v for k, v in defaults.items()} == {k: p.default for k, p in signature.items()}
-
-
-def test_convert_params_check_values_as_the_cli_does():
-    p = ConvertParams(quants=["q4_k_m", "Q8_0"], engine="simd", name="", split_max_size="2G",
-                      output_tensor_type="q8_0")
-    kw = p.convert_kwargs()
-    assert kw["quants"] == ["Q4_K_M", "Q8_0"] and kw["engine"] == "simd" and kw["name"] is None
-    assert kw["split_max_size"] == 2_000_000_000 and kw["output_tensor_type"] == "Q8_0"
-    for bad in ({"quants": ["Q9_9"]}, {"quants": []}, {"engine": "cuda"}, {"quant": ["Q8_0"]},
-                {"split_max_size": "lots"}, {"name": "a/b"}):
-        with pytest.raises(ValueError):
-            ConvertParams(**bad)
-
 
 # --- the catalog file ----------------------------------------------------------------------------
 

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from published import gguf_path, release
 
-from flows.convert import convert, tensors_in_flight
+from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.gguf_file import read_gguf
+from tasks.quantize import tensors_in_flight
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -33,8 +35,8 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
     source = make_fixture(**VARIANTS[variant])
     if variant in FOLDERS:
         source = str(shutil.copytree(source, tmp_path / FOLDERS[variant]))
-    result = convert(source=source, output=str(tmp_path / "out"),
-                     quants=["F32", "Q8_0"], work_dir=str(tmp_path / "work"), name="fx")
+    result = convert(ConvertParams(source=source, output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
+                                   work_dir=str(tmp_path / "work"), name="fx"))
     f32 = result["validation"]["F32"]
     assert f32["passed"] and f32["readback"]["ok"]
     assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
@@ -56,24 +58,24 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
 
 def test_output_is_deterministic_and_reruns_reuse_staged_tensors(make_fixture, tmp_path):
     src = make_fixture(seed=11)
-    first = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
-                    run_validation=False, name="fx")
-    second = convert(source=src, output=str(tmp_path / "b"), quants=["Q8_0"], work_dir=str(tmp_path / "w2"),
-                     run_validation=False, name="fx")
+    first = convert(ConvertParams(source=src, output=str(tmp_path / "a"), quants=["Q8_0"],
+                                  work_dir=str(tmp_path / "w1"), run_validation=False, name="fx"))
+    second = convert(ConvertParams(source=src, output=str(tmp_path / "b"), quants=["Q8_0"],
+                                   work_dir=str(tmp_path / "w2"), run_validation=False, name="fx"))
     a, b = first["releases"]["Q8_0"]["files"], second["releases"]["Q8_0"]["files"]
     assert len(a) == 7 and {n: f["sha256"] for n, f in a.items()} == {n: f["sha256"] for n, f in b.items()}
     staged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "w1" / "tensors") for f in fs]
     mtimes = {p: os.stat(p).st_mtime_ns for p in staged}
-    third = convert(source=src, output=str(tmp_path / "a"), quants=["Q8_0"], work_dir=str(tmp_path / "w1"),
-                    run_validation=False, name="fx")
+    third = convert(ConvertParams(source=src, output=str(tmp_path / "a"), quants=["Q8_0"],
+                                  work_dir=str(tmp_path / "w1"), run_validation=False, name="fx"))
     assert third["releases"]["Q8_0"] == {**first["releases"]["Q8_0"], "uploaded": 0}  # nothing uploaded again
     assert {p: os.stat(p).st_mtime_ns for p in staged} == mtimes  # nothing re-quantized
 
 
 def test_release_files_manifest_and_stats(make_fixture, tmp_path):
     out = tmp_path / "out"
-    result = convert(source=make_fixture(layers=3), output=str(out), quants=["F16", "Q8_0"],
-                     work_dir=str(tmp_path / "work"), name="fx")
+    result = convert(ConvertParams(source=make_fixture(layers=3), output=str(out), quants=["F16", "Q8_0"],
+                                   work_dir=str(tmp_path / "work"), name="fx"))
     fp = result["fingerprint"][:16]
     assert json.loads((out / "fx" / "latest.json").read_text()) == {"model": "fx", "quants": {
         q: {"source_fingerprint": result["fingerprint"], "release": f"{fp}/{q}/", "gguf": f"fx-{q}.gguf"}
@@ -116,7 +118,8 @@ def test_failed_validation_publishes_nothing(make_fixture, tmp_path, monkeypatch
                                                                  max_relative_rmse=0.0))
     out = tmp_path / "out"
     with pytest.raises(ValidationError, match="validation failed .*nothing was published"):
-        convert(source=make_fixture(), output=str(out), quants=["F32"], work_dir=str(tmp_path / "work"), name="fx")
+        convert(ConvertParams(source=make_fixture(), output=str(out), quants=["F32"], work_dir=str(tmp_path / "work"),
+                              name="fx"))
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -130,8 +133,8 @@ def test_memory_cap_limits_tensors_in_flight():
 
 def test_split_output_loads_in_llama_cpp_as_a_set(make_fixture, tmp_path):
     out = tmp_path / "out"
-    result = convert(source=make_fixture(layers=3), output=str(out), quants=["F32"], work_dir=str(tmp_path / "w"),
-                     name="fx", split_max_tensors=10)
+    result = convert(ConvertParams(source=make_fixture(layers=3), output=str(out), quants=["F32"],
+                                   work_dir=str(tmp_path / "w"), name="fx", split_max_tensors=10))
     out = release(out, "fx", "F32")
     shards = sorted(p.name for p in out.glob("fx-F32-*.gguf"))
     assert shards == ["fx-F32-00001-of-00003.gguf", "fx-F32-00002-of-00003.gguf", "fx-F32-00003-of-00003.gguf"]
@@ -151,8 +154,8 @@ def test_model_card_front_matter_and_plots_come_from_the_files(make_fixture, tmp
     src = shutil.copytree(make_fixture(layers=2), tmp_path / "ckpt")
     (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M\n---\n# x\n")
     out = tmp_path / "out"
-    convert(source=str(src), output=str(out), quants=["Q8_0"], run_validation=False, work_dir=str(tmp_path / "w"),
-            name="fx")
+    convert(ConvertParams(source=str(src), output=str(out), quants=["Q8_0"], run_validation=False,
+                          work_dir=str(tmp_path / "w"), name="fx"))
     rel = release(out, "fx", "Q8_0")
     card = (rel / "README.md").read_text()
     front = card.split("---\n")[1]

@@ -43,14 +43,14 @@ def staged(work) -> list[str]:
 def threads_run(make_fixture, tmp_path_factory):
     src = make_fixture(**FIXTURE)
     tmp = tmp_path_factory.mktemp("threads")
-    convert(**params(src, tmp / "out", tmp / "work"))
+    convert(ConvertParams(**params(src, tmp / "out", tmp / "work")))
     return src, release_files(tmp / "out"), staged(tmp / "work")
 
 
 def test_local_dask_cluster_writes_the_same_bytes_as_threads(threads_run, tmp_path, quantize_calls):
     src, expected, expected_staged = threads_run
     # A fresh work directory: nothing comes from staging or the task cache.
-    convert_with("dask", max_workers=2, **params(src, tmp_path / "out", tmp_path / "work"))
+    convert_with(ConvertParams(runner="dask", **params(src, tmp_path / "out", tmp_path / "work")), max_workers=2)
     assert quantize_calls == []  # every tensor was quantized in the cluster's worker processes
     assert staged(tmp_path / "work") == expected_staged
     assert release_files(tmp_path / "out") == expected

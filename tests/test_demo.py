@@ -8,6 +8,7 @@ from published import gguf_path
 from published import release as release_dir
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.gguf_file import read_gguf
 from so8t_core.plan import permute_qk
 from so8t_core.testing.demo import DEMO_GATED_LAYERS, unpermute_qk
@@ -21,7 +22,7 @@ DEMO = "smollm2-135m-so8t-demo"
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, demo_checkpoint):
     out = tmp_path_factory.mktemp("release")
-    result = convert(source=None, output=str(out), quants=["F32", "Q8_0"])
+    result = convert(ConvertParams(source=None, output=str(out), quants=["F32", "Q8_0"]))
     return out, result
 
 

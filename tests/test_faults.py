@@ -14,6 +14,7 @@ from faulty_s3 import FAULT_KINDS, FaultyS3Proxy
 from reliability_record import record
 
 from flows.convert import convert
+from flows.params import ConvertParams
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 FAULT_SHARE = 0.2
@@ -44,11 +45,11 @@ def test_conversion_through_a_failing_store_matches_a_clean_run(s3_endpoint, mak
     fsspec.filesystem("s3").put(local + "/", "faults-ckpts/fx/", recursive=True)
     source = "s3://faults-ckpts/fx"
 
-    clean = convert(source=source, output="s3://faults-clean/models", quants=["Q4_K_M"],
-                    work_dir=str(tmp_path / "clean"))
+    clean = convert(ConvertParams(source=source, output="s3://faults-clean/models", quants=["Q4_K_M"],
+                                  work_dir=str(tmp_path / "clean")))
     proxy = request.getfixturevalue("through_proxy")
-    faulty = convert(source=source, output="s3://faults-faulty/models", quants=["Q4_K_M"],
-                     work_dir=str(tmp_path / "faulty"))  # a fresh work dir: every shard is read again
+    faulty = convert(ConvertParams(source=source, output="s3://faults-faulty/models", quants=["Q4_K_M"],
+                                   work_dir=str(tmp_path / "faulty")))  # a fresh work dir: every shard is read again
     requests, faults = proxy.requests, dict(proxy.faults)
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -8,6 +8,7 @@ from published import release as published_release
 
 from flows.cli import main
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.errors import ValidationError
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.validate.heads import run_heads
@@ -22,7 +23,7 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 def release(make_fixture, tmp_path_factory):
     src = make_fixture(position="post_o_proj", attention_bias=True, seed=21)
     out = tmp_path_factory.mktemp("heads")
-    convert(source=src, output=str(out), quants=["F32"], work_dir=str(out / "w"), name="fx")
+    convert(ConvertParams(source=src, output=str(out), quants=["F32"], work_dir=str(out / "w"), name="fx"))
     return src, published_release(out, "fx", "F32")
 
 
@@ -47,7 +48,8 @@ def test_heads_cli_and_a_mismatched_sidecar(release, make_fixture, tmp_path, cap
     assert main(["heads", str(out / "fx-F32.gguf"), str(out / "fx.so8t-heads.gguf"), TEXT, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["safety"]["label"] in ("safe", "unsafe")
     other = tmp_path / "other"
-    convert(source=make_fixture(seed=22), output=str(other), quants=["F32"], work_dir=str(tmp_path / "w"), name="o")
+    convert(ConvertParams(source=make_fixture(seed=22), output=str(other), quants=["F32"],
+                          work_dir=str(tmp_path / "w"), name="o"))
     with pytest.raises(ValidationError, match="different checkpoint"):
         run_heads(str(out / "fx-F32.gguf"), str(published_release(other, "o", "F32") / "o.so8t-heads.gguf"), TEXT)
     assert main(["heads", str(out / "fx-F32.gguf"), str(out / "fx-F32.gguf"), TEXT]) == 2

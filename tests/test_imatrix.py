@@ -2,6 +2,7 @@
 byte-identical to llama_model_quantize given the same importance data."""
 
 import ctypes
+import json
 import struct
 
 import gguf
@@ -12,6 +13,7 @@ from published import gguf_path, release  # noqa: F401
 from test_quant_mixes import FIXTURES, assert_same_tensors
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import CheckpointError
@@ -101,8 +103,8 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
     sums = {n: (rng.random(shapes[n][-1]) ** 3 * 50).astype(np.float32) for n in names}
     write_gguf_imatrix(tmp_path / "imatrix.gguf", sums, {n: [10.0] for n in names})
     out = tmp_path / "out"
-    result = convert(source=src, output=str(out), quants=["F32", mix], run_validation=False,
-                     work_dir=str(tmp_path / "w"), name="fx", imatrix=str(tmp_path / "imatrix.gguf"))
+    result = convert(ConvertParams(source=src, output=str(out), quants=["F32", mix], run_validation=False,
+                                   work_dir=str(tmp_path / "w"), name="fx", imatrix=str(tmp_path / "imatrix.gguf")))
     theirs = str(tmp_path / "llama.gguf")
     llama_quantize_with_imatrix(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type),
                                 load_imatrix(str(tmp_path / "imatrix.gguf")).entries)
@@ -111,12 +113,15 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
     assert g.value("quantize.imatrix.entries_count") == len(names)
     assert g.value("quantize.imatrix.chunks_count") == 7
     assert g.value("quantize.imatrix.dataset") == "calibration.txt"
-    manifest = result["releases"][mix]["files"]  # the imatrix changed the bytes: not the plain quantization
-    assert manifest[f"fx-{mix}.gguf"]["sha256"]
+    files = result["releases"][mix]["files"]  # the imatrix changed the bytes: not the plain quantization
+    assert files[f"fx-{mix}.gguf"]["sha256"]
+    # The manifest names the tensor the imatrix had no entry for (each quant's own, though F32 came first).
+    manifest = json.loads(open(result["releases"][mix]["manifest"]["uri"]).read())
+    assert manifest["imatrix"]["tensors_without_entry"] == ["blk.7.ffn_up.weight"]
     if mix == "Q4_K_M":
         plain = tmp_path / "plain"
-        convert(source=src, output=str(plain), quants=[mix], run_validation=False, work_dir=str(tmp_path / "w"),
-                name="fx")
+        convert(ConvertParams(source=src, output=str(plain), quants=[mix], run_validation=False,
+                              work_dir=str(tmp_path / "w"), name="fx"))
         a, b = read_gguf(str(gguf_path(out, "fx", mix))), read_gguf(str(gguf_path(plain, "fx", mix)))
         assert np.ascontiguousarray(a.tensor("blk.0.attn_q.weight").data).tobytes() != \
             np.ascontiguousarray(b.tensor("blk.0.attn_q.weight").data).tobytes()

@@ -13,6 +13,7 @@ from published import gguf_path, release
 from safetensors.numpy import save_file
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.analysis import checkpoint_model
 from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.gguf_file import read_gguf
@@ -119,8 +120,8 @@ def test_malformed_adapters_are_errors(make_fixture, tmp_path):
 def test_merged_before_the_bake_and_validated_against_the_merged_reference(make_fixture, tmp_path):
     src = make_fixture(**FIXTURE)
     d = write_adapter(tmp_path / "adapter", src)
-    result = convert(source=src, output=str(tmp_path / "out"), quants=["F32"], work_dir=str(tmp_path / "w"),
-                     name="fx", lora=d)
+    result = convert(ConvertParams(source=src, output=str(tmp_path / "out"), quants=["F32"],
+                                   work_dir=str(tmp_path / "w"), name="fx", lora=d))
     f32 = result["validation"]["F32"]
     assert f32["passed"], f32["failures"]
     assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
@@ -163,8 +164,8 @@ def test_changing_the_adapter_restages_only_the_tensors_it_touches(make_fixture,
 
     def run(lora=None):
         quantize_calls.clear()
-        convert(source=src, output=str(tmp_path / "out"), quants=["Q8_0"], run_validation=False,
-                work_dir=str(tmp_path / "w"), name="fx", lora=lora)
+        convert(ConvertParams(source=src, output=str(tmp_path / "out"), quants=["Q8_0"], run_validation=False,
+                              work_dir=str(tmp_path / "w"), name="fx", lora=lora))
         return sorted(quantize_calls)
 
     touched = sorted(f"blk.{i}.{t}.weight" for i in (0, 1) for t in ("attn_q", "attn_v", "attn_output"))
@@ -210,8 +211,8 @@ def test_fused_phi3_modules_merge(make_fixture, tmp_path):
     # limit of agreement, though the merged weights stay exact).
     d = write_adapter(tmp_path / "adapter", src, modules=("self_attn.qkv_proj", "mlp.gate_up_proj",
                                                           "self_attn.o_proj"), rslora=True, std=0.1)
-    result = convert(source=src, output=str(tmp_path / "out"), quants=["F32"], work_dir=str(tmp_path / "w"),
-                     name="fx", lora=d)
+    result = convert(ConvertParams(source=src, output=str(tmp_path / "out"), quants=["F32"],
+                                   work_dir=str(tmp_path / "w"), name="fx", lora=d))
     f32 = result["validation"]["F32"]
     assert f32["passed"], f32["failures"]
     assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995

@@ -18,11 +18,12 @@ from published import gguf_path
 from test_lora import write_adapter
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble import lora_gguf
 from so8t_core.assemble.lora_gguf import check_adapter_file, write_lora_gguf
 from so8t_core.constants import Keys
-from so8t_core.errors import CheckpointError, UnsupportedError, ValidationError
+from so8t_core.errors import CheckpointError, StorageError, UnsupportedError, ValidationError
 from so8t_core.gguf_file import TensorInfo, kv_str, read_gguf, write_gguf
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
@@ -55,8 +56,8 @@ def llama_logits(model: str, ids, lora: str | None = None) -> np.ndarray:
 
 
 def f32_gguf(src, out, lora=None) -> str:
-    convert(source=src, output=str(out), quants=["F32"], run_validation=False, work_dir=str(out) + "-work",
-            name="fx", lora=lora)
+    convert(ConvertParams(source=src, output=str(out), quants=["F32"], run_validation=False,
+                          work_dir=str(out) + "-work", name="fx", lora=lora))
     return str(gguf_path(out, "fx", "F32"))
 
 
@@ -143,8 +144,9 @@ def test_refusals(make_fixture, tmp_path):
         write_lora_gguf(d, src, str(tmp_path / "x.gguf"))
     with pytest.raises(UnsupportedError, match="local path"):
         write_lora_gguf(write_adapter(tmp_path / "ok", src), src, "s3://bucket/x.gguf")
-    with pytest.raises(UnsupportedError, match="is a folder"):
-        write_lora_gguf(str(tmp_path / "ok"), src, str(tmp_path))
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(StorageError, match="is a folder"):
+        write_lora_gguf(str(tmp_path / "ok"), src, str(tmp_path / "dir.gguf"))
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -177,8 +179,8 @@ def test_cli_writes_the_adapter_and_refuses_in_one_line(make_fixture, tmp_path):
 def test_validate_runs_base_and_adapter_against_the_merged_reference(make_fixture, tmp_path):
     src = make_fixture(**FIXTURE)
     peft = write_adapter(tmp_path / "adapter", src, std=0.1)
-    convert(source=src, output=str(tmp_path / "base"), quants=["F32", "Q8_0"], run_validation=False,
-            work_dir=str(tmp_path / "work"), name="fx")
+    convert(ConvertParams(source=src, output=str(tmp_path / "base"), quants=["F32", "Q8_0"], run_validation=False,
+                          work_dir=str(tmp_path / "work"), name="fx"))
     f32, q8 = (str(gguf_path(tmp_path / "base", "fx", q)) for q in ("F32", "Q8_0"))
     adapter = str(tmp_path / "adapter.gguf")
     write_lora_gguf(peft, src, adapter)

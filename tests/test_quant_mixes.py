@@ -10,6 +10,7 @@ import pytest
 from published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.constants import QUANT_TYPES, quant_type
 from so8t_core.errors import UnsupportedError
 from so8t_core.gguf_file import read_gguf
@@ -68,8 +69,8 @@ def assert_same_tensors(ours: str, theirs: str) -> dict:
 @pytest.fixture(scope="module", params=list(FIXTURES))
 def converted(request, make_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    convert(source=make_fixture(**FIXTURES[request.param]), output=str(out), quants=["F32", *MIXES],
-            run_validation=False, work_dir=str(out / "w"), name="fx")  # the default engine: simd on CPU
+    convert(ConvertParams(source=make_fixture(**FIXTURES[request.param]), output=str(out), quants=["F32", *MIXES],
+                          run_validation=False, work_dir=str(out / "w"), name="fx"))  # the default engine: simd on CPU
     return request.param, out
 
 
@@ -92,9 +93,9 @@ def test_overrides_match_llama_quantize(make_fixture, tmp_path):
     T = gguf.GGMLQuantizationType
     src = make_fixture(**FIXTURES["llama-256"])
     out = tmp_path / "out"
-    convert(source=src, output=str(out), quants=["F32", "Q4_K_M"], run_validation=False, work_dir=str(tmp_path / "w"),
-            name="fx", tensor_types=["attn_q=q8_0", "ffn_(up|gate)=Q5_K"], output_tensor_type="q4_k",
-            token_embedding_type="Q8_0")
+    convert(ConvertParams(source=src, output=str(out), quants=["F32", "Q4_K_M"], run_validation=False,
+                          work_dir=str(tmp_path / "w"), name="fx", tensor_types=["attn_q=q8_0", "ffn_(up|gate)=Q5_K"],
+                          output_tensor_type="q4_k", token_embedding_type="Q8_0"))
     theirs = str(tmp_path / "llama.gguf")
     llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES["Q4_K_M"].file_type), output_type=T.Q4_K,
                    embd_type=T.Q8_0, overrides=[("attn_q", T.Q8_0), ("ffn_(up|gate)", T.Q5_K)])
@@ -102,8 +103,8 @@ def test_overrides_match_llama_quantize(make_fixture, tmp_path):
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "Q5_K"
     assert types["output.weight"] == "Q4_K" and types["token_embd.weight"] == "Q8_0"
     pure = tmp_path / "pure"
-    convert(source=src, output=str(pure), quants=["F32", "Q5_K_M"], run_validation=False,
-            work_dir=str(tmp_path / "w"), name="fx", pure=True)
+    convert(ConvertParams(source=src, output=str(pure), quants=["F32", "Q5_K_M"], run_validation=False,
+                          work_dir=str(tmp_path / "w"), name="fx", pure=True))
     llama_quantize(str(gguf_path(pure, "fx", "F32")), str(tmp_path / "lp.gguf"), int(QUANT_TYPES["Q5_K_M"].file_type),
                    pure=True)
     types = assert_same_tensors(str(gguf_path(pure, "fx", "Q5_K_M")), str(tmp_path / "lp.gguf"))
@@ -126,8 +127,8 @@ def test_every_engine_writes_the_same_files(make_fixture, tmp_path):
     src = make_fixture(**FIXTURES["mistral-256"])
     assert resolve_engine("auto") == "simd"  # no GPU here: the SIMD kernels are the default
     for engine in ("ggml", "simd", "torch"):
-        convert(source=src, output=str(tmp_path / engine), quants=["Q4_K_M", "Q3_K_S", "Q5_1"], run_validation=False,
-                work_dir=str(tmp_path / f"w-{engine}"), name="fx", engine=engine)
+        convert(ConvertParams(source=src, output=str(tmp_path / engine), quants=["Q4_K_M", "Q3_K_S", "Q5_1"],
+                              run_validation=False, work_dir=str(tmp_path / f"w-{engine}"), name="fx", engine=engine))
     for mix in ("Q4_K_M", "Q3_K_S", "Q5_1"):
         a = gguf_path(tmp_path / "ggml", "fx", mix).read_bytes()
         assert a == gguf_path(tmp_path / "simd", "fx", mix).read_bytes(), mix

@@ -7,7 +7,7 @@ import so8t_core.storage as storage
 from so8t_core.errors import CheckpointError
 from so8t_core.refs import file_ref
 from tasks.fetch import fetch_checkpoint
-from tasks.publish import publish
+from tasks.publish import publish_release
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -27,7 +27,7 @@ def test_a_transient_storage_failure_is_retried(tmp_path, monkeypatch):
 
     @flow
     def run():
-        return publish({"m.gguf": file_ref(str(local))}, str(tmp_path / "dest" / "m" / "fp" / "Q8_0"), {})
+        return publish_release({"m.gguf": file_ref(str(local))}, str(tmp_path / "dest" / "m" / "fp" / "Q8_0"), {})
 
     manifest, uploaded = run()
     assert len(calls) == 2 and uploaded == 1

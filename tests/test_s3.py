@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.source.checkpoint import Checkpoint
 
 
@@ -34,7 +35,8 @@ def test_checkpoint_on_s3_reads_like_the_local_copy(s3_fixture):
 @pytest.mark.usefixtures("prefect_server")
 def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
     _, remote = s3_fixture
-    result = convert(source=remote, output="s3://releases/models", quants=["F32"], work_dir=str(tmp_path / "w"))
+    result = convert(ConvertParams(source=remote, output="s3://releases/models", quants=["F32"],
+                                   work_dir=str(tmp_path / "w")))
     assert result["validation"]["F32"]["passed"]
     fs = fsspec.filesystem("s3")
     fp = result["fingerprint"]
@@ -50,7 +52,8 @@ def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find(release)) == sorted([*manifest["files"], "manifest.json"])
     # The same run again: every task cached, nothing uploaded, the release untouched.
     etags = {p: fs.info(p)["ETag"] for p in fs.find(release)}
-    again = convert(source=remote, output="s3://releases/models", quants=["F32"], work_dir=str(tmp_path / "w"))
+    again = convert(ConvertParams(source=remote, output="s3://releases/models", quants=["F32"],
+                                  work_dir=str(tmp_path / "w")))
     assert again["releases"]["F32"]["uploaded"] == 0
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(release)} == etags
@@ -66,8 +69,8 @@ def test_credentials_never_reach_logs_artifacts_or_releases(s3_fixture, tmp_path
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     _, remote = s3_fixture
     caplog.set_level(logging.DEBUG)
-    state = convert(source=remote, output="s3://releases/secrets", quants=["Q8_0"], work_dir=str(tmp_path / "w"),
-                    return_state=True)
+    state = convert(ConvertParams(source=remote, output="s3://releases/secrets", quants=["Q8_0"],
+                                  work_dir=str(tmp_path / "w")), return_state=True)
     result = state.result()
     texts = [caplog.text, json.dumps(result, default=str)]
     texts += [a.data if isinstance(a.data, str) else json.dumps(a.data, default=str)

@@ -10,6 +10,7 @@ from published import gguf_path, release  # noqa: F401
 from safetensors.numpy import load_file, save_file
 
 from flows.convert import convert
+from flows.params import ConvertParams
 from so8t_core.analysis import analyze
 from so8t_core.errors import RotationError
 from so8t_core.gguf_file import read_gguf
@@ -90,8 +91,8 @@ def test_variant_converts_and_matches_the_unbaked_reference(variant, make_fixtur
     src = rewrite(make_fixture(layers=3, gated_layers=(0, 2), **kwargs), tmp_path / "ckpt", **VARIANTS[variant])
     a = analyze(Checkpoint.open(src))
     assert a["gated_layers"] == [0, 2] and a["rotation_health_ok"]
-    result = convert(source=src, output=str(tmp_path / "out"), quants=["F32"], work_dir=str(tmp_path / "w"),
-                     name="v")
+    result = convert(ConvertParams(source=src, output=str(tmp_path / "out"), quants=["F32"],
+                                   work_dir=str(tmp_path / "w"), name="v"))
     f = result["validation"]["F32"]
     assert f["passed"], f
     assert f["llama_cpp"]["mean_kld"] < 1e-4 and f["llama_cpp"]["top1_agreement"] >= 0.995

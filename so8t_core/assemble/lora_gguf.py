@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -34,7 +34,17 @@ from so8t_core import storage
 from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import CONVERTER, Keys
 from so8t_core.errors import UnsupportedError, ValidationError
-from so8t_core.gguf_file import GGUFKV, GGUFContents, TensorInfo, kv_array, kv_f32, kv_str, kv_u32, write_gguf
+from so8t_core.gguf_file import (
+    GGUFKV,
+    GGUFContents,
+    TensorInfo,
+    kv_array,
+    kv_f32,
+    kv_str,
+    kv_u32,
+    pair_tensors,
+    write_gguf,
+)
 from so8t_core.plan import TensorPlan, permute_qk
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
@@ -138,11 +148,7 @@ class _PairSource:
 
 def write_lora_gguf(adapter_uri: str, base_uri: str, output: str) -> dict[str, Any]:
     """Write the llama.cpp LoRA adapter GGUF of a PEFT adapter for the model converted from ``base_uri``."""
-    if not storage.is_local(output):
-        raise UnsupportedError(output, "the adapter GGUF is written to a local path", "pass --output FILE.gguf")
-    output = storage.local_path(output)
-    if os.path.isdir(output):
-        raise UnsupportedError(output, "is a folder", "pass the path of the .gguf file to write")
+    output = storage.local_output_file(output, ".gguf", "the adapter GGUF")
     adapter = load_adapter(adapter_uri)
     ckpt = Checkpoint.open(base_uri, cache_dir=default_cache_dir())
     spec, _, plan = checkpoint_model(ckpt)
@@ -183,22 +189,12 @@ def check_adapter_file(g: GGUFContents, adapter: LoraAdapter, ckpt: Checkpoint, 
     if base_fingerprint is not None and g.value(Keys.SOURCE_FINGERPRINT) != base_fingerprint:
         problems.append(f"{Keys.SOURCE_FINGERPRINT} {str(g.value(Keys.SOURCE_FINGERPRINT))[:16]}… is not the base "
                         f"model's {base_fingerprint[:16]}… (an adapter made for another base)")
-    by_name = {t.name: t for t in g.tensors}
     expected = adapter_tensor_infos(adapter, items)
-    extra = sorted(set(by_name) - {t.name for t in expected})
-    if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra[:5])}")
     source = _PairSource(adapter, items, ckpt)
     max_abs = 0.0
-    for info in expected:
-        t = by_name.get(info.name)
-        if t is None:
-            problems.append(f"{info.name} missing")
-            continue
-        if g.numpy_shape(t) != info.shape or t.tensor_type != ADAPTER_TENSOR_TYPE:
-            problems.append(f"{info.name}: {t.tensor_type.name} {list(g.numpy_shape(t))}, expected "
-                            f"{ADAPTER_TENSOR_TYPE.name} {list(info.shape)}")
-            continue
+    for i, t in pair_tensors(g.tensors, [(info.name, info.shape) for info in expected], problems,
+                             lambda i: [ADAPTER_TENSOR_TYPE]):
+        info = expected[i]
         want_arr = np.frombuffer(source.tensor_bytes(info), dtype=np.float32).reshape(info.shape)
         diff = float(np.abs(g.dequantized(t) - want_arr).max())
         max_abs = max(max_abs, diff)
@@ -206,3 +202,16 @@ def check_adapter_file(g: GGUFContents, adapter: LoraAdapter, ckpt: Checkpoint, 
             problems.append(f"{info.name}: differs from the adapter's pair by up to {diff:.3g}")
     return {"ok": not problems, "tensors": len(g.tensors), "pairs": len(items), "max_abs_diff": max_abs,
             "sha256": adapter.sha256, "problems": problems[:20]}
+
+
+def render_lora_gguf(result: Mapping[str, Any]) -> str:
+    """``write_lora_gguf``'s result as the CLI prints it."""
+    return "\n".join([
+        f"wrote {result['output']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}...)",
+        f"  adapter      r={result['r']}, lora_alpha={result['lora_alpha']:g}, scale {result['scale']:.4g} "
+        f"({result['scaling']}) -> adapter.lora.alpha {result['gguf_lora_alpha']:g}",
+        f"  tensors      {result['tensors']} ({len(result['merged_tensors'])} pairs on "
+        f"{', '.join(result['effective_target_modules'])}; "
+        + ", ".join(f"{n} {t}" for t, n in result["transforms"].items()) + ")",
+        f"  base         {result['arch']}, fingerprint {result['base_fingerprint'][:16]}",
+        f"run: llama-cli -m BASE.gguf --lora {result['output']}"])

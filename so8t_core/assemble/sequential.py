@@ -14,7 +14,7 @@ from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble.model import assemble_model, model_metadata
 from so8t_core.constants import quant_type
 from so8t_core.gguf_file import NO_SPLIT, Split
-from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types
+from so8t_core.quantize.mixes import MixOptions, ModelShape, mix_types
 from so8t_core.quantize.staging import stage_tensor
 from so8t_core.refs import FileRef, SourceRef, StagedTensor
 from so8t_core.source.checkpoint import Checkpoint
@@ -35,7 +35,7 @@ def convert_sequential(ckpt: Checkpoint, quant: str, out_path: str, staging_dir:
     source = source or fingerprint(ckpt)
     spec, _, plan = checkpoint_model(ckpt)
     q = quant_type(quant)
-    types = assign_types([(p.gguf_name, p.shape) for p in plan], q, ModelShape.from_spec(spec), options)
+    types = mix_types(plan, [q.name], ModelShape.from_spec(spec), options)[q.name]
     staged = [stage_tensor(ckpt, p, [(q.name, t)], staging_dir,
                            [source.tensor_sha256[n] for n in (p.source, p.gate, p.bias_source) if n], engine)[0]
               for p, t in zip(plan, types)]

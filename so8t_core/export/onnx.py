@@ -28,13 +28,13 @@ import shutil
 import tempfile
 import time
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from so8t_core import storage
 from so8t_core.constants import CONVERTER, Keys
-from so8t_core.errors import StorageError, UnsupportedError, ValidationError
+from so8t_core.errors import UnsupportedError, ValidationError
 from so8t_core.source.checkpoint import Checkpoint
 
 # torch 2.13's default opset for its exporter: pinned, so the file does not change with torch's default.
@@ -63,25 +63,7 @@ def require_onnx() -> None:
 
 def local_output_path(output: str) -> str:
     """The destination as a local path: onnxruntime and TensorRT read local files."""
-    path = output[len("file://"):] if output.startswith("file://") else output
-    if "://" in path:
-        raise UnsupportedError(output, "the ONNX file is written to a local path only",
-                               "write it locally, then copy it (e.g. with the aws CLI)")
-    if not path.endswith(".onnx"):
-        raise UnsupportedError(output, "the output file name must end in .onnx", "e.g. --output model.onnx")
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise StorageError(path, "is a folder", "give a file name ending in .onnx")
-    folder = os.path.dirname(path)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise StorageError(folder, "is a file, not a folder", "choose a folder for --output")
-    try:  # before the export, which takes minutes: can a file be written there?
-        os.makedirs(folder, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".so8t-onnx-", dir=folder))
-    except OSError as e:
-        raise StorageError(folder, f"cannot write there ({e.strerror or type(e).__name__})",
-                           "choose a writable folder for --output") from None
-    return path
+    return storage.local_output_file(output, ".onnx", "the ONNX file")
 
 
 @contextlib.contextmanager
@@ -227,3 +209,19 @@ def export_onnx(ckpt: Checkpoint, output: str, adapter=None) -> dict[str, Any]:
         data = os.path.join(os.path.dirname(path), name + ".data")
         result["external_data"] = {"path": data, "size": os.path.getsize(data), "sha256": storage.sha256_of(data)}
     return result
+
+
+def render_export(result: Mapping[str, Any]) -> str:
+    """``export_onnx``'s result as the CLI prints it."""
+    c = result["check"]
+    lines = [f"exported {result['path']} ({result['size']:,} bytes, sha256 {result['sha256'][:16]}…)"]
+    if result["external_data"]:
+        d = result["external_data"]
+        lines.append(f"  weights      {d['path']} ({d['size']:,} bytes; keep it beside the .onnx file)")
+    lines.append(f"  graph        input_ids, attention_mask [batch, sequence] int64 -> logits [batch, sequence, "
+                 f"{result['outputs']['logits'][2]}] float32; opset {result['opset']}; no KV cache; "
+                 "triality heads not included")
+    lines.append(f"  onnxruntime  max |Δlogit| {c['max_abs_diff_vs_baked_torch']:.2e} vs the baked PyTorch model, "
+                 f"{c['max_abs_diff_vs_so8t_reference']:.2e} vs the SO8T reference, over {c['n_tokens']} tokens "
+                 f"(tolerance {c['tolerance']:.2e}): ok")
+    return "\n".join(lines)

@@ -36,12 +36,12 @@ import socket
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from so8t_core import storage
-from so8t_core.constants import MANIFEST_NAME, MODEL_CARD_NAME
+from so8t_core.constants import CONVERTER, MANIFEST_NAME, MODEL_CARD_NAME
 from so8t_core.errors import StorageError
-from so8t_core.refs import FileRef
+from so8t_core.refs import FileRef, StagedTensor
 
 LATEST_NAME = "latest.json"
 LOCK_NAME = ".publish-lock"
@@ -58,6 +58,22 @@ def release_uri(dest: str, model: str, fingerprint: str, quant: str) -> str:
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
+                     staged: Sequence[StagedTensor], imatrix=None, uncovered: Sequence[str] = (),
+                     lora: dict | None = None) -> dict:
+    """What a release's manifest says besides its files: the model, the quant, the source,
+    the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
+    used (``imatrix``: a ``quantize.imatrix.Imatrix``; ``uncovered``: the tensors it had no
+    entry for)."""
+    manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
+                "validation": validation,
+                "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
+                "imatrix": None if imatrix is None else imatrix.summary(uncovered)}
+    if lora is not None:
+        manifest["lora"] = lora
+    return manifest
 
 
 def manifest_document(files: Mapping[str, FileRef], extra: Mapping[str, Any]) -> dict:

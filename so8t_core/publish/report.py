@@ -76,3 +76,27 @@ def summary_markdown(name: str, source: str, fingerprint: str, quants: Sequence[
             state = "unchanged, nothing uploaded" if r["uploaded"] == 0 else f"{r['uploaded']} files uploaded"
             lines.append(f"- {q}: `{redact_uri(r['uri'])}` ({state})")
     return "\n".join(lines) + "\n"
+
+
+def render_conversion(result: Mapping[str, Any]) -> str:
+    """The convert flow's result as the CLI prints it: fingerprint, bake error, LoRA, each quant's
+    validation, and each release with its files."""
+    lines = [f"converted {result['source']}", f"  fingerprint  {result['fingerprint']}",
+             f"  bake error   {result['max_bake_error']:.2e} (max over gated layers)"]
+    if result.get("lora"):
+        lo = result["lora"]
+        lines.append(f"  LoRA         {lo['uri']}: r={lo['r']}, alpha={lo['lora_alpha']:g}, scale {lo['scale']:.4g} "
+                     f"({lo['scaling']}), merged into {len(lo['merged_tensors'])} tensors "
+                     f"({', '.join(lo['effective_target_modules'])})")
+    for quant, v in result["validation"].items():
+        f = v.get("llama_cpp", {})
+        lines.append(f"  validated    {quant}: mean KLD {f.get('mean_kld', float('nan')):.3g}, "
+                     f"top-1 {100 * f.get('top1_agreement', float('nan')):.2f}% over {f.get('n_tokens')} tokens, "
+                     f"{'passed' if v['passed'] else 'FAILED'}")
+    for quant, release in result["releases"].items():
+        state = "already published, nothing uploaded" if release["uploaded"] == 0 else "published"
+        lines.append(f"{quant}: {release['uri']} ({state})")
+        lines += [f"  {name:<48} {ref['size']:>12,} bytes" for name, ref in sorted(release["files"].items())]
+        lines.append(f"  {'manifest.json':<48} {release['manifest']['size']:>12,} bytes")
+    lines.append(f"latest: {result['latest']['uri']}")
+    return "\n".join(lines)

@@ -16,12 +16,13 @@ quantizer and so the output bytes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from so8t_core import storage
 from so8t_core.errors import CheckpointError
@@ -30,6 +31,7 @@ KV_FILE = "quantize.imatrix.file"
 KV_DATASET = "quantize.imatrix.dataset"
 KV_ENTRIES = "quantize.imatrix.entries_count"
 KV_CHUNKS = "quantize.imatrix.chunks_count"
+UNQUANTIZED_TYPES = ("F32", "F16", "BF16")  # types whose tensors are written without an imatrix
 MAX_KV_STRING = 127  # llama-quantize copies these strings into a 128-byte buffer
 
 
@@ -53,6 +55,16 @@ class Imatrix:
                                             f"has rows of {n_per_row}", "the imatrix was computed for another model")
         return values
 
+    def uncovered(self, plan: Sequence, types: Sequence[GGMLQuantizationType]) -> list[str]:
+        """The tensors of a plan quantized (to ``types``) without an entry here: llama-quantize
+        quantizes them without importance and only logs it, a quality loss worth reporting."""
+        return [p.gguf_name for p, t in zip(plan, types, strict=True)
+                if t.name not in UNQUANTIZED_TYPES and p.gguf_name not in self.entries]
+
+    def summary(self, uncovered: Sequence[str]) -> dict:
+        """What a release's manifest records of the importance matrix it was quantized with."""
+        return {"sha256": self.sha256, "entries": len(self.entries), "tensors_without_entry": list(uncovered)}
+
 
 def load_imatrix(uri: str) -> Imatrix:
     """Read an imatrix file (GGUF or legacy) from any fsspec URI; bad files are one-line errors."""
@@ -61,13 +73,8 @@ def load_imatrix(uri: str) -> Imatrix:
     return _parse(uri, digest, data)
 
 
-@functools.lru_cache(maxsize=2)
-def load_imatrix_cached(uri: str, sha256: str) -> Imatrix:
-    """Per-process cache for tasks that each need one entry of the same file."""
-    im = load_imatrix(uri)
-    if im.sha256 != sha256:
-        raise CheckpointError(uri, "the imatrix file changed during the run", "run again")
-    return im
+# Per process, for tasks that each need the entries of the file the flow checked.
+load_imatrix_cached = storage.pinned(load_imatrix, "the imatrix file", maxsize=2)
 
 
 def _parse(uri: str, digest: str, data: bytes) -> Imatrix:

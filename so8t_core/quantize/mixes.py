@@ -24,7 +24,7 @@ from typing import Sequence
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from so8t_core.constants import QuantType
+from so8t_core.constants import QuantType, quant_type
 
 QUANTIZED_TYPES = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
@@ -55,6 +55,13 @@ class ModelShape:
     @classmethod
     def from_spec(cls, spec) -> "ModelShape":
         return cls(arch=spec.arch, n_layers=spec.n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads)
+
+    @classmethod
+    def from_analysis(cls, analysis: dict) -> "ModelShape":
+        """From ``analysis.analyze``'s report (what the flow's analyze stage passes on)."""
+        hp = analysis["hyperparameters"]
+        return cls(arch=analysis["gguf_architecture"], n_layers=hp["layers"], n_heads=hp["heads"],
+                   n_kv_heads=hp["kv_heads"])
 
     @property
     def n_gqa(self) -> int:
@@ -190,6 +197,13 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
             new = _fallback(st, name, shape, new)
         out.append(new)
     return out
+
+
+def mix_types(plan: Sequence, quants: Sequence[str], model: ModelShape,
+              opts: MixOptions = MixOptions()) -> dict[str, list[T]]:
+    """Each quant's type for every tensor of a plan (``TensorPlan``s, in llama.cpp's order)."""
+    names_shapes = [(p.gguf_name, p.shape) for p in plan]
+    return {q: assign_types(names_shapes, quant_type(q), model, opts) for q in quants}
 
 
 def _fallback(st: _State, name: str, shape: Sequence[int], qtype: T) -> T:

@@ -251,6 +251,11 @@ def load_adapter(uri: str) -> LoraAdapter:
                        pairs=pairs, weights_uri=weights_uri)
 
 
+# Per process, for tasks that each need pairs of the adapter the flow checked (its A
+# matrices are cached once read).
+load_adapter_cached = storage.pinned(load_adapter, "the LoRA adapter")
+
+
 class MergedReader:
     """A checkpoint reader whose targeted weights come back with the LoRA delta added (float32)."""
 

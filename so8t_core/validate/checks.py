@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, Keys
 from so8t_core.errors import CheckpointError, ValidationError
-from so8t_core.gguf_file import GGUFKV, GGUFContents, read_gguf, split_paths
+from so8t_core.gguf_file import GGUFKV, pair_tensors, read_gguf, split_paths
 from so8t_core.metrics import logit_agreement
 from so8t_core.plan import materialize
 from so8t_core.quantize.error_stats import tensor_error_stats
@@ -231,22 +232,12 @@ def check_readback(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence
         elif not _same_value(g.value(kv.key), kv.value):
             problems.append(f"metadata key {kv.key} differs")
     tensors = [t for shard in shards for t in shard.tensors]
-    names = [t.name for t in tensors]
-    expected = [s.gguf_name for s in staged]
-    if names != expected:
-        problems.append(f"tensor list differs: {len(names)} tensors in file, {len(expected)} planned")
-    by_name = {t.name: t for t in tensors}
-    for s in staged:
-        t = by_name.get(s.gguf_name)
-        if t is None:
-            continue
-        if t.tensor_type.name != s.ggml_type:
-            problems.append(f"{s.gguf_name}: type {t.tensor_type.name}, planned {s.ggml_type}")
-        if GGUFContents.numpy_shape(t) != tuple(s.shape):
-            problems.append(f"{s.gguf_name}: shape {list(GGUFContents.numpy_shape(t))}, planned {list(s.shape)}")
-        if hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest() != s.sha256:
-            problems.append(f"{s.gguf_name}: data differs from the staged tensor")
-    return {"ok": not problems, "tensors": len(names), "files": len(shards),
+    planned = [(s.gguf_name, tuple(s.shape)) for s in staged]
+    for i, t in pair_tensors(tensors, planned, problems, lambda i: [GGMLQuantizationType[staged[i].ggml_type]],
+                             in_order=True):
+        if hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest() != staged[i].sha256:
+            problems.append(f"{staged[i].gguf_name}: data differs from the staged tensor")
+    return {"ok": not problems, "tensors": len(tensors), "files": len(shards),
             "metadata_keys": len(g.reader.fields) - 3, "problems": problems[:20]}
 
 
@@ -309,23 +300,11 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
     problems: list[str] = []
     if g.value("general.architecture") != spec.arch:
         problems.append(f"general.architecture is {g.value('general.architecture')!r}, expected {spec.arch!r}")
-    by_name = {t.name: t for t in tensors}
-    extra = sorted(set(by_name) - {p.gguf_name for p in plan})
-    if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra[:5])}")
     errors: dict[str, float] = {}
-    for item in plan:
-        t = by_name.get(item.gguf_name)
-        if t is None:
-            problems.append(f"{item.gguf_name} missing")
-            continue
-        if g.numpy_shape(t) != item.shape:
-            problems.append(f"{item.gguf_name}: shape {list(g.numpy_shape(t))}, expected {list(item.shape)}")
-            continue
-        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
-            problems.append(f"{item.gguf_name}: type {t.tensor_type.name} is not one so8t-gguf writes")
-        source, _ = materialize(item, ckpt.read, ckpt.uri)
-        errors[item.gguf_name] = tensor_error_stats(source, g.dequantized(t))["relative_rmse"]
+    for i, t in pair_tensors(tensors, [(p.gguf_name, p.shape) for p in plan], problems,
+                             lambda i: SUPPORTED_TENSOR_TYPES):
+        source, _ = materialize(plan[i], ckpt.read, ckpt.uri)
+        errors[plan[i].gguf_name] = tensor_error_stats(source, g.dequantized(t))["relative_rmse"]
     readback = {"ok": not problems, "tensors": len(tensors), "files": len(shards),
                 "metadata_keys": len(g.reader.fields) - 3, "problems": problems[:20]}
     from so8t_core.validate.reference import So8tReference
@@ -344,3 +323,27 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
                      {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
                       gate.max_relative_rmse, "over_bound": []}, functional,
                      check_tokenizer_parity(gguf_path, ckpt, n_threads), adapter_check)
+
+
+def render_validation(report: Mapping[str, Any], gguf: str, lora: str | None = None) -> str:
+    """``validate_file``'s report as the CLI prints it (``gguf``, ``lora``: the files as the user named them)."""
+    f = report.get("llama_cpp", {})
+    rb, te = report["readback"], report["tensor_errors"]
+    lines = [f"{gguf}: {report['quant']}",
+             f"  read-back      {'ok' if rb['ok'] else 'FAILED'} ({rb['tensors']} tensors)",
+             f"  tensor errors  max relative RMSE {te['max_relative_rmse']:.3g} ({te['worst_tensor']}), "
+             f"{'ok' if te['ok'] else 'FAILED'}",
+             f"  llama.cpp      mean KLD {f['mean_kld']:.3g}, top-1 {100 * f['top1_agreement']:.2f}% "
+             f"over {f['n_tokens']} tokens, {'ok' if f['ok'] else 'FAILED'}"]
+    if "adapter" in report:
+        a = report["adapter"]
+        lines.append(f"  LoRA adapter   {lora}: {a['pairs']} pairs, max |difference| from the PEFT pairs "
+                     f"{a['max_abs_diff']:.3g}, {'ok' if a['ok'] else 'FAILED'}")
+        lines += [f"  problem: {p}" for p in a["problems"]]
+    if "tokenizer" in report:
+        t = report["tokenizer"]
+        where = "" if t["ok"] else f", first difference at token {t['first_mismatch']}"
+        lines.append(f"  tokenizer      {t['n_tokens']} tokens, {'identical ids' if t['ok'] else 'DIFFERENT'}{where}")
+    lines += [f"  problem: {p}" for p in rb["problems"]]
+    lines.append("passed" if report["passed"] else "FAILED: " + ", ".join(report["failures"]))
+    return "\n".join(lines)
