@@ -18,7 +18,7 @@ LLAMA_CONVERTER_PATHS := convert_hf_to_gguf.py conversion gguf-py models/templat
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 DEMO_OUT := artifacts
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 install: $(STAMP) $(LLAMA_CONVERTER)
 
@@ -63,8 +63,13 @@ run: $(STAMP)
 	@echo "llama.cpp, chatting with the latest Q8_0 release in $(DEMO_OUT)/smollm2-135m-so8t-demo:"
 	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo --quant Q8_0 "What is the capital of France?"
 
+# The whole suite (what CI runs); the 25 slowest tests are listed at the end.
 test: $(STAMP) $(LLAMA_CONVERTER)
-	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q
+	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q --durations=25
+
+# What needs neither a Prefect run nor llama.cpp's inference (tests marked e2e): a few minutes.
+test-fast: $(STAMP) $(LLAMA_CONVERTER)
+	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q -m "not e2e" --durations=10
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -5,7 +5,7 @@
 Runs, in one pytest session: the fault-injection run (tests/test_faults.py), the crash matrix
 (tests/test_crash.py), the concurrent publishers (tests/test_concurrency.py), the credentials
 grep (tests/test_secrets.py) and the bad-input corpus (tests/test_bad_inputs.py). The tests
-append what they measured to a JSON-lines file (tests/reliability_record.py); pass/fail comes
+append what they measured to a JSON-lines file (tests/support/reliability_record.py); pass/fail comes
 from pytest's JUnit report. Prints a Markdown table with the date and the machine; exits 1 when
 any of these tests failed. Takes 3-5 minutes on 2 cores.
 """

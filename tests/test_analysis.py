@@ -43,14 +43,6 @@ def test_partial_gates_tied_embeddings_and_plain_checkpoints(make_fixture):
     assert plain["tensors"]["so8t_rotation"] == 0 and plain["tensors"]["triality_heads"] == 0
 
 
-def test_demo_analysis(demo_checkpoint):
-    a = analyze(Checkpoint.open(demo_checkpoint))
-    assert a["shards"] == 2 and a["parameters"]["total"] == 134_554_180
-    assert a["gated_layers"] == [0, 4, 8, 12, 16, 20, 24, 28]
-    assert all(g["max_orthogonality_error"] < 1e-12 for g in a["rotation_gates"])
-    assert a["gguf_tensors"] == 272  # SmolLM2 ties embeddings: no output.weight
-
-
 def test_analyze_cli_text_and_json(make_fixture, capsys):
     path = make_fixture()
     assert main(["analyze", path]) == 0

@@ -5,14 +5,14 @@ import json
 import os
 
 import pytest
-from published import gguf_path, release  # noqa: F401
+from support.published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.analysis import preflight
 from so8t_core.gguf_file import read_gguf
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 256}

@@ -1,11 +1,9 @@
 """Every run leaves artifacts in Prefect: progress, per-tensor stats tables, a summary, release links."""
 
-import asyncio
 import json
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from support.artifacts import run_artifacts
 
 from flows.convert import convert
 from flows.params import ConvertParams
@@ -13,19 +11,7 @@ from so8t_core.errors import ValidationError
 from so8t_core.publish.report import artifact_key
 from so8t_core.storage import redact_uri
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def run_artifacts(flow_run_id) -> dict[str, list]:
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-
-    by_type: dict[str, list] = {}
-    for a in asyncio.run(read()):
-        by_type.setdefault(a.type, []).append(a)
-    return by_type
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 
 def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):

@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from test_cli import BIN, assert_one_line_error, rewrite_tensor
+from support.checkpoints import rewrite_tensor
+from support.cli import BIN, assert_one_line_error
 
 ADDRESS_SPACE_LIMIT = 3 << 30  # for "limited" cases: far below any giant allocation, far above the CLI's needs
 
@@ -43,6 +44,7 @@ class Case:
     expect: tuple[str, ...]  # fragments of the one-line error
     via: str = "in-process"  # or "subprocess", or "limited" (subprocess under ADDRESS_SPACE_LIMIT)
     fixed: str = ""  # what happened before the fix; empty when it was refused cleanly already
+    pipeline: bool = False  # passes the preflight: the conversion (a Prefect run) finds it
 
 
 ST = "model.safetensors"
@@ -116,7 +118,7 @@ CASES: list[Case] = [
     # --- values ---------------------------------------------------------------------------------------
     Case("inf_in_weight", "an Inf in an MLP weight (found by the pipeline, not by the preflight)", "convert",
          lambda t, fx: with_value(copy_fixture(fx, t), "model.layers.1.mlp.gate_proj.weight", (128, 64), np.inf),
-         (ST, "model.layers.1.mlp.gate_proj.weight", "1 NaN/Inf values"), via="subprocess"),
+         (ST, "model.layers.1.mlp.gate_proj.weight", "1 NaN/Inf values"), via="subprocess", pipeline=True),
     Case("nan_in_theta", "a NaN in a rotation gate θ", "convert",
          lambda t, fx: with_value(copy_fixture(fx, t), THETA0, (8, 8, 8), np.nan), (ST, THETA0, "1 NaN/Inf values")),
     # --- SO8T rotation gates --------------------------------------------------------------------------
@@ -454,7 +456,8 @@ def run_cli(args: list[str], limited: bool, timeout: int = 300) -> subprocess.Co
                           preexec_fn=_limit_address_space if limited else None)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.e2e] if c.pipeline else [])
+                                  for c in CASES])
 def test_bad_input_is_refused_in_one_line(case: Case, make_fixture, tmp_path, capsys):
     target = case.build(tmp_path, make_fixture)
     out, work = tmp_path / "out", tmp_path / "work"

@@ -9,14 +9,14 @@ import sys
 import time
 
 import pytest
-from published import release
-from test_cli import copy, rewrite_tensor
+from support.checkpoints import copy, rewrite_tensor
+from support.published import release
 
 from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.plan import quantize_batches
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 
 def run(src, out, work, **kw):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 
-from reliability_record import record
-from test_publish import FP_A, local_files, visible
+from support.releases import FP_A, local_files, visible
+from support.reliability_record import record
 
 from so8t_core import storage
 from so8t_core.errors import So8tError

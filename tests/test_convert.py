@@ -7,15 +7,14 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from published import gguf_path, release
+from support.published import gguf_path, release
 
 from flows.convert import convert
 from flows.params import ConvertParams
-from so8t_core.errors import UnsupportedError, ValidationError
+from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import read_gguf
-from tasks.quantize import tensors_in_flight
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 VARIANTS = {
     "cayley-pre": dict(rotation="cayley", position="pre_o_proj"),
@@ -121,14 +120,6 @@ def test_failed_validation_publishes_nothing(make_fixture, tmp_path, monkeypatch
         convert(ConvertParams(source=make_fixture(), output=str(out), quants=["F32"], work_dir=str(tmp_path / "work"),
                               name="fx"))
     assert not out.exists() or not any(out.iterdir())
-
-
-def test_memory_cap_limits_tensors_in_flight():
-    assert tensors_in_flight(None, 100 << 20, 8) == 8
-    assert tensors_in_flight(2.0, 100 << 20, 8) == 2  # (2 GiB − 1 GiB) // (4 × 100 MiB)
-    assert tensors_in_flight(64.0, 100 << 20, 8) == 8
-    with pytest.raises(UnsupportedError, match="the largest tensor alone needs"):
-        tensors_in_flight(1.2, 100 << 20, 8)
 
 
 def test_split_output_loads_in_llama_cpp_as_a_set(make_fixture, tmp_path):

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from llama_cpp_oracle import convert_with_llama_cpp, llama_cpp_dir
+from support.llama_cpp_oracle import convert_with_llama_cpp, llama_cpp_dir
 
 from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble.sequential import convert_sequential
@@ -37,6 +37,8 @@ from so8t_core.gguf_file import read_gguf
 from so8t_core.plan import materialize
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.testing.checkpoint_writer import write_checkpoint
+
+pytestmark = pytest.mark.e2e  # runs llama.cpp's convert_hf_to_gguf.py
 
 # The fixtures' tokenizer is a small random byte-level BPE with plain GPT-2 pre-tokenization.
 # convert knows pre-tokenizers only by the hash of one vocabulary's token ids, so it refuses it;

@@ -1,4 +1,4 @@
-"""The crash matrix: a conversion killed with SIGKILL at each named point (tests/crash_run.py)
+"""The crash matrix: a conversion killed with SIGKILL at each named point (tests/support/crash_run.py)
 leaves no partial release and the previous release intact; the rerun completes, and what it
 publishes is byte-identical to an uninterrupted run's."""
 
@@ -17,15 +17,15 @@ from pathlib import Path
 import boto3
 import fsspec
 import pytest
-from crash_run import POINTS
-from reliability_record import record
+from support.crash_run import POINTS
+from support.reliability_record import record
 
 from flows.cli import main
 from so8t_core import storage
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 QUANT, NAME = "Q4_K_M", "fx"
-CRASH_RUN = os.path.join(os.path.dirname(__file__), "crash_run.py")
+CRASH_RUN = os.path.join(os.path.dirname(__file__), "support", "crash_run.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -101,7 +101,6 @@ def destination(backend: str, template: Path, tmp_path: Path, request) -> str:
 CASES = [(p, "local") for p in POINTS] + [(p, "s3") for p in POINTS if p.startswith("publish")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point,backend", CASES, ids=[f"{p}-{b}" for p, b in CASES])
 def test_a_killed_run_leaves_no_partial_release_and_resumes(point, backend, matrix, tmp_path, request):
     from prefect.settings import PREFECT_API_URL

@@ -6,8 +6,8 @@ import socket
 import threading
 
 import pytest
-from published import release
-from test_cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, run
+from support.published import release
 
 from flows.convert import convert
 from flows.convert_model import convert_model
@@ -15,7 +15,7 @@ from flows.params import ConvertParams
 from flows.runners import convert_with, task_runner
 from so8t_core.errors import ClusterError, UnsupportedError
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 QUANTS = ["Q4_K_M", "Q8_0"]
 FIXTURE = dict(layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512, shards=2, seed=53)

@@ -4,18 +4,20 @@ import json
 
 import numpy as np
 import pytest
-from published import gguf_path
-from published import release as release_dir
+from support.published import gguf_path
+from support.published import release as release_dir
 
 from flows.convert import convert
 from flows.params import ConvertParams
+from so8t_core.analysis import analyze
 from so8t_core.gguf_file import read_gguf
 from so8t_core.plan import permute_qk
+from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.testing.demo import DEMO_GATED_LAYERS, unpermute_qk
 from so8t_core.testing.tokenizers import smollm2_gguf_path
 from so8t_core.validate.llama_runtime import LlamaCppModel
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 DEMO = "smollm2-135m-so8t-demo"
 
 
@@ -118,3 +120,11 @@ def test_demo_checkpoint_is_byte_identical_on_every_build(demo_checkpoint, tmp_p
         a = hashlib.sha256(open(os.path.join(demo_checkpoint, name), "rb").read()).hexdigest()
         b = hashlib.sha256(open(os.path.join(again, name), "rb").read()).hexdigest()
         assert a == b, name
+
+
+def test_demo_analysis(demo_checkpoint):
+    a = analyze(Checkpoint.open(demo_checkpoint))
+    assert a["shards"] == 2 and a["parameters"]["total"] == 134_554_180
+    assert a["gated_layers"] == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert all(g["max_orthogonality_error"] < 1e-12 for g in a["rotation_gates"])
+    assert a["gguf_tensors"] == 272  # SmolLM2 ties embeddings: no output.weight

@@ -20,18 +20,16 @@ def test_every_deployment_entrypoint_loads_and_its_parameters_exist():
         assert dep["work_pool"]["name"]
 
 
-def test_the_convert_form_and_the_catalog_schedule():
+def test_each_deployment_s_parameters_are_a_valid_run():
+    """What prefect.yaml gives each deployment is what its flow accepts: the convert form's
+    defaults are valid ConvertParams, and the catalog it names loads (relative to the project
+    root, where the worker runs)."""
     from flows.catalog import load_catalog
     from flows.params import ConvertParams
 
-    deployments = {d["name"]: d for d in yaml.safe_load(open(os.path.join(ROOT, "prefect.yaml")))["deployments"]}
-    convert = deployments["convert"]
-    assert convert["entrypoint"] == "flows/convert_model.py:convert_model"
-    assert ConvertParams(**convert["parameters"]["params"]).quants  # the defaults are a valid form
-    catalog = deployments["requantize-catalog"]
-    assert catalog["entrypoint"] == "flows/catalog.py:requantize_catalog"
-    assert [s["cron"] for s in catalog["schedules"]] == ["0 3 * * *"]
-    # The default catalog (relative to the project root, where the worker runs) is valid.
-    models = load_catalog(os.path.join(ROOT, catalog["parameters"]["catalog"]))
-    assert models[0].source == os.path.join(ROOT, "checkpoints", "smollm2-135m-so8t-demo")
-    assert models[0].destination == os.path.join(ROOT, "artifacts")
+    for dep in yaml.safe_load(open(os.path.join(ROOT, "prefect.yaml")))["deployments"]:
+        parameters = dep.get("parameters", {})
+        if "params" in parameters:
+            assert ConvertParams(**parameters["params"]).quants, dep["name"]
+        if "catalog" in parameters:
+            assert load_catalog(os.path.join(ROOT, parameters["catalog"])), dep["name"]

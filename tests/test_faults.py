@@ -10,13 +10,13 @@ import boto3
 import fsspec
 import pytest
 import s3fs
-from faulty_s3 import FAULT_KINDS, FaultyS3Proxy
-from reliability_record import record
+from support.faulty_s3 import FAULT_KINDS, FaultyS3Proxy
+from support.reliability_record import record
 
 from flows.convert import convert
 from flows.params import ConvertParams
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 FAULT_SHARE = 0.2
 
 

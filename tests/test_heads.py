@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from published import release as published_release
+from support.published import release as published_release
 
 from flows.cli import main
 from flows.convert import convert
@@ -15,7 +15,7 @@ from so8t_core.validate.heads import run_heads
 from so8t_core.validate.llama_runtime import LlamaCppModel
 from so8t_core.validate.reference import So8tReference
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 TEXT = "The quick brown fox jumps over the lazy dog."
 
 

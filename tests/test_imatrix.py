@@ -9,8 +9,8 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
-from published import gguf_path, release  # noqa: F401
-from test_quant_mixes import FIXTURES, assert_same_tensors
+from support.llama_cpp_oracle import FIXTURES, assert_same_tensors
+from support.published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
 from flows.params import ConvertParams
@@ -21,7 +21,7 @@ from so8t_core.gguf_file import read_gguf
 from so8t_core.quantize.imatrix import load_imatrix
 from so8t_core.source.checkpoint import Checkpoint
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 
 def plan_shapes(src: str) -> dict[str, tuple[int, ...]]:

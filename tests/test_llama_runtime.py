@@ -16,6 +16,8 @@ from so8t_core.quantize.error_stats import tensor_error_stats
 from so8t_core.testing.tokenizers import smollm2_gguf_path
 from so8t_core.validate.llama_runtime import LlamaCppModel
 
+pytestmark = pytest.mark.e2e  # runs models in llama.cpp
+
 SMOLLM2 = smollm2_gguf_path()
 
 PROMPT = "The capital of France is"

@@ -2,119 +2,31 @@
 reference with the same adapter merged, and cached per affected tensor."""
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from published import gguf_path, release
 from safetensors.numpy import save_file
+from support.lora import FIXTURE, pair, write_adapter
+from support.published import gguf_path, release
 
 from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.analysis import checkpoint_model
-from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.source.checkpoint import Checkpoint
-from so8t_core.source.lora import MergedReader, load_adapter
+from so8t_core.source.lora import load_adapter
 from so8t_core.source.rotation import checked_rotation, fold_into_linear
 from so8t_core.validate.checks import validation_token_ids
 from so8t_core.validate.reference import So8tReference
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=5)
-MODULES = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 
-def write_adapter(dest, source, modules=MODULES, layers=(0, 1), r=4, alpha=8.0, rslora=False, seed=0,
-                  config=None, std=0.3):
-    """A PEFT-format adapter (what LoraModel.save_pretrained writes) with random A and B."""
-    ckpt = Checkpoint.open(source)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in layers:
-        for module in modules:
-            name = f"model.layers.{layer}.{module}"
-            out_f, in_f = ckpt.tensors[name + ".weight"].shape
-            tensors[f"base_model.model.{name}.lora_A.weight"] = (rng.standard_normal((r, in_f)) * std
-                                                                  ).astype(np.float32)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (rng.standard_normal((out_f, r)) * std
-                                                                  ).astype(np.float32)
-    os.makedirs(dest, exist_ok=True)
-    save_file(tensors, os.path.join(dest, "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "fan_in_fan_out": False,
-           "bias": "none", "use_dora": False, "modules_to_save": None, "task_type": "CAUSAL_LM",
-           "target_modules": sorted({m.split(".")[-1] for m in modules}), "base_model_name_or_path": source,
-           **(config or {})}
-    with open(os.path.join(dest, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return str(dest)
-
-
-def pair(adapter_dir, weight):
-    from safetensors.numpy import load_file
-
-    t = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    module = "base_model.model." + weight[: -len(".weight")]
-    return t[module + ".lora_A.weight"], t[module + ".lora_B.weight"]
-
-
-def test_scaling_lora_and_rslora(make_fixture, tmp_path):
-    src = make_fixture(**FIXTURE)
-    ckpt = Checkpoint.open(src)
-    w = "model.layers.0.self_attn.v_proj.weight"
-    for rslora, expect in ((False, 16.0 / 4), (True, 16.0 / math.sqrt(4))):
-        d = write_adapter(tmp_path / f"a{rslora}", src, alpha=16.0, rslora=rslora)
-        adapter = load_adapter(d)
-        assert adapter.scale == pytest.approx(expect)
-        a, b = pair(d, w)
-        merged = MergedReader(ckpt, adapter)
-        np.testing.assert_allclose(merged.read(w), ckpt.read(w) + expect * (b @ a), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(merged.read_rows(w, 3, 9), (ckpt.read(w) + expect * (b @ a))[3:9],
-                                   rtol=1e-5, atol=1e-6)
-        summary = adapter.summary()
-        assert summary["effective_target_modules"] == ["o_proj", "q_proj", "v_proj"]
-        assert len(summary["merged_tensors"]) == 6 and summary["use_rslora"] is rslora
-
-
-@pytest.mark.parametrize("config,files,problem", [
-    ({"use_dora": True}, None, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
-    ({"bias": "all"}, None, "train biases"),
-    ({"fan_in_fan_out": True}, None, "fan_in_fan_out"),
-    (None, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 384), np.float32)}, "embedding"),
-    (None, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": np.zeros(64, np.float32)},
-     "trained bias"),
-    (None, {"base_model.model.lm_head.weight": np.zeros((384, 64), np.float32)}, "modules_to_save"),
-])
-def test_unsupported_adapters_are_refused_in_one_line(make_fixture, tmp_path, config, files, problem):
-    d = write_adapter(tmp_path / "a", make_fixture(**FIXTURE), config=config)
-    if files:
-        from safetensors.numpy import load_file
-
-        path = os.path.join(d, "adapter_model.safetensors")
-        save_file({**load_file(path), **files}, path)
-    with pytest.raises(UnsupportedError, match=problem) as err:
-        load_adapter(d)
-    assert "\n" not in str(err.value)
-
-
-def test_malformed_adapters_are_errors(make_fixture, tmp_path):
-    src = make_fixture(**FIXTURE)
-    _, _, plan = checkpoint_model(Checkpoint.open(src))
-    with pytest.raises(CheckpointError, match="adapter_config.json"):
-        load_adapter(str(tmp_path))
-    d = write_adapter(tmp_path / "rank", src, config={"r": 8})
-    with pytest.raises(CheckpointError, match="r=8"):
-        load_adapter(d)
-    other = make_fixture(**{**FIXTURE, "hidden": 128, "intermediate": 256})
-    d = write_adapter(tmp_path / "shape", other)
-    with pytest.raises(CheckpointError, match="but the weight is"):
-        load_adapter(d).bind(plan, src)
 
 
 def test_merged_before_the_bake_and_validated_against_the_merged_reference(make_fixture, tmp_path):

@@ -7,15 +7,14 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import gguf
 import llama_cpp
 import numpy as np
 import pytest
-from published import gguf_path
-from test_lora import write_adapter
+from support.cli import run
+from support.lora import FIXTURE, write_adapter
+from support.published import gguf_path
 
 from flows.convert import convert
 from flows.params import ConvertParams
@@ -30,10 +29,9 @@ from so8t_core.source.fingerprint import fingerprint
 from so8t_core.source.lora import load_adapter
 from so8t_core.validate.checks import validate_file, validation_token_ids
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=5)
 ALL_LLAMA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Base + adapter in llama.cpp vs the merged F32 model: the same sums in another order
@@ -150,30 +148,6 @@ def test_refusals(make_fixture, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def cli(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
-
-
-def test_cli_writes_the_adapter_and_refuses_in_one_line(make_fixture, tmp_path):
-    src = make_fixture(**FIXTURE)
-    adapter = write_adapter(tmp_path / "adapter", src)
-    out = cli("lora-gguf", adapter, "--base", src, "--output", str(tmp_path / "a.gguf"))
-    assert out.returncode == 0, out.stderr
-    assert "a.gguf" in out.stdout and "adapter.lora.alpha 8" in out.stdout and "q_proj" in out.stdout
-
-    # Its pairs name a module the model does not have (c_fc is GPT-2's MLP): nothing to adapt.
-    from safetensors.numpy import load_file, save_file
-
-    bad = write_adapter(tmp_path / "bad", src, modules=("self_attn.q_proj",), layers=(0,))
-    path = os.path.join(bad, "adapter_model.safetensors")
-    save_file({k.replace("self_attn.q_proj", "mlp.c_fc"): v for k, v in load_file(path).items()}, path)
-    out = cli("lora-gguf", bad, "--base", src, "--output", str(tmp_path / "b.gguf"))
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and "target no weight" in lines[0], out.stderr
-    assert not (tmp_path / "b.gguf").exists()
 
 
 def test_validate_runs_base_and_adapter_against_the_merged_reference(make_fixture, tmp_path):
@@ -186,7 +160,7 @@ def test_validate_runs_base_and_adapter_against_the_merged_reference(make_fixtur
     write_lora_gguf(peft, src, adapter)
 
     # The CLI on F32: the tight gate (mean KLD ≤ 1e-4, top-1 ≥ 99.5%), the adapter file equal to the pairs.
-    out = cli("validate", f32, "--reference", src, "--lora", adapter, "--lora-reference", peft, "--json")
+    out = run("validate", f32, "--reference", src, "--lora", adapter, "--lora-reference", peft, "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout)
     assert report["passed"] and report["adapter"]["ok"] and report["adapter"]["max_abs_diff"] == 0.0
@@ -199,7 +173,7 @@ def test_validate_runs_base_and_adapter_against_the_merged_reference(make_fixtur
 
     # Checked against another PEFT adapter (same shapes), the file and the logits both fail: exit 1.
     other = write_adapter(tmp_path / "other", src, std=0.1, seed=1)
-    out = cli("validate", f32, "--reference", src, "--lora", adapter, "--lora-reference", other)
+    out = run("validate", f32, "--reference", src, "--lora", adapter, "--lora-reference", other)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert any(line.startswith("  LoRA adapter") and line.endswith("FAILED") for line in lines)
@@ -230,10 +204,3 @@ def test_an_adapter_gguf_made_for_another_base_is_named_as_such(make_fixture, tm
                lambda t: weight.tobytes())
     with pytest.raises(ValidationError, match="not a LoRA adapter GGUF"):
         check_adapter_file(read_gguf(model), load_adapter(peft), ckpt, plan, spec.arch, None)
-
-
-def test_validate_lora_needs_both_files_and_an_adapter_gguf(make_fixture, tmp_path):
-    src = make_fixture(**FIXTURE)
-    out = cli("validate", str(tmp_path / "m.gguf"), "--reference", src, "--lora", str(tmp_path / "a.gguf"))
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and "--lora-reference" in lines[0], out.stderr

@@ -10,6 +10,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+pytestmark = pytest.mark.e2e  # runs the notebook: a conversion and llama.cpp
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "so8t_gguf_quickstart.ipynb"
 QUANTS = ["Q8_0", "Q4_K_M"]  # the notebook's defaults

@@ -24,6 +24,8 @@ from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.lora import load_adapter
 from so8t_core.validate.reference import So8tReference, baked_model, base_model
 
+pytestmark = pytest.mark.e2e  # exports with torch and runs onnxruntime
+
 BIN = os.path.join(os.path.dirname(sys.executable), "so8t-gguf")
 RNG = np.random.default_rng(7)
 # Two prompt lengths, neither of them the exporter's example length (8).

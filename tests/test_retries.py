@@ -9,7 +9,7 @@ from so8t_core.refs import file_ref
 from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish_release
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 
 def test_a_transient_storage_failure_is_retried(tmp_path, monkeypatch):

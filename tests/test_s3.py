@@ -12,6 +12,8 @@ from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.source.checkpoint import Checkpoint
 
+pytestmark = pytest.mark.e2e  #
+
 
 @pytest.fixture(scope="module")
 def s3_fixture(s3_endpoint, make_fixture):
@@ -64,7 +66,7 @@ def test_credentials_never_reach_logs_artifacts_or_releases(s3_fixture, tmp_path
     import logging
     import os
 
-    from test_artifacts import run_artifacts
+    from support.artifacts import run_artifacts
 
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     _, remote = s3_fixture

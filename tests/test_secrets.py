@@ -15,13 +15,13 @@ from pathlib import Path
 import boto3
 import fsspec
 import pytest
-from reliability_record import record
+from support.reliability_record import record
 
 from flows.cli import main
 from so8t_core.errors import So8tError
 from so8t_core.source.checkpoint import Checkpoint
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 URI_KEY, URI_SECRET = "AKIAURIKEYLEAKTEST01", "uri-secret-never-to-be-seen-3f9a1c"
 
 

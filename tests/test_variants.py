@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from published import gguf_path, release  # noqa: F401
 from safetensors.numpy import load_file, save_file
+from support.published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
 from flows.params import ConvertParams
@@ -17,7 +17,7 @@ from so8t_core.gguf_file import read_gguf
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.rotation import rotation_blocks
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 GATE = "self_attn.so8t_rotation_gate.theta"
 

@@ -1,4 +1,4 @@
-"""``python tests/crash_run.py POINT so8t-gguf-args...``: the CLI, killed with SIGKILL at POINT.
+"""``python tests/support/crash_run.py POINT so8t-gguf-args...``: the CLI, killed with SIGKILL at POINT.
 
 Test-only: the hooks live here, never in the library. Each point wraps one library function
 and kills the process (as the OOM killer or a lost machine would: no cleanup, no ``finally``)

@@ -1,4 +1,4 @@
-"""llama.cpp's own converter as a test oracle.
+"""llama.cpp as a test oracle: its own converter, and its own quantizer (llama-quantize).
 
 ``make test`` / ``make install`` extract ``convert_hf_to_gguf.py`` (with its ``conversion``
 package and its vendored ``gguf-py``) from the llama-cpp-python sdist we build llama.cpp
@@ -16,12 +16,17 @@ are still convert's own.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp
+import numpy as np
 import pytest
+
+from so8t_core.gguf_file import read_gguf
 
 LLAMA_CPP_PYTHON = "0.3.36"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -88,3 +93,49 @@ def convert_with_llama_cpp(hf_dir: str | os.PathLike, out_path: str | os.PathLik
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise AssertionError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}) on {hf_dir}:\n{tail}")
     return str(out_path)
+
+
+FIXTURES = {
+    # rows of 256: K-quants apply; 8 layers so use_more_bits picks a non-trivial set
+    "llama-256": dict(arch="llama", layers=8, hidden=256, heads=4, kv_heads=1, intermediate=512, vocab=512),
+    # hidden 896, tied: most K-quants fall back; the tied embedding takes the output rule
+    "qwen2-896-tied": dict(arch="qwen2", layers=2, hidden=896, heads=14, kv_heads=2, intermediate=256, tied=True),
+    # fused attn_qkv follows the attn_v rules
+    "phi3-256": dict(arch="phi3", layers=4, hidden=256, heads=4, kv_heads=4, intermediate=512),
+    # mistral (a llama in GGUF) with GQA 8 (Q2_K's attn_v rule); qwen3 with head_dim ≠ hidden/heads
+    "mistral-256": dict(arch="mistral", layers=3, hidden=256, heads=8, kv_heads=1, intermediate=512),
+    "qwen3-256": dict(arch="qwen3", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128, intermediate=256),
+}
+
+
+def llama_quantize(src: str, dst: str, ftype: int, pure=False, output_type=None, embd_type=None, overrides=()):
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    params.pure = pure
+    if output_type is not None:
+        params.output_tensor_type = int(output_type)
+    if embd_type is not None:
+        params.token_embedding_type = int(embd_type)
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, qtype) in enumerate(overrides):
+            arr[i].pattern, arr[i].type = pattern.encode(), int(qtype)
+        arr[len(overrides)].pattern, arr[len(overrides)].type = None, llama_cpp.GGML_TYPE_COUNT  # terminator
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
+
+
+def assert_same_tensors(ours: str, theirs: str) -> dict:
+    a, b = read_gguf(ours), read_gguf(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    types = {}
+    for name, t in tb.items():
+        assert ta[name].tensor_type == t.tensor_type, (name, ta[name].tensor_type.name, t.tensor_type.name)
+        assert np.ascontiguousarray(ta[name].data).tobytes() == np.ascontiguousarray(t.data).tobytes(), name
+        types[name] = t.tensor_type.name
+    assert a.value("general.file_type") == b.value("general.file_type")
+    assert a.value("general.quantization_version") == b.value("general.quantization_version") == 2
+    return types

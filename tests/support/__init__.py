@@ -1,0 +1,2 @@
+"""Helpers the tests share: CLI runs, checkpoint edits, llama.cpp oracles, release readers,
+the fault-injecting S3 proxy and the crash runner. Not tests themselves."""

@@ -1,0 +1,82 @@
+"""A catalog file as read: defaults, overrides, relative paths, staleness, and bad catalogs in one line."""
+
+
+import pytest
+
+from flows.catalog import CatalogModel, load_catalog, parse_catalog, quant_status
+from so8t_core.constants import CONVERTER
+from so8t_core.errors import CatalogError
+
+URL = "s3://bucket/catalogs/nightly.yaml"
+
+
+def test_catalog_defaults_overrides_and_relative_paths(tmp_path):
+    text = """
+destination: ../releases
+quants: [q8_0, Q4_K_M]
+run_validation: false
+models:
+  - name: a
+    source: s3://ckpts/a
+  - name: b
+    source: ckpts/b
+    quants: [F16, F16]
+    destination: s3://other/models
+    run_validation: true
+    engine: ggml
+"""
+    a, b = parse_catalog(text, URL)
+    assert a == CatalogModel(name="a", source="s3://ckpts/a", destination="s3://bucket/releases",
+                             quants=("Q8_0", "Q4_K_M"), run_validation=False, engine="auto")
+    assert b == CatalogModel(name="b", source="s3://bucket/catalogs/ckpts/b", destination="s3://other/models",
+                             quants=("F16",), run_validation=True, engine="ggml")
+    path = tmp_path / "sub" / "c.yaml"
+    path.parent.mkdir()
+    path.write_text(text)
+    local = load_catalog(str(path))
+    assert local[0].destination == str(tmp_path / "releases") and local[1].source == str(tmp_path / "sub/ckpts/b")
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("destination: /d\nmodels:\n  - name: a\n", ["models[0].source (model a): missing (required)"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, quants: [Q8_0, Q9_9]}\n",
+     ["models[0].quants[1] (model a): 'Q9_9' is not a quant mix", "choose from 'F32'", "'Q2_K'"]),
+    ("destination: /d\nquants: [Q7]\nmodels:\n  - {name: a, source: /s}\n", ["quants[0]: 'Q7' is not a quant mix"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, quant: [Q8_0]}\n",
+     ["models[0].quant (model a): unknown field", "fields here: name, source, quants"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s, engine: cuda}\n", ["'cuda' is not a valid engine"]),
+    ("destination: /d\nmodels: []\n", ["models: list should have at least 1 item"]),
+    ("models:\n  - {name: a, source: /s}\n", ["models[0] (model a): no destination"]),
+    ("destination: /d\nmodels:\n  - {name: a, source: /s}\n  - {name: a, source: /t}\n", ["appears twice"]),
+    ("destination: /d\nmodels:\n  - {name: a/b, source: /s}\n",
+     ["models[0].name (model a/b): 'a/b' is not a valid model name"]),
+    ("destination: /d\nmodels: [\n", ["not valid YAML", "line 3"]),
+    ("- a\n- b\n", ["must be a mapping"]),
+    ("", ["empty"]),
+])
+def test_a_bad_catalog_is_one_line_naming_the_catalog_and_the_problem(text, fragments):
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(text, URL)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"catalog {URL}: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_missing_catalog_is_one_line(tmp_path):
+    with pytest.raises(CatalogError, match=r"^catalog .*/nope\.yaml: file not found \(hint: check the catalog URL\)$"):
+        load_catalog(str(tmp_path / "nope.yaml"))
+
+
+def test_what_makes_a_quant_stale():
+    fp = "f" * 64
+    entry = {"source_fingerprint": fp, "release": f"{fp[:16]}/Q8_0/", "gguf": "m-Q8_0.gguf"}
+    manifest = {"source_fingerprint": fp, "converter": CONVERTER, "validation": {"passed": True}}
+    assert quant_status(fp, entry, manifest, True) is None
+    assert quant_status(fp, entry, {**manifest, "validation": None}, False) is None
+    assert quant_status(fp, None, None, True) == "not published yet"
+    assert quant_status("e" * 64, entry, manifest, True).startswith("source changed (ffffffffffffffff -> eeee")
+    assert quant_status(fp, entry, None, True) == "release incomplete (no manifest.json)"
+    assert quant_status(fp, entry, {**manifest, "converter": "so8t-gguf 0.0.1"}, True) == \
+        f"converter changed (so8t-gguf 0.0.1 -> {CONVERTER})"
+    assert quant_status(fp, entry, {**manifest, "validation": None}, True) == "published without validation"
