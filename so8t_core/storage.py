@@ -14,7 +14,7 @@ import posixpath
 import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -298,16 +298,26 @@ def local_output_file(uri: str, suffix: str, what: str) -> str:
     return path
 
 
-def pinned(load: Callable[[str], T], what: str, maxsize: int = 4) -> Callable[[str, str], T]:
+class Pinned(Generic[T]):
     """``load`` (URI → an object with a ``sha256``) cached per process and pinned to the sha256
     the flow saw when it checked the file: tasks each need part of the same file (an imatrix's
     entries, an adapter's pairs) and read it once; a file that changed since is an error, not
-    silently another file. ``what``: the file, for the message ("the imatrix file")."""
-    @functools.lru_cache(maxsize=maxsize)
-    def load_pinned(uri: str, sha256: str) -> T:
-        loaded = load(uri)
+    silently another file. ``what``: the file, for the message ("the imatrix file").
+
+    Pickled (to a Dask worker) as its recipe, so each process gets its own cache."""
+
+    def __init__(self, load: Callable[[str], T], what: str, maxsize: int = 4) -> None:
+        self.load, self.what, self.maxsize = load, what, maxsize
+        self._cached = functools.lru_cache(maxsize=maxsize)(self._load)
+
+    def _load(self, uri: str, sha256: str) -> T:
+        loaded = self.load(uri)
         if loaded.sha256 != sha256:
-            raise InputChangedError(redact_uri(uri), f"{what} changed during the run", "run the conversion again")
+            raise InputChangedError(redact_uri(uri), f"{self.what} changed during the run", "run the conversion again")
         return loaded
 
-    return load_pinned
+    def __call__(self, uri: str, sha256: str) -> T:
+        return self._cached(uri, sha256)
+
+    def __reduce__(self):
+        return (Pinned, (self.load, self.what, self.maxsize))

@@ -253,7 +253,7 @@ def load_adapter(uri: str) -> LoraAdapter:
 
 # Per process, for tasks that each need pairs of the adapter the flow checked (its A
 # matrices are cached once read).
-load_adapter_cached = storage.pinned(load_adapter, "the LoRA adapter")
+load_adapter_cached = storage.Pinned(load_adapter, "the LoRA adapter")
 
 
 class MergedReader:
