@@ -128,8 +128,8 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from so8t_core.llama_runtime import LlamaCppModel
     from so8t_core.publish.release import model_gguf
-    from so8t_core.validate.llama_runtime import LlamaCppModel
 
     with LlamaCppModel(model_gguf(args.gguf, args.quant), n_ctx=1024) as model:
         print(model.generate_chat(args.message, max_tokens=args.max_tokens))

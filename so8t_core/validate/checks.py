@@ -197,7 +197,7 @@ def check_tokenizer_parity(gguf_path: str, ckpt: Checkpoint, n_threads: int | No
     """llama.cpp's tokenization of ``text`` (BOS/EOS as the GGUF says, special-token text
     parsed) against the checkpoint's Hugging Face tokenizer (:func:`hf_token_ids`): the
     same ids, or the first position where they part."""
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
 
     expected = hf_token_ids(ckpt, text)
     with LlamaCppModel(gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads) as model:
@@ -252,7 +252,7 @@ def check_tensor_errors(relative_rmse: Mapping[str, float], gate: Gate) -> dict[
 def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Sequence[int], gate: Gate,
                      n_threads: int | None = None, lora_path: str | None = None) -> dict[str, Any]:
     """llama.cpp's logits of ``gguf_path`` (with the LoRA adapter GGUF ``lora_path`` applied) against the reference."""
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
 
     with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads,
                        lora_path=lora_path) as model:

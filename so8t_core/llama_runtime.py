@@ -1,4 +1,4 @@
-"""Thin, explicit wrappers around llama-cpp-python for validating produced GGUF files.
+"""Thin, explicit wrappers around llama-cpp-python: llama.cpp, the ground truth every stage checks against.
 
 :class:`LlamaCppModel` loads one GGUF in llama.cpp (CPU) and exposes exactly what the
 validation gates need: full per-position logits for a token sequence, the per-token
