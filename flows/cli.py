@@ -45,7 +45,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     params = from_cli(args)
     check_inputs(params)  # bad input fails here in a second, before Prefect starts
     if params.source:
-        preflight(params.source, params.lora)
+        preflight(params.source, params.lora, params.allow_tokenizer_mismatch)
     from flows import console
     from flows.runners import convert_with
 
@@ -116,7 +116,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
     require_onnx()
     local_output_path(args.output)
-    preflight(args.source, args.lora)  # bad input fails here in a second, before any model is built
+    preflight(args.source, args.lora, tokenizer=False)  # bad input fails here in a second, before any model is built
     adapter = None
     if args.lora:
         from so8t_core.source.lora import load_adapter

@@ -163,7 +163,7 @@ def fetch(run: Run) -> SourceRef:
 def analyze(run: Run, src: SourceRef) -> Model:
     """The structure report and the tensor plan; a LoRA adapter merges into the plan; each
     quant is one of llama-quantize's mixes, whose rules give every tensor a type."""
-    result = analyze_checkpoint(src)
+    result = analyze_checkpoint(src, run.params.allow_tokenizer_mismatch)
     analysis, plan, fingerprint = result.analysis, result.plan, src.fingerprint
     run.say("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
     if run.adapter is not None:
@@ -206,7 +206,8 @@ def assemble(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     os.makedirs(out_dir, exist_ok=True)
     console.stage("assembling " + ", ".join(run.quants))
     split = Split(max_tensors=run.params.split_max_tensors, max_bytes=run.params.split_max_bytes)
-    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, run.imatrix_info) for q in run.quants}
+    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, run.imatrix_info,
+                              run.params.allow_tokenizer_mismatch) for q in run.quants}
     return Files(out_dir=out_dir, ggufs=ggufs, sidecar=assemble_sidecar(src, run.name, out_dir))
 
 
@@ -222,7 +223,7 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     validations = {}
     for q in run.quants:
         v = validations[q] = validate_cached(src, q, run.name, files.ggufs[q][0], staged[q], reference,
-                                             run.imatrix_info)
+                                             run.imatrix_info, run.params.allow_tokenizer_mismatch)
         f = v.get("llama_cpp", {})
         run.say("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                 100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
@@ -251,7 +252,8 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     for q in run.quants:
         release_files = _release_files(run, model, staged[q], files, q, validations, common)
         manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q], run.imatrix,
-                                    model.uncovered.get(q, []), model.analysis.get("lora"))
+                                    model.uncovered.get(q, []), model.analysis.get("lora"),
+                                    model.analysis["tokenizer"])
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
         releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in release_files.items()},

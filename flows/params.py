@@ -115,6 +115,10 @@ class ConvertParams(BaseModel):
     token_embedding_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
         None, title="Token embedding type", description="Type of token_embd.weight.")
     pure: bool = Field(False, title="Pure", description="No mix rules: every 2-D weight gets the mix's default type.")
+    allow_tokenizer_mismatch: bool = Field(
+        False, title="Allow tokenizer mismatch",
+        description="Convert even when no llama.cpp pre-tokenizer reproduces the Hugging Face tokenizer's ids; "
+                    "the model card and the manifest then say so.")
     imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
         None, title="Importance matrix", description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
     lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(

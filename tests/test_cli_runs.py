@@ -1,6 +1,7 @@
 """The command line running the pipeline: a bad tensor found mid-run, convert → inspect → validate, progress output."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -62,3 +63,29 @@ def test_convert_shows_progress_unless_quiet_or_json(make_fixture, tmp_path):
     as_json = run("convert", src, "--output", str(tmp_path / "o3"), "--json", *common)
     assert as_json.returncode == 0 and as_json.stderr == ""
     assert set(json.loads(as_json.stdout)["releases"]) == {"Q8_0", "Q4_K_M"}
+
+
+def test_allow_tokenizer_mismatch_publishes_and_says_so(make_fixture, tmp_path):
+    """A tokenizer llama.cpp does not reproduce (here: a lowercasing normalizer) is refused in the
+    preflight; with --allow-tokenizer-mismatch it is converted, validated (the tokenizer check runs and
+    is reported, not counted), and the card and the manifest state the mismatch."""
+    from support.published import release
+
+    from so8t_core.testing.tokenizers import fixture_tokenizer_files
+
+    tj = json.loads(fixture_tokenizer_files(512)["tokenizer.json"])
+    tj["normalizer"] = {"type": "Lowercase"}
+    src = tmp_path / "ckpt"
+    shutil.copytree(make_fixture(layers=1, vocab=520), src)
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    out = tmp_path / "out"
+    args = ["convert", str(src), "--output", str(out), "--quant", "F32", "--name", "fx", "--work-dir",
+            str(tmp_path / "work")]
+    assert_one_line_error(run(*args), "no llama.cpp pre-tokenizer reproduces")
+    proc = run(*args, "--allow-tokenizer-mismatch")
+    assert proc.returncode == 0, proc.stderr
+    rel = release(out, "fx", "F32")
+    manifest = json.loads((rel / "manifest.json").read_text())
+    assert manifest["tokenizer_mismatch"]["parity"]["ok"] is False
+    assert manifest["validation"]["passed"] and manifest["validation"]["tokenizer"]["allowed"]
+    assert "llama.cpp does not reproduce the Hugging Face tokenizer" in (rel / "README.md").read_text()

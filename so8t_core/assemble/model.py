@@ -79,13 +79,15 @@ def tokenizer_files(ckpt: Checkpoint) -> dict[str, bytes]:
 
 
 def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerprint: str,
-                   staged: Sequence[StagedTensor], extra: Sequence[GGUFKV] = ()) -> tuple[str, list[GGUFKV]]:
+                   staged: Sequence[StagedTensor], extra: Sequence[GGUFKV] = (),
+                   allow_tokenizer_mismatch: bool = False) -> tuple[str, list[GGUFKV]]:
     """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors.
 
     ``extra``: keys llama-quantize adds for this file (the quantize.imatrix.* keys).
+    ``allow_tokenizer_mismatch``: write the tokenizer even when llama.cpp does not reproduce it.
     """
     spec, structure, _ = checkpoint_model(ckpt)
-    tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri)
+    tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri, allow_tokenizer_mismatch)
     provenance = Provenance(
         source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))

@@ -144,52 +144,11 @@ def validation_token_ids(ckpt: Checkpoint) -> list[int]:
 
 
 def hf_token_ids(ckpt: Checkpoint, text: str) -> list[int]:
-    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default.
+    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default
+    (``source.tokenizer.hf_token_ids``: the same ids the preflight's tokenizer check compares)."""
+    from so8t_core.source.tokenizer import hf_token_ids as ids_of
 
-    tokenizer.json through the ``tokenizers`` library (transformers' fast tokenizers are that
-    library), with the added tokens transformers registers from tokenizer_config.json and
-    special_tokens_map.json; special-token text in ``text`` is parsed, as transformers does.
-    BOS/EOS as transformers 5 adds them: tokenizer_config.json's ``add_bos_token`` /
-    ``add_eos_token`` when it sets either (4.x's Llama-family tokenizers do the same), else
-    tokenizer.json's post-processor. (transformers' AutoTokenizer itself is not used: 5.x
-    rebuilds the normalizer/pre-tokenizer of several tokenizer classes instead of reading
-    tokenizer.json, e.g. LlamaTokenizer's Metaspace drops SentencePiece's dummy prefix before
-    a leading space.)
-    """
-    from tokenizers import Tokenizer
-
-    from so8t_core.source.tokenizer import _add_config_tokens
-
-    files = {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
-    raw = files.get("tokenizer.json")
-    if raw is None:
-        raise CheckpointError(ckpt.uri, "missing tokenizer.json", "copy the tokenizer files into the checkpoint")
-    try:
-        tok = Tokenizer.from_str(raw.decode("utf-8"))
-        tcfg = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
-        _add_config_tokens(tok, files, tcfg, ckpt.uri)
-    except CheckpointError:
-        raise
-    except Exception as e:  # bad UTF-8 or JSON; the tokenizers library raises plain Exceptions
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(ckpt.uri, f"the Hugging Face tokenizer cannot be loaded ({reason})",
-                              "check tokenizer.json and tokenizer_config.json") from None
-    flags = {k: tcfg[k] for k in ("add_bos_token", "add_eos_token") if isinstance(tcfg.get(k), bool)}
-    if not flags:
-        return tok.encode(text).ids  # the post-processor decides
-
-    def special_id(kind: str) -> int | None:
-        entry = tcfg.get(f"{kind}_token")
-        content = entry.get("content") if isinstance(entry, dict) else entry
-        return tok.token_to_id(content) if isinstance(content, str) else None
-
-    ids = tok.encode(text, add_special_tokens=False).ids
-    bos, eos = special_id("bos"), special_id("eos")
-    if flags.get("add_bos_token") and bos is not None:
-        ids = [bos] + ids
-    if flags.get("add_eos_token") and eos is not None:
-        ids = ids + [eos]
-    return ids
+    return ids_of({n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}, text, ckpt.uri)
 
 
 def check_tokenizer_parity(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None,
@@ -263,7 +222,13 @@ def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Se
 
 
 def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None,
-              tokenizer: dict | None = None, adapter: dict | None = None) -> dict[str, Any]:
+              tokenizer: dict | None = None, adapter: dict | None = None,
+              tokenizer_may_differ: bool = False) -> dict[str, Any]:
+    """The report of one file: every check, and the names of those that failed.
+    ``tokenizer_may_differ`` (--allow-tokenizer-mismatch): a tokenizer difference is reported
+    (``tokenizer.allowed``), not counted as a failure."""
+    if tokenizer is not None and tokenizer_may_differ and not tokenizer["ok"]:
+        tokenizer = {**tokenizer, "allowed": True}
     checks = {"readback": readback, "tensor_errors": tensor_errors}
     if adapter is not None:
         checks["adapter"] = adapter
@@ -271,7 +236,7 @@ def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict 
         checks["llama_cpp"] = functional
     if tokenizer is not None:
         checks["tokenizer"] = tokenizer
-    failures = [name for name, c in checks.items() if not c["ok"]]
+    failures = [name for name, c in checks.items() if not c["ok"] and not c.get("allowed")]
     return {"quant": quant, "passed": not failures, "failures": failures, **checks}
 
 
