@@ -15,7 +15,7 @@ import os
 
 import gguf
 import pytest
-from support.tokenizers import FIXTURE_CONFIG, load_vocab, split_byte_level, with_pre_tokenizer, write_vocab_gguf
+from support.vocab_files import FIXTURE_CONFIG, load_vocab, split_byte_level, with_pre_tokenizer, write_vocab_gguf
 from tokenizers import Tokenizer
 
 from so8t_core.errors import CheckpointError, UnsupportedError

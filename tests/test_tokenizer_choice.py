@@ -16,7 +16,7 @@ import time
 import gguf
 import pytest
 from support.cli import assert_one_line_error, run
-from support.tokenizers import FIXTURE_CONFIG, load_vocab, split_byte_level, with_pre_tokenizer, write_vocab_gguf
+from support.vocab_files import FIXTURE_CONFIG, load_vocab, split_byte_level, with_pre_tokenizer, write_vocab_gguf
 from tokenizers import Tokenizer
 
 from so8t_core.errors import UnsupportedError
