@@ -41,9 +41,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
     from flows.params import check_inputs, from_cli
     from so8t_core.analysis import preflight
+    from so8t_core.storage import check_writable
 
     params = from_cli(args)
     check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
     if params.source:
         preflight(params.source, params.lora, params.allow_tokenizer_mismatch)
     from flows import console

@@ -40,7 +40,7 @@ from so8t_core.quantize.imatrix import Imatrix
 from so8t_core.quantize.mixes import MixOptions, ModelShape, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
-from so8t_core.storage import default_cache_dir, redact_uri
+from so8t_core.storage import check_writable, default_cache_dir, redact_uri
 from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
@@ -100,6 +100,7 @@ class Run:
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
         inputs = check_inputs(params)
+        check_writable(params.output)  # not found only at publish, after minutes of work
         source, name = params.source, params.name
         if source is None:
             source, name = demo_source(), name or DEMO_NAME
