@@ -69,10 +69,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from so8t_core.analysis import analyze, render_text
     from so8t_core.source.checkpoint import Checkpoint
-    from so8t_core.storage import default_cache_dir
+    from so8t_core.storage import default_cache_dir, redact_uri
 
     report = analyze(Checkpoint.open(args.source, cache_dir=default_cache_dir()))
-    _print_json(report) if args.json else print(render_text(report))
+    _print_json({"source": redact_uri(args.source), **report}) if args.json else \
+        print(render_text(report, redact_uri(args.source)))
     return 0
 
 

@@ -68,6 +68,8 @@ def require_tokenizer_parity(ckpt: Checkpoint, allow_mismatch: bool = False) -> 
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:
+    """The structure report: facts about the checkpoint's content only (it is published with each
+    release, whose bytes must not depend on where the checkpoint lay), so not its location."""
     spec, structure, plan = checkpoint_model(ckpt)
     by_source = {p.source: p for p in plan}
     gate_names = {g.tensor for g in structure.gates}
@@ -103,7 +105,6 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
 
     cfg = structure.config
     return {
-        "source": ckpt.uri,
         "weight_format": ckpt.weight_format,
         "shards": len(ckpt.shards),
         "architecture": spec.hf_architecture,
@@ -149,10 +150,11 @@ def render_tokenizer(t: dict[str, Any]) -> str:
             f"tried {', '.join(t['tried'])}")
 
 
-def render_text(a: dict[str, Any]) -> str:
+def render_text(a: dict[str, Any], source: str) -> str:
+    """The report as ``so8t-gguf analyze`` prints it; ``source``: the checkpoint as the user named it."""
     hp = a["hyperparameters"]
     lines = [
-        f"source        {a['source']} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
+        f"source        {source} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
         f"architecture  {a['architecture']} -> GGUF '{a['gguf_architecture']}'",
         f"variant       {a['variant']}",
         f"shape         {hp['layers']} layers, hidden {hp['hidden_size']}, heads {hp['heads']}/{hp['kv_heads']} "

@@ -111,6 +111,14 @@ QUANT_TYPES: dict[str, QuantType] = {
     )
 }
 
+def bits_per_weight(tensor_bytes: int, n_weights: int) -> float:
+    """Bits per weight, the one definition every report uses (the model card, ``inspect``, the
+    run's summary, the stats table): 8 × the bytes of the tensors' data / the weights (elements)
+    in them, as llama.cpp's model loader reports a model's BPW. A file's header, metadata (the
+    tokenizer alone can be megabytes) and alignment padding are not counted."""
+    return 8.0 * tensor_bytes / n_weights if n_weights else 0.0
+
+
 # Asked-for names that are not llama.cpp storage types, with what to say instead.
 NOT_STORAGE_TYPES = {
     "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from so8t_core.constants import Keys
+from so8t_core.constants import Keys, bits_per_weight
 from so8t_core.gguf_file import read_gguf
 
 ARRAY_PREVIEW = 8
@@ -34,7 +34,7 @@ def inspect_gguf(path: str) -> dict[str, Any]:
         "tensors": tensors,
         "n_tensors": len(tensors),
         "n_elements": n_elem,
-        "bits_per_weight": 8.0 * n_bytes / n_elem if n_elem else 0.0,
+        "bits_per_weight": bits_per_weight(n_bytes, n_elem),
         "so8t": {
             "gated_layers": so8t.get(Keys.BAKED_LAYERS, []),
             "rotation": so8t.get(Keys.ROTATION),
