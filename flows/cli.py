@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from flows.params import add_cli_options
 from so8t_core import __version__
-from so8t_core.errors import So8tError
+from so8t_core.errors import So8tError, UnsupportedError
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -78,14 +78,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import model_gguf
     from so8t_core.validate.inspection import inspect_gguf, render_inspection
 
-    report = inspect_gguf(args.gguf)
+    report = inspect_gguf(model_gguf(args.gguf, args.quant))
     _print_json(report) if args.json else print(render_inspection(report))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import local_gguf, model_gguf
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.storage import default_cache_dir
     from so8t_core.validate.checks import render_validation, validate_file
@@ -97,8 +99,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not (args.lora and args.lora_reference):
             raise So8tError("--lora", "needs both the adapter GGUF (--lora) and the PEFT adapter it was made from "
                                       "(--lora-reference)", "pass both, or neither")
-        lora = (args.lora, load_adapter(args.lora_reference))
-    report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
+        lora = (local_gguf(args.lora), load_adapter(args.lora_reference))
+    gguf = model_gguf(args.gguf, args.quant)
+    report = validate_file(gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
     _print_json(report) if args.json else print(render_validation(report, args.gguf, args.lora))
     return 0 if report["passed"] else 1
 
@@ -132,17 +135,23 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from so8t_core.llama_runtime import LlamaCppModel
-    from so8t_core.publish.release import model_gguf
+    from so8t_core.publish.retrieve import model_gguf
 
+    if args.max_tokens < 1:
+        raise UnsupportedError(f"--max-tokens {args.max_tokens}", "must be at least 1", "e.g. --max-tokens 48")
     with LlamaCppModel(model_gguf(args.gguf, args.quant), n_ctx=1024) as model:
-        print(model.generate_chat(args.message, max_tokens=args.max_tokens))
+        reply, cut = model.chat_reply(args.message, max_tokens=args.max_tokens)
+    print(reply + (" […]" if cut else ""))
+    if cut:
+        print(f"so8t-gguf: the reply was cut at {args.max_tokens} tokens (--max-tokens)", file=sys.stderr)
     return 0
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import local_gguf, model_gguf
     from so8t_core.validate.heads import render_heads, run_heads
 
-    result = run_heads(args.gguf, args.sidecar, args.text)
+    result = run_heads(model_gguf(args.gguf, args.quant), local_gguf(args.sidecar), args.text)
     _print_json(result) if args.json else print(render_heads(result))
     return 0
 
@@ -168,6 +177,11 @@ def cmd_fixture(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("a .gguf file, a release folder, or a model folder with latest.json (then --quant picks the "
+              "release): a path, file:// or s3://")
+QUANT_HELP = "with a model folder: which quant's latest release (any case; Q4_K means Q4_K_M, as in llama-quantize)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="so8t-gguf", description="Convert SO8T checkpoints into validated GGUF files.")
     p.add_argument("--version", action="version", version=f"so8t-gguf {__version__}")
@@ -188,12 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata, tensors and SO8T provenance")
-    i.add_argument("gguf")
+    i.add_argument("gguf", metavar="MODEL", help=MODEL_HELP + "; or a heads sidecar")
+    i.add_argument("--quant", help=QUANT_HELP)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser("validate", help="validate a GGUF against its source checkpoint in llama.cpp")
-    v.add_argument("gguf")
+    v.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
+    v.add_argument("--quant", help=QUANT_HELP)
     v.add_argument("--reference", required=True, metavar="SOURCE", help="the checkpoint it was converted from")
     v.add_argument("--lora", metavar="ADAPTER.gguf", help="run the model with this LoRA adapter GGUF (from lora-gguf)")
     v.add_argument("--lora-reference", metavar="ADAPTER_URI",
@@ -218,16 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_onnx)
 
     ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
-    ch.add_argument("gguf", metavar="MODEL", help="a .gguf file, a release folder, or a model folder with "
-                    "latest.json (then --quant picks the release)")
+    ch.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
     ch.add_argument("message")
-    ch.add_argument("--quant", help="with a model folder: which quant's latest release")
-    ch.add_argument("--max-tokens", type=int, default=48)
+    ch.add_argument("--quant", help=QUANT_HELP)
+    ch.add_argument("--max-tokens", type=int, default=48, help="stop after this many tokens (a cut reply ends "
+                    "with […])")
     ch.set_defaults(func=cmd_chat)
 
     hd = sub.add_parser("heads", help="run the triality heads on a text (llama.cpp computes the hidden state)")
-    hd.add_argument("gguf", help="the model GGUF")
-    hd.add_argument("sidecar", help="its <name>.so8t-heads.gguf")
+    hd.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
+    hd.add_argument("sidecar", help="its <name>.so8t-heads.gguf: a path, file:// or s3://")
+    hd.add_argument("--quant", help=QUANT_HELP)
     hd.add_argument("text")
     hd.add_argument("--json", action="store_true")
     hd.set_defaults(func=cmd_heads)

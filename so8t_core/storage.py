@@ -335,6 +335,14 @@ def upload_file(local: str, uri: str) -> None:
         fs.put_file(local, path)
 
 
+def download_file(uri: str, local: str) -> None:
+    """Copy the file at ``uri`` to the local path ``local`` (not atomically: download to a
+    temporary name and rename)."""
+    fs, path = resolve(uri)
+    with _file_errors(redact_uri(uri)):
+        fs.get_file(path, local)
+
+
 def remove(uri: str) -> None:
     fs, path = resolve(uri)
     try:

@@ -68,3 +68,32 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(make_fixture):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_a_missing_model_does_not_exist(tmp_path, s3_endpoint):
+    for missing in (str(tmp_path / "nothing.gguf"), str(tmp_path / "no-folder"), "s3://no-such-bucket-here/m.gguf"):
+        assert_one_line_error(run("inspect", missing), f"{missing}: does not exist")
+        assert_one_line_error(run("chat", missing, "hi"), f"{missing}: does not exist")
+        assert_one_line_error(run("heads", missing, missing, "hi"), f"{missing}: does not exist")
+
+
+def test_a_quant_not_published_names_the_published_ones(tmp_path):
+    model = tmp_path / "fx"
+    model.mkdir()
+    (model / "latest.json").write_text(json.dumps({"model": "fx", "quants": {"F32": {
+        "source_fingerprint": "a" * 64, "release": "aaaaaaaaaaaaaaaa/F32/", "gguf": "fx-F32.gguf"}}}))
+    proc = run("inspect", str(model), "--quant", "q4_k_m")
+    assert_one_line_error(proc, "no release of Q4_K_M (published: F32)", "choose one of F32")
+    assert "pass --quant" not in proc.stderr
+    assert_one_line_error(run("chat", str(model), "hi"), "which quant? (published: F32)", "pass --quant F32")
+
+
+def test_validate_against_another_checkpoint_says_so(make_fixture, tmp_path):
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.source.checkpoint import Checkpoint
+
+    gguf = str(tmp_path / "fx-F32.gguf")
+    fp = convert_sequential(Checkpoint.open(make_fixture()), "F32", gguf, str(tmp_path / "w")).source.fingerprint
+    other = make_fixture(layers=3, hidden=128, heads=8, seed=5)  # other shapes: compared, they would not fit
+    assert_one_line_error(run("validate", gguf, "--reference", other), f"converted from checkpoint {fp[:16]}…",
+                          f"not from {other}", "pass the checkpoint it was converted from as --reference")
