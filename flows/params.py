@@ -19,7 +19,7 @@ from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_type
+from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
 from so8t_core.errors import UnsupportedError
 from so8t_core.quantize.engines import ENGINES
 
@@ -67,6 +67,15 @@ def upper_names(value: Any) -> Any:
         return value.upper()
     if isinstance(value, list):
         return [v.upper() if isinstance(v, str) else v for v in value]
+    return value
+
+
+def quant_names(value: Any) -> Any:
+    """Quant mixes: any case, and llama-quantize's aliases (Q4_K = Q4_K_M), wherever they are given."""
+    if isinstance(value, str):
+        return quant_name(value)
+    if isinstance(value, list):
+        return [quant_name(v) if isinstance(v, str) else v for v in value]
     return value
 
 
@@ -132,7 +141,12 @@ class ConvertParams(BaseModel):
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
                     "and the work folder at the same paths (docs/scaling.md).")
 
-    @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
+    @field_validator("quants", mode="before")
+    @classmethod
+    def _quant_names(cls, value: Any) -> Any:
+        return quant_names(value)
+
+    @field_validator("output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return upper_names(value)

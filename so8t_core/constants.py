@@ -133,8 +133,18 @@ SUPPORTED_TENSOR_TYPES = (
 )
 
 
+# llama-quantize's own shorthands for three mixes (its QUANT_OPTIONS list them as aliases).
+QUANT_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
+
+
+def quant_name(name: str) -> str:
+    """A quant mix's canonical name: any case, llama-quantize's aliases resolved (q4_k → Q4_K_M)."""
+    key = name.strip().upper()
+    return QUANT_ALIASES.get(key, key)
+
+
 def quant_type(name: str) -> QuantType:
-    key = name.upper()
+    key = quant_name(name)
     if key in QUANT_TYPES:
         return QUANT_TYPES[key]
     if key in NOT_STORAGE_TYPES:

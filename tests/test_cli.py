@@ -85,6 +85,7 @@ def test_a_quant_not_published_names_the_published_ones(tmp_path):
     proc = run("inspect", str(model), "--quant", "q4_k_m")
     assert_one_line_error(proc, "no release of Q4_K_M (published: F32)", "choose one of F32")
     assert "pass --quant" not in proc.stderr
+    assert_one_line_error(run("chat", str(model), "hi", "--quant", "q4_k"), "no release of Q4_K_M")  # the alias
     assert_one_line_error(run("chat", str(model), "hi"), "which quant? (published: F32)", "pass --quant F32")
 
 
