@@ -157,13 +157,16 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
+    from so8t_core.storage import new_folder
     from so8t_core.testing.demo import build_demo_checkpoint
 
+    new_folder(args.dest, args.force)
     print(build_demo_checkpoint(args.dest))
     return 0
 
 
 def cmd_fixture(args: argparse.Namespace) -> int:
+    from so8t_core.storage import new_folder
     from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
     gated = tuple(int(x) for x in args.gated_layers.split(",")) if args.gated_layers else None
@@ -173,6 +176,7 @@ def cmd_fixture(args: argparse.Namespace) -> int:
                        so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
                        position=args.position, gated_layers=gated, attention_bias=args.attention_bias,
                        longrope=args.longrope, tokenizer=args.tokenizer)
+    new_folder(args.dest, args.force)
     print(build_fixture(args.dest, spec))
     return 0
 
@@ -249,12 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--json", action="store_true")
     hd.set_defaults(func=cmd_heads)
 
+    force_help = "write into DEST even if it is not empty: what is in it is removed first"
     d = sub.add_parser("demo-checkpoint", help="write the embedded demo SO8T checkpoint")
-    d.add_argument("dest")
+    d.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
+    d.add_argument("--force", action="store_true", help=force_help)
     d.set_defaults(func=cmd_demo_checkpoint)
 
     f = sub.add_parser("fixture", help="write a tiny random SO8T checkpoint (for tests)")
-    f.add_argument("dest")
+    f.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
+    f.add_argument("--force", action="store_true", help=force_help)
     f.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "phi3"])
     f.add_argument("--layers", type=int, default=2)
     f.add_argument("--hidden", type=int, default=64)

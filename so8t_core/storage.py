@@ -374,6 +374,26 @@ def move(src: str, dst: str) -> None:
         fs.mv(src_path, dst_path)
 
 
+def new_folder(uri: str, force: bool = False) -> None:
+    """Make ready a folder a command fills from scratch (a checkpoint it writes): one that exists
+    must be empty, so that a typo cannot mix new files into another model's folder, unless
+    ``force``, which empties it first; a file where the folder must be, or a location that
+    cannot be written, is a one-line error."""
+    check_writable(uri)
+    if is_local(uri) and not os.path.isdir(local_path(uri)):
+        return
+    names = [n for n in list_names(uri) if not n.startswith(".so8t-probe-")]
+    if not names:
+        return
+    if not force:
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        raise UnsupportedError(local_path(uri) if is_local(uri) else redact_uri(uri),
+                               f"is not empty ({len(names)} entr{'y' if len(names) == 1 else 'ies'}: {shown})",
+                               "choose a new folder, or pass --force to replace what is in it")
+    for name in names:
+        remove_tree(join(uri, name))
+
+
 def default_cache_dir() -> str:
     """Where so8t-gguf caches what it can compute again (work files, converted shards, demo)."""
     return os.environ.get("SO8T_GGUF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "so8t-gguf"))

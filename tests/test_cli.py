@@ -98,3 +98,24 @@ def test_validate_against_another_checkpoint_says_so(make_fixture, tmp_path):
     other = make_fixture(layers=3, hidden=128, heads=8, seed=5)  # other shapes: compared, they would not fit
     assert_one_line_error(run("validate", gguf, "--reference", other), f"converted from checkpoint {fp[:16]}…",
                           f"not from {other}", "pass the checkpoint it was converted from as --reference")
+
+
+def test_fixture_and_demo_checkpoint_write_only_into_new_or_empty_folders(tmp_path):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "notes.txt").write_text("mine")
+    for command in ("fixture", "demo-checkpoint"):
+        assert_one_line_error(run(command, str(model)), f"{model}: is not empty (2 entries: config.json, notes.txt)",
+                              "pass --force")
+        assert sorted(p.name for p in model.iterdir()) == ["config.json", "notes.txt"]  # untouched
+        (tmp_path / "a-file").write_text("x")
+        assert_one_line_error(run(command, str(tmp_path / "a-file")), "a-file: is a file, not a folder")
+        assert_one_line_error(run(command, str(tmp_path / "a-file" / "m")), "a-file: is a file, not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("fixture", str(empty)).returncode == 0
+    forced = run("fixture", str(model), "--force", "--layers", "1")
+    assert forced.returncode == 0, forced.stderr
+    assert "notes.txt" not in {p.name for p in model.iterdir()}  # replaced, not mixed
+    assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 1
