@@ -119,3 +119,31 @@ def test_fixture_and_demo_checkpoint_write_only_into_new_or_empty_folders(tmp_pa
     assert forced.returncode == 0, forced.stderr
     assert "notes.txt" not in {p.name for p in model.iterdir()}  # replaced, not mixed
     assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_inspect_names_the_file_type_sums_up_the_types_and_reads_a_sidecar(make_fixture, tmp_path):
+    from so8t_core.analysis import checkpoint_model
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.assemble.sidecar import assemble_heads_sidecar
+    from so8t_core.source.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(make_fixture())
+    gguf = str(tmp_path / "fx-Q8_0.gguf")
+    fp = convert_sequential(ckpt, "Q8_0", gguf, str(tmp_path / "w")).source.fingerprint
+    shown = run("inspect", gguf)
+    assert shown.returncode == 0, shown.stderr
+    assert "file type MOSTLY_Q8_0 (the Q8_0 mix)" in shown.stdout.splitlines()[0]
+    assert "  general.file_type = 7 (MOSTLY_Q8_0)" in shown.stdout
+    # One row per type: the 2-D weights in Q8_0 at 8.5 bits, the norms in F32.
+    rows = [line.split() for line in shown.stdout.splitlines() if line.startswith(("Q8_0 ", "F32 "))][:2]
+    assert rows == [["Q8_0", "16", "122,880", "130,560", "8.50"], ["F32", "5", "320", "1,280", "32.00"]]
+    template = next(line for line in shown.stdout.splitlines() if line.startswith("  tokenizer.chat_template = "))
+    assert "\\n" in template  # the template's line breaks, escaped: one line per key
+    report = json.loads(run("inspect", gguf, "--json").stdout)
+    assert report["file_type"] == {"value": 7, "name": "MOSTLY_Q8_0", "mix": "Q8_0"}
+    assert {r["type"]: r["tensors"] for r in report["tensor_types"]} == {"Q8_0": 16, "F32": 5}
+    sidecar = str(tmp_path / "fx.so8t-heads.gguf")
+    assemble_heads_sidecar(sidecar, ckpt, checkpoint_model(ckpt)[1], "fx", fp)
+    heads = run("inspect", sidecar)
+    assert heads.returncode == 0 and "None" not in heads.stdout, heads.stdout
+    assert "triality heads     ['safety', 'authority']" in heads.stdout and f"source fingerprint {fp}" in heads.stdout
