@@ -47,7 +47,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_inputs(params)  # bad input fails here in a second, before Prefect starts
     check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
     if params.source:
-        preflight(params.source, params.lora, params.allow_tokenizer_mismatch)
+        preflight(params.source, params.lora, params.allow_tokenizer_mismatch, max_memory_gb=params.max_memory_gb)
     from flows import console
     from flows.runners import convert_with
 

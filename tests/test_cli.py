@@ -147,3 +147,11 @@ def test_inspect_names_the_file_type_sums_up_the_types_and_reads_a_sidecar(make_
     heads = run("inspect", sidecar)
     assert heads.returncode == 0 and "None" not in heads.stdout, heads.stdout
     assert "triality heads     ['safety', 'authority']" in heads.stdout and f"source fingerprint {fp}" in heads.stdout
+
+
+def test_a_memory_cap_below_the_floor_is_refused_before_any_work(make_fixture, tmp_path):
+    work = tmp_path / "w"
+    proc = run("convert", make_fixture(), "--max-memory", "1", "--output", str(tmp_path / "o"), "--work-dir", str(work))
+    assert_one_line_error(proc, "--max-memory 1: too small: a conversion needs at least 1.1 GB",
+                          "1.0 GB for the process", "allow at least --max-memory 1.1")
+    assert not work.exists()
