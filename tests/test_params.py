@@ -124,6 +124,21 @@ def test_llama_quantizes_aliases_name_their_mixes_on_the_cli_the_form_and_in_a_c
     assert model.quants == ("Q4_K_M", "Q8_0")
 
 
+def test_a_source_after_quant_is_taken_for_a_mix_and_the_hint_says_so(tmp_path, monkeypatch):
+    def refused(argv):
+        with pytest.raises(So8tError) as err:
+            from_cli(convert_parser().parse_args(argv))
+        return err.value.one_line()
+
+    line = refused(["--quant", "Q8_0", "q4_k", "models/my-so8t"])
+    assert line.startswith("--quant models/my-so8t: not a quant mix; --quant takes every word after it")
+    assert "(hint: put SOURCE before --quant: so8t-gguf convert models/my-so8t --quant Q8_0 q4_k)" in line
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()  # a bare folder name, there in the working folder
+    assert "so8t-gguf convert ckpt --quant Q8_0)" in refused(["--quant", "ckpt"])
+    assert "unknown or not yet supported quant type" in refused(["--quant", "Q9"])  # a typo is a typo
+
+
 def test_json_and_quiet_exclude_each_other(capsys):
     from flows.cli import build_parser
 
