@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, Sequence
@@ -28,6 +29,19 @@ def _quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # --runner dask: the cluster's own logs
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Libraries' own notices stay off the console unless -v: transformers' advice on configs
+    (e.g. on rope parameters, read when validating) and the S3 client's INFO lines ("Found
+    credentials in ..."). Their errors still reach the user, as our one line."""
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG): raise that
+
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _print_json(obj: Any) -> None:
@@ -288,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except So8tError as exc:

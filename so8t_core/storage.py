@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
-for _wire_logger in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
+WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs")
+for _wire_logger in WIRE_LOGGERS:
     logging.getLogger(_wire_logger).setLevel(logging.INFO)
 
 CHUNK = 8 << 20

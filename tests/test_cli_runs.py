@@ -92,3 +92,26 @@ def test_allow_tokenizer_mismatch_publishes_and_says_so(make_fixture, tmp_path):
     assert manifest["tokenizer_mismatch"]["parity"]["ok"] is False
     assert manifest["validation"]["passed"] and manifest["validation"]["tokenizer"]["allowed"]
     assert "llama.cpp does not reproduce the Hugging Face tokenizer" in (rel / "README.md").read_text()
+
+
+def test_library_notices_stay_off_the_console_unless_verbose(make_fixture, tmp_path, s3_endpoint):
+    import uuid
+
+    import boto3
+
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.source.checkpoint import Checkpoint
+
+    bucket = f"pub-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    common = ["--output", f"s3://{bucket}/m", "--quant", "F32", "--no-validate", "--work-dir", str(tmp_path / "w")]
+    quiet = run("convert", make_fixture(), *common)
+    assert quiet.returncode == 0 and "Found credentials" not in quiet.stderr, quiet.stderr
+    verbose = run("convert", make_fixture(), *common, "-v")  # the S3 client does say it: shown when asked
+    assert verbose.returncode == 0 and "Found credentials" in verbose.stderr
+    # transformers advises on LongRoPE configs when validation builds the reference: not a user's concern.
+    src = make_fixture(arch="phi3", longrope=True)
+    gguf = str(tmp_path / "phi3-F32.gguf")
+    convert_sequential(Checkpoint.open(src), "F32", gguf, str(tmp_path / "w"))
+    validated = run("validate", gguf, "--reference", src)
+    assert validated.returncode == 0 and validated.stderr == "", validated.stderr
