@@ -101,6 +101,12 @@ def exists(uri: str) -> bool:
         return fs.exists(path)
 
 
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    with _access_errors(uri):
+        return fs.isfile(path)
+
+
 def size(uri: str) -> int:
     fs, path = resolve(uri)
     try:

@@ -75,6 +75,10 @@ def test_a_missing_model_does_not_exist(tmp_path, s3_endpoint):
         assert_one_line_error(run("inspect", missing), f"{missing}: does not exist")
         assert_one_line_error(run("chat", missing, "hi"), f"{missing}: does not exist")
         assert_one_line_error(run("heads", missing, missing, "hi"), f"{missing}: does not exist")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # the model is there, the sidecar is not
+    sidecar = str(tmp_path / "m.so8t-heads.gguf")
+    assert_one_line_error(run("heads", str(gguf), sidecar, "hi"), f"{sidecar}: does not exist")
 
 
 def test_a_quant_not_published_names_the_published_ones(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 
 from so8t_core import storage
 from so8t_core.constants import MANIFEST_NAME, quant_type
@@ -30,12 +29,11 @@ def model_gguf(uri: str, quant: str | None = None) -> str:
     (its model file; the first of a split set), or a model folder with latest.json (the latest
     release of ``quant``, any case). Remote files are downloaded into the cache, verified."""
     where = storage.redact_uri(uri)
-    fs, path = storage.resolve(uri)
-    if not fs.exists(path):
+    if not storage.exists(uri):
         raise StorageError(where, "does not exist", "check the path")
-    if fs.isfile(path):
+    if storage.is_file(uri):
         return local_gguf(uri)
-    if fs.exists(posixpath.join(path, LATEST_NAME)):
+    if storage.exists(storage.join(uri, LATEST_NAME)):
         uri = _latest(uri, quant)
     manifest = read_manifest(uri)
     if manifest is None:
@@ -51,13 +49,12 @@ def model_gguf(uri: str, quant: str | None = None) -> str:
 def local_gguf(uri: str) -> str:
     """A GGUF file (any URL) as a local path; a remote one (with the rest of its split set) is
     downloaded into the cache, verified against its release's manifest when it is in one."""
+    where = storage.redact_uri(uri)
+    if not storage.is_file(uri):
+        raise StorageError(where, "does not exist" if not storage.exists(uri) else "is a folder, not a GGUF file",
+                           "check the path")
     if storage.is_local(uri):
         return storage.local_path(uri)
-    where = storage.redact_uri(uri)
-    fs, path = storage.resolve(uri)
-    if not fs.isfile(path):
-        raise StorageError(where, "does not exist" if not fs.exists(path) else "is a folder, not a GGUF file",
-                           "check the path")
     folder, name = uri.rstrip("/").rsplit("/", 1)
     names = [os.path.basename(p) for p in split_paths(name)]  # the whole set, when this is a shard
     manifest = read_manifest(folder)
