@@ -343,8 +343,8 @@ def upload_file(local: str, uri: str) -> None:
 
 
 def download_file(uri: str, local: str) -> None:
-    """Copy the file at ``uri`` to the local path ``local`` (not atomically: download to a
-    temporary name and rename)."""
+    """Copy the file at ``uri`` to the local path ``local``, as it comes: callers download to a
+    temporary name and rename it into place once they have checked it."""
     fs, path = resolve(uri)
     with _file_errors(redact_uri(uri)):
         fs.get_file(path, local)
