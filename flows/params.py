@@ -13,13 +13,14 @@ the plain ``--field-name`` will not do. ``tests/test_params.py`` checks the thre
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_type
+from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
 from so8t_core.errors import UnsupportedError
 from so8t_core.quantize.engines import ENGINES
 
@@ -67,6 +68,15 @@ def upper_names(value: Any) -> Any:
         return value.upper()
     if isinstance(value, list):
         return [v.upper() if isinstance(v, str) else v for v in value]
+    return value
+
+
+def quant_names(value: Any) -> Any:
+    """Quant mixes: any case, and llama-quantize's aliases (Q4_K = Q4_K_M), wherever they are given."""
+    if isinstance(value, str):
+        return quant_name(value)
+    if isinstance(value, list):
+        return [quant_name(v) if isinstance(v, str) else v for v in value]
     return value
 
 
@@ -132,7 +142,12 @@ class ConvertParams(BaseModel):
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
                     "and the work folder at the same paths (docs/scaling.md).")
 
-    @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
+    @field_validator("quants", mode="before")
+    @classmethod
+    def _quant_names(cls, value: Any) -> Any:
+        return quant_names(value)
+
+    @field_validator("output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return upper_names(value)
@@ -235,11 +250,21 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(spelling.flag, **kwargs)
 
 
+def _looks_like_a_path(word: str) -> bool:
+    return "/" in word or "\\" in word or word.startswith((".", "~")) or os.path.exists(word)
+
+
 def from_cli(args: argparse.Namespace) -> ConvertParams:
     """The ConvertParams of a parsed command line; a value the fields refuse is a one-line error
     naming the option."""
     given = {f: getattr(args, f) for f in ConvertParams.model_fields if getattr(args, f, None) is not None}
-    for q in given.get("quants", []):
+    quants = given.get("quants", [])
+    for q in quants:
+        if "source" not in given and q == quants[-1] and quant_name(q) not in QUANT_TYPES and _looks_like_a_path(q):
+            # `convert --quant Q8_0 path/to/model`: --quant took the source as one more mix.
+            raise UnsupportedError(f"--quant {q}", "not a quant mix; --quant takes every word after it, so SOURCE "
+                                   "was read as one", f"put SOURCE before --quant: so8t-gguf convert {q} --quant "
+                                   + (" ".join(quants[:-1]) or "Q8_0"))
         quant_type(q)  # the library's messages say more than the enum's ("Q8_K is not a file type ...")
     for field in ("output_tensor_type", "token_embedding_type"):
         if given.get(field):

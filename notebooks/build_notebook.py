@@ -166,10 +166,10 @@ def so8t_gguf(*args):
 
 if MODEL == "demo":
     SOURCE = "checkpoints/smollm2-135m-so8t-demo"
-    so8t_gguf("demo-checkpoint", SOURCE)
+    so8t_gguf("demo-checkpoint", SOURCE, "--force")  # --force: running the cell again rewrites it
 elif MODEL == "tiny":
     SOURCE = "checkpoints/tiny-so8t"
-    so8t_gguf("fixture", SOURCE)
+    so8t_gguf("fixture", SOURCE, "--force")
 else:
     SOURCE = MODEL
 NAME = SOURCE.rstrip("/").rsplit("/", 1)[-1]  # the releases' and files' base name

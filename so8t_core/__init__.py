@@ -47,7 +47,7 @@ _PUBLIC = {
     "validate_file": "validate.checks", "LlamaCppModel": "llama_runtime", "run_heads": "validate.heads",
     "inspect_gguf": "validate.inspection",
     # publish, export
-    "publish_release": "publish.release", "model_gguf": "publish.release", "export_onnx": "export.onnx",
+    "publish_release": "publish.release", "model_gguf": "publish.retrieve", "export_onnx": "export.onnx",
     # try it
     "build_demo_checkpoint": "testing.demo", "FixtureSpec": "testing.fixtures", "build_fixture": "testing.fixtures",
 }

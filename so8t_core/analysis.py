@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from so8t_core.plan import TensorPlan, build_plan
+from so8t_core.plan import TensorPlan, build_plan, check_memory_cap
 from so8t_core.source.architectures import EMBEDDING, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, model_spec
 from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
 from so8t_core.source.rotation import checked_rotation, gate_rotation
@@ -31,16 +31,19 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
 
 
 def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool = False,
-              tokenizer: bool = True) -> None:
+              tokenizer: bool = True, max_memory_gb: float | None = None) -> None:
     """Everything checkable without reading the weights: files, headers, config, plan, gates,
-    that a LoRA adapter's pairs fit the model's weights, and that llama.cpp reproduces the
-    tokenizer (unless ``allow_tokenizer_mismatch``; not at all without ``tokenizer``: the ONNX
-    export has no tokenizer).
+    that a LoRA adapter's pairs fit the model's weights, that a memory cap leaves room for the
+    process and its largest tensor, and that llama.cpp reproduces the tokenizer (unless
+    ``allow_tokenizer_mismatch``; not at all without ``tokenizer``: the ONNX export has no
+    tokenizer).
 
     Catches most bad input in a second or two, before a pipeline run starts.
     """
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
     _, structure, plan = checkpoint_model(ckpt)
+    if max_memory_gb is not None:
+        check_memory_cap(max_memory_gb, plan)
     if lora:
         from so8t_core.source.lora import load_adapter
 
@@ -68,6 +71,8 @@ def require_tokenizer_parity(ckpt: Checkpoint, allow_mismatch: bool = False) -> 
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:
+    """The structure report: facts about the checkpoint's content only (it is published with each
+    release, whose bytes must not depend on where the checkpoint lay), so not its location."""
     spec, structure, plan = checkpoint_model(ckpt)
     by_source = {p.source: p for p in plan}
     gate_names = {g.tensor for g in structure.gates}
@@ -103,7 +108,6 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
 
     cfg = structure.config
     return {
-        "source": ckpt.uri,
         "weight_format": ckpt.weight_format,
         "shards": len(ckpt.shards),
         "architecture": spec.hf_architecture,
@@ -149,10 +153,11 @@ def render_tokenizer(t: dict[str, Any]) -> str:
             f"tried {', '.join(t['tried'])}")
 
 
-def render_text(a: dict[str, Any]) -> str:
+def render_text(a: dict[str, Any], source: str) -> str:
+    """The report as ``so8t-gguf analyze`` prints it; ``source``: the checkpoint as the user named it."""
     hp = a["hyperparameters"]
     lines = [
-        f"source        {a['source']} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
+        f"source        {source} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
         f"architecture  {a['architecture']} -> GGUF '{a['gguf_architecture']}'",
         f"variant       {a['variant']}",
         f"shape         {hp['layers']} layers, hidden {hp['hidden_size']}, heads {hp['heads']}/{hp['kv_heads']} "

@@ -495,7 +495,12 @@ class LlamaCppModel:
     # -- chat -----------------------------------------------------------------------
 
     def generate_chat(self, user_message: str, max_tokens: int = 48) -> str:
-        """Greedy reply to one user message, formatted with the GGUF's chat template.
+        """:meth:`chat_reply`'s text."""
+        return self.chat_reply(user_message, max_tokens)[0]
+
+    def chat_reply(self, user_message: str, max_tokens: int = 48) -> tuple[str, bool]:
+        """(text, cut): the greedy reply to one user message, formatted with the GGUF's chat
+        template, and whether it was cut at ``max_tokens`` rather than ended by the model.
 
         The prompt is the GGUF's ``tokenizer.chat_template`` rendered by
         llama-cpp-python's Jinja2 chat formatter (``add_generation_prompt=True``);
@@ -528,8 +533,8 @@ class LlamaCppModel:
                     "the GGUF loads but cannot run; check its tensor shapes and types") from None
             finally:
                 self._reset(llm)
-        content = response["choices"][0]["message"]["content"]  # type: ignore[index]
-        return content or ""
+        choice = response["choices"][0]  # type: ignore[index]
+        return choice["message"]["content"] or "", choice.get("finish_reason") == "length"
 
 
 if __name__ == "__main__":  # the child process of tokenize_variants

@@ -12,6 +12,7 @@ import math
 from pydantic import BaseModel, ConfigDict
 
 from so8t_core import storage
+from so8t_core.constants import bits_per_weight
 
 
 class FileRef(BaseModel):
@@ -68,4 +69,4 @@ class StagedTensor(BaseModel):
 
     @property
     def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.n_elements
+        return bits_per_weight(self.nbytes, self.n_elements)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from so8t_core.constants import BPW_PLOT, ERRORS_PLOT
+from so8t_core.constants import BPW_PLOT, ERRORS_PLOT, bits_per_weight
 from so8t_core.gguf_file import read_gguf
 from so8t_core.publish import release
 from so8t_core.publish.model_card import gguf_card_facts, render_model_card
@@ -31,13 +31,17 @@ def write_plots(name: str, quant: str, staged: list[StagedTensor], folder: str) 
 
 
 @task(name="write-model-card")
-def write_model_card(path: str, name: str, analysis: dict, files: dict[str, FileRef], n_params: dict[str, int],
+def write_model_card(path: str, name: str, analysis: dict, files: dict[str, FileRef], model_files: list[str],
                      validations: dict[str, dict], max_bake_error: float, fingerprint: str, converter: str,
                      model_gguf: FileRef | None = None, plots: list[tuple[str, str]] | None = None) -> FileRef:
-    """``model_gguf``: the written model file (its first, for a split set), whose metadata gives
-    the card's license, base model, chat template and stop tokens."""
-    rows = [{"name": n, "size": f.size, "sha256": f.sha256,
-             "bits_per_weight": 8.0 * f.size / n_params[n] if n in n_params else None}
+    """``model_files``: the names of the model GGUF(s) among ``files``, whose bits per weight the
+    card shows; ``model_gguf``: the written model file (its first, for a split set), whose
+    metadata gives the card's license, base model, chat template and stop tokens."""
+    def bpw(uri: str) -> float:
+        tensors = read_gguf(uri).tensors
+        return bits_per_weight(sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors))
+
+    rows = [{"name": n, "size": f.size, "sha256": f.sha256, "bits_per_weight": bpw(f.uri) if n in model_files else None}
             for n, f in sorted(files.items())]
     facts = gguf_card_facts(read_gguf(model_gguf.uri).metadata) if model_gguf else {}
     text = render_model_card(name, analysis, rows, validations, max_bake_error, fingerprint, converter, facts,

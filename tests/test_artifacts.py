@@ -33,6 +33,14 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
     assert result["fingerprint"] in text and "| Q8_0 | 21 |" in text and "passed" in text and "same ids" in text
     assert f"{result['validation']['Q8_0']['llama_cpp']['mean_kld']:.3g}" in text
     assert result["releases"]["Q8_0"]["uri"] in text
+    # Bits per weight: one definition (tensor data / weights) in the summary, the model card and inspect.
+    from so8t_core.validate.inspection import inspect_gguf
+
+    files = result["releases"]["Q8_0"]["files"]
+    card = open(files["README.md"]["uri"]).read()
+    in_summary = next(line for line in text.splitlines() if line.startswith("| Q8_0 |")).split(" | ")[3]
+    in_card = next(line for line in card.splitlines() if line.startswith("| `fx-Q8_0.gguf` |")).split(" | ")[2]
+    assert in_summary == in_card == f"{inspect_gguf(files['fx-Q8_0.gguf']['uri'])['bits_per_weight']:.2f}"
     for q in ("f32", "q8-0"):
         plots = markdown.pop(f"fx-{q}-plots")
         assert plots.count("](data:image/png;base64,iVBOR") == 2  # two inline PNGs

@@ -33,10 +33,12 @@ def test_convert_inspect_and_validate_commands(make_fixture, tmp_path, capsys):
     from support.published import gguf_path
     assert "latest: " in text and str(out / "fx" / "latest.json") in text
     for target in (out / "fx", gguf_path(out, "fx", "F32").parent, gguf_path(out, "fx", "F32")):
-        assert main(["chat", str(target), "--quant", "F32", "Hello", "--max-tokens", "2"]) == 0
-    capsys.readouterr()
+        assert main(["chat", str(target), "--quant", "f32", "Hello", "--max-tokens", "2"]) == 0
+        cut = capsys.readouterr()  # two tokens: the reply is cut, and says so
+        assert cut.out.rstrip("\n").endswith(" […]") and "cut at 2 tokens (--max-tokens)" in cut.err
     assert main(["chat", str(out / "fx"), "--quant", "Q4_K_M", "Hello"]) == 2
-    assert "no release of Q4_K_M (published: F32)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no release of Q4_K_M (published: F32)" in err and "pass --quant" not in err
     out = gguf_path(out, "fx", "F32").parent
     assert main(["inspect", str(out / "fx-F32.gguf")]) == 0
     text = capsys.readouterr().out
@@ -44,8 +46,9 @@ def test_convert_inspect_and_validate_commands(make_fixture, tmp_path, capsys):
     assert main(["validate", str(out / "fx-F32.gguf"), "--reference", make_fixture(), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["tensor_errors"]["max_relative_rmse"] == 0.0
-    # The validator notices a GGUF that does not belong to the reference.
-    assert main(["validate", str(out / "fx-F32.gguf"), "--reference", make_fixture(seed=5)]) == 1
+    # A GGUF that does not belong to the reference is refused before anything is compared.
+    assert main(["validate", str(out / "fx-F32.gguf"), "--reference", make_fixture(seed=5)]) == 2
+    assert "converted from checkpoint " in capsys.readouterr().err
 
 
 def test_convert_shows_progress_unless_quiet_or_json(make_fixture, tmp_path):
@@ -89,3 +92,26 @@ def test_allow_tokenizer_mismatch_publishes_and_says_so(make_fixture, tmp_path):
     assert manifest["tokenizer_mismatch"]["parity"]["ok"] is False
     assert manifest["validation"]["passed"] and manifest["validation"]["tokenizer"]["allowed"]
     assert "llama.cpp does not reproduce the Hugging Face tokenizer" in (rel / "README.md").read_text()
+
+
+def test_library_notices_stay_off_the_console_unless_verbose(make_fixture, tmp_path, s3_endpoint):
+    import uuid
+
+    import boto3
+
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.source.checkpoint import Checkpoint
+
+    bucket = f"pub-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    common = ["--output", f"s3://{bucket}/m", "--quant", "F32", "--no-validate", "--work-dir", str(tmp_path / "w")]
+    quiet = run("convert", make_fixture(), *common)
+    assert quiet.returncode == 0 and "Found credentials" not in quiet.stderr, quiet.stderr
+    verbose = run("convert", make_fixture(), *common, "-v")  # the S3 client does say it: shown when asked
+    assert verbose.returncode == 0 and "Found credentials" in verbose.stderr
+    # transformers advises on LongRoPE configs when validation builds the reference: not a user's concern.
+    src = make_fixture(arch="phi3", longrope=True)
+    gguf = str(tmp_path / "phi3-F32.gguf")
+    convert_sequential(Checkpoint.open(src), "F32", gguf, str(tmp_path / "w"))
+    validated = run("validate", gguf, "--reference", src)
+    assert validated.returncode == 0 and validated.stderr == "", validated.stderr

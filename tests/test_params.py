@@ -113,6 +113,40 @@ def test_names_and_types_are_case_insensitive_on_the_form_too():
             ConvertParams(**bad)
 
 
+def test_llama_quantizes_aliases_name_their_mixes_on_the_cli_the_form_and_in_a_catalog():
+    from flows.catalog import parse_catalog
+
+    argv = ["--quant", "q4_k", "Q5_K", "q3_K"]
+    assert from_cli(convert_parser().parse_args(argv)).quant_names == ["Q4_K_M", "Q5_K_M", "Q3_K_M"]
+    assert ConvertParams(quants=["q4_k", "Q4_K_M"]).quant_names == ["Q4_K_M"]
+    (model,) = parse_catalog("destination: /d\nquants: [q4_k, q8_0]\nmodels:\n  - {name: a, source: /s}\n",
+                             "/c.yaml")
+    assert model.quants == ("Q4_K_M", "Q8_0")
+
+
+def test_a_source_after_quant_is_taken_for_a_mix_and_the_hint_says_so(tmp_path, monkeypatch):
+    def refused(argv):
+        with pytest.raises(So8tError) as err:
+            from_cli(convert_parser().parse_args(argv))
+        return err.value.one_line()
+
+    line = refused(["--quant", "Q8_0", "q4_k", "models/my-so8t"])
+    assert line.startswith("--quant models/my-so8t: not a quant mix; --quant takes every word after it")
+    assert "(hint: put SOURCE before --quant: so8t-gguf convert models/my-so8t --quant Q8_0 q4_k)" in line
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()  # a bare folder name, there in the working folder
+    assert "so8t-gguf convert ckpt --quant Q8_0)" in refused(["--quant", "ckpt"])
+    assert "unknown or not yet supported quant type" in refused(["--quant", "Q9"])  # a typo is a typo
+
+
+def test_json_and_quiet_exclude_each_other(capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["convert", "--json", "--quiet"])
+    assert exit.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_cli_markers_are_where_a_plain_flag_will_not_do():
     spelled = {f for f, info in ConvertParams.model_fields.items() if any(isinstance(m, Cli) for m in info.metadata)}
     plain = set(ConvertParams.model_fields) - spelled

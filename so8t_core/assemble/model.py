@@ -10,7 +10,7 @@ from typing import Sequence
 import gguf
 
 from so8t_core.analysis import checkpoint_model
-from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_folder_name, model_kvs
+from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_kvs
 from so8t_core.constants import CONVERTER, QuantType
 from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, write_gguf
 from so8t_core.quantize.staging import FORMAT_VERSION
@@ -83,7 +83,10 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
                    allow_tokenizer_mismatch: bool = False) -> tuple[str, list[GGUFKV]]:
     """(architecture, every metadata key of the model GGUF), from the checkpoint and the staged tensors.
 
-    ``extra``: keys llama-quantize adds for this file (the quantize.imatrix.* keys).
+    ``extra``: keys llama-quantize adds for this file (the quantize.imatrix.* keys). ``name``: the
+    model's name (``--name``; by default the checkpoint folder's), which gguf.Metadata mines for
+    general.name & co. where convert mines its model folder's name: the same by default, and a
+    file that does not depend on where the checkpoint lay.
     ``allow_tokenizer_mismatch``: write the tokenizer even when llama.cpp does not reproduce it.
     """
     spec, structure, _ = checkpoint_model(ckpt)
@@ -92,7 +95,7 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
         source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
     n_params = sum(s.n_elements for s in staged)
-    general = general_kvs(spec.arch, model_folder_name(ckpt.uri, name), model_card_files(ckpt), n_params)
+    general = general_kvs(spec.arch, name, model_card_files(ckpt), n_params)
     return spec.arch, model_kvs(general, spec, quant, tok, provenance, extra)
 
 

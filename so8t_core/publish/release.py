@@ -265,29 +265,6 @@ def latest_release(dest: str, model: str, quant: str) -> str | None:
     return None if entry is None else storage.join(dest, model, entry["release"].rstrip("/"))
 
 
-def model_gguf(path: str, quant: str | None = None) -> str:
-    """The model GGUF a local path names: a .gguf file itself, a release folder (its first model
-    file), or a model folder with latest.json (the latest release of ``quant``)."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, LATEST_NAME)):
-        latest = read_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))) or {}
-        quants = sorted((latest.get("quants") or {}))
-        if quant is None or quant not in quants:
-            raise StorageError(path, f"{'a quant is needed' if quant is None else f'no release of {quant}'} "
-                               f"(published: {', '.join(quants) or 'none'})", "pass --quant")
-        path = latest_release(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)),
-                              quant)
-    manifest = read_manifest(path) if os.path.isdir(path) else None
-    if manifest is None:
-        raise StorageError(path, "neither a GGUF file nor a complete release (no manifest.json)",
-                           "pass a .gguf file, a release folder or a model folder with latest.json")
-    models = sorted(n for n in manifest["files"] if n.endswith(".gguf") and not n.endswith(".so8t-heads.gguf"))
-    if not models:
-        raise StorageError(path, "the release lists no model GGUF", "check its manifest.json")
-    return os.path.join(path, models[0])  # a split model loads through its first shard
-
-
 def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]]) -> FileRef:
     """Point ``latest.json`` at the given releases (quant → entry), keeping other quants' entries.
     Under the model folder's lock: concurrent publishers of different quants lose no entry."""

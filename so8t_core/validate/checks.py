@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, Keys
 from so8t_core.errors import CheckpointError, ValidationError
-from so8t_core.gguf_file import GGUFKV, pair_tensors, read_gguf, split_paths
+from so8t_core.gguf_file import GGUFKV, GGUFContents, pair_tensors, read_gguf, split_paths
 from so8t_core.metrics import logit_agreement
 from so8t_core.plan import materialize
 from so8t_core.quantize.error_stats import tensor_error_stats
@@ -216,6 +216,10 @@ def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Se
     with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads,
                        lora_path=lora_path) as model:
         logits = model.logits(list(token_ids))
+    if logits.shape != reference_logits.shape:  # another vocabulary: not converted from this checkpoint
+        raise ValidationError(gguf_path, f"llama.cpp gives {logits.shape[-1]} logits per token, the reference "
+                                         f"{reference_logits.shape[-1]}", "pass the checkpoint it was converted from "
+                                                                          "as --reference")
     agreement = logit_agreement(reference_logits, logits)
     ok = agreement["mean_kld"] <= gate.max_mean_kld and agreement["top1_agreement"] >= gate.min_top1
     return {"ok": ok, **agreement, "bounds": {"max_mean_kld": gate.max_mean_kld, "min_top1": gate.min_top1}}
@@ -261,6 +265,7 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
         raise ValidationError(gguf_path, f"general.file_type {g.value('general.file_type')!r} is not a type this "
                                          "validator knows", f"known: {', '.join(QUANT_TYPES)}")
     gate = GATES[quant.name]
+    check_converted_from(g, ckpt)
     spec, _, plan = checkpoint_model(ckpt)
     problems: list[str] = []
     if g.value("general.architecture") != spec.arch:
@@ -288,6 +293,21 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
                      {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
                       gate.max_relative_rmse, "over_bound": []}, functional,
                      check_tokenizer_parity(gguf_path, ckpt, n_threads), adapter_check)
+
+
+def check_converted_from(g: GGUFContents, ckpt: Checkpoint) -> None:
+    """A GGUF so8t-gguf wrote records the fingerprint of the checkpoint it was converted from:
+    another checkpoint as the reference is a one-line error, before anything is compared."""
+    from so8t_core.source.fingerprint import fingerprint
+    from so8t_core.storage import default_cache_dir, redact_uri
+
+    recorded = g.value(Keys.SOURCE_FINGERPRINT)
+    if not isinstance(recorded, str) or not recorded:
+        return  # not ours: the checks themselves will tell
+    actual = fingerprint(ckpt, cache_dir=default_cache_dir()).fingerprint
+    if actual != recorded:
+        raise ValidationError(g.path, f"converted from checkpoint {recorded[:16]}…, not from {redact_uri(ckpt.uri)} "
+                                      f"({actual[:16]}…)", "pass the checkpoint it was converted from as --reference")
 
 
 def render_validation(report: Mapping[str, Any], gguf: str, lora: str | None = None) -> str:
