@@ -80,7 +80,8 @@ def _convert(args: argparse.Namespace) -> dict:
     check_inputs(params)  # bad input fails here in a second, before Prefect starts
     check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
     if params.source:
-        preflight(params.source, params.lora, params.allow_tokenizer_mismatch, max_memory_gb=params.max_memory_gb)
+        preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
+                  max_memory_gb=params.max_memory_gb or None)  # 0: no cap
     # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
     # background while the flow's modules are imported.
     api = local_api.start_unless_configured()
