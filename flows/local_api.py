@@ -94,7 +94,10 @@ class Server:
         os.replace(tmp, os.path.join(folder, "server.json"))
 
     def running(self) -> bool:
-        """Its process is alive and is the one that was started with this token."""
+        """Its process is alive and is the one that was started with this token (its command
+        line says so; without /proc, that a process with its pid is alive)."""
+        if not os.path.isdir("/proc/self"):
+            return _pid_alive(self.pid)
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 return self.token.encode() in f.read().split(b"\0")
@@ -114,6 +117,14 @@ def _locked(folder: str) -> Iterator[None]:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
