@@ -162,9 +162,10 @@ class LocalApi:
     def wait(self, timeout: float = START_TIMEOUT_S) -> str:
         """The API's URL, once ``/health`` answers; a one-line error if the server dies or never answers."""
         deadline = time.monotonic() + timeout
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
         while True:
             try:
-                with urllib.request.urlopen(self.server.url + "/health", timeout=5) as response:
+                with direct.open(self.server.url + "/health", timeout=5) as response:
                     if response.status == 200:
                         return self.server.url
             except (urllib.error.URLError, OSError):

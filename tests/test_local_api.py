@@ -124,9 +124,10 @@ def stalled(point: str, src: str, out: Path, work: Path, tmp_path: Path) -> subp
     return proc
 
 
-# Ctrl-C in a terminal signals the whole process group; `kill` signals the process.
+# Ctrl-C in a terminal signals the whole process group; `kill` signals the process. Quantize
+# stalls in a task thread, validate and publish in the main thread (as llama.cpp in a C call).
 CASES = [("quantize", signal.SIGINT, "group"), ("validate", signal.SIGTERM, "process"),
-         ("publish-upload", signal.SIGINT, "group"), ("publish-upload", signal.SIGTERM, "process")]
+         ("publish-upload", signal.SIGINT, "group")]
 
 
 @pytest.mark.parametrize("point, signum, target", CASES, ids=[f"{s.name}-{p}" for p, s, _ in CASES])
