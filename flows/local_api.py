@@ -18,8 +18,9 @@ It is a real Prefect API (Prefect's own server application, the same one the tem
 runs), so runs keep their task states, retries, caching and artifacts. With
 ``PREFECT_API_URL`` set (a Prefect server, Prefect Cloud, a test harness), none of this is used.
 
-The client side imports no Prefect and no HTTP library: choosing and starting the API costs a
-few milliseconds when it runs already. ``python -m flows.local_api serve ...`` is the server.
+Finding or starting the API (``LocalApi``) imports no Prefect (only the standard library): it
+costs a few milliseconds when the API runs already. ``python -m flows.local_api serve ...`` is
+the server.
 """
 
 from __future__ import annotations
