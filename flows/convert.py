@@ -106,7 +106,7 @@ class Run:
         inputs = check_inputs(params)
         check_writable(params.output)  # not found only at publish, after minutes of work
         source, name = params.source, params.name
-        if source is None:
+        if not source:
             source, name = demo_source(), name or DEMO_NAME
         return cls(params=params, source=source, name=name or default_name(source), quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
@@ -203,7 +203,7 @@ def quantize(run: Run, src: SourceRef, model: Model) -> dict[str, list[StagedTen
 
     slots, threads = task_slots()
     staged = quantize_plan(src, model.plan, model.types, run.staging_dir, run.engine, run.imatrix, run.lora_ref,
-                           slots, threads, run.params.max_memory_gb, tensors_done)
+                           slots, threads, run.params.max_memory_gb or None, tensors_done)
     run.say("quantized %d tensors into %s with the %s engine", len(model.plan), ", ".join(run.quants), run.engine)
     artifacts.stats_tables(run.name, staged)
     return staged
