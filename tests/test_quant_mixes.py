@@ -39,6 +39,8 @@ def test_mix_is_byte_identical_to_llama_quantize(converted, mix, tmp_path):
     if case == "qwen2-896-tied" and mix == "Q4_K_M":
         assert types["token_embd.weight"] == "Q8_0"  # tied: output rule, 896 % 256 ≠ 0 → Q8_0
         assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K falls back
+    if case == "gemma2-256" and mix == "Q4_K_M":  # no output.weight: the tied embedding takes the output rule
+        assert types["token_embd.weight"] == "Q6_K" and types["blk.0.post_ffw_norm.weight"] == "F32"
 
 
 def test_overrides_match_llama_quantize(make_fixture, tmp_path):
