@@ -99,11 +99,8 @@ class Run:
 
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
-        inputs = check_inputs(params)
-        source, name = params.source, params.name
-        if source is None:
-            source, name = demo_source(), name or DEMO_NAME
-        return cls(params=params, source=source, name=name or default_name(source), quants=inputs.quants,
+        inputs = check_inputs(params)  # the name too: Python callers bypass the CLI
+        return cls(params=params, source=params.source or demo_source(), name=inputs.name, quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
                    engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter)
 
@@ -298,10 +295,6 @@ def demo_source() -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         build_demo_checkpoint(path)
     return path
-
-
-def default_name(source: str) -> str:
-    return os.path.basename(source.rstrip("/")) or "model"
 
 
 def max_bake_error(staged: dict[str, list[StagedTensor]]) -> float:

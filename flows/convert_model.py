@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import default_name
-from flows.params import ConvertParams
+from flows.params import ConvertParams, release_name
 from flows.runners import convert_with
-from so8t_core.testing.demo import DEMO_NAME
 
 
 @flow(name="convert-model")
@@ -24,6 +22,5 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
     Args:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
-    name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
-    result = convert_with(params, flow_run_name=name)
+    result = convert_with(params, flow_run_name=release_name(params))  # a name that is no plain name fails here
     return {k: v for k, v in result.items() if k != "analysis"}

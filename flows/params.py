@@ -13,23 +13,30 @@ the plain ``--field-name`` will not do. ``tests/test_params.py`` checks the thre
 from __future__ import annotations
 
 import argparse
+import posixpath
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from so8t_core import storage
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_type
-from so8t_core.errors import UnsupportedError
+from so8t_core.errors import So8tError, UnsupportedError
 from so8t_core.quantize.engines import ENGINES
+from so8t_core.storage import NAME_PATTERN, NAME_RULE, redact_uri, refuse_credentials
 
 RUNNERS = ("threads", "dask")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A URI with credentials in it (scheme://user:secret@host/...). The form and the Prefect server
+# check the schema before a run is created, so such a value never reaches a run's stored
+# parameters; in Python the fields' validator refuses it (pydantic's own patterns cannot look ahead).
+NO_CREDENTIALS_PATTERN = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
+URI_FIELDS = ("source", "output", "work_dir", "imatrix", "lora", "dask_address")
 SIZE_PATTERN = r"^\s*[0-9]+\s*[KkMmGg]?\s*$"
 ADDRESS_PATTERN = r"^\s*[a-z]+://\S+\s*$"
 # What a value that does not match a field's pattern is told.
 PATTERN_RULES = {
-    "name": "not a plain name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
+    "name": NAME_RULE,
     "split_max_size": "not a size: a number of bytes, or with K, M or G (e.g. 2G)",
     "dask_address": "not an address: e.g. tcp://scheduler-host:8786",
 }
@@ -76,10 +83,10 @@ class ConvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Annotated[str | None, Cli(positional=True, metavar="SOURCE")] = Field(
-        None, title="Source checkpoint",
+        None, title="Source checkpoint", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Hugging Face checkpoint folder: a path, file:// or s3:// URL. Empty: the embedded demo.")
     output: Annotated[str, Cli(metavar="DEST")] = Field(
-        "./artifacts", title="Destination",
+        "./artifacts", title="Destination", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Where releases are published, as DEST/NAME/FINGERPRINT/QUANT/ (default ./artifacts).")
     quants: Annotated[list[QuantMix], Cli(flag="--quant", metavar="TYPE")] = Field(
         [QuantMix.Q8_0], min_length=1, title="Quant mixes",
@@ -98,7 +105,7 @@ class ConvertParams(BaseModel):
     max_memory_gb: Annotated[float | None, Cli(flag="--max-memory", metavar="GB")] = Field(
         None, gt=0, title="Memory cap (GB)", description="Cap peak memory by limiting how many tensors are in flight.")
     work_dir: Annotated[str | None, Cli(metavar="DIR")] = Field(
-        None, title="Work folder",
+        None, title="Work folder", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Staging folder (default ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
                     "sees at the same place (e.g. NFS).")
     split_max_size: Annotated[str | None, Cli(metavar="SIZE")] = Field(
@@ -116,15 +123,17 @@ class ConvertParams(BaseModel):
         None, title="Token embedding type", description="Type of token_embd.weight.")
     pure: bool = Field(False, title="Pure", description="No mix rules: every 2-D weight gets the mix's default type.")
     imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
-        None, title="Importance matrix", description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
+        None, title="Importance matrix", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
     lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(
-        None, title="LoRA adapter",
+        None, title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking.")
     runner: Runner = Field(Runner.threads, title="Runner",
                            description="Where the per-tensor quantize tasks run: a thread pool, or Dask (a local "
                                        "multi-process cluster, or the one at the scheduler address).")
     dask_address: Annotated[str | None, Cli(metavar="tcp://HOST:PORT")] = Field(
         None, pattern=ADDRESS_PATTERN, title="Dask scheduler",
+        json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN + ADDRESS_PATTERN[1:]},
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
                     "and the work folder at the same paths (docs/scaling.md).")
 
@@ -138,6 +147,19 @@ class ConvertParams(BaseModel):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
+
+    @field_validator(*URI_FIELDS)
+    @classmethod
+    def _no_credentials(cls, value: Any, info) -> Any:
+        """Before any run exists: a flow run's parameters, task run names and events are stored."""
+        if isinstance(value, str) and "://" in value:
+            try:
+                refuse_credentials(value)
+            except So8tError as exc:
+                spelling = cli_spelling(info.field_name)
+                raise UnsupportedError(f"{spelling.flag or spelling.metavar} {redact_uri(value)}", exc.problem,
+                                       exc.hint) from None
+        return value
 
     @property
     def quant_names(self) -> list[str]:
@@ -154,9 +176,10 @@ class ConvertParams(BaseModel):
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    """What ``check_inputs`` resolved: the quant names, llama-quantize's overrides, the engine,
-    and the importance matrix and LoRA adapter, read and checked."""
+    """What ``check_inputs`` resolved: the release name, the quant names, llama-quantize's
+    overrides, the engine, and the importance matrix and LoRA adapter, read and checked."""
 
+    name: str
     quants: list[str]
     options: Any  # so8t_core.quantize.mixes.MixOptions
     engine: str
@@ -164,10 +187,46 @@ class CheckedInputs:
     adapter: Any  # so8t_core.source.lora.LoraAdapter | None
 
 
+def default_name(source: str) -> str:
+    """A release's name when none is given: the source folder's."""
+    return posixpath.basename(source.rstrip("/").replace("\\", "/")) or "model"
+
+
+def release_name(params: ConvertParams) -> str:
+    """The name the releases are published under (``<output>/<name>/…``, ``<name>-<quant>.gguf``):
+    ``name``, else the source folder's name (the demo's without a source), held to the one name
+    rule (storage.check_name) whichever it is: it becomes folders and files."""
+    if params.name is not None:
+        return storage.check_name(params.name, "--name")
+    if params.source is None:
+        from so8t_core.testing.demo import DEMO_NAME
+
+        return DEMO_NAME
+    folder = default_name(params.source)
+    return storage.check_name(folder, "the source folder's name",
+                              "releases are named after the source folder: pass --name, e.g. --name my-model")
+
+
+def check_destination_name(output: str, name: str) -> None:
+    """Refuse a name that differs only in letter case from a model already under ``output``: on
+    case-insensitive storage (macOS, Windows, many shares) the two are one folder, and their
+    releases and latest.json would overwrite each other."""
+    try:
+        existing = storage.list_names(output)
+    except (OSError, So8tError):
+        return  # not listable (yet): publishing says what is wrong with the destination
+    clash = storage.same_but_case(existing, name)
+    if clash is not None:
+        raise UnsupportedError(f"--name {name}", f"{redact_uri(output)} already holds the model {clash}, a name that "
+                               "differs only in letter case (one folder on case-insensitive storage)",
+                               f"use --name {clash}, or another name")
+
+
 def check_inputs(params: ConvertParams) -> CheckedInputs:
-    """Refuse bad inputs before any work: quant names, overrides, engine, imatrix, adapter (the
-    CLI calls this before Prefect starts; the flow again, since Python calls it directly). An
-    importance matrix and an adapter are read and checked once here; tasks get their URI and sha256."""
+    """Refuse bad inputs before any work: the release name, quant names, overrides, engine,
+    imatrix, adapter (the CLI calls this before Prefect starts; the flow again, since Python calls
+    it directly). An importance matrix and an adapter are read and checked once here; tasks get
+    their URI and sha256. (Credentials in a URI are refused when the parameters are made.)"""
     from so8t_core.quantize.engines import resolve_engine
     from so8t_core.quantize.imatrix import load_imatrix
     from so8t_core.quantize.mixes import MixOptions, parse_tensor_types
@@ -176,14 +235,16 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     def tensor_type(value: TensorType | None, flag: str):
         return ggml_type(value.value, flag) if value else None
 
+    name = release_name(params)
+    check_destination_name(params.output, name)
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
     options = MixOptions(
         tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure, has_imatrix=im is not None,
         output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
         token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
-    return CheckedInputs(quants=quants, options=options, engine=resolve_engine(params.engine.value), imatrix=im,
-                         adapter=load_adapter(params.lora) if params.lora else None)
+    return CheckedInputs(name=name, quants=quants, options=options, engine=resolve_engine(params.engine.value),
+                         imatrix=im, adapter=load_adapter(params.lora) if params.lora else None)
 
 
 # --- The command line, made from the fields ------------------------------------------------
@@ -249,7 +310,7 @@ def from_cli(args: argparse.Namespace) -> ConvertParams:
         where = spelling.metavar if spelling.positional else spelling.flag or field
         value = given.get(field)
         shown = " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-            else value
+            else redact_uri(value) if isinstance(value, str) else value
         problem = PATTERN_RULES.get(field) if err["type"] == "string_pattern_mismatch" else None
         problem = problem or err["msg"][:1].lower() + err["msg"][1:]
         raise UnsupportedError(f"{where} {shown}".strip(), problem, "see so8t-gguf convert --help") from None
