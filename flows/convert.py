@@ -5,8 +5,8 @@
 The flow's body is that list; each stage is a function below it that calls the stage's tasks
 (``tasks/<stage>.py``). Tasks exchange references (URIs, sha256, sizes), never arrays.
 Quantized tensors are staged content-addressed under the work directory, so a re-run redoes
-only what changed. Nothing reaches the output URI unless every validation gate passed, and
-``manifest.json`` is written last.
+only what changed. Nothing reaches the output URI unless every validation gate passed, and a
+release changes only by switching its pointer to a new, complete, immutable version.
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
 
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
             validations: dict[str, dict]) -> tuple[dict[str, dict], FileRef]:
-    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/`` with its manifest
-    last; then latest.json names them."""
+    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/``: a new immutable version
+    in it, then its pointer switched (so8t_core/publish/release.py); then latest.json names them."""
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
@@ -251,7 +251,8 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
                                     model.uncovered.get(q, []), model.analysis.get("lora"))
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
-        releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in release_files.items()},
+        releases[q] = {"uri": release, "version": manifest_ref.uri.rsplit("/", 1)[0],
+                       "files": {n: f.model_dump() for n, f in release_files.items()},
                        "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
         latest[q] = {"source_fingerprint": src.fingerprint,
                      "release": f"{model.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
