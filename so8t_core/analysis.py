@@ -14,7 +14,7 @@ from so8t_core.source.architectures import EMBEDDING, OTHER, ROTATION, TENSOR_CL
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.rotation import checked_rotation, gate_rotation
 from so8t_core.source.so8t import So8tStructure, find_structure
-from so8t_core.source.tokenizer import TEXT_FILES, check_tokenizer_files
+from so8t_core.source.tokenizer import TEXT_FILES, check_chat_template, check_tokenizer_files
 from so8t_core.storage import default_cache_dir
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
@@ -31,8 +31,8 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
 
 
 def preflight(uri: str, lora: str | None = None) -> None:
-    """Everything checkable without reading the weights: files, headers, config, plan, gates,
-    and that a LoRA adapter's pairs fit the model's weights.
+    """Everything checkable without reading the weights: files, headers, config, plan, gates, that
+    a LoRA adapter's pairs fit the model's weights, and that the chat template renders within limits.
 
     Catches most bad input in about a second, before a pipeline run starts.
     """
@@ -44,7 +44,9 @@ def preflight(uri: str, lora: str | None = None) -> None:
         load_adapter(lora).bind(plan, ckpt.uri)
     for gate in structure.gates:
         checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
-    check_tokenizer_files({n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}, ckpt.uri)
+    files = {n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}
+    check_tokenizer_files(files, ckpt.uri)
+    check_chat_template(files, ckpt.uri)  # a template that hangs or escapes the sandbox: refused now
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:
