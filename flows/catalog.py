@@ -46,7 +46,7 @@ from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix
 from so8t_core import storage
 from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError, So8tError
-from so8t_core.publish.release import FINGERPRINT_CHARS, read_latest, read_manifest
+from so8t_core.publish.release import FINGERPRINT_CHARS, entry_release, read_latest, read_manifest
 from so8t_core.publish.report import artifact_key
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
@@ -252,8 +252,9 @@ def check_model(model: CatalogModel, work_dir: str) -> dict:
     for q in model.quants:
         entry = published.get(q)
         manifest = None
-        if entry is not None and entry.get("source_fingerprint") == src.fingerprint and entry.get("release"):
-            manifest = read_manifest(storage.join(model.destination, model.name, entry["release"].rstrip("/")))
+        release = entry_release(model.destination, model.name, entry) if entry is not None else None
+        if release is not None and entry.get("source_fingerprint") == src.fingerprint:
+            manifest = read_manifest(release)  # of the version its current.json names
         reason = quant_status(src.fingerprint, entry, manifest, model.run_validation)
         if reason is None:
             up_to_date[q] = f"up to date ({src.fingerprint[:FINGERPRINT_CHARS]}/{q})"

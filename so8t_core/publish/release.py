@@ -423,7 +423,7 @@ def read_latest(dest: str, model: str) -> dict | None:
     return _read_json(storage.join(dest, storage.check_name(model, "model name"), LATEST_NAME))
 
 
-def _entry_release(dest: str, model: str, entry: Any) -> str | None:
+def entry_release(dest: str, model: str, entry: Any) -> str | None:
     """The release a latest.json entry names (``<fingerprint16>/<quant>/``), when it is one: a
     latest.json naming ``../x`` would send readers out of the model folder."""
     parts = entry.get("release", "").strip("/").split("/") if isinstance(entry, dict) and \
@@ -436,7 +436,7 @@ def _entry_release(dest: str, model: str, entry: Any) -> str | None:
 def latest_release(dest: str, model: str, quant: str) -> str | None:
     """The URI of the release of ``model`` at ``quant`` published last, or None."""
     entry = ((read_latest(dest, model) or {}).get("quants") or {}).get(quant)
-    return None if entry is None else _entry_release(dest, model, entry)
+    return None if entry is None else entry_release(dest, model, entry)
 
 
 def model_gguf(path: str, quant: str | None = None) -> str:
@@ -475,7 +475,7 @@ def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]
     with exclusive(folder):
         current = read_latest(dest, model) or {}
         quants = {q: e for q, e in (current.get("quants") or {}).items()
-                  if storage.is_plain_name(q) and _entry_release(dest, model, e) is not None}
+                  if storage.is_plain_name(q) and entry_release(dest, model, e) is not None}
         quants.update(entries)
         data = _json_bytes({"model": model, "quants": quants})
         ref = FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
