@@ -43,12 +43,13 @@ def gguf_of_empty_strings(path, arrays: list[int]) -> str:
 
 
 def peak_rss_mb(*cli_args: str) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run the CLI in a fresh process; (its result, its peak RSS in MB, seconds)."""
+    """Run the CLI in a fresh process; (its result, its peak RSS in MB, seconds). The peak is the
+    process's own (VmHWM): getrusage's ru_maxrss counts the parent's memory at the fork too."""
     import tempfile
 
-    code = ("import json, resource, sys\nfrom flows.cli import main\nrc = main(sys.argv[2:])\n"
-            "open(sys.argv[1], 'w').write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
-            "sys.exit(rc)")
+    code = ("import sys\nfrom flows.cli import main\nrc = main(sys.argv[2:])\n"
+            "hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+            "open(sys.argv[1], 'w').write(hwm)\nsys.exit(rc)")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-c", code, out.name, *cli_args], capture_output=True, text=True,

@@ -208,12 +208,12 @@ def test_runtime_is_quiet(capfd):
     m.close()  # idempotent
 
 
-@pytest.mark.parametrize("template, words", [
-    (NESTED_LOOPS, ["does not render within"]),
-    (SANDBOX_ESCAPE, ["refused by Jinja's sandbox"]),
-    (FLOOD, ["renders more than"]),
-])
-def test_a_chat_template_that_hangs_floods_or_escapes_is_one_line(template, words, tmp_path, capsys):
+@pytest.mark.parametrize("template, words, what", [
+    (NESTED_LOOPS, ["does not render within"], "two nested range(100000) loops"),
+    (SANDBOX_ESCAPE, ["refused by Jinja's sandbox"], "reaching for Python internals (__class__)"),
+    (FLOOD, ["renders more than"], "writing 500 MB"),
+], ids=["loops", "sandbox", "flood"])
+def test_a_chat_template_that_hangs_floods_or_escapes_is_one_line(template, words, what, tmp_path, capsys):
     """Before: the nested loops hung `chat` (each range within the sandbox's cap), and the sandbox's
     SecurityError came out as a traceback."""
     from flows.cli import main
@@ -223,7 +223,7 @@ def test_a_chat_template_that_hangs_floods_or_escapes_is_one_line(template, word
     status = main(["chat", path, "Hello"])
     seconds = time.monotonic() - started
     err = capsys.readouterr().err
-    record("resources", attack=f"chat with a template that {words[0]}", refused=int(status == 2),
+    record("resources", attack=f"chat: a GGUF whose chat template is {what}", refused=int(status == 2),
            seconds=round(seconds, 1))
     assert status == 2
     assert err.count("\n") == 1 and "tokenizer.chat_template" in err and all(w in err for w in words), err

@@ -242,10 +242,16 @@ def test_pointers_and_latest_entries_naming_paths_lead_nowhere(dest, tmp_path):
     pub.publish_release(local_files(tmp_path, "v1"), release, {})
     good = pub.current_version(release)
     plant(storage.join(release, "current.json"), json.dumps({"version": "../../../" + good.name}).encode())
-    assert pub.current_version(release) is None
+    pointer_refused = pub.current_version(release) is None
     plant(storage.join(dest, "m", "latest.json"),
           json.dumps({"quants": {"Q4_K_M": {"release": "../../elsewhere/Q4_K_M/"}}}).encode())
-    assert pub.latest_release(dest, "m", "Q4_K_M") is None
+    latest_refused = pub.latest_release(dest, "m", "Q4_K_M") is None
+    backend = "s3" if "://" in dest else "local"
+    record("paths", attack=f"current.json naming ../../../{good.name} ({backend})", refused=int(pointer_refused),
+           outside=0)
+    record("paths", attack=f"latest.json naming ../../elsewhere/Q4_K_M/ ({backend})", refused=int(latest_refused),
+           outside=0)
+    assert pointer_refused and latest_refused
 
 
 def test_file_names_that_are_not_plain_or_differ_only_in_case_are_refused(dest, tmp_path):
@@ -272,6 +278,8 @@ def test_a_symbolic_link_planted_in_a_release_is_not_written_through(tmp_path):
     os.symlink(outside, os.path.join(release, version))
     with pytest.raises(StorageError, match="resolves outside its folder"):
         pub.publish_release(files, release, {})
+    record("paths", attack="a version folder planted as a symbolic link out of the release", refused=1,
+           outside=len(list(outside.iterdir())))
     assert list(outside.iterdir()) == []
 
 
