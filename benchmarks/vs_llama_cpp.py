@@ -59,9 +59,9 @@ def throughput(threads: int, work: str) -> list[dict]:
 
     from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.gguf_file import read_gguf
+    from so8t_core.llama_runtime import _captured_llama_log
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.testing.fixtures import FixtureSpec, build_fixture
-    from so8t_core.validate.llama_runtime import _captured_llama_log
 
     src = os.path.join(work, "wide")
     if not os.path.exists(os.path.join(src, "config.json")):

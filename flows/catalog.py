@@ -42,7 +42,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.convert import convert
-from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix, upper_names
+from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix, quant_names
 from so8t_core import storage
 from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError, So8tError
@@ -73,8 +73,8 @@ class ModelEntry(BaseModel):
 
     @field_validator("quants", mode="before")
     @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
-        return upper_names(value)
+    def _quant_names(cls, value: Any) -> Any:
+        return quant_names(value)
 
 
 class Catalog(BaseModel):
@@ -89,8 +89,8 @@ class Catalog(BaseModel):
 
     @field_validator("quants", mode="before")
     @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
-        return upper_names(value)
+    def _quant_names(cls, value: Any) -> Any:
+        return quant_names(value)
 
 
 class CatalogModel(BaseModel):

@@ -1,21 +1,24 @@
-"""``so8t-gguf``: the command line. ``convert`` runs the Prefect flow in-process (no server
-needed); the other commands call the library directly.
+"""``so8t-gguf``: the command line. ``convert`` runs the Prefect flow in-process, against
+``PREFECT_API_URL`` or, without one, a local Prefect API it keeps in the background
+(``flows/local_api.py``); the other commands call the library directly.
 
 Any problem with the input ends in one line on stderr and exit status 2; a traceback
-means a bug in so8t-gguf.
+means a bug in so8t-gguf. Ctrl-C and SIGTERM end it with one line and status 130 or 143
+(``flows/interrupts.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, Sequence
 
 from flows.params import add_cli_options
 from so8t_core import __version__
-from so8t_core.errors import So8tError
+from so8t_core.errors import So8tError, UnsupportedError
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -30,29 +33,32 @@ def _quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # --runner dask: the cluster's own logs
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Libraries' own notices stay off the console unless -v: transformers' advice on configs
+    (e.g. on rope parameters, read when validating) and the S3 client's INFO lines ("Found
+    credentials in ..."). Their errors still reach the user, as our one line."""
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG): raise that
+
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    # The temporary local API Prefect starts for the run can need more than Prefect's default 20 s
-    # on a busy 2-core machine (Colab's free tier, CI); failing the conversion then would be spurious.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
-    from flows.params import check_inputs, from_cli
-    from so8t_core.analysis import preflight
-
-    params = from_cli(args)
-    check_inputs(params)  # bad input fails here in a second, before Prefect starts
-    if params.source:
-        preflight(params.source, params.lora)
     from flows import console
-    from flows.runners import convert_with
 
     if not (args.quiet or args.json):
         console.enable()
+    console.stage("checking the inputs")  # at once: Prefect is not even imported yet
     try:
-        result = convert_with(params)  # a bad --dask-address fails here, before the run starts
+        result = _convert(args)
     finally:
         console.disable()
     if args.json:
@@ -64,25 +70,52 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> dict:
+    from flows import console, local_api
+    from flows.params import check_inputs, from_cli
+    from so8t_core.analysis import preflight
+    from so8t_core.storage import check_writable
+
+    params = from_cli(args)
+    check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
+    if params.source:
+        preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
+                  max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+    # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
+    # background while the flow's modules are imported.
+    api = local_api.start_unless_configured()
+    if api is not None and api.started:
+        console.stage(f"starting a local Prefect API in the background (later runs reuse it; it stops after "
+                      f"{local_api.idle_seconds() / 60:g} idle minutes)")
+    from flows.runners import convert_with
+
+    with local_api.using(api):
+        return convert_with(params)  # a bad --dask-address fails here, before the run starts
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from so8t_core.analysis import analyze, render_text
     from so8t_core.source.checkpoint import Checkpoint
-    from so8t_core.storage import default_cache_dir
+    from so8t_core.storage import default_cache_dir, redact_uri
 
     report = analyze(Checkpoint.open(args.source, cache_dir=default_cache_dir()))
-    _print_json(report) if args.json else print(render_text(report))
+    _print_json({"source": redact_uri(args.source), **report}) if args.json else \
+        print(render_text(report, redact_uri(args.source)))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import model_gguf
     from so8t_core.validate.inspection import inspect_gguf, render_inspection
 
-    report = inspect_gguf(args.gguf)
+    report = inspect_gguf(model_gguf(args.gguf, args.quant))
     _print_json(report) if args.json else print(render_inspection(report))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import local_gguf, model_gguf
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.storage import default_cache_dir
     from so8t_core.validate.checks import render_validation, validate_file
@@ -94,8 +127,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not (args.lora and args.lora_reference):
             raise So8tError("--lora", "needs both the adapter GGUF (--lora) and the PEFT adapter it was made from "
                                       "(--lora-reference)", "pass both, or neither")
-        lora = (args.lora, load_adapter(args.lora_reference))
-    report = validate_file(args.gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
+        lora = (local_gguf(args.lora), load_adapter(args.lora_reference))
+    gguf = model_gguf(args.gguf, args.quant)
+    report = validate_file(gguf, Checkpoint.open(args.reference, cache_dir=default_cache_dir()), lora=lora)
     _print_json(report) if args.json else print(render_validation(report, args.gguf, args.lora))
     return 0 if report["passed"] else 1
 
@@ -116,7 +150,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
     require_onnx()
     local_output_path(args.output)
-    preflight(args.source, args.lora)  # bad input fails here in a second, before any model is built
+    preflight(args.source, args.lora, tokenizer=False)  # bad input fails here in a second, before any model is built
     adapter = None
     if args.lora:
         from so8t_core.source.lora import load_adapter
@@ -128,30 +162,39 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from so8t_core.publish.release import model_gguf
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
+    from so8t_core.publish.retrieve import model_gguf
 
+    if args.max_tokens < 1:
+        raise UnsupportedError(f"--max-tokens {args.max_tokens}", "must be at least 1", "e.g. --max-tokens 48")
     with LlamaCppModel(model_gguf(args.gguf, args.quant), n_ctx=1024) as model:
-        print(model.generate_chat(args.message, max_tokens=args.max_tokens))
+        reply, cut = model.chat_reply(args.message, max_tokens=args.max_tokens)
+    print(reply + (" […]" if cut else ""))
+    if cut:
+        print(f"so8t-gguf: the reply was cut at {args.max_tokens} tokens (--max-tokens)", file=sys.stderr)
     return 0
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
+    from so8t_core.publish.retrieve import local_gguf, model_gguf
     from so8t_core.validate.heads import render_heads, run_heads
 
-    result = run_heads(args.gguf, args.sidecar, args.text)
+    result = run_heads(model_gguf(args.gguf, args.quant), local_gguf(args.sidecar), args.text)
     _print_json(result) if args.json else print(render_heads(result))
     return 0
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
+    from so8t_core.storage import new_folder
     from so8t_core.testing.demo import build_demo_checkpoint
 
+    new_folder(args.dest, args.force)
     print(build_demo_checkpoint(args.dest))
     return 0
 
 
 def cmd_fixture(args: argparse.Namespace) -> int:
+    from so8t_core.storage import new_folder
     from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
     gated = tuple(int(x) for x in args.gated_layers.split(",")) if args.gated_layers else None
@@ -161,8 +204,14 @@ def cmd_fixture(args: argparse.Namespace) -> int:
                        so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
                        position=args.position, gated_layers=gated, attention_bias=args.attention_bias,
                        longrope=args.longrope, tokenizer=args.tokenizer)
+    new_folder(args.dest, args.force)
     print(build_fixture(args.dest, spec))
     return 0
+
+
+MODEL_HELP = ("a .gguf file, a release folder, or a model folder with latest.json (then --quant picks the "
+              "release): a path, file:// or s3://")
+QUANT_HELP = "with a model folder: which quant's latest release (any case; Q4_K means Q4_K_M, as in llama-quantize)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", help="show a GGUF's metadata, tensors and SO8T provenance")
-    i.add_argument("gguf")
+    i.add_argument("gguf", metavar="MODEL", help=MODEL_HELP + "; or a heads sidecar")
+    i.add_argument("--quant", help=QUANT_HELP)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser("validate", help="validate a GGUF against its source checkpoint in llama.cpp")
-    v.add_argument("gguf")
+    v.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
+    v.add_argument("--quant", help=QUANT_HELP)
     v.add_argument("--reference", required=True, metavar="SOURCE", help="the checkpoint it was converted from")
     v.add_argument("--lora", metavar="ADAPTER.gguf", help="run the model with this LoRA adapter GGUF (from lora-gguf)")
     v.add_argument("--lora-reference", metavar="ADAPTER_URI",
@@ -215,26 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_onnx)
 
     ch = sub.add_parser("chat", help="generate a reply with llama.cpp (greedy)")
-    ch.add_argument("gguf", metavar="MODEL", help="a .gguf file, a release folder, or a model folder with "
-                    "latest.json (then --quant picks the release)")
+    ch.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
     ch.add_argument("message")
-    ch.add_argument("--quant", help="with a model folder: which quant's latest release")
-    ch.add_argument("--max-tokens", type=int, default=48)
+    ch.add_argument("--quant", help=QUANT_HELP)
+    ch.add_argument("--max-tokens", type=int, default=48, help="stop after this many tokens (a cut reply ends "
+                    "with […])")
     ch.set_defaults(func=cmd_chat)
 
     hd = sub.add_parser("heads", help="run the triality heads on a text (llama.cpp computes the hidden state)")
-    hd.add_argument("gguf", help="the model GGUF")
-    hd.add_argument("sidecar", help="its <name>.so8t-heads.gguf")
+    hd.add_argument("gguf", metavar="MODEL", help=MODEL_HELP)
+    hd.add_argument("sidecar", help="its <name>.so8t-heads.gguf: a path, file:// or s3://")
+    hd.add_argument("--quant", help=QUANT_HELP)
     hd.add_argument("text")
     hd.add_argument("--json", action="store_true")
     hd.set_defaults(func=cmd_heads)
 
+    force_help = "write into DEST even if it is not empty: what is in it is removed first"
     d = sub.add_parser("demo-checkpoint", help="write the embedded demo SO8T checkpoint")
-    d.add_argument("dest")
+    d.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
+    d.add_argument("--force", action="store_true", help=force_help)
     d.set_defaults(func=cmd_demo_checkpoint)
 
     f = sub.add_parser("fixture", help="write a tiny random SO8T checkpoint (for tests)")
-    f.add_argument("dest")
+    f.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
+    f.add_argument("--force", action="store_true", help=force_help)
     f.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "phi3"])
     f.add_argument("--layers", type=int, default=2)
     f.add_argument("--hidden", type=int, default=64)
@@ -261,19 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(getattr(args, "verbose", False))
+    from flows import interrupts
+
+    restore_signals = interrupts.install()  # Ctrl-C and SIGTERM: one line, 130/143, within 2 s
     try:
         return args.func(args)
     except So8tError as exc:
         print(f"so8t-gguf: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("so8t-gguf: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`so8t-gguf inspect … | head`): stop quietly, as a shell tool
         # killed by SIGPIPE would, and keep Python's exit-time flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except BaseException as exc:
+        signum = interrupts.signal_of(exc)
+        if signum is None:
+            raise
+        interrupts.leave(signum)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

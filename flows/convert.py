@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import console
 from flows.params import ConvertParams, check_inputs
 from flows.runners import task_slots
+from so8t_core import storage
 from so8t_core.constants import (
     ANALYSIS_NAME,
     CONVERTER,
@@ -40,7 +42,7 @@ from so8t_core.quantize.imatrix import Imatrix
 from so8t_core.quantize.mixes import MixOptions, ModelShape, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
-from so8t_core.storage import default_cache_dir, redact_uri
+from so8t_core.storage import check_writable, default_cache_dir, redact_uri
 from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
@@ -75,8 +77,10 @@ def convert(params: ConvertParams = ConvertParams()) -> dict:
 
     # Load: one release per quant mix, and latest.json.
     releases, latest = publish(run, source, model, staged, files, validations)
+    lora = model.analysis.get("lora")
     return {"name": run.name, "output": params.output, "source": run.source, "fingerprint": model.fingerprint,
-            "source_fingerprint": source.fingerprint, "lora": model.analysis.get("lora"), "releases": releases,
+            "source_fingerprint": source.fingerprint, "releases": releases,
+            "lora": lora and {"uri": redact_uri(run.adapter.uri), **lora},
             "latest": latest.model_dump(), "validation": validations, "max_bake_error": max_bake_error(staged),
             "analysis": model.analysis}
 
@@ -100,6 +104,7 @@ class Run:
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
         inputs = check_inputs(params)  # the name too: Python callers bypass the CLI
+        check_writable(params.output)  # not found only at publish, after minutes of work
         return cls(params=params, source=params.source or demo_source(), name=inputs.name, quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
                    engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter)
@@ -114,8 +119,11 @@ class Run:
 
     @property
     def imatrix_info(self) -> tuple[str, str, str] | None:
-        """(URI, sha256, the name the user gave): what the GGUF's quantize.imatrix.* keys record."""
-        return (self.imatrix.uri, self.imatrix.sha256, self.params.imatrix) if self.imatrix else None
+        """(URI, sha256, file name): what the GGUF's quantize.imatrix.* keys record. The file's
+        name, not the path it was given as: a release holds no local path."""
+        if not self.imatrix:
+            return None
+        return self.imatrix.uri, self.imatrix.sha256, posixpath.basename(self.params.imatrix.rstrip("/"))
 
     @property
     def lora_ref(self) -> tuple[str, str] | None:
@@ -160,7 +168,7 @@ def fetch(run: Run) -> SourceRef:
 def analyze(run: Run, src: SourceRef) -> Model:
     """The structure report and the tensor plan; a LoRA adapter merges into the plan; each
     quant is one of llama-quantize's mixes, whose rules give every tensor a type."""
-    result = analyze_checkpoint(src)
+    result = analyze_checkpoint(src, run.params.allow_tokenizer_mismatch)
     analysis, plan, fingerprint = result.analysis, result.plan, src.fingerprint
     run.say("analyzed: %s; %d GGUF tensors", analysis["variant"], len(plan))
     if run.adapter is not None:
@@ -192,7 +200,7 @@ def quantize(run: Run, src: SourceRef, model: Model) -> dict[str, list[StagedTen
 
     slots, threads = task_slots()
     staged = quantize_plan(src, model.plan, model.types, run.staging_dir, run.engine, run.imatrix, run.lora_ref,
-                           slots, threads, run.params.max_memory_gb, tensors_done)
+                           slots, threads, run.params.max_memory_gb or None, tensors_done)
     run.say("quantized %d tensors into %s with the %s engine", len(model.plan), ", ".join(run.quants), run.engine)
     artifacts.stats_tables(run.name, staged)
     return staged
@@ -203,7 +211,8 @@ def assemble(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     os.makedirs(out_dir, exist_ok=True)
     console.stage("assembling " + ", ".join(run.quants))
     split = Split(max_tensors=run.params.split_max_tensors, max_bytes=run.params.split_max_bytes)
-    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, run.imatrix_info) for q in run.quants}
+    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, run.imatrix_info,
+                              run.params.allow_tokenizer_mismatch) for q in run.quants}
     return Files(out_dir=out_dir, ggufs=ggufs, sidecar=assemble_sidecar(src, run.name, out_dir))
 
 
@@ -219,7 +228,7 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     validations = {}
     for q in run.quants:
         v = validations[q] = validate_cached(src, q, run.name, files.ggufs[q][0], staged[q], reference,
-                                             run.imatrix_info)
+                                             run.imatrix_info, run.params.allow_tokenizer_mismatch)
         f = v.get("llama_cpp", {})
         run.say("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                 100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
@@ -248,11 +257,14 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     for q in run.quants:
         release_files = _release_files(run, model, staged[q], files, q, validations, common)
         manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q], run.imatrix,
-                                    model.uncovered.get(q, []), model.analysis.get("lora"))
+                                    model.uncovered.get(q, []), model.analysis.get("lora"),
+                                    model.analysis["tokenizer"])
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
-        releases[q] = {"uri": release, "version": manifest_ref.uri.rsplit("/", 1)[0],
-                       "files": {n: f.model_dump() for n, f in release_files.items()},
+        version = manifest_ref.uri.rsplit("/", 1)[0]  # the immutable version current.json now names
+        published = {n: FileRef(uri=storage.join(version, n), sha256=f.sha256, size=f.size)
+                     for n, f in release_files.items()}
+        releases[q] = {"uri": release, "version": version, "files": {n: f.model_dump() for n, f in published.items()},
                        "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
         latest[q] = {"source_fingerprint": src.fingerprint,
                      "release": f"{model.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
@@ -280,9 +292,9 @@ def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Fi
     plots = write_plots(run.name, q, staged, qdir)
     out.update(plots)
     artifacts.plots(run.name, q, {n: r.uri for n, r in plots.items()})
-    n_params = {os.path.basename(r.uri): sum(s.n_elements for s in staged) for r in files.ggufs[q]}
     out[MODEL_CARD_NAME] = write_model_card(
-        os.path.join(qdir, MODEL_CARD_NAME), run.name, model.analysis, out, n_params,
+        os.path.join(qdir, MODEL_CARD_NAME), run.name, model.analysis, out,
+        [os.path.basename(r.uri) for r in files.ggufs[q]],
         {q: validations[q]} if q in validations else {}, max_bake_error({q: staged}), model.fingerprint,
         CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots])
     return out

@@ -13,6 +13,7 @@ the plain ``--field-name`` will not do. ``tests/test_params.py`` checks the thre
 from __future__ import annotations
 
 import argparse
+import os
 import posixpath
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,7 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from so8t_core import storage
-from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_type
+from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
 from so8t_core.errors import So8tError, UnsupportedError
 from so8t_core.quantize.engines import ENGINES
 from so8t_core.storage import NAME_PATTERN, NAME_RULE, redact_uri, refuse_credentials
@@ -47,9 +48,10 @@ QuantMix.__doc__ = "A llama-quantize mix: the default type of the file and the r
 # Quantization engines: all write the same bytes (auto: torch on a GPU, else simd).
 Engine = Enum("Engine", {name: name for name in ENGINES}, type=str, module=__name__)
 Engine.__doc__ = "Quantization engine; every engine writes the same bytes (auto: torch on a GPU, else simd)."
-# Tensor types an override may name (--output-tensor-type, --token-embedding-type).
-TensorType = Enum("TensorType", {t.name: t.name for t in SUPPORTED_TENSOR_TYPES}, type=str, module=__name__)
-TensorType.__doc__ = "A GGML tensor type so8t-gguf writes."
+# Tensor types an override may name (--output-tensor-type, --token-embedding-type), or none.
+TensorType = Enum("TensorType", {"default": "default", **{t.name: t.name for t in SUPPORTED_TENSOR_TYPES}},
+                  type=str, module=__name__)
+TensorType.__doc__ = "A GGML tensor type so8t-gguf writes, or default: the mix's rules decide."
 # Where the quantize tasks run (flows/runners.py).
 Runner = Enum("Runner", {name: name for name in RUNNERS}, type=str, module=__name__)
 Runner.__doc__ = "Where the per-tensor quantize tasks run: a thread pool, or a Dask cluster; same bytes."
@@ -77,14 +79,30 @@ def upper_names(value: Any) -> Any:
     return value
 
 
+def quant_names(value: Any) -> Any:
+    """Quant mixes: any case, and llama-quantize's aliases (Q4_K = Q4_K_M), wherever they are given."""
+    if isinstance(value, str):
+        return quant_name(value)
+    if isinstance(value, list):
+        return [quant_name(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+def or_empty(pattern: str) -> str:
+    """A text field's pattern that also takes the empty string: text fields are plain strings,
+    empty when not given (a form field left alone), never None (a field the form would show as
+    a type toggle)."""
+    return f"^$|{pattern}"
+
+
 class ConvertParams(BaseModel):
     """One conversion: a checkpoint in, one validated release per quant mix out."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Annotated[str | None, Cli(positional=True, metavar="SOURCE")] = Field(
-        None, title="Source checkpoint", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
-        description="Hugging Face checkpoint folder: a path, file:// or s3:// URL. Empty: the embedded demo.")
+    source: Annotated[str, Cli(positional=True, metavar="SOURCE")] = Field(
+        "", title="Source checkpoint", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="Hugging Face checkpoint folder: a path, file:// or s3:// URL (empty: the embedded demo).")
     output: Annotated[str, Cli(metavar="DEST")] = Field(
         "./artifacts", title="Destination", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Where releases are published, as DEST/NAME/FINGERPRINT/QUANT/ (default ./artifacts).")
@@ -93,60 +111,78 @@ class ConvertParams(BaseModel):
         description="llama-quantize mixes, one release each: " + " ".join(QUANT_TYPES) + " (default Q8_0).")
     run_validation: Annotated[bool, Cli(flag="--no-validate", help="skip validation and its gates: the files are "
                                                                  "published unchecked")] = Field(
-        True, title="Validate",
+        True, title="Validate before publishing",
         description="Validate every file (read-back, tensor errors, llama.cpp logits, tokenizer) before anything "
-                    "is published; --no-validate skips validation and its gates.")
-    name: Annotated[str | None, Cli(metavar="NAME")] = Field(
-        None, pattern=NAME_PATTERN, title="Model name",
-        description="The release folder and the files' base name (default: the source folder's name).")
-    engine: Engine = Field(Engine.auto, title="Engine",
-                           description="Quantization engine (auto: torch on a GPU, else simd); all write the same "
-                                       "bytes.")
-    max_memory_gb: Annotated[float | None, Cli(flag="--max-memory", metavar="GB")] = Field(
-        None, gt=0, title="Memory cap (GB)", description="Cap peak memory by limiting how many tensors are in flight.")
-    work_dir: Annotated[str | None, Cli(metavar="DIR")] = Field(
-        None, title="Work folder", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
-        description="Staging folder (default ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
+                    "is published (off: the files are published unchecked).")
+    name: Annotated[str, Cli(metavar="NAME")] = Field(
+        "", pattern=or_empty(NAME_PATTERN), title="Model name",
+        description="The release folder and the files' base name (empty: the source folder's name).")
+    engine: Engine = Field(Engine.auto, title="Quantization engine",
+                           description="auto: torch on a GPU, else simd; all write the same bytes.")
+    max_memory_gb: Annotated[float, Cli(flag="--max-memory", metavar="GB")] = Field(
+        0.0, ge=0, title="Memory cap (GB)",
+        description="Cap peak memory by limiting how many tensors are in flight (0: no cap).")
+    work_dir: Annotated[str, Cli(metavar="DIR")] = Field(
+        "", title="Work folder", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="Staging folder (empty: ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
                     "sees at the same place (e.g. NFS).")
-    split_max_size: Annotated[str | None, Cli(metavar="SIZE")] = Field(
-        None, pattern=SIZE_PATTERN, title="Split size",
-        description="Split each GGUF into files of at most this size (e.g. 2G).")
+    split_max_size: Annotated[str, Cli(metavar="SIZE")] = Field(
+        "", pattern=or_empty(SIZE_PATTERN), title="Split: file size",
+        description="Split each GGUF into files of at most this size, e.g. 2G (empty: no limit).")
     split_max_tensors: Annotated[int, Cli(metavar="N")] = Field(
-        0, ge=0, title="Split tensors",
+        0, ge=0, title="Split: tensors per file",
         description="Split each GGUF into files of at most this many tensors (0: no limit).")
     tensor_types: Annotated[list[str], Cli(flag="--tensor-type", metavar="REGEX=TYPE", append=True)] = Field(
         [], title="Tensor type overrides",
         description="Tensors whose name matches REGEX get TYPE (first match wins), as in llama-quantize.")
-    output_tensor_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
-        None, title="Output tensor type", description="Type of output.weight.")
-    token_embedding_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
-        None, title="Token embedding type", description="Type of token_embd.weight.")
-    pure: bool = Field(False, title="Pure", description="No mix rules: every 2-D weight gets the mix's default type.")
-    imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
-        None, title="Importance matrix", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
-        description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
-    lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(
-        None, title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
-        description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking.")
-    runner: Runner = Field(Runner.threads, title="Runner",
+    output_tensor_type: Annotated[TensorType, Cli(metavar="TYPE")] = Field(
+        TensorType.default, title="Output tensor type", description="Type of output.weight (default: the mix's rules).")
+    token_embedding_type: Annotated[TensorType, Cli(metavar="TYPE")] = Field(
+        TensorType.default, title="Token embedding type",
+        description="Type of token_embd.weight (default: the mix's rules).")
+    pure: bool = Field(False, title="Pure (no mix rules)",
+                       description="Every 2-D weight gets the mix's default type.")
+    allow_tokenizer_mismatch: bool = Field(
+        False, title="Allow tokenizer mismatch",
+        description="Convert even when no llama.cpp pre-tokenizer reproduces the Hugging Face tokenizer's ids; "
+                    "the model card and the manifest then say so.")
+    imatrix: Annotated[str, Cli(metavar="FILE")] = Field(
+        "", title="Importance matrix", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none).")
+    lora: Annotated[str, Cli(metavar="ADAPTER_URI")] = Field(
+        "", title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking (empty: none).")
+    runner: Runner = Field(Runner.threads, title="Task runner",
                            description="Where the per-tensor quantize tasks run: a thread pool, or Dask (a local "
                                        "multi-process cluster, or the one at the scheduler address).")
-    dask_address: Annotated[str | None, Cli(metavar="tcp://HOST:PORT")] = Field(
-        None, pattern=ADDRESS_PATTERN, title="Dask scheduler",
-        json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN + ADDRESS_PATTERN[1:]},
+    dask_address: Annotated[str, Cli(metavar="tcp://HOST:PORT")] = Field(
+        "", pattern=or_empty(ADDRESS_PATTERN), title="Dask scheduler address",
+        json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN + f"(?:{or_empty(ADDRESS_PATTERN)})"},
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
-                    "and the work folder at the same paths (docs/scaling.md).")
+                    "and the work folder at the same paths, docs/scaling.md (empty: a local cluster).")
 
-    @field_validator("quants", "output_tensor_type", "token_embedding_type", mode="before")
+    @field_validator("quants", mode="before")
     @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
+    def _quant_names(cls, value: Any) -> Any:
+        return quant_names(value)
+
+    @field_validator("output_tensor_type", "token_embedding_type", mode="before")
+    @classmethod
+    def _type_name(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str) and value.strip().lower() in ("", TensorType.default.value):
+            return TensorType.default
         return upper_names(value)
 
     @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora", "dask_address",
                      mode="before")
     @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
+    def _blank_is_empty(cls, value: Any) -> Any:
+        return "" if value is None or isinstance(value, str) and not value.strip() else value  # a cleared field
+
+    @field_validator("max_memory_gb", mode="before")
+    @classmethod
+    def _no_cap(cls, value: Any) -> Any:
+        return 0 if value is None else value
 
     @field_validator(*URI_FIELDS)
     @classmethod
@@ -196,9 +232,9 @@ def release_name(params: ConvertParams) -> str:
     """The name the releases are published under (``<output>/<name>/…``, ``<name>-<quant>.gguf``):
     ``name``, else the source folder's name (the demo's without a source), held to the one name
     rule (storage.check_name) whichever it is: it becomes folders and files."""
-    if params.name is not None:
+    if params.name:
         return storage.check_name(params.name, "--name")
-    if params.source is None:
+    if not params.source:
         from so8t_core.testing.demo import DEMO_NAME
 
         return DEMO_NAME
@@ -232,8 +268,8 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     from so8t_core.quantize.mixes import MixOptions, parse_tensor_types
     from so8t_core.source.lora import load_adapter
 
-    def tensor_type(value: TensorType | None, flag: str):
-        return ggml_type(value.value, flag) if value else None
+    def tensor_type(value: TensorType, flag: str):
+        return None if value is TensorType.default else ggml_type(value.value, flag)
 
     name = release_name(params)
     check_destination_name(params.output, name)
@@ -292,14 +328,24 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(spelling.flag, **kwargs)
 
 
+def _looks_like_a_path(word: str) -> bool:
+    return "/" in word or "\\" in word or word.startswith((".", "~")) or os.path.exists(word)
+
+
 def from_cli(args: argparse.Namespace) -> ConvertParams:
     """The ConvertParams of a parsed command line; a value the fields refuse is a one-line error
     naming the option."""
     given = {f: getattr(args, f) for f in ConvertParams.model_fields if getattr(args, f, None) is not None}
-    for q in given.get("quants", []):
+    quants = given.get("quants", [])
+    for q in quants:
+        if "source" not in given and q == quants[-1] and quant_name(q) not in QUANT_TYPES and _looks_like_a_path(q):
+            # `convert --quant Q8_0 path/to/model`: --quant took the source as one more mix.
+            raise UnsupportedError(f"--quant {q}", "not a quant mix; --quant takes every word after it, so SOURCE "
+                                   "was read as one", f"put SOURCE before --quant: so8t-gguf convert {q} --quant "
+                                   + (" ".join(quants[:-1]) or "Q8_0"))
         quant_type(q)  # the library's messages say more than the enum's ("Q8_K is not a file type ...")
     for field in ("output_tensor_type", "token_embedding_type"):
-        if given.get(field):
+        if given.get(field) and given[field].lower() != TensorType.default.value:
             ggml_type(given[field], cli_spelling(field).flag)
     try:
         return ConvertParams(**given)

@@ -4,7 +4,7 @@ Plain functions and small classes with no orchestration import; the Prefect task
 ``tasks/`` wrap these, and ``flows/`` composes the tasks into the pipeline. The subpackages
 are the pipeline's stages, each importing only from its own layer or below:
 
-    foundation   errors, refs, storage, constants, metrics, gguf_file
+    foundation   errors, refs, storage, constants, metrics, gguf_file, llama_runtime
     source/      fetch: checkpoints, fingerprints, architectures, SO8T gates and heads, LoRA, tokenizer
     analysis, plan   what a checkpoint is, and the tensor plan every later stage reads
     quantize/    mixes, imatrix, staging, error_stats; engines/ (ggml, simd, torch)
@@ -44,10 +44,10 @@ _PUBLIC = {
     "assemble_model": "assemble.model", "model_metadata": "assemble.model", "write_lora_gguf": "assemble.lora_gguf",
     "convert_sequential": "assemble.sequential",
     # validate
-    "validate_file": "validate.checks", "LlamaCppModel": "validate.llama_runtime", "run_heads": "validate.heads",
+    "validate_file": "validate.checks", "LlamaCppModel": "llama_runtime", "run_heads": "validate.heads",
     "inspect_gguf": "validate.inspection",
     # publish, export
-    "publish_release": "publish.release", "model_gguf": "publish.release", "export_onnx": "export.onnx",
+    "publish_release": "publish.release", "model_gguf": "publish.retrieve", "export_onnx": "export.onnx",
     # try it
     "build_demo_checkpoint": "testing.demo", "FixtureSpec": "testing.fixtures", "build_fixture": "testing.fixtures",
 }

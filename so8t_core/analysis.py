@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from so8t_core.plan import TensorPlan, build_plan
+from so8t_core.plan import TensorPlan, build_plan, check_memory_cap
 from so8t_core.source.architectures import EMBEDDING, OTHER, ROTATION, TENSOR_CLASSES, TRIALITY, ModelSpec, model_spec
-from so8t_core.source.checkpoint import Checkpoint
+from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
 from so8t_core.source.rotation import checked_rotation, gate_rotation
 from so8t_core.source.so8t import So8tStructure, find_structure
-from so8t_core.source.tokenizer import TEXT_FILES, check_chat_template, check_tokenizer_files
+from so8t_core.source.tokenizer import (
+    TEXT_FILES,
+    TokenizerCheck,
+    check_chat_template,
+    check_tokenizer,
+    check_tokenizer_files,
+)
 from so8t_core.storage import default_cache_dir
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
@@ -30,14 +36,20 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
     return spec, structure, plan
 
 
-def preflight(uri: str, lora: str | None = None) -> None:
-    """Everything checkable without reading the weights: files, headers, config, plan, gates, that
-    a LoRA adapter's pairs fit the model's weights, and that the chat template renders within limits.
+def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool = False,
+              tokenizer: bool = True, max_memory_gb: float | None = None) -> None:
+    """Everything checkable without reading the weights: files, headers, config, plan, gates,
+    that a LoRA adapter's pairs fit the model's weights, that a memory cap leaves room for the
+    process and its largest tensor, and that llama.cpp reproduces the tokenizer (unless
+    ``allow_tokenizer_mismatch``) and that the chat template renders within limits (neither
+    without ``tokenizer``: the ONNX export has no tokenizer).
 
-    Catches most bad input in about a second, before a pipeline run starts.
+    Catches most bad input in a second or two, before a pipeline run starts.
     """
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
     _, structure, plan = checkpoint_model(ckpt)
+    if max_memory_gb is not None:
+        check_memory_cap(max_memory_gb, plan)
     if lora:
         from so8t_core.source.lora import load_adapter
 
@@ -46,10 +58,29 @@ def preflight(uri: str, lora: str | None = None) -> None:
         checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
     files = {n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}
     check_tokenizer_files(files, ckpt.uri)
-    check_chat_template(files, ckpt.uri)  # a template that hangs or escapes the sandbox: refused now
+    if tokenizer:
+        check_chat_template(files, ckpt.uri)  # a template that hangs or escapes the sandbox: refused now
+        require_tokenizer_parity(ckpt, allow_tokenizer_mismatch)
+
+
+def tokenizer_check(ckpt: Checkpoint) -> TokenizerCheck:
+    """The checkpoint's tokenizer proven (or not) in llama.cpp (``source.tokenizer.check_tokenizer``)."""
+    files = {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
+    return check_tokenizer(files, ckpt.config, ckpt.uri)
+
+
+def require_tokenizer_parity(ckpt: Checkpoint, allow_mismatch: bool = False) -> TokenizerCheck:
+    """The tokenizer check; a one-line error when llama.cpp does not reproduce the tokenizer,
+    unless ``allow_mismatch``."""
+    check = tokenizer_check(ckpt)
+    if not check.ok and not allow_mismatch:
+        raise check.error(ckpt.uri)
+    return check
 
 
 def analyze(ckpt: Checkpoint) -> dict[str, Any]:
+    """The structure report: facts about the checkpoint's content only (it is published with each
+    release, whose bytes must not depend on where the checkpoint lay), so not its location."""
     spec, structure, plan = checkpoint_model(ckpt)
     by_source = {p.source: p for p in plan}
     gate_names = {g.tensor for g in structure.gates}
@@ -85,7 +116,6 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
 
     cfg = structure.config
     return {
-        "source": ckpt.uri,
         "weight_format": ckpt.weight_format,
         "shards": len(ckpt.shards),
         "architecture": spec.hf_architecture,
@@ -114,13 +144,28 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
         "not_converted": not_converted,
         "stripped": [{"tensor": n, "reason": r} for n, r in structure.stripped],
         "to_sidecar": sorted(head_names),
+        "tokenizer": tokenizer_check(ckpt).as_dict(),
     }
 
 
-def render_text(a: dict[str, Any]) -> str:
+def render_tokenizer(t: dict[str, Any]) -> str:
+    """The tokenizer check in one line or two (for ``analyze`` and the model card)."""
+    p = t["parity"]
+    if p["ok"]:
+        pre = f", llama.cpp pre-tokenizer {t['pre_tokenizer']!r} ({t['why']})" if t["pre_tokenizer"] else ""
+        return (f"tokenizer: {t['type']}{pre}; llama.cpp gives the Hugging Face ids on the probe text "
+                f"({p['n_tokens']} tokens)")
+    closest = t["pre_tokenizer"] or "SentencePiece"
+    return (f"tokenizer: {t['type']}; llama.cpp does NOT give the Hugging Face ids: from token {p['first_mismatch']} "
+            f"({p['text_at_mismatch']!r}) Hugging Face gives {p['hf']}, llama.cpp ({closest}) {p['llama_cpp']}; "
+            f"tried {', '.join(t['tried'])}")
+
+
+def render_text(a: dict[str, Any], source: str) -> str:
+    """The report as ``so8t-gguf analyze`` prints it; ``source``: the checkpoint as the user named it."""
     hp = a["hyperparameters"]
     lines = [
-        f"source        {a['source']} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
+        f"source        {source} ({a['weight_format']}, {a['shards']} shard{'s' if a['shards'] != 1 else ''})",
         f"architecture  {a['architecture']} -> GGUF '{a['gguf_architecture']}'",
         f"variant       {a['variant']}",
         f"shape         {hp['layers']} layers, hidden {hp['hidden_size']}, heads {hp['heads']}/{hp['kv_heads']} "
@@ -148,6 +193,7 @@ def render_text(a: dict[str, Any]) -> str:
     else:
         lines.append("triality heads: none")
     lines.append(f"PET: {a['pet']}")
+    lines.append(render_tokenizer(a["tokenizer"]))
     lines.append(f"GGUF: {a['gguf_tensors']} tensors, {len(a['baked_tensors'])} with a rotation baked in")
     for item in a["not_converted"]:
         lines.append(f"not converted: {item['tensor']} ({item['reason']})")

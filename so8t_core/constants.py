@@ -111,6 +111,14 @@ QUANT_TYPES: dict[str, QuantType] = {
     )
 }
 
+def bits_per_weight(tensor_bytes: int, n_weights: int) -> float:
+    """Bits per weight, the one definition every report uses (the model card, ``inspect``, the
+    run's summary, the stats table): 8 × the bytes of the tensors' data / the weights (elements)
+    in them, as llama.cpp's model loader reports a model's BPW. A file's header, metadata (the
+    tokenizer alone can be megabytes) and alignment padding are not counted."""
+    return 8.0 * tensor_bytes / n_weights if n_weights else 0.0
+
+
 # Asked-for names that are not llama.cpp storage types, with what to say instead.
 NOT_STORAGE_TYPES = {
     "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",
@@ -125,8 +133,18 @@ SUPPORTED_TENSOR_TYPES = (
 )
 
 
+# llama-quantize's own shorthands for three mixes (its QUANT_OPTIONS list them as aliases).
+QUANT_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
+
+
+def quant_name(name: str) -> str:
+    """A quant mix's canonical name: any case, llama-quantize's aliases resolved (q4_k → Q4_K_M)."""
+    key = name.strip().upper()
+    return QUANT_ALIASES.get(key, key)
+
+
 def quant_type(name: str) -> QuantType:
-    key = name.upper()
+    key = quant_name(name)
     if key in QUANT_TYPES:
         return QUANT_TYPES[key]
     if key in NOT_STORAGE_TYPES:

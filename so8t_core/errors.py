@@ -49,7 +49,12 @@ class RotationError(So8tError):
 
 
 class StorageError(So8tError):
-    """Reading or writing a URI failed."""
+    """Reading or writing a URI failed (tasks retry it: object stores fail a share of requests)."""
+
+
+class StorageAccessError(StorageError):
+    """Storage refused for a reason that retrying cannot change: no permission, bad credentials,
+    a missing bucket, a file where a folder must be, a read-only file system. Never retried."""
 
 
 class InputChangedError(So8tError):

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from so8t_core.constants import ROTATION_BLOCK
-from so8t_core.errors import CheckpointError
+from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.source.architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
 from so8t_core.source.rotation import apply_gate, checked_rotation, fold_into_linear
 from so8t_core.source.so8t import So8tStructure
@@ -191,6 +191,42 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 # Rows are materialized in chunks of about this many elements (32 MiB of float32), so a
 # conversion holds a few chunks per tensor in flight, never a whole large tensor.
 CHUNK_ELEMENTS = 8 << 20
+
+# Memory (--max-memory): per tensor in flight, per row chunk, the source bytes, their float32
+# form, the quantized bytes and the dequantized copy used for error statistics; and the process
+# itself (the interpreter, torch, Prefect), whatever the model.
+BYTES_IN_FLIGHT_PER_F32_BYTE = 4
+BASELINE_BYTES = 1 << 30
+GIB = 1 << 30
+
+
+def bytes_per_tensor_in_flight(plan: Sequence["TensorPlan"]) -> int:
+    """What one quantize task holds at most: its largest chunk, four times over as float32."""
+    return BYTES_IN_FLIGHT_PER_F32_BYTE * 4 * min(max((p.n_elements for p in plan), default=0), CHUNK_ELEMENTS)
+
+
+def tensors_in_flight(max_memory_gb: float | None, plan: Sequence["TensorPlan"], workers: int) -> int:
+    """How many quantize tasks may run at once: ``workers``, fewer under a memory cap (GiB);
+    a cap below the floor (:func:`check_memory_cap`) is a one-line error."""
+    if max_memory_gb is None:
+        return workers
+    check_memory_cap(max_memory_gb, plan)
+    per_tensor = bytes_per_tensor_in_flight(plan)
+    return max(1, min(workers, int((max_memory_gb * GIB - BASELINE_BYTES) // max(per_tensor, 1))))
+
+
+def check_memory_cap(max_memory_gb: float, plan: Sequence["TensorPlan"]) -> None:
+    """Refuse a --max-memory below what any conversion of this checkpoint needs: the process
+    itself (1 GiB) and one tensor in flight. Checked in the preflight, before any work."""
+    per_tensor = bytes_per_tensor_in_flight(plan)
+    floor = BASELINE_BYTES + per_tensor
+    if max_memory_gb * GIB < floor:
+        need = math.ceil(floor / GIB * 10) / 10
+        raise UnsupportedError(f"--max-memory {max_memory_gb:g}",
+                               f"too small: a conversion needs at least {need:.1f} GB ({BASELINE_BYTES / GIB:.1f} GB "
+                               f"for the process: Python, torch, Prefect; {per_tensor / (1 << 20):,.1f} MB for one "
+                               "tensor in flight)", f"allow at least --max-memory {need:.1f}")
+
 
 # Tensors smaller than this share a quantize task, up to this many elements per task: a task
 # costs Prefect tens of milliseconds, more than quantizing a norm or a bias does.

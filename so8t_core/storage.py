@@ -6,6 +6,7 @@ all go through :func:`resolve`. Credentials are never part of a URI we log.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
@@ -17,19 +18,20 @@ import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from so8t_core.errors import InputChangedError, StorageError, UnsupportedError
+from so8t_core.errors import InputChangedError, StorageAccessError, StorageError, UnsupportedError
 
 T = TypeVar("T")
 
 # The S3 client stack logs signed request headers (the access key id, the signature) at
 # DEBUG: credentials must never reach a log, whatever level the root logger is set to.
-for _wire_logger in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
+WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs")
+for _wire_logger in WIRE_LOGGERS:
     logging.getLogger(_wire_logger).setLevel(logging.INFO)
 
 CHUNK = 8 << 20
@@ -141,28 +143,119 @@ def local_path(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.exists(path)
+    with _access_errors(uri):
+        return fs.exists(path)
+
+
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    with _access_errors(uri):
+        return fs.isfile(path)
 
 
 def size(uri: str) -> int:
     fs, path = resolve(uri)
     try:
-        return int(fs.size(path))
+        with _access_errors(uri):
+            return int(fs.size(path))
     except FileNotFoundError:
         raise StorageError(uri, "file not found") from None
+
+
+CREDENTIALS_HINT = ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and what "
+                    "they may do")
+
+
+def _in_the_way(path: str) -> str | None:
+    """The file that stands where local folder ``path`` or a folder above it must be, if any."""
+    while not os.path.isdir(path):
+        if os.path.lexists(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None
+
+
+@contextmanager
+def _access_errors(uri: str, writing: bool = False) -> Iterator[None]:
+    """Storage refusing ``uri`` for a reason that retrying cannot change becomes one line naming
+    it, a StorageAccessError, which tasks do not retry: no permission or bad credentials, a file
+    where a folder must be, a read-only or full file system, (``writing`` to an object store) a
+    missing bucket. Other failures pass through: they may be transient."""
+    try:
+        yield
+    except PermissionError as e:
+        if is_local(uri) and writing:
+            raise StorageAccessError(local_path(uri), f"cannot write there ({e.strerror or 'permission denied'})",
+                                     "choose a location you can write to") from None
+        if is_local(uri):
+            raise StorageAccessError(local_path(uri), "permission denied", "check the file's permissions") from None
+        raise StorageAccessError(redact_uri(uri), f"access denied ({_first_line(e)})", CREDENTIALS_HINT) from None
+    except (NotADirectoryError, FileExistsError):
+        blocker = _in_the_way(os.path.dirname(local_path(uri))) if is_local(uri) else None
+        if blocker is None:
+            raise
+        raise StorageAccessError(blocker, "is a file, not a folder", "choose another location, or move the file "
+                                                                     "away") from None
+    except FileNotFoundError as e:
+        if not writing or is_local(uri):
+            raise
+        bucket = urlsplit(uri).netloc
+        raise StorageAccessError(redact_uri(uri), f"cannot write there ({_first_line(e)})",
+                                 f"check that the bucket {bucket} exists and the URI is right") from None
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageAccessError(local_path(uri) if is_local(uri) else redact_uri(uri),
+                                 f"cannot write there ({e.strerror})", "choose another location") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text[:160]
+
+
+def check_writable(uri: str) -> None:
+    """Refuse, before any work, a destination that cannot be written: a probe object is created
+    under it and removed. Locally the nearest folder that exists (``uri`` itself, or a folder
+    above it, so that nothing is left behind) takes the probe, and no file may stand where a
+    folder must be; on an object store the bucket must exist and the credentials must allow
+    writing and deleting. A StorageAccessError (one line) otherwise."""
+    if is_local(uri):
+        path = local_path(uri)
+        blocker = _in_the_way(path)
+        if blocker is not None:
+            raise StorageAccessError(blocker, "is a file, not a folder", "choose a folder to publish into")
+        folder = path
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        with _access_errors(folder, writing=True):
+            fd, probe = tempfile.mkstemp(prefix=".so8t-probe-", dir=folder)
+            os.close(fd)
+            os.remove(probe)
+        return
+    fs, path = resolve(uri)
+    probe = posixpath.join(path.rstrip("/"), f".so8t-probe-{uuid.uuid4().hex[:12]}")
+    with _access_errors(uri, writing=True):
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        finally:
+            fs.invalidate_cache(path)
 
 
 @contextmanager
 def _file_errors(uri: str) -> Iterator[None]:
     """A file that is missing, a folder, or not ours to read: one-line errors naming it."""
     try:
-        yield
+        with _access_errors(uri):
+            yield
     except FileNotFoundError:
         raise StorageError(uri, "file not found") from None
     except (IsADirectoryError, NotADirectoryError):
         raise StorageError(uri, "is a folder, not a file", "check the path") from None
-    except PermissionError:
-        raise StorageError(uri, "permission denied", "check the file's permissions, or the credentials") from None
 
 
 def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -209,14 +302,16 @@ def list_names(uri: str) -> list[str]:
     fs, path = resolve(uri)
     fs.invalidate_cache(path)
     try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        with _access_errors(uri):
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
 
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    fs.makedirs(path, exist_ok=True)
+    with _access_errors(uri, writing=True):
+        fs.makedirs(path, exist_ok=True)
 
 
 @contextmanager
@@ -234,19 +329,25 @@ def local_atomic_file(path: str) -> Iterator[str]:
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole object so that readers see the old content or the new, never half."""
-    if is_local(uri):
-        with local_atomic_file(local_path(uri)) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        return
-    fs, path = resolve(uri)
-    fs.pipe_file(path, data)  # object stores replace whole objects atomically
+    with _access_errors(uri, writing=True):
+        if is_local(uri):
+            with local_atomic_file(local_path(uri)) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            return
+        fs, path = resolve(uri)
+        fs.pipe_file(path, data)  # object stores replace whole objects atomically
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Write a whole object only if none is there: True when this call created it, False when one
     existed (ours or another writer's; read it to tell). Exclusive on local folders (a hard link,
     which fails if the name exists) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
+    with _access_errors(uri, writing=True):
+        return _create_exclusive(uri, data)
+
+
+def _create_exclusive(uri: str, data: bytes) -> bool:
     if is_local(uri):
         path = local_path(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -277,33 +378,44 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
 def upload_file(local: str, uri: str) -> None:
     """Copy a local file to ``uri`` (atomically for local destinations)."""
-    if is_local(uri):
-        with local_atomic_file(local_path(uri)) as tmp:
-            shutil.copyfile(local, tmp)
-        return
+    with _access_errors(uri, writing=True):
+        if is_local(uri):
+            with local_atomic_file(local_path(uri)) as tmp:
+                shutil.copyfile(local, tmp)
+            return
+        fs, path = resolve(uri)
+        fs.put_file(local, path)
+
+
+def download_file(uri: str, local: str) -> None:
+    """Copy the file at ``uri`` to the local path ``local``, as it comes: callers download to a
+    temporary name and rename it into place once they have checked it."""
     fs, path = resolve(uri)
-    fs.put_file(local, path)
+    with _file_errors(redact_uri(uri)):
+        fs.get_file(path, local)
 
 
 def copy(src: str, dst: str) -> None:
     """Copy a file within one store: a hard link locally (files here are replaced by renames,
     never written in place, so a link is a copy), else a copy; a server-side copy on object stores."""
-    if is_local(src) and is_local(dst):
-        with local_atomic_file(local_path(dst)) as tmp:
-            try:
-                os.link(local_path(src), tmp)
-            except OSError:  # links not supported here (or another device): copy the bytes
-                shutil.copyfile(local_path(src), tmp)
-        return
-    fs, src_path = resolve(src)
-    _, dst_path = resolve(dst)
-    fs.copy(src_path, dst_path)
+    with _access_errors(dst, writing=True):
+        if is_local(src) and is_local(dst):
+            with local_atomic_file(local_path(dst)) as tmp:
+                try:
+                    os.link(local_path(src), tmp)
+                except OSError:  # links not supported here (or another device): copy the bytes
+                    shutil.copyfile(local_path(src), tmp)
+            return
+        fs, src_path = resolve(src)
+        _, dst_path = resolve(dst)
+        fs.copy(src_path, dst_path)
 
 
 def remove(uri: str) -> None:
     fs, path = resolve(uri)
     try:
-        fs.rm_file(path)
+        with _access_errors(uri):
+            fs.rm_file(path)
     except FileNotFoundError:
         pass
 
@@ -311,21 +423,43 @@ def remove(uri: str) -> None:
 def remove_tree(uri: str) -> None:
     fs, path = resolve(uri)
     try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        with _access_errors(uri):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
 
 
 def move(src: str, dst: str) -> None:
     """Move a file within one store (a rename locally, copy-then-delete on object stores)."""
-    if is_local(src) and is_local(dst):
-        os.makedirs(os.path.dirname(local_path(dst)), exist_ok=True)
-        os.replace(local_path(src), local_path(dst))
+    with _access_errors(dst):
+        if is_local(src) and is_local(dst):
+            os.makedirs(os.path.dirname(local_path(dst)), exist_ok=True)
+            os.replace(local_path(src), local_path(dst))
+            return
+        fs, src_path = resolve(src)
+        _, dst_path = resolve(dst)
+        fs.mv(src_path, dst_path)
+
+
+def new_folder(uri: str, force: bool = False) -> None:
+    """Make ready a folder a command fills from scratch (a checkpoint it writes): one that exists
+    must be empty, so that a typo cannot mix new files into another model's folder, unless
+    ``force``, which empties it first; a file where the folder must be, or a location that
+    cannot be written, is a one-line error."""
+    check_writable(uri)
+    if is_local(uri) and not os.path.isdir(local_path(uri)):
         return
-    fs, src_path = resolve(src)
-    _, dst_path = resolve(dst)
-    fs.mv(src_path, dst_path)
+    names = [n for n in list_names(uri) if not n.startswith(".so8t-probe-")]
+    if not names:
+        return
+    if not force:
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        raise UnsupportedError(local_path(uri) if is_local(uri) else redact_uri(uri),
+                               f"is not empty ({len(names)} entr{'y' if len(names) == 1 else 'ies'}: {shown})",
+                               "choose a new folder, or pass --force to replace what is in it")
+    for name in names:
+        remove_tree(join(uri, name))
 
 
 def default_cache_dir() -> str:
@@ -359,16 +493,26 @@ def local_output_file(uri: str, suffix: str, what: str) -> str:
     return path
 
 
-def pinned(load: Callable[[str], T], what: str, maxsize: int = 4) -> Callable[[str, str], T]:
+class Pinned(Generic[T]):
     """``load`` (URI → an object with a ``sha256``) cached per process and pinned to the sha256
     the flow saw when it checked the file: tasks each need part of the same file (an imatrix's
     entries, an adapter's pairs) and read it once; a file that changed since is an error, not
-    silently another file. ``what``: the file, for the message ("the imatrix file")."""
-    @functools.lru_cache(maxsize=maxsize)
-    def load_pinned(uri: str, sha256: str) -> T:
-        loaded = load(uri)
+    silently another file. ``what``: the file, for the message ("the imatrix file").
+
+    Pickled (to a Dask worker) as its recipe, so each process gets its own cache."""
+
+    def __init__(self, load: Callable[[str], T], what: str, maxsize: int = 4) -> None:
+        self.load, self.what, self.maxsize = load, what, maxsize
+        self._cached = functools.lru_cache(maxsize=maxsize)(self._load)
+
+    def _load(self, uri: str, sha256: str) -> T:
+        loaded = self.load(uri)
         if loaded.sha256 != sha256:
-            raise InputChangedError(redact_uri(uri), f"{what} changed during the run", "run the conversion again")
+            raise InputChangedError(redact_uri(uri), f"{self.what} changed during the run", "run the conversion again")
         return loaded
 
-    return load_pinned
+    def __call__(self, uri: str, sha256: str) -> T:
+        return self._cached(uri, sha256)
+
+    def __reduce__(self):
+        return (Pinned, (self.load, self.what, self.maxsize))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from so8t_core.errors import So8tError, StorageError
+from so8t_core.errors import So8tError, StorageAccessError, StorageError
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.storage import default_cache_dir
 
@@ -28,7 +28,7 @@ def retry_transient(task, task_run, state) -> bool:
         except BaseException as e:  # the failure's exception
             exc = e
     if isinstance(exc, StorageError):
-        return True
+        return not isinstance(exc, StorageAccessError)  # a missing bucket stays missing
     return not isinstance(exc, (So8tError, AssertionError, ValueError, TypeError, KeyError))
 
 

@@ -18,31 +18,12 @@ from typing import Callable
 from gguf import GGMLQuantizationType
 from prefect import task
 
-from so8t_core.errors import UnsupportedError
-from so8t_core.plan import CHUNK_ELEMENTS, TensorPlan, quantize_batches
+from so8t_core.plan import TensorPlan, quantize_batches, tensors_in_flight
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix_cached
 from so8t_core.quantize.staging import find_staged, stage_tensor
 from so8t_core.refs import SourceRef, StagedTensor
 from so8t_core.source.lora import load_adapter_cached
 from tasks.common import STORAGE_RETRIES, open_checkpoint
-
-# Per tensor in flight, per row chunk: the source bytes, their float32 form, the quantized
-# bytes and the dequantized copy used for error statistics.
-BYTES_IN_FLIGHT_PER_F32_BYTE = 4
-BASELINE_BYTES = 1 << 30  # interpreter, torch, Prefect
-
-
-def tensors_in_flight(max_memory_gb: float | None, largest_tensor_f32: int, workers: int) -> int:
-    """How many quantize tasks may run at once: ``workers``, fewer under a memory cap."""
-    if max_memory_gb is None:
-        return workers
-    budget = max_memory_gb * (1 << 30) - BASELINE_BYTES
-    per_tensor = BYTES_IN_FLIGHT_PER_F32_BYTE * largest_tensor_f32
-    if budget < per_tensor:
-        need = (BASELINE_BYTES + per_tensor) / (1 << 30)
-        raise UnsupportedError(f"--max-memory {max_memory_gb:g}", f"too small: the largest tensor alone needs "
-                                                                   f"about {need:.1f} GB", f"allow at least {need:.1f}")
-    return max(1, min(workers, int(budget // per_tensor)))
 
 
 def quantize_plan(src: SourceRef, plan: list[TensorPlan], types: dict[str, list[GGMLQuantizationType]],
@@ -61,8 +42,7 @@ def quantize_plan(src: SourceRef, plan: list[TensorPlan], types: dict[str, list[
     """
     quants = list(types)
     # Tensors stream through in row chunks: what a task holds is bounded by the chunk size.
-    largest = min(max(p.n_elements for p in plan), CHUNK_ELEMENTS) * 4
-    limit = tensors_in_flight(max_memory_gb, largest, slots)
+    limit = tensors_in_flight(max_memory_gb, plan, slots)
     threads = threads or max(1, slots // limit)  # tensors in parallel × threads per tensor = the CPUs
     staged_by_tensor: list = [None] * len(plan)
     to_quantize = []  # (position in plan, source sha256s, targets)

@@ -56,17 +56,21 @@ def validation_cache_key(context, params) -> str:
     what = [VALIDATION_VERSION, FORMAT_VERSION, llama_cpp.__version__, params["source"].fingerprint,
             params["quant"], params["name"], params["gguf"].sha256, [s.sha256 for s in params["staged"]],
             reference.sha256 if reference else None, imatrix[1] if imatrix else None,
-            dataclasses.asdict(GATES[params["quant"]])]
+            dataclasses.asdict(GATES[params["quant"]]), params.get("allow_tokenizer_mismatch", False)]
     return "validate-" + hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()
 
 
 @task(name="validate-gguf", task_run_name="validate-{quant}", cache_key_fn=validation_cache_key,
       persist_result=True, result_serializer="json")
 def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
-                  reference: FileRef | None, imatrix: tuple[str, str, str] | None = None) -> dict:
+                  reference: FileRef | None, imatrix: tuple[str, str, str] | None = None,
+                  allow_tokenizer_mismatch: bool = False) -> dict:
+    """``allow_tokenizer_mismatch``: the tokenizer check still runs and is reported, but does
+    not fail the validation (the user chose to publish a tokenizer llama.cpp does not reproduce)."""
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
-    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra)
+    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra,
+                               allow_tokenizer_mismatch)
     gate = GATES[quant]
     functional = None
     if reference is not None:
@@ -75,4 +79,4 @@ def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, stage
     errors = {s.gguf_name: s.relative_rmse for s in staged}
     tokenizer = check_tokenizer_parity(gguf.uri, ckpt)
     return summarize(quant, check_readback(gguf.uri, arch, kvs, staged), check_tensor_errors(errors, gate), functional,
-                     tokenizer)
+                     tokenizer, tokenizer_may_differ=allow_tokenizer_mismatch)

@@ -151,11 +151,11 @@ def test_catalog_runs_convert_only_what_changed(make_fixture, tmp_path, bucket, 
 @pytest.mark.usefixtures("prefect_server")
 def test_a_bad_catalog_fails_the_run_with_one_line(tmp_path):
     path = tmp_path / "catalog.yaml"
-    path.write_text("destination: /d\nmodels:\n  - {name: a, source: /s, quants: [Q4_K]}\n")
+    path.write_text("destination: /d\nmodels:\n  - {name: a, source: /s, quants: [Q4_X]}\n")
     state = requantize_catalog(str(path), return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "\n" not in message and message.startswith(f"catalog {path}: models[0].quants[0] (model a): 'Q4_K' is")
+    assert "\n" not in message and message.startswith(f"catalog {path}: models[0].quants[0] (model a): 'Q4_X' is")
     path.write_text("destination: /d\nmodels:\n  - {name: a, source: /s}\n")
     state = requantize_catalog(str(path), models=["b"], return_state=True)
     assert state.is_failed() and str(state.result(raise_on_failure=False)) == \

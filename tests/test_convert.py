@@ -24,18 +24,18 @@ VARIANTS = {
     # Phi-3 (fused qkv / gate_up) with its SentencePiece tokenizer and added tokens (the phi3 default).
     "phi3": dict(arch="phi3"),
 }
-# Checkpoint folder names: general.name comes from it, and llama.cpp treats a vocabulary whose
-# general.name contains "phi3" as Phi-3's (it looks up "<s>", "</s>", "<unk>", "<|endoftext|>").
-FOLDERS = {"phi3": "tiny-phi3"}
+# Model names: general.name comes from --name (by default the folder's name, as in convert), and
+# llama.cpp treats a vocabulary whose general.name contains "phi3" as Phi-3's (it looks up "<s>",
+# "</s>", "<unk>", "<|endoftext|>").
+NAMES = {"phi3": "tiny-phi3"}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, make_fixture, tmp_path):
     source = make_fixture(**VARIANTS[variant])
-    if variant in FOLDERS:
-        source = str(shutil.copytree(source, tmp_path / FOLDERS[variant]))
+    name = NAMES.get(variant, "fx")
     result = convert(ConvertParams(source=source, output=str(tmp_path / "out"), quants=["F32", "Q8_0"],
-                                   work_dir=str(tmp_path / "work"), name="fx"))
+                                   work_dir=str(tmp_path / "work"), name=name))
     f32 = result["validation"]["F32"]
     assert f32["passed"] and f32["readback"]["ok"]
     assert f32["llama_cpp"]["mean_kld"] < 1e-4 and f32["llama_cpp"]["top1_agreement"] >= 0.995
@@ -43,7 +43,7 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
     assert f32["tokenizer"]["ok"] and f32["tokenizer"]["first_mismatch"] is None
     assert f32["tokenizer"]["n_tokens"] == f32["tokenizer"]["n_tokens_llama_cpp"] > 300
     assert result["validation"]["Q8_0"]["passed"] and result["validation"]["Q8_0"]["tokenizer"]["ok"]
-    g = read_gguf(str(gguf_path(tmp_path / "out", "fx", "Q8_0")))
+    g = read_gguf(str(gguf_path(tmp_path / "out", name, "Q8_0")))
     if variant == "phi3":
         assert g.value("general.architecture") == "phi3" and "phi3" in g.value("general.name").lower()
         assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.add_bos_token") is True
@@ -51,7 +51,7 @@ def test_fixture_variants_convert_and_match_the_reference_in_llama_cpp(variant, 
     layers = VARIANTS[variant].get("gated_layers", (0, 1) if VARIANTS[variant].get("so8t", True) else ())
     assert g.value("so8t.baked_layers", []) == list(layers)
     assert ("output.weight" in {t.name for t in g.tensors}) != VARIANTS[variant].get("tied", False)
-    heads = release(tmp_path / "out", "fx", "Q8_0") / "fx.so8t-heads.gguf"
+    heads = release(tmp_path / "out", name, "Q8_0") / f"{name}.so8t-heads.gguf"
     assert heads.exists() == VARIANTS[variant].get("so8t", True)
 
 
@@ -160,3 +160,48 @@ def test_model_card_front_matter_and_plots_come_from_the_files(make_fixture, tmp
     for png in ("fx-Q8_0.errors.png", "fx-Q8_0.bits-per-weight.png"):
         assert (rel / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in card
     assert "FROM ./fx-Q8_0.gguf" in card and "PARAMETER stop" in card
+
+
+def test_a_release_depends_on_the_checkpoint_and_the_options_not_on_the_machine(make_fixture, tmp_path):
+    """The same checkpoint and adapter converted from other folders (other names too), with another
+    work folder: the published bytes are the same, so the second run uploads nothing; and no file
+    of the release holds a local path, the host or user name, or a date."""
+    import getpass
+    import re
+    import socket
+
+    from support.lora import FIXTURE, write_adapter
+
+    from so8t_core.storage import default_cache_dir
+
+    fixture = make_fixture(**FIXTURE)
+    adapter = write_adapter(tmp_path / "adapter", fixture)
+    places = []
+    for where, folder in (("a", "ckpt-one"), ("b", "elsewhere")):
+        src = shutil.copytree(fixture, tmp_path / where / folder)
+        places.append((str(src), str(shutil.copytree(adapter, tmp_path / where / "adapter"))))
+    out = tmp_path / "out"
+
+    def run(src: str, lora: str, work: str) -> dict:
+        return convert(ConvertParams(source=src, lora=lora, output=str(out), quants=["F32", "Q8_0"],
+                                     work_dir=str(tmp_path / work), name="fx"))
+
+    first = run(*places[0], "w1")
+    published = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    second = run(*places[1], "w2")
+    assert {q: r["uploaded"] for q, r in second["releases"].items()} == {"F32": 0, "Q8_0": 0}
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == published
+    for q, r in first["releases"].items():  # the files as published, not their copies in the work folder
+        assert {n: f["uri"] for n, f in r["files"].items()} == {n: os.path.join(r["uri"], n) for n in r["files"]}
+        assert all(os.path.isfile(f["uri"]) for f in r["files"].values())
+
+    local = [str(tmp_path), fixture, os.path.expanduser("~"), default_cache_dir()]
+    words = [w for w in (socket.gethostname(), getpass.getuser()) if len(w) >= 2]
+    for path, data in published.items():
+        for text in local:
+            assert text.encode() not in data, (path, text)
+        if path.suffix in (".json", ".md"):
+            decoded = data.decode()
+            for word in words:
+                assert not re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w.-])", decoded), (path, word)
+            assert not re.search(r"\b20\d\d-[01]\d-[0-3]\d", decoded), path

@@ -11,11 +11,11 @@ from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.analysis import analyze
 from so8t_core.gguf_file import read_gguf
+from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.plan import permute_qk
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.testing.demo import DEMO_GATED_LAYERS, unpermute_qk
 from so8t_core.testing.tokenizers import smollm2_gguf_path
-from so8t_core.validate.llama_runtime import LlamaCppModel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 DEMO = "smollm2-135m-so8t-demo"

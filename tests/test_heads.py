@@ -10,9 +10,9 @@ from flows.cli import main
 from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.errors import ValidationError
+from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.validate.heads import run_heads
-from so8t_core.validate.llama_runtime import LlamaCppModel
 from so8t_core.validate.reference import So8tReference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]

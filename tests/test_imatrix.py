@@ -113,6 +113,7 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
     assert g.value("quantize.imatrix.entries_count") == len(names)
     assert g.value("quantize.imatrix.chunks_count") == 7
     assert g.value("quantize.imatrix.dataset") == "calibration.txt"
+    assert g.value("quantize.imatrix.file") == "imatrix.gguf"  # its name, not the local path it was given as
     files = result["releases"][mix]["files"]  # the imatrix changed the bytes: not the plain quantization
     assert files[f"fx-{mix}.gguf"]["sha256"]
     # The manifest names the tensor the imatrix had no entry for (each quant's own, though F32 came first).

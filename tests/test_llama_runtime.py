@@ -1,4 +1,4 @@
-"""so8t_core.validate.llama_runtime on a real GGUF (SmolLM2-135M-Instruct, Q4_1, tied embeddings)."""
+"""so8t_core.llama_runtime on a real GGUF (SmolLM2-135M-Instruct, Q4_1, tied embeddings)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 from support.chat_templates import FLOOD, NESTED_LOOPS, SANDBOX_ESCAPE, gguf_with_template
 from support.reliability_record import record
 
+from so8t_core.chat_template import RENDER_SECONDS, render_chat
 from so8t_core.errors import ValidationError
+from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.metrics import logit_agreement
 from so8t_core.quantize.error_stats import tensor_error_stats
-from so8t_core.source.chat_template import RENDER_SECONDS, render_chat
 from so8t_core.testing.tokenizers import smollm2_gguf_path
-from so8t_core.validate.llama_runtime import LlamaCppModel
 
 pytestmark = pytest.mark.e2e  # runs models in llama.cpp
 

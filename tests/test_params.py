@@ -73,14 +73,16 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     argv = ["ckpt", "--output", "s3://b/x", "--quant", "q4_k_m", "Q8_0", "--no-validate", "--name", "m",
             "--engine", "simd", "--max-memory", "3.5", "--work-dir", "/w", "--split-max-size", "2G",
             "--split-max-tensors", "9", "--tensor-type", "attn_v=q8_0", "--tensor-type", "ffn=q5_k",
-            "--output-tensor-type", "q6_k", "--token-embedding-type", "Q8_0", "--pure", "--imatrix", "im.gguf",
+            "--output-tensor-type", "q6_k", "--token-embedding-type", "Q8_0", "--pure", "--allow-tokenizer-mismatch",
+            "--imatrix", "im.gguf",
             "--lora", "adapter", "--runner", "dask", "--dask-address", "tcp://h:8786"]
     p = from_cli(parse(argv))
     assert p.model_dump(mode="json") == {
         "source": "ckpt", "output": "s3://b/x", "quants": ["Q4_K_M", "Q8_0"], "run_validation": False, "name": "m",
         "engine": "simd", "max_memory_gb": 3.5, "work_dir": "/w", "split_max_size": "2G", "split_max_tensors": 9,
         "tensor_types": ["attn_v=q8_0", "ffn=q5_k"], "output_tensor_type": "Q6_K", "token_embedding_type": "Q8_0",
-        "pure": True, "imatrix": "im.gguf", "lora": "adapter", "runner": "dask", "dask_address": "tcp://h:8786"}
+        "pure": True, "allow_tokenizer_mismatch": True, "imatrix": "im.gguf", "lora": "adapter", "runner": "dask",
+        "dask_address": "tcp://h:8786"}
     assert set(p.model_dump()) == set(ConvertParams.model_fields)  # the argv above sets every field
     assert p.split_max_bytes == 2_000_000_000 and p.quant_names == ["Q4_K_M", "Q8_0"]
 
@@ -90,7 +92,7 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     (["--name", "../../escape"], ["--name ../../escape", "not a plain name"]),
     (["--split-max-size", "lots"], ["--split-max-size lots", "not a size"]),
     (["--split-max-tensors", "-1"], ["--split-max-tensors -1", "greater than or equal to 0"]),
-    (["--max-memory", "0"], ["--max-memory 0", "greater than 0"]),
+    (["--max-memory", "-1"], ["--max-memory -1", "greater than or equal to 0"]),
     (["--quant", "Q8_K"], ["--quant Q8_K", "not a file type"]),
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "not a tensor type"]),
 ])
@@ -103,7 +105,7 @@ def test_a_value_the_fields_refuse_is_one_line_naming_the_option(argv, words):
 
 def test_names_and_types_are_case_insensitive_on_the_form_too():
     p = ConvertParams(quants=["q4_k_m", "Q8_0"], engine="simd", name="", output_tensor_type="q8_0")
-    assert p.quant_names == ["Q4_K_M", "Q8_0"] and p.name is None and p.output_tensor_type.value == "Q8_0"
+    assert p.quant_names == ["Q4_K_M", "Q8_0"] and p.name == "" and p.output_tensor_type.value == "Q8_0"
     assert p.quants[0] is QuantMix.Q4_K_M
     for bad in ({"quants": ["Q9_9"]}, {"quants": []}, {"engine": "cuda"}, {"quant": ["Q8_0"]},
                 {"split_max_size": "lots"}, {"name": "a/b"}):
@@ -111,7 +113,68 @@ def test_names_and_types_are_case_insensitive_on_the_form_too():
             ConvertParams(**bad)
 
 
+def test_llama_quantizes_aliases_name_their_mixes_on_the_cli_the_form_and_in_a_catalog():
+    from flows.catalog import parse_catalog
+
+    argv = ["--quant", "q4_k", "Q5_K", "q3_K"]
+    assert from_cli(convert_parser().parse_args(argv)).quant_names == ["Q4_K_M", "Q5_K_M", "Q3_K_M"]
+    assert ConvertParams(quants=["q4_k", "Q4_K_M"]).quant_names == ["Q4_K_M"]
+    (model,) = parse_catalog("destination: /d\nquants: [q4_k, q8_0]\nmodels:\n  - {name: a, source: /s}\n",
+                             "/c.yaml")
+    assert model.quants == ("Q4_K_M", "Q8_0")
+
+
+def test_a_source_after_quant_is_taken_for_a_mix_and_the_hint_says_so(tmp_path, monkeypatch):
+    def refused(argv):
+        with pytest.raises(So8tError) as err:
+            from_cli(convert_parser().parse_args(argv))
+        return err.value.one_line()
+
+    line = refused(["--quant", "Q8_0", "q4_k", "models/my-so8t"])
+    assert line.startswith("--quant models/my-so8t: not a quant mix; --quant takes every word after it")
+    assert "(hint: put SOURCE before --quant: so8t-gguf convert models/my-so8t --quant Q8_0 q4_k)" in line
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()  # a bare folder name, there in the working folder
+    assert "so8t-gguf convert ckpt --quant Q8_0)" in refused(["--quant", "ckpt"])
+    assert "unknown or not yet supported quant type" in refused(["--quant", "Q9"])  # a typo is a typo
+
+
+def test_json_and_quiet_exclude_each_other(capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["convert", "--json", "--quiet"])
+    assert exit.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_cli_markers_are_where_a_plain_flag_will_not_do():
     spelled = {f for f, info in ConvertParams.model_fields.items() if any(isinstance(m, Cli) for m in info.metadata)}
     plain = set(ConvertParams.model_fields) - spelled
     assert all(cli_spelling(f).flag == "--" + f.replace("_", "-") for f in plain)
+
+
+def test_the_form_has_plain_fields_with_defaults_and_human_labels():
+    """Prefect's form shows an optional (``X | None``) field as a type toggle ("Property is type
+    None") that needs a click before typing: every field is a plain one with a default, a leaf
+    of the form (no anyOf), labelled, with help text that Markdown shows as written."""
+    schema = parameter_schema(convert_model.fn).model_dump()
+    form = resolve(schema, schema["properties"]["params"])
+    assert not form.get("required")
+    for field, prop in form["properties"].items():
+        assert "anyOf" not in prop and "null" not in str(prop.get("type")), field
+        assert "default" in prop, field
+        title = prop["title"]
+        assert title[0].isupper() and "_" not in title and title != field, field
+        assert not set("<>*`") & set(prop["description"]), field  # HTML and Markdown markup
+    assert len({p["title"] for p in form["properties"].values()}) == len(form["properties"])
+
+
+def test_a_form_left_alone_or_cleared_is_the_defaults():
+    """What a form sends for fields the user leaves alone or clears, and what Python callers pass
+    for "not given" (None), all mean the default."""
+    cleared = {"source": "", "name": " ", "work_dir": "", "split_max_size": "", "imatrix": "", "lora": "",
+               "dask_address": "", "max_memory_gb": 0, "output_tensor_type": "default", "token_embedding_type": ""}
+    assert ConvertParams(**cleared) == ConvertParams() == ConvertParams(**{k: None for k in cleared})
+    assert ConvertParams(output_tensor_type="Default").output_tensor_type == ConvertParams().output_tensor_type
+    parse = convert_parser().parse_args
+    assert from_cli(parse(["--output-tensor-type", "default", "--max-memory", "0"])) == ConvertParams()

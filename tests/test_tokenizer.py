@@ -14,8 +14,8 @@ import json
 import os
 
 import gguf
-import llama_cpp
 import pytest
+from support.vocab_files import FIXTURE_CONFIG, load_vocab, split_byte_level, with_pre_tokenizer, write_vocab_gguf
 from tokenizers import Tokenizer
 
 from so8t_core.errors import CheckpointError, UnsupportedError
@@ -38,22 +38,6 @@ TEXT = (
 )
 SMOLLM2_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-FIXTURE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
-
-
-def write_vocab_gguf(path, kvs) -> str:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for kv in kvs:
-        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
-
-
-def load_vocab(path: str):
-    return llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
 
 
 def hf(files: dict[str, bytes]) -> Tokenizer:
@@ -200,29 +184,16 @@ def test_vocab_padded_to_config_vocab_size(tmp_path):
     assert_parity(llm, hf(files))
 
 
-def _with_pre_tokenizer(files: dict[str, bytes], pre_tokenizer: dict, **model) -> dict[str, bytes]:
-    tj = json.loads(files["tokenizer.json"])
-    tj["pre_tokenizer"] = pre_tokenizer
-    tj["model"].update(model)
-    return {**files, "tokenizer.json": json.dumps(tj, ensure_ascii=False).encode()}
-
-
-def _split_byte_level(regex: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-
-
 @pytest.mark.parametrize("pre, pre_tokenizer, model", [
-    ("llama-bpe", _split_byte_level(LLAMA3_REGEX), {"ignore_merges": True}),
-    ("qwen2", _split_byte_level(QWEN2_REGEX), {}),
+    ("llama-bpe", split_byte_level(LLAMA3_REGEX), {"ignore_merges": True}),
+    ("qwen2", split_byte_level(QWEN2_REGEX), {}),
     ("smollm", {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}, {}),
 ])
 def test_pre_tokenizer_recognised_by_structure(pre, pre_tokenizer, model, tmp_path):
     """Unknown hash, known structure: the name we pick makes llama.cpp split like HF."""
-    files = _with_pre_tokenizer(fixture_tokenizer_files(512), pre_tokenizer, **model)
+    files = with_pre_tokenizer(fixture_tokenizer_files(512), pre_tokenizer, **model)
     kvs = tokenizer_metadata(files, FIXTURE_CONFIG, "mem://structure")
     assert {kv.key: kv.value for kv in kvs}["tokenizer.ggml.pre"] == pre
     assert_parity(load_vocab(write_vocab_gguf(tmp_path / "v.gguf", kvs)), hf(files))
@@ -280,9 +251,9 @@ def test_non_utf8_file():
 
 def test_unsupported_tokenizers():
     files = fixture_tokenizer_files(300)
-    metaspace = _with_pre_tokenizer(files, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+    metaspace = with_pre_tokenizer(files, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
                                             "split": True})
-    with pytest.raises(UnsupportedError, match=r"^mem://odd: the BPE pre-tokenizer .* not recognised"):
+    with pytest.raises(UnsupportedError, match=r"^mem://odd: no llama.cpp pre-tokenizer reproduces the Hugging Face"):
         tokenizer_metadata(metaspace, FIXTURE_CONFIG, "mem://odd")
     tj = json.loads(files["tokenizer.json"])
     tj["model"] = {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}
@@ -294,7 +265,7 @@ def test_unsupported_tokenizers():
 
 def test_bos_from_template_post_processor(tmp_path):
     """A Llama-3-style TemplateProcessing post-processor: BOS added, on both sides."""
-    files = _with_pre_tokenizer(fixture_tokenizer_files(512), _split_byte_level(LLAMA3_REGEX), ignore_merges=True)
+    files = with_pre_tokenizer(fixture_tokenizer_files(512), split_byte_level(LLAMA3_REGEX), ignore_merges=True)
     tj = json.loads(files["tokenizer.json"])
     bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
     tj["post_processor"] = {

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from so8t_core.assemble.sequential import convert_sequential
+from so8t_core.errors import ValidationError
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 from so8t_core.validate.checks import (
@@ -84,9 +85,14 @@ def test_add_bos_mismatch_is_caught(converted, tmp_path):
     assert report["n_tokens_llama_cpp"] == report["n_tokens"] + 1
 
 
-def test_validate_file_runs_the_tokenizer_gate(converted):
+def test_validate_file_runs_the_tokenizer_gate(converted, monkeypatch):
+    from so8t_core.validate import checks
+
     gguf, ckpt, other = converted["llama-bpe"]
     good = validate_file(gguf, ckpt)
     assert good["passed"] and good["tokenizer"]["ok"]
+    with pytest.raises(ValidationError, match="converted from checkpoint"):
+        validate_file(gguf, other)  # refused on the recorded fingerprint, before any gate runs
+    monkeypatch.setattr(checks, "check_converted_from", lambda g, ckpt: None)  # the gates themselves, here
     bad = validate_file(gguf, other)  # other seed: other weights and another tokenizer
     assert not bad["passed"] and "tokenizer" in bad["failures"]

@@ -164,7 +164,7 @@ def write_lora_gguf(adapter_uri: str, base_uri: str, output: str) -> dict[str, A
             "arch": spec.arch, "tensors": len(infos), "base_fingerprint": base_fingerprint,
             "gguf_lora_alpha": gguf_alpha(adapter),
             "transforms": dict(sorted(Counter(p.transform for p in items).items())),
-            "adapter_uri": summary["uri"], "adapter_sha256": adapter.sha256,
+            "adapter_uri": storage.redact_uri(adapter.uri), "adapter_sha256": adapter.sha256,
             **{k: summary[k] for k in ("r", "lora_alpha", "use_rslora", "scale", "scaling",
                                        "effective_target_modules", "merged_tensors")}}
 

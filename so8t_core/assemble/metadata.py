@@ -55,9 +55,10 @@ def general_kvs(arch: str, folder_name: str, files: Mapping[str, bytes], n_param
     """general.type and the general.* keys convert writes (ModelBase.prepare_metadata), from gguf-py itself.
 
     ``files`` holds the folder's README.md / config.json / generation_config.json (those present);
-    ``folder_name`` is the checkpoint folder's name, which gguf.Metadata mines for name, basename,
-    finetune, version and size label when the model card and config.json do not say, and which
-    convert takes verbatim as general.name when nothing gives one.
+    ``folder_name`` is the model's name (convert's model folder name: ours by default, else
+    ``--name``), which gguf.Metadata mines for name, basename, finetune, version and size label
+    when the model card and config.json do not say, and which convert takes verbatim as
+    general.name when nothing gives one.
     """
     with tempfile.TemporaryDirectory(prefix="so8t-model-card-") as tmp:
         model_dir = Path(tmp) / folder_name  # Metadata reads the folder's name: give it the source's

@@ -7,10 +7,10 @@ want one GGUF file without a flow run. It does not validate or publish.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from so8t_core.analysis import checkpoint_model
+from so8t_core.assemble.metadata import model_folder_name
 from so8t_core.assemble.model import assemble_model, model_metadata
 from so8t_core.constants import quant_type
 from so8t_core.gguf_file import NO_SPLIT, Split
@@ -39,6 +39,6 @@ def convert_sequential(ckpt: Checkpoint, quant: str, out_path: str, staging_dir:
     staged = [stage_tensor(ckpt, p, [(q.name, t)], staging_dir,
                            [source.tensor_sha256[n] for n in (p.source, p.gate, p.bias_source) if n], engine)[0]
               for p, t in zip(plan, types)]
-    name = name or os.path.basename(ckpt.uri.rstrip("/"))
+    name = name or model_folder_name(ckpt.uri, "model")  # as convert names a model after its folder
     arch, kvs = model_metadata(ckpt, q, name, source.fingerprint, staged)
     return SequentialResult(source, assemble_model(out_path, arch, kvs, staged, split), staged)

@@ -48,6 +48,21 @@ def _yaml_str(text: str) -> str:
     return json.dumps(str(text))  # a JSON string is a valid YAML scalar, quotes and all
 
 
+def _tokenizer_lines(t: Mapping[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    p = t["parity"]
+    if p["ok"]:
+        pre = f" with llama.cpp's pre-tokenizer `{t['pre_tokenizer']}`" if t["pre_tokenizer"] else ""
+        return [f"- Tokenizer: {t['type']}{pre}; llama.cpp gives exactly the Hugging Face tokenizer's ids on the "
+                f"probe text ({p['n_tokens']} tokens of code, numbers, whitespace runs, CJK, emoji and accents)."]
+    return [f"- **Tokenizer: llama.cpp does not reproduce the Hugging Face tokenizer.** Converted anyway "
+            f"(`--allow-tokenizer-mismatch`): from token {p['first_mismatch']} of the probe text "
+            f"(`{p['text_at_mismatch']!r}`) Hugging Face gives {p['hf']}, llama.cpp "
+            f"({t['pre_tokenizer'] or 'SentencePiece'}) {p['llama_cpp']}. Prompts tokenize differently than in "
+            "training; expect lower quality on such text."]
+
+
 def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Mapping[str, Any]],
                       validations: Mapping[str, Mapping[str, Any]], max_bake_error: float,
                       source_fingerprint: str, converter: str, facts: Mapping[str, Any] | None = None,
@@ -85,6 +100,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
         f"({hp['kv_heads']} KV heads), FFN {hp['intermediate_size']}, vocabulary {hp['vocab_size']}, "
         f"context {hp['context_length']}" + (", tied embeddings" if hp["tied_embeddings"] else ""),
         f"- Parameters in the checkpoint: {analysis['parameters']['total']:,}",
+        *_tokenizer_lines(analysis.get("tokenizer")),
         "",
         "## SO8T structure and what was done with it",
         "",

@@ -79,17 +79,20 @@ def _json_bytes(obj: Any) -> bytes:
 
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
                      staged: Sequence[StagedTensor], imatrix=None, uncovered: Sequence[str] = (),
-                     lora: dict | None = None) -> dict:
+                     lora: dict | None = None, tokenizer: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
     used (``imatrix``: a ``quantize.imatrix.Imatrix``; ``uncovered``: the tensors it had no
-    entry for)."""
+    entry for), and, when llama.cpp does not reproduce the tokenizer (converted with
+    --allow-tokenizer-mismatch), the tokenizer check that says so (``tokenizer``: the analysis')."""
     manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
                 "validation": validation,
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
                 "imatrix": None if imatrix is None else imatrix.summary(uncovered)}
     if lora is not None:
         manifest["lora"] = lora
+    if tokenizer is not None and not tokenizer["parity"]["ok"]:
+        manifest["tokenizer_mismatch"] = tokenizer
     return manifest
 
 
@@ -437,34 +440,6 @@ def latest_release(dest: str, model: str, quant: str) -> str | None:
     """The URI of the release of ``model`` at ``quant`` published last, or None."""
     entry = ((read_latest(dest, model) or {}).get("quants") or {}).get(quant)
     return None if entry is None else entry_release(dest, model, entry)
-
-
-def model_gguf(path: str, quant: str | None = None) -> str:
-    """The model GGUF a local path names: a .gguf file itself, a release folder (its current
-    version's first model file), a version folder, or a model folder with latest.json (the latest
-    release of ``quant``)."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, LATEST_NAME)):
-        folder, model = os.path.split(os.path.abspath(path))
-        latest = read_latest(folder, model) or {}
-        quants = sorted((latest.get("quants") or {}))
-        if quant is None or quant not in quants:
-            raise StorageError(path, f"{'a quant is needed' if quant is None else f'no release of {quant}'} "
-                               f"(published: {', '.join(quants) or 'none'})", "pass --quant")
-        path = latest_release(folder, model, quant)
-        if path is None:
-            raise StorageError(os.path.join(folder, model, LATEST_NAME), f"its {quant} entry names no release "
-                               "folder", "publish the model again")
-    version = current_version(path) if os.path.isdir(path) else None
-    if version is None:
-        raise StorageError(path, "neither a GGUF file nor a complete release (no current.json naming a version "
-                           "with its manifest.json)", "pass a .gguf file, a release folder or a model folder with "
-                           "latest.json")
-    models = sorted(n for n in version.manifest["files"] if n.endswith(".gguf") and not n.endswith(".so8t-heads.gguf"))
-    if not models:
-        raise StorageError(path, "the release lists no model GGUF", "check its manifest.json")
-    return storage.member(version.folder, models[0])  # a split model loads through its first shard
 
 
 def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]]) -> FileRef:

@@ -10,6 +10,7 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
+from so8t_core.constants import bits_per_weight
 from so8t_core.refs import StagedTensor
 from so8t_core.storage import redact_uri
 
@@ -65,7 +66,7 @@ def summary_markdown(name: str, source: str, fingerprint: str, quants: Sequence[
         f = (v or {}).get("llama_cpp") or {}
         tok = (v or {}).get("tokenizer") or {}
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            q, len(tensors), human_size(nbytes), f"{8 * nbytes / n:.3f}" if n else "-",
+            q, len(tensors), human_size(nbytes), f"{bits_per_weight(nbytes, n):.2f}" if n else "-",
             f"{f['mean_kld']:.3g}" if "mean_kld" in f else "-",
             f"{100 * f['top1_agreement']:.1f}%" if "top1_agreement" in f else "-",
             ("same ids" if tok.get("ok") else "DIFFERENT") if tok else "-",

@@ -74,7 +74,7 @@ def load_imatrix(uri: str) -> Imatrix:
 
 
 # Per process, for tasks that each need the entries of the file the flow checked.
-load_imatrix_cached = storage.pinned(load_imatrix, "the imatrix file", maxsize=2)
+load_imatrix_cached = storage.Pinned(load_imatrix, "the imatrix file", maxsize=2)
 
 
 def _parse(uri: str, digest: str, data: bytes) -> Imatrix:

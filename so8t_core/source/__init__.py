@@ -6,6 +6,6 @@ fingerprint (``fingerprint``), the base architectures (``architectures``), the S
 (``so8t``: gates and heads; ``rotation``: the SO(8) math), PEFT LoRA adapters (``lora``)
 and the tokenizer's GGUF metadata (``tokenizer``).
 
-Layer rule: modules here import the foundation (``so8t_core.errors``, ``refs``, ``storage``,
+Layer rule: modules here import the foundation (``so8t_core.errors``, ``refs``, ``storage``, ``llama_runtime``,
 ``constants``, ``metrics``, ``gguf_file``) and each other, nothing above.
 """

@@ -27,7 +27,6 @@ from so8t_core import storage
 from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.source.checkpoint import refuse_links_outside
 from so8t_core.source.safetensors_format import TensorSlice, decode_float, header_length, parse_header
-from so8t_core.storage import redact_uri
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -129,15 +128,24 @@ class LoraAdapter:
         return out
 
     def summary(self, targets: Sequence[str] | None = None) -> dict[str, Any]:
-        """What the manifest, the result and the model card say about the adapter."""
+        """What the manifest, the analysis and the model card say about the adapter: its content
+        (sha256, the configuration), never where it lay."""
         weights = sorted(self.pairs if targets is None else targets)
         modules = sorted({w.rsplit(".", 2)[-2] for w in weights})
-        return {"uri": redact_uri(self.uri), "sha256": self.sha256, "r": self.r, "lora_alpha": self.alpha,
+        return {"sha256": self.sha256, "r": self.r, "lora_alpha": self.alpha,
                 "use_rslora": self.use_rslora, "scale": self.scale,
                 "scaling": "rslora: lora_alpha / sqrt(r)" if self.use_rslora else "lora: lora_alpha / r",
                 "target_modules_config": self.config.get("target_modules"),
                 "effective_target_modules": modules, "merged_tensors": weights,
-                "base_model_name_or_path": self.config.get("base_model_name_or_path")}
+                "base_model_name_or_path": _hub_id(self.config.get("base_model_name_or_path"))}
+
+
+def _hub_id(base: Any) -> str | None:
+    """The adapter config's base model when it is a Hub id ("org/name"); None for a local path
+    (PEFT writes the folder the base was loaded from), which a release must not carry."""
+    if not isinstance(base, str) or not base or base.startswith(("/", "~", ".", "\\")) or ":" in base:
+        return None
+    return base
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -256,7 +264,7 @@ def load_adapter(uri: str) -> LoraAdapter:
 
 # Per process, for tasks that each need pairs of the adapter the flow checked (its A
 # matrices are cached once read).
-load_adapter_cached = storage.pinned(load_adapter, "the LoRA adapter")
+load_adapter_cached = storage.Pinned(load_adapter, "the LoRA adapter")
 
 
 class MergedReader:

@@ -21,17 +21,23 @@ token ids and the pre-tokenizer hash. Nothing touches the network or the file sy
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import posixpath
+import struct
+import tempfile
+from dataclasses import dataclass
 from hashlib import sha256
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import gguf
 from gguf import GGUFValueType as VT
 
+from so8t_core import storage
+from so8t_core.chat_template import check_chat_templates
 from so8t_core.errors import CheckpointError, UnsupportedError
-from so8t_core.gguf_file import GGUFKV
-from so8t_core.source.chat_template import check_chat_templates
+from so8t_core.gguf_file import GGUFKV, write_gguf
 
 K = gguf.Keys.Tokenizer
 # HF architectures convert_hf_to_gguf.py handles with LlamaModel (whose set_vocab adds two rules).
@@ -85,6 +91,37 @@ LLAMA3_REGEX = (
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+# The pre-tokenizer types of the pinned llama.cpp (src/llama-vocab.cpp) tried, in this order, after
+# the family's declared one: one name per behaviour of the common families (llama.cpp treats
+# llama3/falcon3/pixtral as llama-bpe, phi-2/jina/exaone4 as gpt-2, deepseek-r1-qwen as qwen2,
+# llama4 as gpt-4o). The other ~40 types llama.cpp knows are reached only when convert's hash
+# names them: each type tried costs a vocabulary load, and a refusal must stay under seconds.
+LLAMA_CPP_PRE_TYPES = (
+    "gpt-2", "llama-bpe", "qwen2", "smollm", "deepseek-llm", "deepseek-coder", "deepseek-v3", "starcoder",
+    "falcon", "mpt", "olmo", "stablelm2", "command-r", "tekken", "gpt-4o", "qwen35",
+)
+
+# The text a tokenizer must reproduce in llama.cpp before any conversion work (and the held-out
+# PARITY_TEXT again on the final file, in validation): whitespace runs and newlines, digits and
+# long numbers, contractions, punctuation runs, code, CJK, kana, Hangul, emoji with joiners,
+# accents (composed, as text is written), mixed scripts.
+PROBE_TEXT = (
+    "Hello world!  Two  spaces,\tand a tab.\n\nNew paragraph.\n\n\n   Indented line\r\n"
+    "Numbers: 7 42 314 2718 31415 9265358 3.14159 1,000,000 0x1F 1e-9 -273.15 v2.0.1 2024-12-04\n"
+    "Contractions: I'm you're he's we've they'll she'd it's DON'T Can't y'all o'clock\n"
+    "Punctuation!!! Really??? ...ellipsis... --dashes-- ***stars*** ((nested)) [brackets] {braces} <angles>\n"
+    "def greet(name: str) -> str:\n    return f\"Hello, {name}!\"  # comment\n"
+    "if (x >= 10 && y != 0) { z += x / y; }\n"
+    "日本語のテキスト、カタカナとひらがな。中文文本：你好，世界！ 한국어 문장입니다.\n"
+    "Emoji: 🚀 👩‍💻 🇯🇵 👍🏽 ❤️ 😶‍🌫️\n"
+    "Accents: café naïve résumé Zürich São Paulo Ελληνικά Русский текст العربية עברית हिन्दी\n"
+    "Mixed: abc123def ABC_def-ghi.jkl/mno iPhone15Pro αβγ123 Tokyo東京2024 $9.99 50% (12) -5 +7 #3 @4\n"
+    # Runs of each kind of whitespace before each kind of character: where pre-tokenizers differ most.
+    "x 1  2   3    4\t5\t\t6 \t7\u00a08\u30009  a   b\tc ,  .   !\t?  (  [\t{  \"  '\n"
+    "  \n   \n\t\n \t \n\n\n\n  end   日  本\t語  🚀   😀\t€  £  \u00a0\u00a0x\u3000\u3000y \r\n\r\n  z  \n"
 )
 
 
@@ -233,8 +270,9 @@ def _add_config_tokens(tk, files: Mapping[str, bytes], tok_config: dict | None, 
 
 
 def _bpe_vocab(files: Mapping[str, bytes], tok_config: dict | None, config: Mapping, where: str,
-               out: dict[str, GGUFKV]) -> dict:
-    """_set_vocab_gpt2 without the SpecialVocab part; returns the parsed tokenizer.json."""
+               out: dict[str, GGUFKV]) -> tuple[dict, tuple[str, str] | None]:
+    """_set_vocab_gpt2 without the SpecialVocab part; returns the parsed tokenizer.json and the
+    pre-tokenizer the family declares, with why (None when neither hash nor structure names one)."""
     from tokenizers import Tokenizer
 
     path = posixpath.join(where, "tokenizer.json")
@@ -263,12 +301,12 @@ def _bpe_vocab(files: Mapping[str, bytes], tok_config: dict | None, config: Mapp
         raise CheckpointError(where, f"the tokenizer has token id {max(vocab.values())} but config.json "
                                      f"vocab_size is {vocab_size}")
 
-    pre = PRE_BY_HASH.get(chkhsh(tk)) or _pre_by_structure(tj)
-    if pre is None:
-        raise UnsupportedError(where, "the BPE pre-tokenizer of tokenizer.json is not recognised (its "
-                                      "convert_hf_to_gguf hash is unknown and its pre_tokenizer is not one "
-                                      "llama.cpp implements)",
-                               "supported families: Llama 3, SmolLM, Qwen2/3, GPT-2, Phi-2, OLMo, StarCoder")
+    # What the family declares: convert's hash of its check text, else tokenizer.json's structure.
+    # Only a proposal: check_tokenizer keeps it when llama.cpp reproduces the ids with it.
+    pre = PRE_BY_HASH.get(chkhsh(tk))
+    declared = (pre, "convert_hf_to_gguf's hash of its check text names it") if pre else None
+    if pre is None and (pre := _pre_by_structure(tj)) is not None:
+        declared = (pre, "tokenizer.json's pre_tokenizer has its structure")
 
     added_decoder = tk.get_added_tokens_decoder()  # id -> AddedToken
     added_vocab = {tok.content: i for i, tok in sorted(added_decoder.items())}
@@ -298,10 +336,10 @@ def _bpe_vocab(files: Mapping[str, bytes], tok_config: dict | None, config: Mapp
         tokens.append(token)
 
     out[K.MODEL] = GGUFKV(K.MODEL, "gpt2", VT.STRING)
-    out[K.PRE] = GGUFKV(K.PRE, pre, VT.STRING)
+    out[K.PRE] = GGUFKV(K.PRE, pre or LLAMA_CPP_PRE_TYPES[0], VT.STRING)  # chosen by check_tokenizer
     out[K.LIST] = GGUFKV(K.LIST, tokens, VT.ARRAY, VT.STRING)
     out[K.TOKEN_TYPE] = GGUFKV(K.TOKEN_TYPE, types, VT.ARRAY, VT.INT32)
-    return tj
+    return tj, declared
 
 
 def _sentencepiece_vocab(files: Mapping[str, bytes], tok_config: dict | None, config: Mapping, where: str,
@@ -546,7 +584,7 @@ def chat_templates(files: Mapping[str, bytes], where: str) -> dict[str, str]:
 
 def check_chat_template(files: Mapping[str, bytes], where: str) -> None:
     """Refuse, before any conversion work, chat templates that do not render within the limits or
-    that Jinja's sandbox refuses (source/chat_template.py), naming the file they come from."""
+    that Jinja's sandbox refuses (so8t_core/chat_template.py), naming the file they come from."""
     templates = chat_templates(files, where)
     if not templates:
         return
@@ -581,15 +619,24 @@ def _named_templates(templates: list, out: dict[str, GGUFKV]) -> None:
 # --- public entry point --------------------------------------------------------------------------
 
 
-def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str) -> list[GGUFKV]:
-    """The ``tokenizer.*`` GGUF metadata of a checkpoint, as convert_hf_to_gguf writes it
-    for a Llama-family model.
+def _metadata(files: Mapping[str, bytes], config: Mapping, where: str
+              ) -> tuple[dict[str, GGUFKV], tuple[str, str] | None]:
+    """The ``tokenizer.*`` keys as convert_hf_to_gguf would write them, and the BPE
+    pre-tokenizer the family declares (with why); ``tokenizer.ggml.pre`` still to be checked.
+    Cached in the process (the check and the metadata both need them; a vocabulary takes a
+    fraction of a second to build)."""
+    key = _check_key(files, config) + "|" + where
+    if key not in _METADATA:
+        _METADATA[key] = _build_metadata(files, config, where)
+    out, declared = _METADATA[key]
+    return dict(out), declared
 
-    ``files`` maps tokenizer file names (tokenizer.json, tokenizer_config.json,
-    tokenizer.model, chat_template.jinja, ...) to their bytes; ``config`` is config.json;
-    ``where`` names the checkpoint in error messages. Raises CheckpointError for missing
-    or malformed files and UnsupportedError for tokenizers llama.cpp would not reproduce.
-    """
+
+_METADATA: dict[str, tuple[dict[str, GGUFKV], tuple[str, str] | None]] = {}
+
+
+def _build_metadata(files: Mapping[str, bytes], config: Mapping, where: str
+                    ) -> tuple[dict[str, GGUFKV], tuple[str, str] | None]:
     tok_config = _json(files, "tokenizer_config.json", where)
     out: dict[str, GGUFKV] = {}  # insertion-ordered, and a later write replaces in place (as GGUFWriter)
     archs = config.get("architectures") or [None]
@@ -598,12 +645,13 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str) 
     if llama_model and tok_config and (prefix := tok_config.get("add_prefix_space")) is not None:
         out[K.ADD_PREFIX] = GGUFKV(K.ADD_PREFIX, bool(prefix), VT.BOOL)
 
+    declared = None
     if "tokenizer.model" in files:  # LlamaModel/Qwen2Model try SentencePiece first
         n_tokens = _sentencepiece_vocab(files, tok_config, config, where, out)
         tj = _json(files, "tokenizer.json", where)
         _special_vocab(files, tj, tok_config, config, where, n_tokens, False, out)
     elif "tokenizer.json" in files:
-        tj = _bpe_vocab(files, tok_config, config, where, out)
+        tj, declared = _bpe_vocab(files, tok_config, config, where, out)
         _special_vocab(files, tj, tok_config, config, where, None, True, out)
     else:
         raise CheckpointError(where, "the checkpoint has no tokenizer (neither tokenizer.json nor tokenizer.model)",
@@ -613,4 +661,249 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str) 
     # never get BOS added.
     if llama_model and config.get("vocab_size") == 49152:
         out[K.ADD_BOS] = GGUFKV(K.ADD_BOS, False, VT.BOOL)
+    return out, declared
+
+
+def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str,
+                       allow_mismatch: bool = False) -> list[GGUFKV]:
+    """The ``tokenizer.*`` GGUF metadata of a checkpoint, as convert_hf_to_gguf writes it
+    for a Llama-family model, with the pre-tokenizer llama.cpp reproduces the tokenizer with.
+
+    ``files`` maps tokenizer file names (tokenizer.json, tokenizer_config.json,
+    tokenizer.model, chat_template.jinja, ...) to their bytes; ``config`` is config.json;
+    ``where`` names the checkpoint in error messages. Raises CheckpointError for missing
+    or malformed files and UnsupportedError for tokenizers llama.cpp does not reproduce
+    (:func:`check_tokenizer`), unless ``allow_mismatch``: then the family's declared
+    pre-tokenizer (or the closest one) is written and the mismatch is the caller's to state.
+    """
+    out, _ = _metadata(files, config, where)
+    check = check_tokenizer(files, config, where)
+    if not check.ok and not allow_mismatch:
+        raise check.error(where)
+    if check.pre is not None:
+        out[K.PRE] = GGUFKV(K.PRE, check.pre, VT.STRING)
     return list(out.values())
+
+
+# --- parity: the tokenizer proven in llama.cpp -----------------------------------------------------
+
+CHECK_VERSION = "1"  # part of the cache key: bump when the check's logic changes
+SHOWN_IDS = 8  # ids of each side in a message, from the first difference on
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """Whether llama.cpp reproduces a checkpoint's Hugging Face tokenizer on PROBE_TEXT, with
+    which pre-tokenizer and why; what was tried; where the ids first part when none does."""
+
+    kind: str  # "BPE" or "SentencePiece"
+    pre: str | None  # tokenizer.ggml.pre to write (BPE); for a mismatch, the closest one tried
+    why: str
+    tried: tuple[str, ...]
+    ok: bool
+    n_tokens: int
+    first_mismatch: int | None = None
+    text_at_mismatch: str = ""
+    hf: tuple[int, ...] = ()
+    llama_cpp: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "pre_tokenizer": self.pre, "why": self.why, "tried": list(self.tried),
+                "parity": {"ok": self.ok, "text": "PROBE_TEXT", "n_tokens": self.n_tokens,
+                           "first_mismatch": self.first_mismatch, "text_at_mismatch": self.text_at_mismatch,
+                           "hf": list(self.hf), "llama_cpp": list(self.llama_cpp)}}
+
+    def error(self, where: str) -> UnsupportedError:
+        names = ", ".join(self.tried[:6]) + (f" and {len(self.tried) - 6} more" if len(self.tried) > 6 else "")
+        what = "no llama.cpp pre-tokenizer reproduces" if self.kind == "BPE" else "llama.cpp does not reproduce"
+        return UnsupportedError(
+            where, f"{what} the Hugging Face tokenizer: at {self.text_at_mismatch!r} (token {self.first_mismatch}) "
+                   f"Hugging Face gives {list(self.hf)} but llama.cpp ({self.pre or 'SentencePiece'}) gives "
+                   f"{list(self.llama_cpp)}; tried {names}",
+            "re-save the tokenizer with the base model's pre_tokenizer, or pass --allow-tokenizer-mismatch to "
+            "convert anyway (the card and manifest then say so)")
+
+
+def check_tokenizer(files: Mapping[str, bytes], config: Mapping, where: str) -> TokenizerCheck:
+    """Prove the tokenizer in llama.cpp before any conversion work: write its GGUF metadata into a
+    vocabulary-only GGUF (llama.cpp loads one in well under a second) and compare llama.cpp's ids of
+    PROBE_TEXT with the Hugging Face tokenizer's (:func:`hf_token_ids`). A BPE tokenizer gets the
+    family's declared pre-tokenizer when it reproduces the ids, else the first of
+    LLAMA_CPP_PRE_TYPES that does; none that does not. Cached in the process and under
+    ``<cache>/tokenizer-checks/`` by the files, the config and llama.cpp's version."""
+    key = _check_key(files, config)
+    if key in _CHECKS:
+        return _CHECKS[key]
+    path = os.path.join(storage.default_cache_dir(), "tokenizer-checks", key + ".json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        check = TokenizerCheck(**{**cached, "tried": tuple(cached["tried"]), "hf": tuple(cached["hf"]),
+                                  "llama_cpp": tuple(cached["llama_cpp"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        check = _probe(files, config, where)
+        with storage.local_atomic_file(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(dataclasses.asdict(check), f, ensure_ascii=False)
+    _CHECKS[key] = check
+    return check
+
+
+_CHECKS: dict[str, TokenizerCheck] = {}
+
+
+def _check_key(files: Mapping[str, bytes], config: Mapping) -> str:
+    import llama_cpp
+
+    what = [CHECK_VERSION, llama_cpp.__version__, sha256(PROBE_TEXT.encode()).hexdigest(),
+            sorted((n, sha256(d).hexdigest()) for n, d in files.items()), json.dumps(config, sort_keys=True,
+                                                                                      default=str)]
+    return sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _probe(files: Mapping[str, bytes], config: Mapping, where: str) -> TokenizerCheck:
+    out, declared = _metadata(files, config, where)
+    kind = "BPE" if out[K.MODEL].value == "gpt2" else "SentencePiece"
+    expected = hf_token_ids(files, PROBE_TEXT, where)
+    if kind == "BPE":
+        candidates = list(dict.fromkeys(([declared[0]] if declared else []) + list(LLAMA_CPP_PRE_TYPES)))
+    else:
+        candidates = [out.get(K.PRE).value if K.PRE in out else ""]  # SentencePiece: as written, no choice
+    image = _vocab_gguf_image(out, _gguf_arch(config))
+    best: tuple[int, str | None, list[int]] = (-1, None, [])
+    tried = []
+    for pre, got in _tokenize_variants(image, out[K.PRE].value if K.PRE in out else "", candidates, PROBE_TEXT):
+        tried.append(pre if kind == "BPE" else "llama (SentencePiece)")
+        if got is None:
+            continue  # llama.cpp cannot load or use this vocabulary with this pre-tokenizer
+        if got == expected:
+            if kind != "BPE":
+                why = "SentencePiece: llama.cpp reproduces the Hugging Face ids on the probe text"
+            elif declared and pre == declared[0]:
+                why = declared[1]
+            else:
+                why = ("llama.cpp reproduces the Hugging Face ids on the probe text with it"
+                       + (f" (not with the declared {declared[0]!r})" if declared else ""))
+            return TokenizerCheck(kind, pre if kind == "BPE" else None, why, tuple(tried), True, len(expected))
+        same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        if same > best[0]:
+            best = (same, pre, got)
+    first, pre, got = best
+    if first < 0:  # nothing loaded at all
+        first, got = 0, []
+    return TokenizerCheck(kind, pre if kind == "BPE" else None, "no type tried reproduces the ids", tuple(tried),
+                          False, len(expected), first, _text_at(files, expected, first, where),
+                          tuple(expected[first:first + SHOWN_IDS]), tuple(got[first:first + SHOWN_IDS]))
+
+
+def _tokenize_variants(image: bytes, old: str, candidates: list[str], text: str) -> Iterator[tuple[str, list | None]]:
+    """(pre, llama.cpp's ids of ``text``) for the vocabulary GGUF ``image`` with each candidate
+    ``tokenizer.ggml.pre`` in turn (None where llama.cpp cannot use it); stops when the caller does."""
+    from so8t_core.llama_runtime import tokenize_variants
+
+    if not old:  # no pre-tokenizer key (SentencePiece): the image as it is
+        yield from zip(candidates, tokenize_variants(image, (0, 0), [b""], text))
+        return
+    span = _pre_span(image, old)
+    replacements = [struct.pack("<Q", len(c.encode())) + c.encode() for c in candidates]
+    yield from zip(candidates, tokenize_variants(image, span, replacements, text))
+
+
+def _gguf_arch(config: Mapping) -> str:
+    """The GGUF architecture llama.cpp applies vocabulary rules for (Phi-3 has its own)."""
+    from so8t_core.source.architectures import SUPPORTED_ARCHITECTURES
+
+    rules = SUPPORTED_ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    return gguf.MODEL_ARCH_NAMES[rules.model_arch] if rules else "llama"
+
+
+def _vocab_gguf_image(out: Mapping[str, GGUFKV], arch: str) -> bytes:
+    """A vocabulary-only GGUF (the architecture and the tokenizer keys, no tensors) as bytes."""
+    with tempfile.TemporaryDirectory(prefix="so8t-vocab-") as tmp:
+        path = os.path.join(tmp, "vocab.gguf")
+        write_gguf(path, arch, list(out.values()), [], lambda t: b"")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _pre_span(image: bytes, old: str) -> tuple[int, int]:
+    """Where in ``image`` the tokenizer.ggml.pre value (a GGUF string: u64 length, bytes) lies."""
+    key = K.PRE.encode()
+    head = struct.pack("<Q", len(key)) + key + struct.pack("<I", int(VT.STRING))
+    value = struct.pack("<Q", len(old.encode())) + old.encode()
+    start = image.index(head + value) + len(head)
+    return start, start + len(value)
+
+
+def _text_at(files: Mapping[str, bytes], ids: list[int], index: int, where: str) -> str:
+    """The probe text the Hugging Face tokens around ``index`` stand for (for a message)."""
+    from tokenizers import Tokenizer
+
+    if "tokenizer.json" not in files:
+        return ""
+    tk = Tokenizer.from_str(_text(files, "tokenizer.json", where))
+    return tk.decode(ids[max(0, index - 2):index + 3], skip_special_tokens=False)[:60]
+
+
+def hf_token_ids(files: Mapping[str, bytes], text: str, where: str) -> list[int]:
+    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default.
+
+    tokenizer.json through the ``tokenizers`` library (transformers' fast tokenizers are that
+    library), with the added tokens transformers registers from tokenizer_config.json and
+    special_tokens_map.json; special-token text in ``text`` is parsed, as transformers does.
+    BOS/EOS as transformers 5 adds them: tokenizer_config.json's ``add_bos_token`` /
+    ``add_eos_token`` when it sets either (4.x's Llama-family tokenizers do the same), else
+    tokenizer.json's post-processor. (transformers' AutoTokenizer itself is not used: 5.x
+    rebuilds the normalizer/pre-tokenizer of several tokenizer classes instead of reading
+    tokenizer.json, e.g. LlamaTokenizer's Metaspace drops SentencePiece's dummy prefix before
+    a leading space.) A checkpoint with only tokenizer.model is tokenized by SentencePiece.
+    """
+    tcfg = _json(files, "tokenizer_config.json", where) or {}
+    flags = {k: tcfg[k] for k in ("add_bos_token", "add_eos_token") if isinstance(tcfg.get(k), bool)}
+    if "tokenizer.json" not in files:
+        return _sentencepiece_ids(files, text, flags, where)
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(_text(files, "tokenizer.json", where))
+        _add_config_tokens(tok, files, tcfg, where)
+    except CheckpointError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(where, f"the Hugging Face tokenizer cannot be loaded ({reason})",
+                              "check tokenizer.json and tokenizer_config.json") from None
+    if not flags:
+        return tok.encode(text).ids  # the post-processor decides
+
+    def special_id(kind: str) -> int | None:
+        entry = tcfg.get(f"{kind}_token")
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        return tok.token_to_id(content) if isinstance(content, str) else None
+
+    ids = tok.encode(text, add_special_tokens=False).ids
+    bos, eos = special_id("bos"), special_id("eos")
+    if flags.get("add_bos_token") and bos is not None:
+        ids = [bos] + ids
+    if flags.get("add_eos_token") and eos is not None:
+        ids = ids + [eos]
+    return ids
+
+
+def _sentencepiece_ids(files: Mapping[str, bytes], text: str, flags: Mapping[str, bool], where: str) -> list[int]:
+    """A tokenizer.model-only checkpoint: SentencePiece's ids, BOS added as Llama's tokenizer does
+    unless tokenizer_config.json says otherwise."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(files["tokenizer.model"])
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError
+        raise CheckpointError(posixpath.join(where, "tokenizer.model"), f"SentencePiece cannot load it ({e})") \
+            from None
+    ids = sp.encode(text)
+    if flags.get("add_bos_token", True) and sp.bos_id() >= 0:
+        ids = [sp.bos_id()] + ids
+    if flags.get("add_eos_token", False) and sp.eos_id() >= 0:
+        ids = ids + [sp.eos_id()]
+    return ids

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, Keys
 from so8t_core.errors import CheckpointError, ValidationError
-from so8t_core.gguf_file import GGUFKV, pair_tensors, read_gguf, split_paths
+from so8t_core.gguf_file import GGUFKV, GGUFContents, pair_tensors, read_gguf, split_paths
 from so8t_core.metrics import logit_agreement
 from so8t_core.plan import materialize
 from so8t_core.quantize.error_stats import tensor_error_stats
@@ -144,52 +144,11 @@ def validation_token_ids(ckpt: Checkpoint) -> list[int]:
 
 
 def hf_token_ids(ckpt: Checkpoint, text: str) -> list[int]:
-    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default.
+    """``text`` tokenized as the checkpoint's Hugging Face tokenizer does by default
+    (``source.tokenizer.hf_token_ids``: the same ids the preflight's tokenizer check compares)."""
+    from so8t_core.source.tokenizer import hf_token_ids as ids_of
 
-    tokenizer.json through the ``tokenizers`` library (transformers' fast tokenizers are that
-    library), with the added tokens transformers registers from tokenizer_config.json and
-    special_tokens_map.json; special-token text in ``text`` is parsed, as transformers does.
-    BOS/EOS as transformers 5 adds them: tokenizer_config.json's ``add_bos_token`` /
-    ``add_eos_token`` when it sets either (4.x's Llama-family tokenizers do the same), else
-    tokenizer.json's post-processor. (transformers' AutoTokenizer itself is not used: 5.x
-    rebuilds the normalizer/pre-tokenizer of several tokenizer classes instead of reading
-    tokenizer.json, e.g. LlamaTokenizer's Metaspace drops SentencePiece's dummy prefix before
-    a leading space.)
-    """
-    from tokenizers import Tokenizer
-
-    from so8t_core.source.tokenizer import _add_config_tokens
-
-    files = {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
-    raw = files.get("tokenizer.json")
-    if raw is None:
-        raise CheckpointError(ckpt.uri, "missing tokenizer.json", "copy the tokenizer files into the checkpoint")
-    try:
-        tok = Tokenizer.from_str(raw.decode("utf-8"))
-        tcfg = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
-        _add_config_tokens(tok, files, tcfg, ckpt.uri)
-    except CheckpointError:
-        raise
-    except Exception as e:  # bad UTF-8 or JSON; the tokenizers library raises plain Exceptions
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(ckpt.uri, f"the Hugging Face tokenizer cannot be loaded ({reason})",
-                              "check tokenizer.json and tokenizer_config.json") from None
-    flags = {k: tcfg[k] for k in ("add_bos_token", "add_eos_token") if isinstance(tcfg.get(k), bool)}
-    if not flags:
-        return tok.encode(text).ids  # the post-processor decides
-
-    def special_id(kind: str) -> int | None:
-        entry = tcfg.get(f"{kind}_token")
-        content = entry.get("content") if isinstance(entry, dict) else entry
-        return tok.token_to_id(content) if isinstance(content, str) else None
-
-    ids = tok.encode(text, add_special_tokens=False).ids
-    bos, eos = special_id("bos"), special_id("eos")
-    if flags.get("add_bos_token") and bos is not None:
-        ids = [bos] + ids
-    if flags.get("add_eos_token") and eos is not None:
-        ids = ids + [eos]
-    return ids
+    return ids_of({n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}, text, ckpt.uri)
 
 
 def check_tokenizer_parity(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None,
@@ -197,7 +156,7 @@ def check_tokenizer_parity(gguf_path: str, ckpt: Checkpoint, n_threads: int | No
     """llama.cpp's tokenization of ``text`` (BOS/EOS as the GGUF says, special-token text
     parsed) against the checkpoint's Hugging Face tokenizer (:func:`hf_token_ids`): the
     same ids, or the first position where they part."""
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
 
     expected = hf_token_ids(ckpt, text)
     with LlamaCppModel(gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads) as model:
@@ -252,18 +211,28 @@ def check_tensor_errors(relative_rmse: Mapping[str, float], gate: Gate) -> dict[
 def check_functional(gguf_path: str, reference_logits: np.ndarray, token_ids: Sequence[int], gate: Gate,
                      n_threads: int | None = None, lora_path: str | None = None) -> dict[str, Any]:
     """llama.cpp's logits of ``gguf_path`` (with the LoRA adapter GGUF ``lora_path`` applied) against the reference."""
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
 
     with LlamaCppModel(gguf_path, n_ctx=max(512, len(token_ids) + 8), n_threads=n_threads,
                        lora_path=lora_path) as model:
         logits = model.logits(list(token_ids))
+    if logits.shape != reference_logits.shape:  # another vocabulary: not converted from this checkpoint
+        raise ValidationError(gguf_path, f"llama.cpp gives {logits.shape[-1]} logits per token, the reference "
+                                         f"{reference_logits.shape[-1]}", "pass the checkpoint it was converted from "
+                                                                          "as --reference")
     agreement = logit_agreement(reference_logits, logits)
     ok = agreement["mean_kld"] <= gate.max_mean_kld and agreement["top1_agreement"] >= gate.min_top1
     return {"ok": ok, **agreement, "bounds": {"max_mean_kld": gate.max_mean_kld, "min_top1": gate.min_top1}}
 
 
 def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict | None,
-              tokenizer: dict | None = None, adapter: dict | None = None) -> dict[str, Any]:
+              tokenizer: dict | None = None, adapter: dict | None = None,
+              tokenizer_may_differ: bool = False) -> dict[str, Any]:
+    """The report of one file: every check, and the names of those that failed.
+    ``tokenizer_may_differ`` (--allow-tokenizer-mismatch): a tokenizer difference is reported
+    (``tokenizer.allowed``), not counted as a failure."""
+    if tokenizer is not None and tokenizer_may_differ and not tokenizer["ok"]:
+        tokenizer = {**tokenizer, "allowed": True}
     checks = {"readback": readback, "tensor_errors": tensor_errors}
     if adapter is not None:
         checks["adapter"] = adapter
@@ -271,7 +240,7 @@ def summarize(quant: str, readback: dict, tensor_errors: dict, functional: dict 
         checks["llama_cpp"] = functional
     if tokenizer is not None:
         checks["tokenizer"] = tokenizer
-    failures = [name for name, c in checks.items() if not c["ok"]]
+    failures = [name for name, c in checks.items() if not c["ok"] and not c.get("allowed")]
     return {"quant": quant, "passed": not failures, "failures": failures, **checks}
 
 
@@ -296,6 +265,7 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
         raise ValidationError(gguf_path, f"general.file_type {g.value('general.file_type')!r} is not a type this "
                                          "validator knows", f"known: {', '.join(QUANT_TYPES)}")
     gate = GATES[quant.name]
+    check_converted_from(g, ckpt)
     spec, _, plan = checkpoint_model(ckpt)
     problems: list[str] = []
     if g.value("general.architecture") != spec.arch:
@@ -323,6 +293,21 @@ def validate_file(gguf_path: str, ckpt: Checkpoint, n_threads: int | None = None
                      {"ok": False, "max_relative_rmse": float("nan"), "worst_tensor": None, "bound":
                       gate.max_relative_rmse, "over_bound": []}, functional,
                      check_tokenizer_parity(gguf_path, ckpt, n_threads), adapter_check)
+
+
+def check_converted_from(g: GGUFContents, ckpt: Checkpoint) -> None:
+    """A GGUF so8t-gguf wrote records the fingerprint of the checkpoint it was converted from:
+    another checkpoint as the reference is a one-line error, before anything is compared."""
+    from so8t_core.source.fingerprint import fingerprint
+    from so8t_core.storage import default_cache_dir, redact_uri
+
+    recorded = g.value(Keys.SOURCE_FINGERPRINT)
+    if not isinstance(recorded, str) or not recorded:
+        return  # not ours: the checks themselves will tell
+    actual = fingerprint(ckpt, cache_dir=default_cache_dir()).fingerprint
+    if actual != recorded:
+        raise ValidationError(g.path, f"converted from checkpoint {recorded[:16]}…, not from {redact_uri(ckpt.uri)} "
+                                      f"({actual[:16]}…)", "pass the checkpoint it was converted from as --reference")
 
 
 def render_validation(report: Mapping[str, Any], gguf: str, lora: str | None = None) -> str:

@@ -57,7 +57,7 @@ def apply_heads(hidden: np.ndarray, heads: dict[str, Any]) -> dict[str, dict[str
 
 
 def run_heads(model_path: str, sidecar_path: str, text: str, n_threads: int | None = None) -> dict[str, Any]:
-    from so8t_core.validate.llama_runtime import LlamaCppModel
+    from so8t_core.llama_runtime import LlamaCppModel
 
     side = load_heads(sidecar_path)
     model_meta = read_gguf(model_path)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from so8t_core.constants import Keys
+from gguf import LlamaFileType
+
+from so8t_core.constants import QUANT_TYPES, Keys, bits_per_weight
 from so8t_core.gguf_file import read_gguf
+
+FILE_TYPE_KEY = "general.file_type"
 
 ARRAY_PREVIEW = 8
 
@@ -26,15 +30,25 @@ def inspect_gguf(path: str) -> dict[str, Any]:
     so8t = {k: meta[k] for k in meta if k.startswith("so8t.")}
     n_elem = sum(t["elements"] for t in tensors)
     n_bytes = sum(t["bytes"] for t in tensors)
+    by_type: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        row = by_type.setdefault(t["type"], {"type": t["type"], "tensors": 0, "elements": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += t["elements"]
+        row["bytes"] += t["bytes"]
+    for row in by_type.values():
+        row["bits_per_weight"] = bits_per_weight(row["bytes"], row["elements"])
     return {
         "path": path,
         "version": int(g.reader.fields["GGUF.version"].contents()),
         "architecture": meta.get("general.architecture"),
+        "file_type": file_type(meta.get(FILE_TYPE_KEY)),
         "metadata": {k: _preview(v) for k, v in meta.items()},
         "tensors": tensors,
+        "tensor_types": sorted(by_type.values(), key=lambda r: (-r["bytes"], r["type"])),
         "n_tensors": len(tensors),
         "n_elements": n_elem,
-        "bits_per_weight": 8.0 * n_bytes / n_elem if n_elem else 0.0,
+        "bits_per_weight": bits_per_weight(n_bytes, n_elem),
         "so8t": {
             "gated_layers": so8t.get(Keys.BAKED_LAYERS, []),
             "rotation": so8t.get(Keys.ROTATION),
@@ -47,24 +61,51 @@ def inspect_gguf(path: str) -> dict[str, Any]:
     }
 
 
+def file_type(value: Any) -> dict[str, Any] | None:
+    """``general.file_type`` named: llama.cpp's name for it and the --quant mix that writes it."""
+    if not isinstance(value, int):
+        return None
+    try:
+        name = LlamaFileType(value).name
+    except ValueError:
+        name = "unknown"
+    mix = next((q.name for q in QUANT_TYPES.values() if int(q.file_type) == value), None)
+    return {"value": value, "name": name, "mix": mix}
+
+
+def _shown(value: Any) -> str:
+    """A metadata value on one line: text with line breaks (a chat template) as a quoted string."""
+    if isinstance(value, str) and any(c in value for c in "\r\n\t"):
+        return repr(value)
+    return str(value)
+
+
 def render_inspection(r: dict[str, Any]) -> str:
-    lines = [f"{r['path']}: GGUF v{r['version']}, architecture '{r['architecture']}', {r['n_tensors']} tensors, "
+    ft = r.get("file_type")
+    kind = f", file type {ft['name']}" + (f" (the {ft['mix']} mix)" if ft["mix"] else "") if ft else ""
+    lines = [f"{r['path']}: GGUF v{r['version']}, architecture '{r['architecture']}'{kind}, {r['n_tensors']} tensors, "
              f"{r['n_elements']:,} parameters, {r['bits_per_weight']:.2f} bits per weight", "", "metadata:"]
     for k, v in r["metadata"].items():
-        if not k.startswith("so8t."):
-            lines.append(f"  {k} = {v}")
+        if k == FILE_TYPE_KEY and ft:
+            lines.append(f"  {k} = {v} ({ft['name']})")
+        elif not k.startswith("so8t."):
+            lines.append(f"  {k} = {_shown(v)}")
     s = r["so8t"]
     lines += ["", "SO8T provenance:"]
     if s["keys"]:
-        lines += [f"  gated layers       {s['gated_layers']}",
-                  f"  rotation           {s['rotation']} ({s['position']})",
-                  f"  max bake error     {s['max_bake_error']}",
-                  f"  triality heads     {s['triality_heads']}",
-                  f"  source fingerprint {s['source_fingerprint']}"]
+        summary = [("gated layers", s["gated_layers"] or None),
+                   ("rotation", s["rotation"] and f"{s['rotation']} ({s['position']})"),
+                   ("max bake error", s["max_bake_error"]), ("triality heads", s["triality_heads"] or None),
+                   ("source fingerprint", s["source_fingerprint"])]
+        lines += [f"  {what:<19}{value}" for what, value in summary if value is not None]  # what this file has
         for k, v in s["keys"].items():
-            lines.append(f"  {k} = {v}")
+            lines.append(f"  {k} = {_shown(v)}")
     else:
         lines.append("  none (not written by so8t-gguf)")
+    lines += ["", f"{'type':<8}{'tensors':>9}{'parameters':>16}{'bytes':>16}{'bits/weight':>13}"]
+    for row in r["tensor_types"]:
+        lines.append(f"{row['type']:<8}{row['tensors']:>9}{row['elements']:>16,}{row['bytes']:>16,}"
+                     f"{row['bits_per_weight']:>13.2f}")
     lines += ["", f"{'tensor':<40}{'type':<8}{'shape':<22}{'bytes':>14}"]
     for t in r["tensors"]:
         lines.append(f"{t['name']:<40}{t['type']:<8}{str(t['shape']):<22}{t['bytes']:>14,}")

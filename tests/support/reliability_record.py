@@ -1,6 +1,6 @@
 """Figures for docs/reliability.md: reliability tests append what they measured here.
 
-When ``SO8T_RELIABILITY_FIGURES`` names a file (``scripts/reliability_figures.py`` sets it),
+When ``SO8T_RELIABILITY_FIGURES`` names a file (``benchmarks/reliability_figures.py`` sets it),
 each call appends one JSON line to it; otherwise nothing is written. The tests assert the
 guarantees themselves; this only counts them for the table.
 """

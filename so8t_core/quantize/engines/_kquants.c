@@ -23,10 +23,14 @@
  * "#pragma GCC target", and the best one the CPU supports is chosen at run time. The generic
  * build is plain C semantics too, so an old CPU gets the same bytes, only slower.
  *
- * Python interface (CPython extension so8t_core._kquants, GIL released while quantizing):
+ * Python interface (CPython extension so8t_core.quantize.engines._kquants, GIL released while
+ * quantizing and summing):
  *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1) -> bytes written
  *   supported() -> tuple of ggml type ids;  isas() -> names of the usable kernel sets,
- *   best first;  block_info(ggml_type) -> (elements per block, bytes per block);
+ *   best first;  ISA_NAMES: every kernel set's name, by index (isa=);
+ *   block_info(ggml_type) -> (elements per block, bytes per block);
+ *   error_sums(reference, approx) -> (sum ref^2, sum approx^2, sum err^2, dot, max |err|),
+ *   float64 sums over two float32 arrays in one pass (quantize/error_stats.py);
  *   f32_to_f16(src, dst), f16_to_f32(src, dst): the scalar conversions, for the tests
  */
 

@@ -1,4 +1,4 @@
-"""Thin, explicit wrappers around llama-cpp-python for validating produced GGUF files.
+"""Thin, explicit wrappers around llama-cpp-python: llama.cpp, the ground truth every stage checks against.
 
 :class:`LlamaCppModel` loads one GGUF in llama.cpp (CPU) and exposes exactly what the
 validation gates need: full per-position logits for a token sequence, the per-token
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -40,8 +41,8 @@ import llama_cpp
 import llama_cpp.llama_chat_format as llama_chat_format
 import numpy as np
 
+from so8t_core.chat_template import ChatTemplateError, render_chat
 from so8t_core.errors import ValidationError
-from so8t_core.source.chat_template import ChatTemplateError, render_chat
 
 # Fixed so sampling state is reproducible; generation is greedy anyway. Note that
 # llama-cpp-python turns seed=0 into LLAMA_DEFAULT_SEED (= random), so avoid 0.
@@ -158,7 +159,7 @@ def _check_gguf_file(path: str) -> None:
 
 class _LimitedChatFormatter:
     """What llama-cpp-python's Jinja2ChatFormatter returns for the GGUF's own template, with the
-    template rendered within limits of time, output and memory (source/chat_template.py): its
+    template rendered within limits of time, output and memory (chat_template.py): its
     sandbox alone bounds neither, and a template of nested loops hung ``chat``."""
 
     def __init__(self, template: str, bos_token: str, eos_token: str, eos_id: int) -> None:
@@ -173,6 +174,138 @@ class _LimitedChatFormatter:
         return llama_chat_format.ChatFormatterResponse(
             prompt=prompt, stop=[self.eos_token], added_special=True,
             stopping_criteria=llama_cpp.StoppingCriteriaList([stop_on_eos]))
+
+
+# --- a vocabulary only ------------------------------------------------------------------
+
+
+class LlamaVocab:
+    """A GGUF's tokenizer in llama.cpp, nothing else (``vocab_only``: no weights, no context).
+    Loads in tens of milliseconds, so a tokenizer can be tried before any conversion work."""
+
+    def __init__(self, gguf_path: str) -> None:
+        self.gguf_path = os.fspath(gguf_path)
+        _check_gguf_file(self.gguf_path)
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        with _captured_llama_log() as log:
+            llama_cpp.llama_backend_init()
+            self._model = llama_cpp.llama_model_load_from_file(self.gguf_path.encode(), params)
+            if not self._model:
+                raise ValidationError(self.gguf_path, f"llama.cpp could not load its vocabulary: {_reason(log)}",
+                                      _LOAD_HINT)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def __enter__(self) -> LlamaVocab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._model:
+            with _captured_llama_log():
+                llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` as llama.cpp gives them (BOS/EOS as the GGUF says when
+        ``add_special``; special-token text parsed when ``parse_special``)."""
+        if not self._model:
+            raise RuntimeError(f"LlamaVocab({self.gguf_path!r}) is closed")
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            out = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), out, size, add_special, parse_special)
+            if n >= 0:
+                return [int(t) for t in out[:n]]
+            size = -n
+
+
+_ANSWER = "so8t-vocab-ids: "  # marks the child's answers among whatever llama.cpp prints
+
+
+def tokenize_variants(image: bytes, span: tuple[int, int], replacements: Sequence[bytes], text: str
+                      ) -> Iterator[list[int] | None]:
+    """llama.cpp's ids of ``text`` (BOS/EOS as each file says, special text parsed) for variants of
+    the vocabulary-only GGUF ``image`` whose bytes ``span`` are replaced by each of
+    ``replacements``, yielded in order; None for a variant llama.cpp cannot load or use.
+
+    Run in child processes, one per CPU (two at most), each on every other variant: llama.cpp
+    aborts its process (GGML_ASSERT) on some combinations of vocabulary and settings, and that
+    must cost one variant, not the caller. A child that dies takes the variant it was on with
+    it, and a new one goes on from the next. The caller may stop early (the children are then
+    killed)."""
+    import queue
+    import subprocess
+    import sys
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    answers: queue.SimpleQueue = queue.SimpleQueue()  # (index, ids)
+    children: list[subprocess.Popen] = []
+    stop = threading.Event()
+
+    def run_share(tmp: str, base: str, share: list[int]) -> None:
+        """Tokenize the variants ``share`` (indices), restarting after a child that died."""
+        while share and not stop.is_set():
+            request = os.path.join(tmp, f"request-{share[0]}.json")
+            with open(request, "w", encoding="utf-8") as f:
+                json.dump({"image": base, "span": list(span), "text": text,
+                           "replacements": [replacements[i].hex() for i in share]}, f)
+            child = subprocess.Popen([sys.executable, "-m", "so8t_core.llama_runtime", request],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            children.append(child)
+            for line in child.stdout:
+                if line.startswith(_ANSWER):
+                    answers.put((share.pop(0), json.loads(line[len(_ANSWER):])))
+            child.wait()
+            if share:  # the child died on this one
+                answers.put((share.pop(0), None))
+
+    with tempfile.TemporaryDirectory(prefix="so8t-vocab-") as tmp:
+        base = os.path.join(tmp, "base.gguf")
+        with open(base, "wb") as f:
+            f.write(image)
+        n = max(1, min(2, default_threads(), len(replacements)))
+        threads = [threading.Thread(target=run_share, args=(tmp, base, list(range(k, len(replacements), n))),
+                                    daemon=True) for k in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            ready: dict[int, list[int] | None] = {}
+            for want in range(len(replacements)):
+                while want not in ready:
+                    index, ids = answers.get()
+                    ready[index] = ids
+                yield ready.pop(want)
+        finally:
+            stop.set()
+            for child in children:
+                child.kill()
+            for t in threads:
+                t.join()
+
+
+def _tokenize_variants_child(request_path: str) -> None:
+    """The child side of :func:`tokenize_variants`: one answer line per variant, as soon as known."""
+    with open(request_path, encoding="utf-8") as f:
+        request = json.load(f)
+    with open(request["image"], "rb") as f:
+        image = f.read()
+    start, end = request["span"]
+    path = request_path + ".gguf"  # one file per child: children run side by side
+    for replacement in request["replacements"]:
+        with open(path, "wb") as f:
+            f.write(image[:start] + bytes.fromhex(replacement) + image[end:])
+        try:
+            with LlamaVocab(path) as vocab:
+                ids = vocab.tokenize(request["text"], add_special=True, parse_special=True)
+        except ValidationError:
+            ids = None
+        print(_ANSWER + json.dumps(ids), flush=True)
 
 
 # --- the model ------------------------------------------------------------------------
@@ -389,7 +522,12 @@ class LlamaCppModel:
     # -- chat -----------------------------------------------------------------------
 
     def generate_chat(self, user_message: str, max_tokens: int = 48) -> str:
-        """Greedy reply to one user message, formatted with the GGUF's chat template.
+        """:meth:`chat_reply`'s text."""
+        return self.chat_reply(user_message, max_tokens)[0]
+
+    def chat_reply(self, user_message: str, max_tokens: int = 48) -> tuple[str, bool]:
+        """(text, cut): the greedy reply to one user message, formatted with the GGUF's chat
+        template, and whether it was cut at ``max_tokens`` rather than ended by the model.
 
         The prompt is the GGUF's ``tokenizer.chat_template`` rendered by
         llama-cpp-python's Jinja2 chat formatter (``add_generation_prompt=True``);
@@ -425,5 +563,11 @@ class LlamaCppModel:
                     "the GGUF loads but cannot run; check its tensor shapes and types") from None
             finally:
                 self._reset(llm)
-        content = response["choices"][0]["message"]["content"]  # type: ignore[index]
-        return content or ""
+        choice = response["choices"][0]  # type: ignore[index]
+        return choice["message"]["content"] or "", choice.get("finish_reason") == "length"
+
+
+if __name__ == "__main__":  # the child process of tokenize_variants
+    import sys
+
+    _tokenize_variants_child(sys.argv[1])
