@@ -192,7 +192,7 @@ def test_a_release_depends_on_the_checkpoint_and_the_options_not_on_the_machine(
     assert {q: r["uploaded"] for q, r in second["releases"].items()} == {"F32": 0, "Q8_0": 0}
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == published
     for q, r in first["releases"].items():  # the files as published, not their copies in the work folder
-        assert {n: f["uri"] for n, f in r["files"].items()} == {n: os.path.join(r["uri"], n) for n in r["files"]}
+        assert {n: f["uri"] for n, f in r["files"].items()} == {n: os.path.join(r["version"], n) for n in r["files"]}
         assert all(os.path.isfile(f["uri"]) for f in r["files"].values())
 
     local = [str(tmp_path), fixture, os.path.expanduser("~"), default_cache_dir()]
