@@ -182,7 +182,8 @@ def analyze(run: Run, src: SourceRef) -> Model:
         run.say("LoRA %s (r=%d, alpha=%g, scale %.4g, %s) merged into %d tensors: %s", redact_uri(adapter.uri),
                 adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
                 len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
-    types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options)
+    covered = set(run.imatrix.entries) if run.imatrix else None
+    types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options, covered)
     uncovered = {q: run.imatrix.uncovered(plan, types[q]) for q in run.quants} if run.imatrix else {}
     for q, names in uncovered.items():
         if names:  # llama-quantize only logs this; a silent quality loss worth saying

@@ -205,6 +205,17 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
                          adapter=load_adapter(params.lora) if params.lora else None)
 
 
+def check_mixes(inputs: CheckedInputs, spec: Any, plan: list) -> None:
+    """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
+    where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
+    with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
+    analyze stage computes the same types again)."""
+    from so8t_core.quantize.mixes import ModelShape, mix_types
+
+    covered = set(inputs.imatrix.entries) if inputs.imatrix else None
+    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options, covered)
+
+
 # --- The command line, made from the fields ------------------------------------------------
 
 def cli_spelling(field: str) -> Cli:

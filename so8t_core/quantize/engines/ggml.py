@@ -117,6 +117,8 @@ def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.nda
         if qw.shape != (n_per_row,):
             raise ValueError(f"imatrix has shape {qw.shape}, expected ({n_per_row},)")
     lib = _lib()
+    if qw is None and lib.ggml_quantize_requires_imatrix(int(qtype)):  # libggml would abort the process
+        raise ValueError(f"{qtype.name} cannot be quantized without importance data")
     lib.ggml_quantize_init(int(qtype))  # builds the IQ grids once; a no-op for other types
     rsize = row_size(qtype, n_per_row)
     out = np.empty(nrows * rsize, dtype=np.uint8)
