@@ -53,7 +53,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # on a busy 2-core machine (Colab's free tier, CI); failing the conversion then would be spurious.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
-    from flows.params import check_inputs, check_mixes, from_cli
+    from flows.params import check_calibration, check_inputs, check_mixes, from_cli
     from so8t_core.analysis import preflight
     from so8t_core.storage import check_writable
 
@@ -63,7 +63,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if params.source:
         spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
                                max_memory_gb=params.max_memory_gb)
-        check_mixes(inputs, spec, plan)
+        check_mixes(params, inputs, spec, plan)
+        check_calibration(params)
     from flows import console
     from flows.runners import convert_with
 

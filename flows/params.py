@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
 from so8t_core.errors import UnsupportedError
+from so8t_core.quantize.calibration import DEFAULT_CTX, MIN_ROWS
 from so8t_core.quantize.engines import ENGINES
 
 RUNNERS = ("threads", "dask")
@@ -130,7 +131,22 @@ class ConvertParams(BaseModel):
         description="Convert even when no llama.cpp pre-tokenizer reproduces the Hugging Face tokenizer's ids; "
                     "the model card and the manifest then say so.")
     imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
-        None, title="Importance matrix", description="Importance matrix: a llama-imatrix GGUF or legacy .dat file.")
+        None, title="Importance matrix",
+        description="Importance matrix: a llama-imatrix GGUF or legacy .dat file (takes precedence over "
+                    "--calibration).")
+    calibration: Annotated[list[str], Cli(metavar="URI")] = Field(
+        [], title="Calibration text",
+        description="Text to compute the run's importance matrix on, in llama.cpp as llama-imatrix does: plain "
+                    "text, JSONL with a 'text' field, or JSONL chat records ('messages', rendered with the "
+                    "checkpoint's chat template); any fsspec URL. Every mix of the run is quantized with it, and "
+                    "each release holds it as NAME.imatrix.gguf.")
+    calibration_ctx: Annotated[int, Cli(metavar="N")] = Field(
+        DEFAULT_CTX, ge=MIN_ROWS, title="Calibration context",
+        description=f"Tokens per calibration chunk (llama-imatrix's -c; default {DEFAULT_CTX}).")
+    calibration_chunks: Annotated[int | None, Cli(metavar="N")] = Field(
+        None, ge=1, title="Calibration chunks",
+        description="Compute on at most this many chunks of the calibration text (llama-imatrix's --chunks; "
+                    "default: all).")
     lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(
         None, title="LoRA adapter",
         description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking.")
@@ -157,6 +173,11 @@ class ConvertParams(BaseModel):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
+
+    @property
+    def computes_imatrix(self) -> bool:
+        """Whether the run computes its importance matrix (calibration text, and no --imatrix)."""
+        return bool(self.calibration) and not self.imatrix
 
     @property
     def quant_names(self) -> list[str]:
@@ -198,22 +219,50 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
     options = MixOptions(
-        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure, has_imatrix=im is not None,
+        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure,
+        has_imatrix=im is not None or params.computes_imatrix,
         output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
         token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
     return CheckedInputs(quants=quants, options=options, engine=resolve_engine(params.engine.value), imatrix=im,
                          adapter=load_adapter(params.lora) if params.lora else None)
 
 
-def check_mixes(inputs: CheckedInputs, spec: Any, plan: list) -> None:
+def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str] | None:
+    """The weights the run's importance matrix has entries for: --imatrix's, or those the one
+    computed on --calibration text will have (every weight of the blocks); None without one."""
+    from so8t_core.quantize.calibration import measured_weights
+
+    if imatrix is not None:
+        return set(imatrix.entries)
+    if params.computes_imatrix:
+        return measured_weights([(p.gguf_name, p.shape) for p in plan])
+    return None
+
+
+def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> None:
     """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
     where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
     with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
     analyze stage computes the same types again)."""
     from so8t_core.quantize.mixes import ModelShape, mix_types
 
-    covered = set(inputs.imatrix.entries) if inputs.imatrix else None
-    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options, covered)
+    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
+              imatrix_coverage(params, inputs.imatrix, plan))
+
+
+def check_calibration(params: ConvertParams) -> None:
+    """The calibration text read, rendered and tokenized as the run will, and refused when it is
+    malformed or shorter than llama-imatrix's two chunks (the CLI calls this before Prefect starts;
+    the flow's importance stage again, before the model is run)."""
+    if not params.computes_imatrix or params.source is None:
+        return
+    from so8t_core.quantize.calibration import calibration_tokens, check_enough_tokens
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+
+    ckpt = Checkpoint.open(params.source, cache_dir=default_cache_dir())
+    _, tokens = calibration_tokens(ckpt, params.calibration, params.allow_tokenizer_mismatch)
+    check_enough_tokens(len(tokens), params.calibration_ctx, "--calibration " + " ".join(params.calibration))
 
 
 # --- The command line, made from the fields ------------------------------------------------

@@ -201,6 +201,7 @@ def ggml_type(name: str, where: str) -> GGMLQuantizationType:
 GGUF_NAME = "{name}-{quant}.gguf"
 STATS_NAME = "{name}-{quant}.stats.parquet"
 SIDECAR_NAME = "{name}.so8t-heads.gguf"
+IMATRIX_NAME = "{name}.imatrix.gguf"  # the importance matrix a run computed on calibration text
 MODEL_CARD_NAME = "README.md"
 MANIFEST_NAME = "manifest.json"
 ANALYSIS_NAME = "analysis.json"

@@ -78,3 +78,63 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
         a, b = read_gguf(str(gguf_path(out, "fx", mix))), read_gguf(str(gguf_path(plain, "fx", mix)))
         assert np.ascontiguousarray(a.tensor("blk.0.attn_q.weight").data).tobytes() != \
             np.ascontiguousarray(b.tensor("blk.0.attn_q.weight").data).tobytes()
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris, on the Seine."}]
+
+
+def calibration_files(folder) -> list[str]:
+    """Plain text (the fixtures' tokenizer corpus) and chat records."""
+    from importlib.resources import files
+
+    text = folder / "corpus.txt"
+    text.write_text(files("so8t_core.testing").joinpath("fixture_corpus.txt").read_text())
+    chats = folder / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": CHAT}) + "\n")
+    return [str(text), str(chats)]
+
+
+def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_it(make_fixture, tmp_path,
+                                                                                    monkeypatch):
+    import tasks.importance
+
+    runs = []
+    real = tasks.importance.collect_activations
+    monkeypatch.setattr(tasks.importance, "collect_activations", lambda *a, **kw: runs.append(a) or real(*a, **kw))
+    src = make_fixture(**FIXTURES["llama-256"])
+    out, work = tmp_path / "out", str(tmp_path / "w")
+    mixes = ["IQ2_XS", "Q4_K_M", "IQ4_XS"]  # IQ2_XS: refused without an imatrix
+    params = ConvertParams(source=src, output=str(out), quants=["F32", *mixes], run_validation=False, work_dir=work,
+                           name="fx", calibration=calibration_files(tmp_path), calibration_ctx=64)
+    result = convert(params)
+    assert len(runs) == 1
+    published = release(out, "fx", "IQ2_XS") / "fx.imatrix.gguf"
+    im = load_imatrix(str(published))
+    assert im.datasets == ["corpus.txt", "chats.jsonl"] and im.chunk_count >= 2
+    assert len(im.entries) == 8 * 7  # every weight of the 8 blocks
+    for mix in ["F32", *mixes]:  # one imatrix, in every release
+        assert (release(out, "fx", mix) / "fx.imatrix.gguf").read_bytes() == published.read_bytes()
+    for mix in mixes:
+        theirs = str(tmp_path / f"llama-{mix}.gguf")
+        llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type), imatrix=im.entries)
+        assert_same_tensors(str(gguf_path(out, "fx", mix)), theirs)
+        g = read_gguf(str(gguf_path(out, "fx", mix)))
+        assert g.value("quantize.imatrix.file") == "fx.imatrix.gguf"
+        assert g.value("quantize.imatrix.dataset") == "corpus.txt"
+        assert g.value("quantize.imatrix.entries_count") == len(im.entries)
+        assert g.value("quantize.imatrix.chunks_count") == im.chunk_count
+        manifest = json.loads(open(result["releases"][mix]["manifest"]["uri"]).read())
+        computed = manifest["imatrix"]["computed"]
+        assert computed["calibration"] == ["corpus.txt", "chats.jsonl"] and computed["ctx"] == 64
+        assert computed["tokens"] == 64 * im.chunk_count
+        assert {c["tokens"] for c in computed["coverage"].values()} == {computed["tokens"]}
+        assert manifest["imatrix"]["tensors_without_entry"] == ["output.weight", "token_embd.weight"]
+    # The same inputs again: the imatrix is found under the work folder, not computed again.
+    again = convert(params)
+    assert len(runs) == 1 and again["releases"]["IQ2_XS"]["uploaded"] == 0
+    # --imatrix takes precedence over --calibration.
+    given = convert(params.model_copy(update={"imatrix": str(published), "output": str(tmp_path / "given")}))
+    assert len(runs) == 1 and read_gguf(str(gguf_path(tmp_path / "given", "fx", "IQ2_XS"))).value(
+        "quantize.imatrix.file") == "fx.imatrix.gguf"
+    assert "fx.imatrix.gguf" not in given["releases"]["IQ2_XS"]["files"]  # not computed: not published
