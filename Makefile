@@ -16,9 +16,18 @@ LLAMA_CONVERTER := $(LLAMA_CPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 LLAMA_CONVERTER_PATHS := convert_hf_to_gguf.py conversion gguf-py models/templates LICENSE
 # Portable CPU build: a native build uses AMX here and crashes at inference.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# llama.cpp's own llama-imatrix and llama-perplexity, built once from the same sdist with the same flags
+# (statically, so the binaries are all that is kept): the oracles that computed importance matrices and
+# quality statistics are checked against.
+LLAMA_TOOLS := $(CACHE)/llama.cpp-$(LLAMA_CPP_PYTHON)-tools
+LLAMA_IMATRIX := $(LLAMA_TOOLS)/bin/llama-imatrix
+LLAMA_PERPLEXITY := $(LLAMA_TOOLS)/bin/llama-perplexity
+LLAMA_TOOLS_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_OPENSSL=OFF
 DEMO_OUT := artifacts
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast install llama-tools clean
 
 install: $(STAMP) $(LLAMA_CONVERTER)
 
@@ -46,6 +55,23 @@ $(LLAMA_CONVERTER): | $(LLAMA_SDIST)
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(LLAMA_CONVERTER_PATHS))
 	mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
+# llama-imatrix and llama-perplexity: the sources extracted, built with CMake (5-15 min, once), the
+# binaries kept, complete or not at all.
+llama-tools: $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
+
+$(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY) &: | $(LLAMA_SDIST)
+	rm -rf $(LLAMA_TOOLS) $(LLAMA_TOOLS).tmp
+	mkdir -p $(LLAMA_TOOLS).tmp/src
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_TOOLS).tmp/src --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	@echo "building llama-imatrix and llama-perplexity $(LLAMA_CPP_PYTHON) with CMake (5-15 min, once; cached in $(LLAMA_TOOLS))"
+	cmake -S $(LLAMA_TOOLS).tmp/src -B $(LLAMA_TOOLS).tmp/build $(LLAMA_TOOLS_CMAKE_ARGS) > $(LLAMA_TOOLS).tmp/cmake.log
+	cmake --build $(LLAMA_TOOLS).tmp/build --target llama-imatrix llama-perplexity -j $$(nproc) >> $(LLAMA_TOOLS).tmp/cmake.log
+	mkdir -p $(LLAMA_TOOLS).tmp/bin
+	cp $(LLAMA_TOOLS).tmp/build/bin/llama-imatrix $(LLAMA_TOOLS).tmp/build/bin/llama-perplexity $(LLAMA_TOOLS).tmp/bin/
+	rm -rf $(LLAMA_TOOLS).tmp/src $(LLAMA_TOOLS).tmp/build
+	mv $(LLAMA_TOOLS).tmp $(LLAMA_TOOLS)
+
 # _kquants.c: the editable install compiles the simd engine's C extension in place.
 $(STAMP): pyproject.toml so8t_core/quantize/engines/_kquants.c $(LLAMA_WHEEL)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,8 +90,8 @@ run: $(STAMP)
 	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo --quant Q8_0 "What is the capital of France?"
 
 # The whole suite (what CI runs); the 25 slowest tests are listed at the end.
-test: $(STAMP) $(LLAMA_CONVERTER)
-	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q --durations=25
+test: $(STAMP) $(LLAMA_CONVERTER) $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
+	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) SO8T_LLAMA_IMATRIX=$(LLAMA_IMATRIX) SO8T_LLAMA_PERPLEXITY=$(LLAMA_PERPLEXITY) $(BIN)/python -m pytest -q --durations=25
 
 # What needs neither a Prefect run nor llama.cpp's inference (tests marked e2e): a few minutes.
 test-fast: $(STAMP) $(LLAMA_CONVERTER)

@@ -1,8 +1,10 @@
-"""``so8t-gguf``: the command line. ``convert`` runs the Prefect flow in-process (no server
-needed); the other commands call the library directly.
+"""``so8t-gguf``: the command line. ``convert`` runs the Prefect flow in-process, against
+``PREFECT_API_URL`` or, without one, a local Prefect API it keeps in the background
+(``flows/local_api.py``); the other commands call the library directly.
 
 Any problem with the input ends in one line on stderr and exit status 2; a traceback
-means a bug in so8t-gguf.
+means a bug in so8t-gguf. Ctrl-C and SIGTERM end it with one line and status 130 or 143
+(``flows/interrupts.py``).
 """
 
 from __future__ import annotations
@@ -49,29 +51,14 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    # The temporary local API Prefect starts for the run can need more than Prefect's default 20 s
-    # on a busy 2-core machine (Colab's free tier, CI); failing the conversion then would be spurious.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet_prefect(args.verbose)
-    from flows.params import check_calibration, check_inputs, check_mixes, from_cli
-    from so8t_core.analysis import preflight
-    from so8t_core.storage import check_writable
-
-    params = from_cli(args)
-    inputs = check_inputs(params)  # bad input fails here in a second, before Prefect starts
-    check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
-    if params.source:
-        spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
-                               max_memory_gb=params.max_memory_gb)
-        check_mixes(params, inputs, spec, plan)
-        check_calibration(params)
     from flows import console
-    from flows.runners import convert_with
 
     if not (args.quiet or args.json):
         console.enable()
+    console.stage("checking the inputs")  # at once: Prefect is not even imported yet
     try:
-        result = convert_with(params)  # a bad --dask-address fails here, before the run starts
+        result = _convert(args)
     finally:
         console.disable()
     if args.json:
@@ -81,6 +68,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         print(render_conversion(result))
     return 0
+
+
+def _convert(args: argparse.Namespace) -> dict:
+    from flows import console, local_api
+    from flows.params import check_calibration, check_inputs, check_mixes, from_cli
+    from so8t_core.analysis import preflight
+    from so8t_core.storage import check_writable
+
+    params = from_cli(args)
+    inputs = check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
+    if params.source:
+        spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
+                               max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+        check_mixes(params, inputs, spec, plan)  # what llama-quantize refuses on this model
+        check_calibration(params)  # malformed or too short calibration text
+    # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
+    # background while the flow's modules are imported.
+    api = local_api.start_unless_configured()
+    if api is not None and api.started:
+        console.stage(f"starting a local Prefect API in the background (later runs reuse it; it stops after "
+                      f"{local_api.idle_seconds() / 60:g} idle minutes)")
+    from flows.runners import convert_with
+
+    with local_api.using(api):
+        return convert_with(params)  # a bad --dask-address fails here, before the run starts
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -306,19 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(getattr(args, "verbose", False))
+    from flows import interrupts
+
+    restore_signals = interrupts.install()  # Ctrl-C and SIGTERM: one line, 130/143, within 2 s
     try:
         return args.func(args)
     except So8tError as exc:
         print(f"so8t-gguf: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("so8t-gguf: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`so8t-gguf inspect … | head`): stop quietly, as a shell tool
         # killed by SIGPIPE would, and keep Python's exit-time flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except BaseException as exc:
+        signum = interrupts.signal_of(exc)
+        if signum is None:
+            raise
+        interrupts.leave(signum)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

@@ -56,3 +56,12 @@ def close_bar() -> None:
     if bar is not None:
         bar.close()
         _state["bar"] = None
+
+
+def abandon() -> None:
+    """The run ends here (Ctrl-C, from any thread): no more progress, and the bar's line is
+    ended as it stands, so the CLI's last line starts a line of its own."""
+    _state["enabled"] = False
+    if _state["bar"] is not None:
+        _state["bar"] = None
+        print(file=sys.stderr, flush=True)

@@ -111,7 +111,7 @@ class Run:
         inputs = check_inputs(params)
         check_writable(params.output)  # not found only at publish, after minutes of work
         source, name = params.source, params.name
-        if source is None:
+        if not source:
             source, name = demo_source(), name or DEMO_NAME
         return cls(params=params, source=source, name=name or default_name(source), quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
@@ -236,11 +236,11 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
     slots, threads = task_slots()
     f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
     staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
-                           threads, p.max_memory_gb, lambda done: None)["F32"]
+                           threads, p.max_memory_gb or None, lambda done: None)["F32"]
     f32 = assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), "calibration"), NO_SPLIT,
                         None, p.allow_tokenizer_mismatch)[0]
     console.stage("computing the importance matrix in llama.cpp")
-    computed = compute_imatrix(f32, tokens, p.calibration_ctx, p.calibration_chunks, run.work_dir)
+    computed = compute_imatrix(f32, tokens, p.calibration_ctx, p.calibration_chunks or None, run.work_dir)
     tokens_seen = [c["tokens"] for c in computed.coverage.values()]
     run.say("importance matrix on %s: %d weights, %d tokens in %d chunks of %d (%d to %d per weight), "
             "%.0f tokens/s", ", ".join(computed.datasets), len(computed.coverage), computed.tokens,
@@ -265,7 +265,7 @@ def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None)
     slots, threads = task_slots()
     staged = quantize_plan(src, model.plan, model.types, run.staging_dir, run.engine,
                            imatrix.imatrix if imatrix else None, run.lora_ref,
-                           slots, threads, run.params.max_memory_gb, tensors_done)
+                           slots, threads, run.params.max_memory_gb or None, tensors_done)
     run.say("quantized %d tensors into %s with the %s engine", len(model.plan), ", ".join(run.quants), run.engine)
     artifacts.stats_tables(run.name, staged)
     return staged

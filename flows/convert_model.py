@@ -4,7 +4,9 @@ Both this flow and ``flows.convert.convert`` take a :class:`~flows.params.Conver
 the Prefect UI shows a form with the quant mixes and engines to choose from and the server
 refuses a bad value before a run is created. This one exists because a flow's task runner is
 fixed when its run starts: it runs ``convert`` as a subflow (one run per conversion, as from
-the CLI) on the runner the form names (a thread pool, or a Dask cluster: ``flows/runners.py``).
+the CLI) on the runner the form names (a thread pool, or a Dask cluster: ``flows/runners.py``),
+and shows the conversion's summary and where its releases are on its own run, the one the UI
+lists for the deployment.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flows.convert import default_name
 from flows.params import ConvertParams
 from flows.runners import convert_with
 from so8t_core.testing.demo import DEMO_NAME
+from tasks import artifacts
 
 
 @flow(name="convert-model")
@@ -25,5 +28,9 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
     name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
-    result = convert_with(params, flow_run_name=name)
+    state = convert_with(params, flow_run_name=name, return_state=True)
+    # This is the run the UI opens after "Submit": the summary (FAILED and why, too) and where
+    # the releases are belong here, not only on the subflow's run.
+    artifacts.repeat_from(state.state_details.flow_run_id, artifacts.release_keys(name, params.quant_names))
+    result = state.result()  # a failed conversion fails this run, with the same error
     return {k: v for k, v in result.items() if k != "analysis"}

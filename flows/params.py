@@ -42,9 +42,10 @@ QuantMix.__doc__ = "A llama-quantize mix: the default type of the file and the r
 # Quantization engines: all write the same bytes (auto: torch on a GPU, else simd).
 Engine = Enum("Engine", {name: name for name in ENGINES}, type=str, module=__name__)
 Engine.__doc__ = "Quantization engine; every engine writes the same bytes (auto: torch on a GPU, else simd)."
-# Tensor types an override may name (--output-tensor-type, --token-embedding-type).
-TensorType = Enum("TensorType", {t.name: t.name for t in SUPPORTED_TENSOR_TYPES}, type=str, module=__name__)
-TensorType.__doc__ = "A GGML tensor type so8t-gguf writes."
+# Tensor types an override may name (--output-tensor-type, --token-embedding-type), or none.
+TensorType = Enum("TensorType", {"default": "default", **{t.name: t.name for t in SUPPORTED_TENSOR_TYPES}},
+                  type=str, module=__name__)
+TensorType.__doc__ = "A GGML tensor type so8t-gguf writes, or default: the mix's rules decide."
 # Where the quantize tasks run (flows/runners.py).
 Runner = Enum("Runner", {name: name for name in RUNNERS}, type=str, module=__name__)
 Runner.__doc__ = "Where the per-tensor quantize tasks run: a thread pool, or a Dask cluster; same bytes."
@@ -81,14 +82,21 @@ def quant_names(value: Any) -> Any:
     return value
 
 
+def or_empty(pattern: str) -> str:
+    """A text field's pattern that also takes the empty string: text fields are plain strings,
+    empty when not given (a form field left alone), never None (a field the form would show as
+    a type toggle)."""
+    return f"^$|{pattern}"
+
+
 class ConvertParams(BaseModel):
     """One conversion: a checkpoint in, one validated release per quant mix out."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Annotated[str | None, Cli(positional=True, metavar="SOURCE")] = Field(
-        None, title="Source checkpoint",
-        description="Hugging Face checkpoint folder: a path, file:// or s3:// URL. Empty: the embedded demo.")
+    source: Annotated[str, Cli(positional=True, metavar="SOURCE")] = Field(
+        "", title="Source checkpoint",
+        description="Hugging Face checkpoint folder: a path, file:// or s3:// URL (empty: the embedded demo).")
     output: Annotated[str, Cli(metavar="DEST")] = Field(
         "./artifacts", title="Destination",
         description="Where releases are published, as DEST/NAME/FINGERPRINT/QUANT/ (default ./artifacts).")
@@ -97,43 +105,45 @@ class ConvertParams(BaseModel):
         description="llama-quantize mixes, one release each: " + " ".join(QUANT_TYPES) + " (default Q8_0).")
     run_validation: Annotated[bool, Cli(flag="--no-validate", help="skip validation and its gates: the files are "
                                                                  "published unchecked")] = Field(
-        True, title="Validate",
+        True, title="Validate before publishing",
         description="Validate every file (read-back, tensor errors, llama.cpp logits, tokenizer) before anything "
-                    "is published; --no-validate skips validation and its gates.")
-    name: Annotated[str | None, Cli(metavar="NAME")] = Field(
-        None, pattern=NAME_PATTERN, title="Model name",
-        description="The release folder and the files' base name (default: the source folder's name).")
-    engine: Engine = Field(Engine.auto, title="Engine",
-                           description="Quantization engine (auto: torch on a GPU, else simd); all write the same "
-                                       "bytes.")
-    max_memory_gb: Annotated[float | None, Cli(flag="--max-memory", metavar="GB")] = Field(
-        None, gt=0, title="Memory cap (GB)", description="Cap peak memory by limiting how many tensors are in flight.")
-    work_dir: Annotated[str | None, Cli(metavar="DIR")] = Field(
-        None, title="Work folder",
-        description="Staging folder (default ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
+                    "is published (off: the files are published unchecked).")
+    name: Annotated[str, Cli(metavar="NAME")] = Field(
+        "", pattern=or_empty(NAME_PATTERN), title="Model name",
+        description="The release folder and the files' base name (empty: the source folder's name).")
+    engine: Engine = Field(Engine.auto, title="Quantization engine",
+                           description="auto: torch on a GPU, else simd; all write the same bytes.")
+    max_memory_gb: Annotated[float, Cli(flag="--max-memory", metavar="GB")] = Field(
+        0.0, ge=0, title="Memory cap (GB)",
+        description="Cap peak memory by limiting how many tensors are in flight (0: no cap).")
+    work_dir: Annotated[str, Cli(metavar="DIR")] = Field(
+        "", title="Work folder",
+        description="Staging folder (empty: ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
                     "sees at the same place (e.g. NFS).")
-    split_max_size: Annotated[str | None, Cli(metavar="SIZE")] = Field(
-        None, pattern=SIZE_PATTERN, title="Split size",
-        description="Split each GGUF into files of at most this size (e.g. 2G).")
+    split_max_size: Annotated[str, Cli(metavar="SIZE")] = Field(
+        "", pattern=or_empty(SIZE_PATTERN), title="Split: file size",
+        description="Split each GGUF into files of at most this size, e.g. 2G (empty: no limit).")
     split_max_tensors: Annotated[int, Cli(metavar="N")] = Field(
-        0, ge=0, title="Split tensors",
+        0, ge=0, title="Split: tensors per file",
         description="Split each GGUF into files of at most this many tensors (0: no limit).")
     tensor_types: Annotated[list[str], Cli(flag="--tensor-type", metavar="REGEX=TYPE", append=True)] = Field(
         [], title="Tensor type overrides",
         description="Tensors whose name matches REGEX get TYPE (first match wins), as in llama-quantize.")
-    output_tensor_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
-        None, title="Output tensor type", description="Type of output.weight.")
-    token_embedding_type: Annotated[TensorType | None, Cli(metavar="TYPE")] = Field(
-        None, title="Token embedding type", description="Type of token_embd.weight.")
-    pure: bool = Field(False, title="Pure", description="No mix rules: every 2-D weight gets the mix's default type.")
+    output_tensor_type: Annotated[TensorType, Cli(metavar="TYPE")] = Field(
+        TensorType.default, title="Output tensor type", description="Type of output.weight (default: the mix's rules).")
+    token_embedding_type: Annotated[TensorType, Cli(metavar="TYPE")] = Field(
+        TensorType.default, title="Token embedding type",
+        description="Type of token_embd.weight (default: the mix's rules).")
+    pure: bool = Field(False, title="Pure (no mix rules)",
+                       description="Every 2-D weight gets the mix's default type.")
     allow_tokenizer_mismatch: bool = Field(
         False, title="Allow tokenizer mismatch",
         description="Convert even when no llama.cpp pre-tokenizer reproduces the Hugging Face tokenizer's ids; "
                     "the model card and the manifest then say so.")
-    imatrix: Annotated[str | None, Cli(metavar="FILE")] = Field(
-        None, title="Importance matrix",
-        description="Importance matrix: a llama-imatrix GGUF or legacy .dat file (takes precedence over "
-                    "--calibration).")
+    imatrix: Annotated[str, Cli(metavar="FILE")] = Field(
+        "", title="Importance matrix",
+        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none; takes "
+                    "precedence over --calibration).")
     calibration: Annotated[list[str], Cli(metavar="URI")] = Field(
         [], title="Calibration text",
         description="Text to compute the run's importance matrix on, in llama.cpp as llama-imatrix does: plain "
@@ -143,20 +153,20 @@ class ConvertParams(BaseModel):
     calibration_ctx: Annotated[int, Cli(metavar="N")] = Field(
         DEFAULT_CTX, ge=MIN_ROWS, title="Calibration context",
         description=f"Tokens per calibration chunk (llama-imatrix's -c; default {DEFAULT_CTX}).")
-    calibration_chunks: Annotated[int | None, Cli(metavar="N")] = Field(
-        None, ge=1, title="Calibration chunks",
+    calibration_chunks: Annotated[int, Cli(metavar="N")] = Field(
+        0, ge=0, title="Calibration chunks",
         description="Compute on at most this many chunks of the calibration text (llama-imatrix's --chunks; "
-                    "default: all).")
-    lora: Annotated[str | None, Cli(metavar="ADAPTER_URI")] = Field(
-        None, title="LoRA adapter",
-        description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking.")
-    runner: Runner = Field(Runner.threads, title="Runner",
+                    "0: all).")
+    lora: Annotated[str, Cli(metavar="ADAPTER_URI")] = Field(
+        "", title="LoRA adapter",
+        description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking (empty: none).")
+    runner: Runner = Field(Runner.threads, title="Task runner",
                            description="Where the per-tensor quantize tasks run: a thread pool, or Dask (a local "
                                        "multi-process cluster, or the one at the scheduler address).")
-    dask_address: Annotated[str | None, Cli(metavar="tcp://HOST:PORT")] = Field(
-        None, pattern=ADDRESS_PATTERN, title="Dask scheduler",
+    dask_address: Annotated[str, Cli(metavar="tcp://HOST:PORT")] = Field(
+        "", pattern=or_empty(ADDRESS_PATTERN), title="Dask scheduler address",
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
-                    "and the work folder at the same paths (docs/scaling.md).")
+                    "and the work folder at the same paths, docs/scaling.md (empty: a local cluster).")
 
     @field_validator("quants", mode="before")
     @classmethod
@@ -165,14 +175,21 @@ class ConvertParams(BaseModel):
 
     @field_validator("output_tensor_type", "token_embedding_type", mode="before")
     @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
+    def _type_name(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str) and value.strip().lower() in ("", TensorType.default.value):
+            return TensorType.default
         return upper_names(value)
 
     @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora", "dask_address",
                      mode="before")
     @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value  # a cleared form field
+    def _blank_is_empty(cls, value: Any) -> Any:
+        return "" if value is None or isinstance(value, str) and not value.strip() else value  # a cleared field
+
+    @field_validator("max_memory_gb", mode="before")
+    @classmethod
+    def _no_cap(cls, value: Any) -> Any:
+        return 0 if value is None else value
 
     @property
     def computes_imatrix(self) -> bool:
@@ -213,8 +230,8 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     from so8t_core.quantize.mixes import MixOptions, parse_tensor_types
     from so8t_core.source.lora import load_adapter
 
-    def tensor_type(value: TensorType | None, flag: str):
-        return ggml_type(value.value, flag) if value else None
+    def tensor_type(value: TensorType, flag: str):
+        return None if value is TensorType.default else ggml_type(value.value, flag)
 
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
@@ -254,7 +271,7 @@ def check_calibration(params: ConvertParams) -> None:
     """The calibration text read, rendered and tokenized as the run will, and refused when it is
     malformed or shorter than llama-imatrix's two chunks (the CLI calls this before Prefect starts;
     the flow's importance stage again, before the model is run)."""
-    if not params.computes_imatrix or params.source is None:
+    if not params.computes_imatrix or not params.source:
         return
     from so8t_core.quantize.calibration import calibration_tokens, check_enough_tokens
     from so8t_core.source.checkpoint import Checkpoint
@@ -327,7 +344,7 @@ def from_cli(args: argparse.Namespace) -> ConvertParams:
                                    + (" ".join(quants[:-1]) or "Q8_0"))
         quant_type(q)  # the library's messages say more than the enum's ("Q8_K is not a file type ...")
     for field in ("output_tensor_type", "token_embedding_type"):
-        if given.get(field):
+        if given.get(field) and given[field].lower() != TensorType.default.value:
             ggml_type(given[field], cli_spelling(field).flag)
     try:
         return ConvertParams(**given)

@@ -211,9 +211,10 @@ def api_for_workers() -> Iterator[None]:
         yield
 
 
-def convert_with(params, max_workers: int | None = None, flow_run_name: str | None = None) -> dict:
+def convert_with(params, max_workers: int | None = None, flow_run_name: str | None = None,
+                 return_state: bool = False) -> Any:
     """Run ``convert`` with ``params`` (a ``ConvertParams``) on the task runner they name
-    (what the CLI and the ``convert`` deployment do)."""
+    (what the CLI and the ``convert`` deployment do): its result, or its final state."""
     from flows.convert import convert
 
     runner = params.runner.value
@@ -222,9 +223,9 @@ def convert_with(params, max_workers: int | None = None, flow_run_name: str | No
         options["flow_run_name"] = flow_run_name
     flow_ = convert.with_options(**options)
     if runner != "dask":
-        return flow_(params)
+        return flow_(params, return_state=return_state)
     with api_for_workers():
-        return flow_(params)
+        return flow_(params, return_state=return_state)
 
 
 def task_slots() -> tuple[int, int | None]:

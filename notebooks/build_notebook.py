@@ -189,11 +189,11 @@ ANALYZE_CODE = 'so8t_gguf("analyze", SOURCE)\n'
 CONVERT_MD = """\
 ## 5. Convert, validate and publish
 
-`convert` runs the whole pipeline (a Prefect flow, run in-process; starting its temporary
-local API takes 10–20 seconds): it fingerprints the checkpoint, bakes the rotation gates,
-quantizes every tensor to each type in `QUANTS`, writes the GGUF files, loads each one in
-llama.cpp and compares its next-token distributions with the PyTorch SO8T model, and
-publishes one release folder per type to
+`convert` runs the whole pipeline (a Prefect flow, run in-process against a local Prefect API
+that the first run starts in the background and later runs reuse): it fingerprints the
+checkpoint, bakes the rotation gates, quantizes every tensor to each type in `QUANTS`, writes
+the GGUF files, loads each one in llama.cpp and compares its next-token distributions with the
+PyTorch SO8T model, and publishes one release folder per type to
 `OUTPUT/NAME/<checkpoint fingerprint>/<type>/`. Nothing is published when validation fails.
 """
 

@@ -1,23 +1,31 @@
-"""Stage 6, publish: stats, model card, then files and manifest to the output URI."""
+"""Stage 6, publish: stats, plots, model card, then files and manifest to the output URI.
+
+Stats, plots and card are made again only when what they are made of changed (``refs.made_files``):
+a re-run with nothing changed reads and writes none of them (the card would read the whole GGUF).
+"""
 
 from __future__ import annotations
 
 from prefect import task
 
-from so8t_core.constants import BPW_PLOT, ERRORS_PLOT, bits_per_weight
+from so8t_core.constants import BPW_PLOT, CONVERTER, ERRORS_PLOT, bits_per_weight
 from so8t_core.gguf_file import read_gguf
 from so8t_core.publish import release
 from so8t_core.publish.model_card import gguf_card_facts, render_model_card
 from so8t_core.publish.plots import plot_bits_per_weight, plot_tensor_errors
 from so8t_core.publish.stats import write_stats
-from so8t_core.refs import FileRef, StagedTensor, file_ref
+from so8t_core.refs import FileRef, StagedTensor, inputs_key, made_files
 from tasks.common import STORAGE_RETRIES
 
 
 @task(name="write-stats", task_run_name="write-stats-{quant}")
 def write_stats_parquet(quant: str, staged: list[StagedTensor], path: str) -> FileRef:
-    write_stats(path, staged)
-    return file_ref(path)
+    def write() -> list[str]:
+        write_stats(path, staged)
+        return [path]
+
+    (ref,) = made_files(path + ".inputs.json", inputs_key(CONVERTER, quant, staged), write)
+    return ref
 
 
 @task(name="write-plots", task_run_name="write-plots-{quant}")
@@ -25,9 +33,14 @@ def write_plots(name: str, quant: str, staged: list[StagedTensor], folder: str) 
     """The release's PNG plots (file name → ref): error per tensor, bits per weight by class."""
     errors = ERRORS_PLOT.format(name=name, quant=quant)
     bpw = BPW_PLOT.format(name=name, quant=quant)
-    plot_tensor_errors(staged, f"{name} {quant}: quantization error per tensor", f"{folder}/{errors}")
-    plot_bits_per_weight(staged, f"{name} {quant}: bits per weight by tensor class", f"{folder}/{bpw}")
-    return {errors: file_ref(f"{folder}/{errors}"), bpw: file_ref(f"{folder}/{bpw}")}
+
+    def write() -> list[str]:
+        plot_tensor_errors(staged, f"{name} {quant}: quantization error per tensor", f"{folder}/{errors}")
+        plot_bits_per_weight(staged, f"{name} {quant}: bits per weight by tensor class", f"{folder}/{bpw}")
+        return [f"{folder}/{errors}", f"{folder}/{bpw}"]
+
+    refs = made_files(f"{folder}/{errors}.inputs.json", inputs_key(CONVERTER, name, quant, staged), write)
+    return {errors: refs[0], bpw: refs[1]}
 
 
 @task(name="write-model-card")
@@ -41,14 +54,20 @@ def write_model_card(path: str, name: str, analysis: dict, files: dict[str, File
         tensors = read_gguf(uri).tensors
         return bits_per_weight(sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors))
 
-    rows = [{"name": n, "size": f.size, "sha256": f.sha256, "bits_per_weight": bpw(f.uri) if n in model_files else None}
-            for n, f in sorted(files.items())]
-    facts = gguf_card_facts(read_gguf(model_gguf.uri).metadata) if model_gguf else {}
-    text = render_model_card(name, analysis, rows, validations, max_bake_error, fingerprint, converter, facts,
-                             plots or [])
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return file_ref(path)
+    def write() -> list[str]:
+        rows = [{"name": n, "size": f.size, "sha256": f.sha256,
+                 "bits_per_weight": bpw(f.uri) if n in model_files else None} for n, f in sorted(files.items())]
+        facts = gguf_card_facts(read_gguf(model_gguf.uri).metadata) if model_gguf else {}
+        text = render_model_card(name, analysis, rows, validations, max_bake_error, fingerprint, converter, facts,
+                                 plots or [])
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return [path]
+
+    key = inputs_key(CONVERTER, name, analysis, files, model_files, validations, max_bake_error, fingerprint,
+                     converter, model_gguf, plots)
+    (ref,) = made_files(path + ".inputs.json", key, write)
+    return ref
 
 
 @task(name="publish-release", task_run_name="publish-{uri}", **STORAGE_RETRIES)

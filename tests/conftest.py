@@ -19,6 +19,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CLI runs without PREFECT_API_URL start the local Prefect API (flows/local_api.py) under the
+# session's cache; it is stopped when the session ends, and goes by itself if the session is killed.
+os.environ.setdefault("SO8T_GGUF_API_IDLE_SECONDS", "300")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_prefect_api():
+    yield
+    from flows.local_api import stop
+
+    stop()
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,9 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
     for q in ("f32", "q8-0"):
         plots = markdown.pop(f"fx-{q}-plots")
         assert plots.count("](data:image/png;base64,iVBOR") == 2  # two inline PNGs
+    # A local release is its absolute path, as text: Prefect takes no file:// link.
     assert markdown == {f"fx-{q.lower().replace('_', '-')}-release":
-                        f"[fx {q} release](file://{result['releases'][q]['uri']})" for q in ("F32", "Q8_0")}
+                        f"**fx {q} release**: `{result['releases'][q]['uri']}`" for q in ("F32", "Q8_0")}
 
 
 def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, monkeypatch):
@@ -69,3 +70,35 @@ def test_uris_in_reports_carry_no_credentials():
     assert redact_uri("https://user:pw@host:9000/b/k") == "https://host:9000/b/k"
     assert redact_uri("/local/path") == "/local/path"
     assert artifact_key("SmolLM2_135M", "Q4_K_M", "tensor-stats") == "smollm2-135m-q4-k-m-tensor-stats"
+
+
+def test_the_deployment_s_run_shows_the_summary_and_where_the_releases_are(make_fixture, tmp_path, monkeypatch):
+    """After "Submit" the UI opens the convert-model run, not its convert subflow: that run carries
+    the summary and the releases too. A relative destination is shown as the absolute folder."""
+    from flows.convert_model import convert_model
+
+    monkeypatch.chdir(tmp_path)
+    state = convert_model(ConvertParams(source=make_fixture(layers=2), output="rel-out", quants=["Q8_0"],
+                                        run_validation=False, work_dir=str(tmp_path / "w"), name="fx"),
+                          return_state=True)
+    result = state.result()
+    markdown = {a.key: a.data for a in run_artifacts(state.state_details.flow_run_id).get("markdown", [])}
+    assert set(markdown) == {"fx-summary", "fx-q8-0-release"}
+    assert markdown["fx-summary"].startswith("# fx: converted")
+    where = str(tmp_path / "rel-out" / "fx" / result["fingerprint"][:16] / "Q8_0")
+    assert markdown["fx-q8-0-release"] == f"**fx Q8_0 release**: `{where}`" and (tmp_path / where).is_dir()
+
+
+def test_the_deployment_s_run_says_why_a_conversion_failed(make_fixture, tmp_path, monkeypatch):
+    from flows.convert_model import convert_model
+    from so8t_core.validate import checks as validation
+
+    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
+                                                                 max_relative_rmse=0.0))
+    state = convert_model(ConvertParams(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
+                                        work_dir=str(tmp_path / "w"), name="fx"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValidationError):
+        state.result()
+    markdown = {a.key: a.data for a in run_artifacts(state.state_details.flow_run_id).get("markdown", [])}
+    assert set(markdown) == {"fx-summary"} and markdown["fx-summary"].startswith("# fx: FAILED")

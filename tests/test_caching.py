@@ -123,3 +123,33 @@ def test_rerun_reuses_assembled_files_and_validation(make_fixture, tmp_path, mon
     ggufs[0].write_bytes(b"corrupt")
     third = convert(ConvertParams(output=str(tmp_path / "o3"), **kw))
     assert contents(third["releases"]["Q8_0"]) == contents(first["releases"]["Q8_0"])
+
+
+def test_rerun_makes_no_stats_plots_or_model_card_again(make_fixture, tmp_path, monkeypatch):
+    """They are made from the staged tensors, validation and files, all unchanged: re-making them
+    (the card reads the whole GGUF again) was most of a re-run's time."""
+    import tasks.publish
+
+    read = []
+    real = tasks.publish.read_gguf
+    monkeypatch.setattr(tasks.publish, "read_gguf", lambda path: read.append(path) or real(path))
+    kw = dict(source=make_fixture(layers=2, seed=34), quants=["Q8_0"], work_dir=str(tmp_path / "w"), name="fx")
+    first = convert(ConvertParams(output=str(tmp_path / "o1"), **kw))
+    made = [p for p in (tmp_path / "w" / "runs").glob("*/Q8_0/*") if not p.name.endswith(".inputs.json")]
+    reads = len(read)  # the card reads the model GGUF (its metadata, its tensors' sizes)
+    assert {p.suffix for p in made} == {".md", ".parquet", ".png"} and reads >= 1
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in made}
+    second = convert(ConvertParams(output=str(tmp_path / "o2"), **kw))
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in made} == stamps and len(read) == reads
+    assert contents(second["releases"]["Q8_0"]) == contents(first["releases"]["Q8_0"])
+    # Something the card is made of changes (no validation to report): the card alone is made again.
+    third = convert(ConvertParams(output=str(tmp_path / "o3"), run_validation=False, **kw))
+    assert len(read) == 2 * reads
+    changed = {p.name for p in made if (p.stat().st_ino, p.stat().st_mtime_ns) != stamps[p]}
+    assert changed == {"README.md"}
+    assert contents(third["releases"]["Q8_0"])["README.md"] != contents(first["releases"]["Q8_0"])["README.md"]
+    # A file changed under its record is made again, not trusted.
+    stats = next(p for p in made if p.suffix == ".parquet")
+    stats.write_bytes(b"corrupt")
+    fourth = convert(ConvertParams(output=str(tmp_path / "o4"), **kw))
+    assert contents(fourth["releases"]["Q8_0"]) == contents(first["releases"]["Q8_0"])

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from support.cli import assert_one_line_error
 from support.lora import FIXTURE, pair, write_adapter
 from support.published import gguf_path, release
 
@@ -109,9 +110,7 @@ def test_an_adapter_that_targets_nothing_is_a_one_line_cli_error(make_fixture, t
     out = subprocess.run([sys.executable, "-m", "flows.cli", "convert", src, "--lora", d, "--output",
                           str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "target no weight" in lines[0] and lines[0].startswith("so8t-gguf: error:")
+    assert_one_line_error(out, "target no weight")
 
 
 def test_fused_phi3_modules_merge(make_fixture, tmp_path):

@@ -94,7 +94,7 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     (["--name", "../../escape"], ["--name ../../escape", "not a plain name"]),
     (["--split-max-size", "lots"], ["--split-max-size lots", "not a size"]),
     (["--split-max-tensors", "-1"], ["--split-max-tensors -1", "greater than or equal to 0"]),
-    (["--max-memory", "0"], ["--max-memory 0", "greater than 0"]),
+    (["--max-memory", "-1"], ["--max-memory -1", "greater than or equal to 0"]),
     (["--calibration-ctx", "8"], ["--calibration-ctx 8", "greater than or equal to 16"]),
     (["--quant", "Q8_K"], ["--quant Q8_K", "not a file type"]),
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "not a tensor type"]),
@@ -108,7 +108,7 @@ def test_a_value_the_fields_refuse_is_one_line_naming_the_option(argv, words):
 
 def test_names_and_types_are_case_insensitive_on_the_form_too():
     p = ConvertParams(quants=["q4_k_m", "Q8_0"], engine="simd", name="", output_tensor_type="q8_0")
-    assert p.quant_names == ["Q4_K_M", "Q8_0"] and p.name is None and p.output_tensor_type.value == "Q8_0"
+    assert p.quant_names == ["Q4_K_M", "Q8_0"] and p.name == "" and p.output_tensor_type.value == "Q8_0"
     assert p.quants[0] is QuantMix.Q4_K_M
     for bad in ({"quants": ["Q9_9"]}, {"quants": []}, {"engine": "cuda"}, {"quant": ["Q8_0"]},
                 {"split_max_size": "lots"}, {"name": "a/b"}):
@@ -154,3 +154,30 @@ def test_cli_markers_are_where_a_plain_flag_will_not_do():
     spelled = {f for f, info in ConvertParams.model_fields.items() if any(isinstance(m, Cli) for m in info.metadata)}
     plain = set(ConvertParams.model_fields) - spelled
     assert all(cli_spelling(f).flag == "--" + f.replace("_", "-") for f in plain)
+
+
+def test_the_form_has_plain_fields_with_defaults_and_human_labels():
+    """Prefect's form shows an optional (``X | None``) field as a type toggle ("Property is type
+    None") that needs a click before typing: every field is a plain one with a default, a leaf
+    of the form (no anyOf), labelled, with help text that Markdown shows as written."""
+    schema = parameter_schema(convert_model.fn).model_dump()
+    form = resolve(schema, schema["properties"]["params"])
+    assert not form.get("required")
+    for field, prop in form["properties"].items():
+        assert "anyOf" not in prop and "null" not in str(prop.get("type")), field
+        assert "default" in prop, field
+        title = prop["title"]
+        assert title[0].isupper() and "_" not in title and title != field, field
+        assert not set("<>*`") & set(prop["description"]), field  # HTML and Markdown markup
+    assert len({p["title"] for p in form["properties"].values()}) == len(form["properties"])
+
+
+def test_a_form_left_alone_or_cleared_is_the_defaults():
+    """What a form sends for fields the user leaves alone or clears, and what Python callers pass
+    for "not given" (None), all mean the default."""
+    cleared = {"source": "", "name": " ", "work_dir": "", "split_max_size": "", "imatrix": "", "lora": "",
+               "dask_address": "", "max_memory_gb": 0, "output_tensor_type": "default", "token_embedding_type": ""}
+    assert ConvertParams(**cleared) == ConvertParams() == ConvertParams(**{k: None for k in cleared})
+    assert ConvertParams(output_tensor_type="Default").output_tensor_type == ConvertParams().output_tensor_type
+    parse = convert_parser().parse_args
+    assert from_cli(parse(["--output-tensor-type", "default", "--max-memory", "0"])) == ConvertParams()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import gguf
@@ -14,10 +13,9 @@ from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kv
 from so8t_core.constants import CONVERTER, QuantType
 from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, write_gguf
 from so8t_core.quantize.staging import FORMAT_VERSION
-from so8t_core.refs import FileRef, StagedTensor, file_ref
+from so8t_core.refs import FileRef, StagedTensor, file_ref, made_files
 from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
 from so8t_core.source.tokenizer import tokenizer_metadata
-from so8t_core.storage import local_atomic_file
 
 
 def _inputs_key(arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor], split: Split) -> str:
@@ -28,33 +26,15 @@ def _inputs_key(arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor]
     return hashlib.sha256(data).hexdigest()
 
 
-def _identity(path: str) -> str:
-    st = os.stat(path)
-    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-
-
 def assemble_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
                    split: Split = NO_SPLIT) -> list[FileRef]:
     """Write the model GGUF (one file, or a split set): tensors in order, data streamed from staging.
 
-    A record beside the file (``<file>.inputs.json``: the inputs' key and the written files
-    with their identity) lets a re-run with the same inputs reuse the files untouched.
+    A record beside the file (``<file>.inputs.json``) lets a re-run with the same inputs reuse
+    the files untouched (``refs.made_files``).
     """
-    key = _inputs_key(arch, kvs, staged, split)
-    record = path + ".inputs.json"
-    try:
-        with open(record) as f:
-            previous = json.load(f)
-        if previous["key"] == key and all(os.path.exists(r["uri"]) and _identity(r["uri"]) == r["identity"]
-                                          for r in previous["files"]):
-            return [FileRef(uri=r["uri"], sha256=r["sha256"], size=r["size"]) for r in previous["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    refs = _write_model(path, arch, kvs, staged, split)
-    with local_atomic_file(record) as tmp:
-        with open(tmp, "w") as f:
-            json.dump({"key": key, "files": [{**r.model_dump(), "identity": _identity(r.uri)} for r in refs]}, f)
-    return refs
+    return made_files(path + ".inputs.json", _inputs_key(arch, kvs, staged, split),
+                      lambda: [r.uri for r in _write_model(path, arch, kvs, staged, split)])
 
 
 def _write_model(path: str, arch: str, kvs: Sequence[GGUFKV], staged: Sequence[StagedTensor],
@@ -78,6 +58,21 @@ def tokenizer_files(ckpt: Checkpoint) -> dict[str, bytes]:
     return {n: data for n in TOKENIZER_FILES if (data := ckpt.read_file(n)) is not None}
 
 
+# The tokenizer.* keys by (checkpoint, its config and tokenizer files): the same for every quant of
+# a run, and building them (the vocabulary, merges, special tokens) costs most of a second.
+_TOKENIZER_KVS: dict[tuple, list[GGUFKV]] = {}
+
+
+def tokenizer_kvs(ckpt: Checkpoint, allow_tokenizer_mismatch: bool = False) -> list[GGUFKV]:
+    files = tokenizer_files(ckpt)
+    key = (ckpt.uri, ckpt.config_bytes, tuple(sorted(files.items())), allow_tokenizer_mismatch)
+    if key not in _TOKENIZER_KVS:
+        if len(_TOKENIZER_KVS) >= 4:
+            _TOKENIZER_KVS.clear()
+        _TOKENIZER_KVS[key] = tokenizer_metadata(files, ckpt.config, ckpt.uri, allow_tokenizer_mismatch)
+    return list(_TOKENIZER_KVS[key])
+
+
 def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerprint: str,
                    staged: Sequence[StagedTensor], extra: Sequence[GGUFKV] = (),
                    allow_tokenizer_mismatch: bool = False) -> tuple[str, list[GGUFKV]]:
@@ -90,7 +85,7 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
     ``allow_tokenizer_mismatch``: write the tokenizer even when llama.cpp does not reproduce it.
     """
     spec, structure, _ = checkpoint_model(ckpt)
-    tok = tokenizer_metadata(tokenizer_files(ckpt), ckpt.config, ckpt.uri, allow_tokenizer_mismatch)
+    tok = tokenizer_kvs(ckpt, allow_tokenizer_mismatch)
     provenance = Provenance(
         source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
