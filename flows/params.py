@@ -148,8 +148,9 @@ class ConvertParams(BaseModel):
         [], title="Calibration text",
         description="Text to compute the run's importance matrix on, in llama.cpp as llama-imatrix does: plain "
                     "text, JSONL with a 'text' field, or JSONL chat records ('messages', rendered with the "
-                    "checkpoint's chat template); any fsspec URL. Every mix of the run is quantized with it, and "
-                    "each release holds it as NAME.imatrix.gguf.")
+                    "checkpoint's chat template); any fsspec URL, or the word builtin for the text so8t-gguf ships "
+                    "(prose, code, dialogue, Japanese and nine other languages). Every mix of the run is quantized "
+                    "with it, and each release holds it as NAME.imatrix.gguf.")
     calibration_ctx: Annotated[int, Cli(metavar="N")] = Field(
         DEFAULT_CTX, ge=MIN_ROWS, title="Calibration context",
         description=f"Tokens per calibration chunk (llama-imatrix's -c; default {DEFAULT_CTX}).")

@@ -12,6 +12,9 @@ from support.cli import assert_one_line_error, run
 
 from so8t_core.errors import CalibrationError
 from so8t_core.quantize.calibration import (
+    BUILTIN,
+    BUILTIN_DATASET,
+    DEFAULT_CTX,
     DOCUMENT_SEPARATOR,
     accumulate_squares,
     calibration_tokens,
@@ -125,3 +128,33 @@ def test_the_weights_an_imatrix_measures():
                ("blk.0.attn_q.weight", (64, 64)), ("blk.0.attn_q.bias", (64,)), ("blk.0.attn_norm.weight", (64,)),
                ("blk.0.ffn_down.weight", (64, 128))]
     assert measured_weights(tensors) == {"blk.0.attn_q.weight", "blk.0.ffn_down.weight"}
+
+
+def test_the_builtin_text_is_varied_and_long_enough_and_tokenizes(make_fixture):
+    calibration, tokens = calibration_tokens(Checkpoint.open(make_fixture()), [BUILTIN])
+    text = calibration.text
+    assert calibration.datasets == [BUILTIN_DATASET] and not calibration.parse_special
+    assert len(tokens) >= 2 * DEFAULT_CTX
+    assert "Assignment statements" in text  # prose
+    assert "class TextWrapper" in text and "PyAPI_FUNC(" in text  # Python and C
+    assert "A: " in text and "\nB: " in text  # dialogue
+    assert any("\u3040" <= c <= "\u309f" for c in text)  # hiragana
+    assert any("\uac00" <= c <= "\ud7a3" for c in text)  # hangul
+    assert any("\u0400" <= c <= "\u04ff" for c in text)  # cyrillic
+    assert "¿" in text and "é" in text and "ü" in text  # Spanish, French, German
+    # Every kind early on: the first chunks of --calibration-chunks N see them all.
+    head = text[:20000]
+    assert "Assignment" in head and "TextWrapper" in head and "A: " in head \
+        and any("\u3040" <= c <= "\u309f" for c in head)
+
+
+def test_the_builtin_text_holds_none_of_the_validation_text():
+    import re
+
+    from so8t_core.quantize.calibration import builtin_text
+    from so8t_core.validate.checks import PARITY_TEXT, VALIDATION_TEXT
+
+    text = builtin_text().decode()
+    sentences = [s for s in re.split(r"(?<=[.!?。])\s*|\n", VALIDATION_TEXT + "\n" + PARITY_TEXT) if len(s) > 12]
+    assert len(sentences) > 15
+    assert [s for s in sentences if s in text] == []

@@ -66,7 +66,7 @@ def test_mixes_llama_quantize_refuses_are_refused_before_any_work(make_fixture, 
     out = tmp_path / "o"
     proc = run("convert", make_fixture(**FIXTURES["llama-256"]), "--quant", "Q4_K_M", "iq2_xs", "--output", str(out))
     assert_one_line_error(proc, "--quant IQ2_XS", "refuses IQ2_XS without an importance matrix", "--calibration",
-                          "--imatrix")
+                          "builtin", "--imatrix")
     # rows of 64: Q1_0's blocks of 128 do not fit, and llama.cpp defines no fallback for them
     assert_one_line_error(run("convert", make_fixture(), "--quant", "Q1_0", "--output", str(out)),
                           "rows of 64, not a multiple of Q1_0's 128")

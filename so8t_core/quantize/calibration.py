@@ -52,6 +52,10 @@ LLAMA_IMATRIX_BATCH = 2048  # llama-imatrix's batch (-b, common_params.n_batch):
 LLAMA_IMATRIX_UBATCH = 512  # common_params.n_ubatch: the micro-batches llama.cpp computes
 MIN_ROWS = 16  # llama-imatrix ignores products with fewer input rows ("why are small batches ignored?")
 DOCUMENT_SEPARATOR = "\n\n"
+# --calibration's word for the built-in calibration text (calibration_data/SOURCES.md): prose,
+# dialogue, code, several languages including Japanese; none of it is the validation text.
+BUILTIN = "builtin"
+BUILTIN_DATASET = "so8t-gguf/calibration_data/default.txt"  # what imatrix.datasets records for it
 SHOWN_CHARS = 60
 
 
@@ -75,7 +79,7 @@ def read_calibration(uris: Sequence[str], chat_template: str | None = None,
     documents: list[str] = []
     chat = False
     for uri in uris:
-        data = storage.read_bytes(uri)
+        data = builtin_text() if uri == BUILTIN else storage.read_bytes(uri)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -100,7 +104,15 @@ def read_calibration(uris: Sequence[str], chat_template: str | None = None,
         raise CalibrationError(", ".join(storage.redact_uri(u) for u in uris), "no calibration text in it",
                                "give text the model should see: prose, dialogue, code, ...")
     return CalibrationText(DOCUMENT_SEPARATOR.join(documents), chat,
-                           [posixpath.basename(u.rstrip("/")) for u in uris], len(documents))
+                           [BUILTIN_DATASET if u == BUILTIN else posixpath.basename(u.rstrip("/")) for u in uris],
+                           len(documents))
+
+
+def builtin_text() -> bytes:
+    """The built-in calibration text (UTF-8): ``calibration_data/default.txt``."""
+    from importlib.resources import files
+
+    return files("so8t_core.quantize").joinpath("calibration_data", "default.txt").read_bytes()
 
 
 def _jsonl_records(uri: str, text: str) -> list[tuple[int, dict]] | None:

@@ -47,7 +47,8 @@ OUTPUT_Q5_K = IQ1_IQ2 | {"IQ3_XXS"}  # the output tensor gets Q5_K, not Q6_K
 # but token_embd and output), and those libggml itself aborts on without it.
 REQUIRE_IMATRIX = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
 GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})  # ggml_quantize_requires_imatrix
-IMATRIX_HINT = "pass --calibration TEXT_URI to compute one on your text, or --imatrix FILE (from llama-imatrix)"
+IMATRIX_HINT = ("pass --calibration with your text (or the word builtin, for the built-in text) to compute one, "
+                "or --imatrix FILE (from llama-imatrix)")
 
 
 @dataclass(frozen=True)
