@@ -40,6 +40,7 @@ from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import NO_SPLIT, Split
 from so8t_core.plan import TensorPlan
 from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, release_uri
+from so8t_core.quantize.calibration import measured_weights
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix
 from so8t_core.quantize.mixes import MixOptions, ModelShape, check_imatrix_requirements, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
@@ -219,10 +220,13 @@ def importance(run: Run, src: SourceRef, model: Model) -> Importance | None:
     else:
         return None
     uncovered = {q: imatrix.uncovered(model.plan, model.types[q]) for q in run.quants}
+    # llama-quantize only logs this; a silent quality loss worth saying, for the weights an
+    # imatrix measures (token_embd is a lookup no llama-imatrix file has; output is left out by default)
+    measured = measured_weights([(t.gguf_name, t.shape) for t in model.plan])
     for q, names in uncovered.items():
-        if names:  # llama-quantize only logs this; a silent quality loss worth saying
+        if missing := [n for n in names if n in measured]:
             get_run_logger().warning("imatrix has no entry for %d tensors %s quantizes (e.g. %s): quantized "
-                                     "without it", len(names), q, names[0])
+                                     "without it", len(missing), q, missing[0])
     return Importance(imatrix=imatrix, name=name, uncovered=uncovered, computed=computed)
 
 
