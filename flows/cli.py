@@ -36,12 +36,19 @@ def _quiet_prefect(verbose: bool) -> None:
 def quiet_libraries(verbose: bool) -> None:
     """Libraries' own notices stay off the console unless -v: transformers' advice on configs
     (e.g. on rope parameters, read when validating) and the S3 client's INFO lines ("Found
-    credentials in ..."). Their errors still reach the user, as our one line."""
+    credentials in ..."). Their errors still reach the user, as our one line. With -v they show,
+    through a handler of their own: the inputs are checked (and the S3 client made) before
+    Prefect configures logging."""
+    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG)
+
     if verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+        for name in WIRE_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).propagate = False  # shown once, not again by Prefect's handler
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
-    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG): raise that
-
     for name in WIRE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -6,8 +6,8 @@
 The flow's body is that list; each stage is a function below it that calls the stage's tasks
 (``tasks/<stage>.py``). Tasks exchange references (URIs, sha256, sizes), never arrays.
 Quantized tensors are staged content-addressed under the work directory, so a re-run redoes
-only what changed. Nothing reaches the output URI unless every validation gate passed, and
-``manifest.json`` is written last.
+only what changed. Nothing reaches the output URI unless every validation gate passed, and a
+release changes only by switching its pointer to a new, complete, immutable version.
 """
 
 from __future__ import annotations
@@ -109,12 +109,9 @@ class Run:
 
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
-        inputs = check_inputs(params)
+        inputs = check_inputs(params)  # the name too: Python callers bypass the CLI
         check_writable(params.output)  # not found only at publish, after minutes of work
-        source, name = params.source, params.name
-        if not source:
-            source, name = demo_source(), name or DEMO_NAME
-        return cls(params=params, source=source, name=name or default_name(source), quants=inputs.quants,
+        return cls(params=params, source=params.source or demo_source(), name=inputs.name, quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
                    engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter)
 
@@ -317,8 +314,9 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
 
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
             validations: dict[str, dict], imatrix: Importance | None) -> tuple[dict[str, dict], FileRef]:
-    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/`` with its manifest
-    last (and the importance matrix the run computed); then latest.json names them."""
+    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/``: a new immutable version
+    in it (with the importance matrix the run computed), then its pointer switched
+    (so8t_core/publish/release.py); then latest.json names them."""
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
@@ -334,9 +332,10 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
                                     model.analysis["tokenizer"])
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
-        published = {n: FileRef(uri=storage.join(release, n), sha256=f.sha256, size=f.size)
+        version = manifest_ref.uri.rsplit("/", 1)[0]  # the immutable version current.json now names
+        published = {n: FileRef(uri=storage.join(version, n), sha256=f.sha256, size=f.size)
                      for n, f in release_files.items()}
-        releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in published.items()},
+        releases[q] = {"uri": release, "version": version, "files": {n: f.model_dump() for n, f in published.items()},
                        "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
         latest[q] = {"source_fingerprint": src.fingerprint,
                      "release": f"{model.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
@@ -380,10 +379,6 @@ def demo_source() -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         build_demo_checkpoint(path)
     return path
-
-
-def default_name(source: str) -> str:
-    return os.path.basename(source.rstrip("/")) or "model"
 
 
 def max_bake_error(staged: dict[str, list[StagedTensor]]) -> float:
