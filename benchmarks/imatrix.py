@@ -1,7 +1,7 @@
 """The importance-matrix stage against llama-imatrix, and what its matrix buys, on the demo.
 
     SO8T_LLAMA_IMATRIX=.../llama-imatrix .venv/bin/python benchmarks/imatrix.py [--threads N] [--chunks N]
-        [--skip-kld] [--work DIR]
+        [--skip-throughput] [--skip-kld] [--skip-chat] [--work DIR]
 
 (a) Throughput: the demo's baked F32 GGUF (SmolLM2-135M with SO8T gates) over the built-in
     calibration text (``--calibration builtin``), ``--chunks`` chunks of 512 tokens, at equal
@@ -12,6 +12,9 @@
     the one computed on the built-in text; mean KLD and top-1 agreement of llama.cpp's logits
     against the PyTorch reference, from each release's validation report (the validation text,
     which is not in the calibration text).
+(c) Chat: the demo in IQ2_M, IQ3_M and IQ4_XS with the importance matrix computed on the built-in
+    text, validated, each loaded in llama.cpp (``LlamaCppModel``, the GGUF's chat template) and
+    asked one question; the greedy replies.
 
 Prints Markdown tables for docs/benchmarks.md.
 """
@@ -103,18 +106,45 @@ def quality(work: str) -> None:
         print(f"| {q} | {label} | {kld:.5f} | {100 * top1:.2f}% |")
 
 
+def chat(work: str) -> None:
+    from flows.convert import convert
+    from flows.params import ConvertParams
+    from so8t_core.llama_runtime import LlamaCppModel
+    from so8t_core.quantize.calibration import BUILTIN
+
+    mixes = ["IQ2_M", "IQ3_M", "IQ4_XS"]
+    result = convert(ConvertParams(output=os.path.join(work, "out-chat"), quants=mixes, calibration=[BUILTIN],
+                                   work_dir=os.path.join(work, "w"), name="demo"))
+    print("\n(c) the demo with the computed importance matrix, chatting in llama.cpp (greedy, 40 tokens)\n")
+    print("| mix | size (MB) | mean KLD | reply to \"What is the capital of France?\" |")
+    print("|---|---|---|---|")
+    for q in mixes:
+        release = result["releases"][q]
+        gguf = next(f for n, f in release["files"].items() if n.endswith(f"-{q}.gguf"))
+        manifest = json.loads(open(release["manifest"]["uri"]).read())
+        with LlamaCppModel(gguf["uri"], n_ctx=512) as model:
+            reply, cut = model.chat_reply("What is the capital of France?", max_tokens=40)
+        shown = " ".join(reply.split()).replace("|", "\\|") + (" […]" if cut else "")
+        print(f"| {q} | {gguf['size'] / 1e6:.1f} | {manifest['validation']['llama_cpp']['mean_kld']:.4f} | {shown} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-kld", action="store_true")
+    ap.add_argument("--skip-chat", action="store_true")
     ap.add_argument("--work")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="so8t-imatrix-bench-")
     os.makedirs(work, exist_ok=True)
-    throughput(work, args.threads, args.chunks)
+    if not args.skip_throughput:
+        throughput(work, args.threads, args.chunks)
     if not args.skip_kld:
         quality(work)
+    if not args.skip_chat:
+        chat(work)
 
 
 if __name__ == "__main__":
