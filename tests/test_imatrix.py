@@ -124,6 +124,9 @@ def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_
         assert g.value("quantize.imatrix.dataset") == "corpus.txt"
         assert g.value("quantize.imatrix.entries_count") == len(im.entries)
         assert g.value("quantize.imatrix.chunks_count") == im.chunk_count
+        card = (release(out, "fx", mix) / "README.md").read_text()
+        assert (f"Quantized with an importance matrix, `fx.imatrix.gguf` (in this release, llama-imatrix's format), "
+                f"computed on corpus.txt ({im.chunk_count} chunks); {len(im.entries)} weights have entries.") in card
         manifest = json.loads(open(result["releases"][mix]["manifest"]["uri"]).read())
         computed = manifest["imatrix"]["computed"]
         assert computed["calibration"] == ["corpus.txt", "chats.jsonl"] and computed["ctx"] == 64
