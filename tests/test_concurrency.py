@@ -12,6 +12,7 @@ import multiprocessing
 import threading
 import time
 
+import pytest
 from support.locks import contend, plant_stale_lock
 from support.releases import FP_A, listing, local_files, visible
 from support.reliability_record import record
@@ -19,6 +20,9 @@ from support.reliability_record import record
 from so8t_core import storage
 from so8t_core.errors import So8tError
 from so8t_core.publish import release as pub
+
+# Many processes racing for a lock, on S3 too: about a minute, so out of the fast tier.
+pytestmark = pytest.mark.e2e
 
 PUBLISHERS = 4
 LOCK_PROCESSES, LOCK_TRIALS = 8, 8
