@@ -79,16 +79,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> dict:
     from flows import console, local_api
-    from flows.params import check_inputs, from_cli
+    from flows.params import check_calibration, check_inputs, check_mixes, from_cli
     from so8t_core.analysis import preflight
     from so8t_core.storage import check_writable
 
     params = from_cli(args)
-    check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    inputs = check_inputs(params)  # bad input fails here in a second, before Prefect starts
     check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
     if params.source:
-        preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
-                  max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+        spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
+                               max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+        check_mixes(params, inputs, spec, plan)  # what llama-quantize refuses on this model
+        check_calibration(params)  # malformed or too short calibration text
     # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
     # background while the flow's modules are imported.
     api = local_api.start_unless_configured()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from so8t_core import storage
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
 from so8t_core.errors import So8tError, UnsupportedError
+from so8t_core.quantize.calibration import DEFAULT_CTX, MIN_ROWS
 from so8t_core.quantize.engines import ENGINES
 from so8t_core.storage import NAME_PATTERN, NAME_RULE, redact_uri, refuse_credentials
 
@@ -33,6 +34,7 @@ RUNNERS = ("threads", "dask")
 # parameters; in Python the fields' validator refuses it (pydantic's own patterns cannot look ahead).
 NO_CREDENTIALS_PATTERN = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
 URI_FIELDS = ("source", "output", "work_dir", "imatrix", "lora", "dask_address")
+URI_LIST_FIELDS = ("calibration",)  # lists of URIs
 SIZE_PATTERN = r"^\s*[0-9]+\s*[KkMmGg]?\s*$"
 ADDRESS_PATTERN = r"^\s*[a-z]+://\S+\s*$"
 # What a value that does not match a field's pattern is told.
@@ -148,7 +150,23 @@ class ConvertParams(BaseModel):
                     "the model card and the manifest then say so.")
     imatrix: Annotated[str, Cli(metavar="FILE")] = Field(
         "", title="Importance matrix", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
-        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none).")
+        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none; takes "
+                    "precedence over --calibration).")
+    calibration: Annotated[list[str], Cli(metavar="URI")] = Field(
+        [], title="Calibration text",
+        json_schema_extra={"items": {"type": "string", "pattern": NO_CREDENTIALS_PATTERN}},
+        description="Text to compute the run's importance matrix on, in llama.cpp as llama-imatrix does: plain "
+                    "text, JSONL with a 'text' field, or JSONL chat records ('messages', rendered with the "
+                    "checkpoint's chat template); any fsspec URL, or the word builtin for the text so8t-gguf ships "
+                    "(prose, code, dialogue, Japanese and nine other languages). Every mix of the run is quantized "
+                    "with it, and each release holds it as NAME.imatrix.gguf.")
+    calibration_ctx: Annotated[int, Cli(metavar="N")] = Field(
+        DEFAULT_CTX, ge=MIN_ROWS, title="Calibration context",
+        description=f"Tokens per calibration chunk (llama-imatrix's -c; default {DEFAULT_CTX}).")
+    calibration_chunks: Annotated[int, Cli(metavar="N")] = Field(
+        0, ge=0, title="Calibration chunks",
+        description="Compute on at most this many chunks of the calibration text (llama-imatrix's --chunks; "
+                    "0: all).")
     lora: Annotated[str, Cli(metavar="ADAPTER_URI")] = Field(
         "", title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking (empty: none).")
@@ -184,18 +202,24 @@ class ConvertParams(BaseModel):
     def _no_cap(cls, value: Any) -> Any:
         return 0 if value is None else value
 
-    @field_validator(*URI_FIELDS)
+    @field_validator(*URI_FIELDS, *URI_LIST_FIELDS)
     @classmethod
     def _no_credentials(cls, value: Any, info) -> Any:
         """Before any run exists: a flow run's parameters, task run names and events are stored."""
-        if isinstance(value, str) and "://" in value:
-            try:
-                refuse_credentials(value)
-            except So8tError as exc:
-                spelling = cli_spelling(info.field_name)
-                raise UnsupportedError(f"{spelling.flag or spelling.metavar} {redact_uri(value)}", exc.problem,
-                                       exc.hint) from None
+        for uri in value if isinstance(value, list) else [value]:
+            if isinstance(uri, str) and "://" in uri:
+                try:
+                    refuse_credentials(uri)
+                except So8tError as exc:
+                    spelling = cli_spelling(info.field_name)
+                    raise UnsupportedError(f"{spelling.flag or spelling.metavar} {redact_uri(uri)}", exc.problem,
+                                           exc.hint) from None
         return value
+
+    @property
+    def computes_imatrix(self) -> bool:
+        """Whether the run computes its importance matrix (calibration text, and no --imatrix)."""
+        return bool(self.calibration) and not self.imatrix
 
     @property
     def quant_names(self) -> list[str]:
@@ -276,11 +300,50 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
     options = MixOptions(
-        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure, has_imatrix=im is not None,
+        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure,
+        has_imatrix=im is not None or params.computes_imatrix,
         output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
         token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
     return CheckedInputs(name=name, quants=quants, options=options, engine=resolve_engine(params.engine.value),
                          imatrix=im, adapter=load_adapter(params.lora) if params.lora else None)
+
+
+def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str] | None:
+    """The weights the run's importance matrix has entries for: --imatrix's, or those the one
+    computed on --calibration text will have (every weight of the blocks); None without one."""
+    from so8t_core.quantize.calibration import measured_weights
+
+    if imatrix is not None:
+        return set(imatrix.entries)
+    if params.computes_imatrix:
+        return measured_weights([(p.gguf_name, p.shape) for p in plan])
+    return None
+
+
+def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> None:
+    """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
+    where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
+    with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
+    analyze stage computes the same types again)."""
+    from so8t_core.quantize.mixes import ModelShape, mix_types
+
+    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
+              imatrix_coverage(params, inputs.imatrix, plan))
+
+
+def check_calibration(params: ConvertParams) -> None:
+    """The calibration text read, rendered and tokenized as the run will, and refused when it is
+    malformed or shorter than llama-imatrix's two chunks (the CLI calls this before Prefect starts;
+    the flow's importance stage again, before the model is run)."""
+    if not params.computes_imatrix or not params.source:
+        return
+    from so8t_core.quantize.calibration import calibration_tokens, check_enough_tokens
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+
+    ckpt = Checkpoint.open(params.source, cache_dir=default_cache_dir())
+    _, tokens = calibration_tokens(ckpt, params.calibration, params.allow_tokenizer_mismatch)
+    check_enough_tokens(len(tokens), params.calibration_ctx, "--calibration " + " ".join(params.calibration))
 
 
 # --- The command line, made from the fields ------------------------------------------------

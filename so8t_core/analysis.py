@@ -37,17 +37,18 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
 
 
 def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool = False,
-              tokenizer: bool = True, max_memory_gb: float | None = None) -> None:
+              tokenizer: bool = True, max_memory_gb: float | None = None) -> tuple[ModelSpec, list[TensorPlan]]:
     """Everything checkable without reading the weights: files, headers, config, plan, gates,
     that a LoRA adapter's pairs fit the model's weights, that a memory cap leaves room for the
     process and its largest tensor, and that llama.cpp reproduces the tokenizer (unless
     ``allow_tokenizer_mismatch``) and that the chat template renders within limits (neither
     without ``tokenizer``: the ONNX export has no tokenizer).
 
-    Catches most bad input in a second or two, before a pipeline run starts.
+    Catches most bad input in a second or two, before a pipeline run starts. Returns the
+    model's spec and tensor plan, for the checks of the quant mixes.
     """
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
-    _, structure, plan = checkpoint_model(ckpt)
+    spec, structure, plan = checkpoint_model(ckpt)
     if max_memory_gb is not None:
         check_memory_cap(max_memory_gb, plan)
     if lora:
@@ -61,6 +62,7 @@ def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool 
     if tokenizer:
         check_chat_template(files, ckpt.uri)  # a template that hangs or escapes the sandbox: refused now
         require_tokenizer_parity(ckpt, allow_tokenizer_mismatch)
+    return spec, plan
 
 
 def tokenizer_check(ckpt: Checkpoint) -> TokenizerCheck:

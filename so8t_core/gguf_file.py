@@ -93,9 +93,10 @@ def parse_split_size(text: str) -> int:
     return int(digits) * unit
 
 
-def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo],
+def write_gguf(path: str, arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo],
                tensor_bytes: Callable[[TensorInfo], bytes], split: Split = NO_SPLIT) -> list[str]:
-    """Write a complete GGUF v3 model at ``path`` (local), streaming tensor data.
+    """Write a complete GGUF v3 file at ``path`` (local), streaming tensor data. ``arch`` None:
+    a file that is not a model (an importance matrix), without ``general.architecture``.
 
     With ``split`` the model is cut into ``<stem>-00001-of-0000N.gguf`` files, as llama.cpp's
     gguf-split names them: every file carries ``split.*`` keys, the first the model's
@@ -107,8 +108,10 @@ def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[Te
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     try:
-        writer = gguf.GGUFWriter(os.path.join(tmp_dir, os.path.basename(path)), arch,
+        writer = gguf.GGUFWriter(os.path.join(tmp_dir, os.path.basename(path)), arch or "",
                                  split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
+        if arch is None:  # the constructor always adds it
+            writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
         for kv in kvs:
             if kv.key == "general.architecture":
                 continue  # written by the GGUFWriter constructor, always first

@@ -113,7 +113,7 @@ _LOG_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def _captured_llama_log() -> Iterator[_LogCapture]:
+def captured_llama_log() -> Iterator[_LogCapture]:
     """Route llama.cpp logging into a :class:`_LogCapture`, then restore the previous callback."""
     with _LOG_LOCK:
         previous = llama_cpp.llama_log_callback()
@@ -188,7 +188,7 @@ class LlamaVocab:
         _check_gguf_file(self.gguf_path)
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             llama_cpp.llama_backend_init()
             self._model = llama_cpp.llama_model_load_from_file(self.gguf_path.encode(), params)
             if not self._model:
@@ -204,7 +204,7 @@ class LlamaVocab:
 
     def close(self) -> None:
         if self._model:
-            with _captured_llama_log():
+            with captured_llama_log():
                 llama_cpp.llama_model_free(self._model)
             self._model = None
 
@@ -336,7 +336,7 @@ class LlamaCppModel:
         if lora_path is not None:
             _check_gguf_file(os.fspath(lora_path))
         n_batch = min(n_ctx, n_batch)
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             try:
                 self._llm = llama_cpp.Llama(
                     model_path=self.gguf_path,
@@ -392,7 +392,7 @@ class LlamaCppModel:
 
     def close(self) -> None:
         """Free the llama.cpp model, context and batch (idempotent)."""
-        with _captured_llama_log():
+        with captured_llama_log():
             if self._batch is not None:
                 llama_cpp.llama_batch_free(self._batch)
                 self._batch = None
@@ -460,7 +460,7 @@ class LlamaCppModel:
         hidden = np.empty((n, self.n_embd), dtype=np.float32) if want_hidden else None
         batch = self._batch
         assert batch is not None
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             self._reset(llm)
             try:
                 for start in range(0, n, self.n_batch):
@@ -542,7 +542,7 @@ class LlamaCppModel:
                 "write the tokenizer's chat template into the GGUF")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             self._reset(llm)
             try:
                 response = llm.create_chat_completion(

@@ -16,7 +16,7 @@ from support.reliability_record import record
 from flows.catalog import parse_catalog, requantize_catalog
 from flows.cli import main
 from flows.convert import convert
-from flows.params import URI_FIELDS, ConvertParams, check_inputs, release_name
+from flows.params import URI_FIELDS, URI_LIST_FIELDS, ConvertParams, check_inputs, release_name
 from so8t_core import storage
 from so8t_core.errors import CatalogError, So8tError
 
@@ -113,16 +113,17 @@ def test_a_name_differing_only_in_case_from_a_published_model_is_refused(make_fi
 CREDENTIALED = f"s3://{KEY}:{SECRET}@bucket/x"
 
 
-@pytest.mark.parametrize("field", URI_FIELDS)
+@pytest.mark.parametrize("field", URI_FIELDS + URI_LIST_FIELDS)
 def test_credentials_in_any_uri_are_refused_when_the_parameters_are_made(field):
     value = CREDENTIALED.replace("s3://", "tcp://") if field == "dask_address" else CREDENTIALED
+    value = ["s3://bucket/fine.txt", value] if field in URI_LIST_FIELDS else value
     with pytest.raises(So8tError) as err:
         ConvertParams(**{field: value})
     text = err.value.one_line() + repr(err.value)
     assert "credentials in the URI are not accepted" in text and SECRET not in text and KEY not in text
 
 
-@pytest.mark.parametrize("option", ["SOURCE", "--output", "--lora", "--imatrix", "--work-dir"])
+@pytest.mark.parametrize("option", ["SOURCE", "--output", "--lora", "--imatrix", "--calibration", "--work-dir"])
 def test_the_cli_refuses_credentials_in_any_uri_in_one_line(option, tmp_path, capsys):
     argv = ["convert", "ckpt", "--output", str(tmp_path / "out")]
     argv = ["convert", CREDENTIALED, "--output", str(tmp_path)] if option == "SOURCE" else argv + [option, CREDENTIALED]
@@ -138,9 +139,10 @@ def test_the_form_refuses_credentials_before_a_run_is_created():
     for flow, wrap in ((convert, lambda v: {"params": v}), (requantize_catalog, lambda v: v)):
         schema = parameter_schema(flow.fn).model_dump()
         fields = URI_FIELDS if flow is convert else ("catalog", "work_dir")
-        for field in fields:
+        for field in fields + (URI_LIST_FIELDS if flow is convert else ()):
             value = CREDENTIALED.replace("s3://", "tcp://") if field == "dask_address" else CREDENTIALED
             good = value.replace(f"{KEY}:{SECRET}@", "")
+            value, good = ([value], [good]) if field in URI_LIST_FIELDS else (value, good)
             base = {} if flow is convert else {"catalog": "s3://b/c.yaml"}
             jsonschema.validate(wrap({**base, field: good}), schema)
             with pytest.raises(jsonschema.ValidationError):

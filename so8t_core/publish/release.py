@@ -78,17 +78,18 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
-                     staged: Sequence[StagedTensor], imatrix=None, uncovered: Sequence[str] = (),
+                     staged: Sequence[StagedTensor], imatrix: dict | None = None,
                      lora: dict | None = None, tokenizer: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
-    used (``imatrix``: a ``quantize.imatrix.Imatrix``; ``uncovered``: the tensors it had no
-    entry for), and, when llama.cpp does not reproduce the tokenizer (converted with
-    --allow-tokenizer-mismatch), the tokenizer check that says so (``tokenizer``: the analysis')."""
+    used (``imatrix``: its summary: sha256, entries, the tensors it had no entry for, and what
+    it was computed on when the run computed it), and, when llama.cpp does not reproduce the
+    tokenizer (converted with --allow-tokenizer-mismatch), the tokenizer check that says so
+    (``tokenizer``: the analysis')."""
     manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
                 "validation": validation,
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
-                "imatrix": None if imatrix is None else imatrix.summary(uncovered)}
+                "imatrix": imatrix}
     if lora is not None:
         manifest["lora"] = lora
     if tokenizer is not None and not tokenizer["parity"]["ok"]:

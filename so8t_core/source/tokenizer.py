@@ -685,6 +685,28 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str,
     return list(out.values())
 
 
+def vocab_gguf(files: Mapping[str, bytes], config: Mapping, where: str, allow_mismatch: bool = False) -> bytes:
+    """A vocabulary-only GGUF of the checkpoint's tokenizer (the architecture and the tokenizer
+    keys the model GGUF carries, no tensors): llama.cpp tokenizes with it as with the model."""
+    kvs = {kv.key: kv for kv in tokenizer_metadata(files, config, where, allow_mismatch)}
+    return _vocab_gguf_image(kvs, _gguf_arch(config))
+
+
+def special_token_texts(files: Mapping[str, bytes], where: str) -> dict[str, str]:
+    """The special tokens' text by role (``bos_token``, ``eos_token``, ...), as a Hugging Face
+    tokenizer hands them to its chat template: from tokenizer_config.json, else
+    special_tokens_map.json."""
+    out: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = _json(files, name, where) or {}
+        for typ in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+            entry = cfg.get(f"{typ}_token")
+            content = entry.get("content") if isinstance(entry, dict) else entry
+            if isinstance(content, str):
+                out.setdefault(f"{typ}_token", content)
+    return out
+
+
 # --- parity: the tokenizer proven in llama.cpp -----------------------------------------------------
 
 CHECK_VERSION = "1"  # part of the cache key: bump when the check's logic changes
