@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fixture", help="write a tiny random SO8T checkpoint (for tests)")
     f.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
     f.add_argument("--force", action="store_true", help=force_help)
-    f.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "phi3"])
+    f.add_argument("--arch", default="llama",
+                   choices=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
     f.add_argument("--layers", type=int, default=2)
     f.add_argument("--hidden", type=int, default=64)
     f.add_argument("--heads", type=int, default=4)
@@ -318,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--attention-bias", action="store_true")
     f.add_argument("--longrope", action="store_true", help="phi3: LongRoPE scaling with factor tensors")
     f.add_argument("--tokenizer", choices=["bpe", "spm"],
-                   help="byte-level BPE or SentencePiece (Llama 2 / Phi-3 style); default: spm for phi3, else bpe")
+                   help="byte-level BPE or SentencePiece (Llama 2 / Phi-3 / Gemma style); "
+                        "default: spm for phi3 and gemma, else bpe")
     f.set_defaults(func=cmd_fixture)
     return p
 

@@ -20,7 +20,8 @@ from so8t_core.source.architectures import ModelSpec, gguf_tensor_class, layer_o
 from so8t_core.source.rotation import apply_gate, checked_rotation, fold_into_linear
 from so8t_core.source.so8t import So8tStructure
 
-Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant"]
+Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant",
+                    "norm_plus_one"]
 
 # Buffers some checkpoints carry that are recomputed by every runtime.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -84,7 +85,7 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
         if name in so8t_tensors or name.endswith(IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and spec.tied_embeddings:
-            continue  # tied: llama.cpp reuses token_embd, as the HF model does
+            continue  # tied: llama.cpp reuses token_embd, as the HF model does (Gemma always is)
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise CheckpointError(where, f"tensor {name!r} has no place in a {spec.arch} GGUF",
@@ -108,6 +109,8 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
             item.update(transform="permute_q", n_heads=spec.n_heads)
         elif spec.permutes_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             item.update(transform="permute_k", n_heads=spec.n_kv_heads)
+        elif spec.rules.norm_plus_one and name.endswith("norm.weight"):
+            item.update(transform="norm_plus_one")  # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
         elif layer in gated and name.endswith("self_attn.o_proj.weight"):
             bias = name[: -len("weight")] + "bias"
             item.update(transform="bake_o_proj", gate=gated[layer].tensor, rotation=gated[layer].parameterization,
@@ -313,6 +316,8 @@ class Materializer:
         item = self.item
         if item.transform == "copy":
             return np.ascontiguousarray(src, dtype=np.float32)
+        if item.transform == "norm_plus_one":  # in float32, as convert adds 1 to a float32 tensor
+            return np.ascontiguousarray(src, dtype=np.float32) + np.float32(1.0)
         if item.transform in ("permute_q", "permute_k"):  # whole heads: permute within each
             heads = src.shape[0] // (item.shape[0] // item.n_heads)
             return np.ascontiguousarray(permute_qk(src, heads), dtype=np.float32)

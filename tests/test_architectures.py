@@ -33,6 +33,18 @@ ARCHS = {
     "qwen2-yarn": (dict(arch="qwen2", extra_config={"rope_scaling": {"type": "yarn", "factor": 4.0,
                                                                        "original_max_position_embeddings": 256}}),
                    "qwen2"),
+    # gemma2: sandwich norms (+1), soft-capping, sliding window 16 crossed by the prompts on the even
+    # layers, embeddings scaled by sqrt(hidden), tied; head_dim 32 ≠ hidden/heads; gates before/after o_proj.
+    # Attention soft-capping at 2 really caps (at Gemma's 50 these tiny models' scores never reach it).
+    "gemma2": (dict(arch="gemma2", head_dim=32, layers=3), "gemma2"),
+    "gemma2-post-softcap": (dict(arch="gemma2", position="post_o_proj", layers=3,
+                                 extra_config={"attn_logit_softcapping": 2.0}), "gemma2"),
+    # gemma3: q/k norms (+1), layer 5 global (RoPE base 1e6, linearly scaled), layers 0-4 sliding (base 1e4,
+    # window 16); with the gate after o_proj, a byte-level BPE and the final soft-capping
+    "gemma3": (dict(arch="gemma3", head_dim=32, layers=6), "gemma3"),
+    "gemma3-post-bpe-scaled": (dict(arch="gemma3", layers=6, position="post_o_proj", tokenizer="bpe",
+                                    extra_config={"rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                                                  "final_logit_softcapping": 30.0}), "gemma3"),
 }
 
 
@@ -48,13 +60,22 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
     g = read_gguf(str(gguf_path(tmp_path / "out", "fx", "F32")))
     assert g.value("general.architecture") == gguf_arch
     names = {t.name for t in g.tensors}
-    assert ("output.weight" in names) != kwargs.get("tied", False)
+    assert ("output.weight" in names) != (kwargs.get("tied", False) or gguf_arch.startswith("gemma"))
     assert ("rope_freqs.weight" in names) == (case == "llama-llama3-rope")
     if kwargs.get("arch") == "qwen2":
         assert "blk.0.attn_q.bias" in names and "blk.0.attn_output.bias" not in names
     if kwargs.get("arch") == "qwen3":
         assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
         assert g.value("qwen3.attention.key_length") == 32
+    if gguf_arch == "gemma2":
+        assert {"blk.2.post_attention_norm.weight", "blk.2.post_ffw_norm.weight"} <= names
+        assert g.value("gemma2.attention.sliding_window") == 16 and g.value("gemma2.final_logit_softcapping") == 30
+        assert g.value("tokenizer.ggml.add_space_prefix") is False
+        assert result["validation"]["F32"]["tokenizer"]["ok"]
+    if gguf_arch == "gemma3":
+        assert {"blk.5.attn_q_norm.weight", "blk.5.post_ffw_norm.weight"} <= names
+        assert g.value("gemma3.rope.freq_base") == 1e6 and g.value("gemma3.rope.freq_base_swa") == 1e4
+        assert result["validation"]["F32"]["tokenizer"]["ok"]
     if case == "llama-sentencepiece":
         assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.pre") == "default"
         assert result["validation"]["F32"]["tokenizer"]["ok"]

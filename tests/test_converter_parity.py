@@ -100,6 +100,18 @@ CASES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "so8t-pre-cayley": (dict(so8t=True), ("f32",)),
     "so8t-post-expm-bias": (dict(so8t=True, rotation="expm", position="post_o_proj", attention_bias=True,
                                  layers=3, gated_layers=(0, 2), tied=True), ("f32",)),
+    # Gemma 2: sandwich norms written +1, soft-capping and sliding-window keys, lm_head dropped (tied),
+    # SentencePiece without a dummy prefix; head_dim 32 makes the attention width 128 ≠ hidden 64.
+    "gemma2": (dict(arch="gemma2", head_dim=32), ("f32",)),
+    "so8t-gemma2-pre": (dict(arch="gemma2", so8t=True), ("f32",)),
+    "so8t-gemma2-post": (dict(arch="gemma2", so8t=True, position="post_o_proj", layers=3, gated_layers=(1,)),
+                         ("f32",)),
+    # Gemma 3: q/k norms (+1 too), two RoPE bases (global, sliding), the global layers' linear scaling and
+    # final soft-capping when set, lm_head dropped (tied); SentencePiece or a byte-level BPE.
+    "gemma3": (dict(arch="gemma3", head_dim=32), ("f32",)),
+    "gemma3-bpe-scaled": (dict(arch="gemma3", tokenizer="bpe", layers=6, extra_config={
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "final_logit_softcapping": 30.0}), ("f32",)),
+    "so8t-gemma3-post": (dict(arch="gemma3", so8t=True, position="post_o_proj", rotation="expm"), ("f32",)),
 }
 
 

@@ -71,6 +71,8 @@ def test_mix_is_byte_identical_to_llama_quantize(converted, mix, tmp_path):
     if case == "qwen2-896-tied" and mix == "Q4_K_M":
         assert types["token_embd.weight"] == "Q8_0"  # tied: output rule, 896 % 256 ≠ 0 → Q8_0
         assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K falls back
+    if case == "gemma2-256" and mix == "Q4_K_M" and not imatrix:  # tied: token_embd takes the output rule
+        assert types["token_embd.weight"] == "Q6_K" and types["blk.0.post_ffw_norm.weight"] == "F32"
     if case == "llama-256" and mix == "IQ4_XS":  # the first eighth of ffn_down: Q5_K unless there is an imatrix
         assert types["blk.0.ffn_down.weight"] == ("IQ4_XS" if imatrix else "Q5_K")
         assert types["blk.0.attn_v.weight"] == "Q5_K"  # n_gqa 4

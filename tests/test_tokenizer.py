@@ -326,6 +326,8 @@ SPM_PINS = {  # sha256[:16] of (vocab 384, seed 0): any change changes every spm
     "phi3": {"tokenizer.model": "8d6b4f6e4b65bf4c", "tokenizer.json": "a2e10a16695a5d49",
              "tokenizer_config.json": "77dac2e6ad205e62", "special_tokens_map.json": "3627b916d48030f8",
              "added_tokens.json": "00b3581657d41549"},
+    "gemma": {"tokenizer.model": "928d6809817afde2", "tokenizer.json": "ab529cd6f0992007",
+              "tokenizer_config.json": "f0909fc57cf601ba", "special_tokens_map.json": "6fa06efa2785e450"},
 }
 
 
@@ -341,7 +343,7 @@ def _sp(files):
     return sp
 
 
-@pytest.mark.parametrize("style", ["llama", "phi3"])
+@pytest.mark.parametrize("style", ["llama", "phi3", "gemma"])
 def test_spm_fixture_is_deterministic_and_exactly_sized(style):
     import subprocess
     import sys
@@ -367,7 +369,8 @@ def test_spm_fixture_is_deterministic_and_exactly_sized(style):
     assert [tok.id_to_token(sp.vocab_size() + k) for k in range(len(extra))] == list(extra)
     config = json.loads(files["tokenizer_config.json"])
     assert (config["tokenizer_class"], config["add_bos_token"], config["bos_token"], config["eos_token"],
-            config["unk_token"]) == ("LlamaTokenizer", True, "<s>", "</s>", "<unk>")
+            config["unk_token"]) == ("GemmaTokenizer" if style == "gemma" else "LlamaTokenizer", True, "<s>", "</s>",
+                                     "<unk>")
     assert ("added_tokens.json" in files) == (style == "phi3")
     if style == "phi3":
         assert json.loads(files["added_tokens.json"]) == {t: 373 + k for k, t in enumerate(extra)}
@@ -414,6 +417,35 @@ def test_spm_fixture_metadata_and_llama_cpp_parity(style, vocab_size, tmp_path):
     assert sp.decode(expected[1:]) == tok.decode(expected) == PARITY_TEXT
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == sp.encode(TEXT)
     assert len(set(expected)) > 100 and sum(3 <= t < 259 for t in expected) > 50  # merges and byte fallback both
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_gemma_sentencepiece_adds_no_space_prefix_in_hf_sentencepiece_and_llama_cpp(arch, tmp_path):
+    """Gemma's SentencePiece has no dummy prefix; convert says so with add_space_prefix false, written
+    last (Gemma2Model/Gemma3Model.set_vocab), and llama.cpp then tokenizes as Hugging Face does."""
+    from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files
+    from so8t_core.validate.checks import PARITY_TEXT
+
+    files = fixture_spm_tokenizer_files(384, seed=2, style="gemma")
+    sp, tok = _sp(files), hf(files)
+    kvs = tokenizer_metadata(files, {"architectures": [arch], "vocab_size": 384, "bos_token_id": 1,
+                                     "eos_token_id": 2}, "mem://gemma")
+    assert (kvs[-1].key, kvs[-1].value) == ("tokenizer.ggml.add_space_prefix", False)
+    expected = [1] + sp.encode(PARITY_TEXT)
+    assert not sp.IdToPiece(expected[1]).startswith("\u2581")  # no dummy prefix before the first word
+    assert tok.encode(PARITY_TEXT).ids == expected
+    llm = load_vocab(write_vocab_gguf(tmp_path / "gemma.gguf", kvs))
+    assert llm.tokenize(PARITY_TEXT.encode(), add_bos=True, special=False) == expected
+    assert llm.tokenize(" Hello world".encode(), add_bos=False, special=False) == sp.encode(" Hello world")
+    # Llama-style SentencePiece under the same keys would differ: the prefix is really what is checked.
+    llama_kvs = tokenizer_metadata(fixture_spm_tokenizer_files(384, seed=2), {"vocab_size": 384}, "mem://llama")
+    assert "tokenizer.ggml.add_space_prefix" not in {kv.key for kv in llama_kvs}
+
+
+def test_gemma2_needs_its_sentencepiece_model():
+    with pytest.raises(CheckpointError, match="Gemma 2 checkpoint needs its SentencePiece tokenizer.model"):
+        tokenizer_metadata(fixture_tokenizer_files(384), {**FIXTURE_CONFIG, "architectures": ["Gemma2ForCausalLM"]},
+                           "mem://gemma2-bpe")
 
 
 def test_spm_fixture_phi3_chat_text_tokenizes_like_hf_when_named_phi3(tmp_path):

@@ -28,7 +28,7 @@ from so8t_core.constants import Keys, QuantType
 from so8t_core.errors import CheckpointError
 from so8t_core.gguf_file import GGUFKV, kv_array, kv_f32, kv_str, kv_u32
 from so8t_core.plan import phi3_rope_dims
-from so8t_core.source.architectures import ModelSpec, rope_parameters
+from so8t_core.source.architectures import ModelSpec, gemma3_rope_parameters, rope_parameters
 from so8t_core.source.so8t import So8tStructure
 
 # The files gguf.Metadata.load reads from a model folder (besides its name).
@@ -111,6 +111,10 @@ def hparam_kvs(spec: ModelSpec, quant: QuantType) -> list[GGUFKV]:
     """The architecture's hyperparameters, as llama.cpp's converter class for it writes them."""
     if spec.arch == "phi3":
         return phi3_hparam_kvs(spec, quant)
+    if spec.arch == "gemma2":
+        return gemma2_hparam_kvs(spec, quant)
+    if spec.arch == "gemma3":
+        return gemma3_hparam_kvs(spec, quant)
     kvs = text_model_kvs(spec, quant)
     if spec.arch == "llama":  # LlamaModel.set_gguf_parameters adds these two
         a = spec.arch
@@ -184,6 +188,53 @@ def phi3_hparam_kvs(spec: ModelSpec, quant: QuantType) -> list[GGUFKV]:
         kv_u32(K.General.FILE_TYPE, int(quant.file_type)),
         kv_u32(K.Attention.SLIDING_WINDOW.format(arch=a), spec.config.get("sliding_window") or 0),
     ]
+
+
+def gemma2_hparam_kvs(spec: ModelSpec, quant: QuantType) -> list[GGUFKV]:
+    """Gemma2Model.set_gguf_parameters (no RoPE keys: llama.cpp's defaults are Gemma 2's)."""
+    a, cfg = spec.arch, spec.config
+    return [
+        kv_u32(K.LLM.CONTEXT_LENGTH.format(arch=a), spec.context_length),
+        kv_u32(K.LLM.EMBEDDING_LENGTH.format(arch=a), spec.hidden_size),
+        kv_u32(K.LLM.BLOCK_COUNT.format(arch=a), spec.n_layers),
+        kv_u32(K.LLM.FEED_FORWARD_LENGTH.format(arch=a), spec.intermediate_size),
+        kv_u32(K.Attention.HEAD_COUNT.format(arch=a), spec.n_heads),
+        kv_u32(K.Attention.HEAD_COUNT_KV.format(arch=a), spec.n_kv_heads),
+        kv_f32(K.Attention.LAYERNORM_RMS_EPS.format(arch=a), spec.rms_norm_eps),
+        kv_u32(K.Attention.KEY_LENGTH.format(arch=a), spec.head_dim),
+        kv_u32(K.Attention.VALUE_LENGTH.format(arch=a), spec.head_dim),
+        kv_u32(K.General.FILE_TYPE, int(quant.file_type)),
+        kv_f32(K.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=a), cfg["attn_logit_softcapping"]),
+        kv_f32(K.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=a), cfg["final_logit_softcapping"]),
+        kv_u32(K.Attention.SLIDING_WINDOW.format(arch=a), cfg["sliding_window"]),
+    ]
+
+
+def gemma3_hparam_kvs(spec: ModelSpec, quant: QuantType) -> list[GGUFKV]:
+    """TextModel.set_gguf_parameters with Gemma3Model's overrides (same keys, same places) and additions:
+    RoPE scaling and base of the global layers, the sliding layers' base, the final soft-capping when set,
+    and the sliding window unless there is none (``sliding_window_pattern`` 1)."""
+    a, cfg = spec.arch, spec.config
+    full, sliding = gemma3_rope_parameters(cfg)
+    kvs = [kv_u32(K.LLM.BLOCK_COUNT.format(arch=a), spec.n_layers),
+           kv_u32(K.LLM.CONTEXT_LENGTH.format(arch=a), spec.context_length),
+           kv_u32(K.LLM.EMBEDDING_LENGTH.format(arch=a), spec.hidden_size),
+           kv_u32(K.LLM.FEED_FORWARD_LENGTH.format(arch=a), spec.intermediate_size),
+           kv_u32(K.Attention.HEAD_COUNT.format(arch=a), spec.n_heads),
+           kv_u32(K.Attention.HEAD_COUNT_KV.format(arch=a), spec.n_kv_heads)]
+    kvs += rope_scaling_kvs(spec)
+    kvs.append(kv_f32(K.Rope.FREQ_BASE.format(arch=a), full.get("rope_theta", 1_000_000.0)))
+    if sliding.get("rope_theta") is not None:
+        kvs.append(kv_f32(K.Rope.FREQ_BASE_SWA.format(arch=a), sliding["rope_theta"]))
+    kvs += [kv_f32(K.Attention.LAYERNORM_RMS_EPS.format(arch=a), spec.rms_norm_eps),
+            kv_u32(K.Attention.KEY_LENGTH.format(arch=a), spec.head_dim),
+            kv_u32(K.Attention.VALUE_LENGTH.format(arch=a), spec.head_dim),
+            kv_u32(K.General.FILE_TYPE, int(quant.file_type))]
+    if cfg.get("final_logit_softcapping"):
+        kvs.append(kv_f32(K.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=a), cfg["final_logit_softcapping"]))
+    if cfg.get("sliding_window_pattern") != 1:
+        kvs.append(kv_u32(K.Attention.SLIDING_WINDOW.format(arch=a), cfg["sliding_window"]))
+    return kvs
 
 
 def phi3_original_context(spec: ModelSpec) -> int:

@@ -27,12 +27,17 @@ class ArchRules:
     fused_gate_up: bool = False  # one gate_up_proj (phi3)
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
     qkv_bias: bool = False  # q/k/v biases always present (qwen2)
+    sandwich_norms: bool = False  # pre/post-FFN and post-attention RMSNorms around each block (gemma2/3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w): llama.cpp's converter writes w + 1 (gemma)
+    swa_pattern: int | None = None  # every n-th layer is global, the others sliding (llama.cpp's default)
 
 
 LLAMA = ArchRules(gguf.MODEL_ARCH.LLAMA, permutes_qk=True)
 QWEN2 = ArchRules(gguf.MODEL_ARCH.QWEN2, qkv_bias=True)
 QWEN3 = ArchRules(gguf.MODEL_ARCH.QWEN3, qk_norm=True)
 PHI3 = ArchRules(gguf.MODEL_ARCH.PHI3, fused_qkv=True, fused_gate_up=True)
+GEMMA2 = ArchRules(gguf.MODEL_ARCH.GEMMA2, sandwich_norms=True, norm_plus_one=True, swa_pattern=2)
+GEMMA3 = ArchRules(gguf.MODEL_ARCH.GEMMA3, qk_norm=True, sandwich_norms=True, norm_plus_one=True, swa_pattern=6)
 
 # HF architecture → rules. Mistral is a llama in GGUF, exactly as llama.cpp converts it.
 SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
@@ -41,6 +46,8 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
     "Qwen2ForCausalLM": QWEN2,
     "Qwen3ForCausalLM": QWEN3,
     "Phi3ForCausalLM": PHI3,
+    "Gemma2ForCausalLM": GEMMA2,
+    "Gemma3ForCausalLM": GEMMA3,
 }
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -114,6 +121,8 @@ class ModelSpec:
             required["mlp.gate_up_proj.weight"] = (2 * ff, h)
         else:
             required.update({"mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h)})
+        if r.sandwich_norms:
+            required.update({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)})
         if r.qk_norm:
             required.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
         return required, optional
@@ -214,11 +223,13 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
     if n_heads % n_kv:
         raise CheckpointError(where, f"config.json: num_attention_heads {n_heads} is not a multiple of "
                                      f"num_key_value_heads {n_kv}", "fix config.json")
-    rope = rope_parameters(config)
+    rope = gemma3_rope_parameters(config)[0] if hf_arch == "Gemma3ForCausalLM" else rope_parameters(config)
     rope_theta = rope.get("rope_theta")
     if rope_theta is not None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))):
         raise CheckpointError(where, f"config.json: rope_theta must be a number, got {rope_theta!r}", "")
     context = config.get("max_position_embeddings")
+    if SUPPORTED_ARCHITECTURES[hf_arch].norm_plus_one:
+        _check_gemma(config, hf_arch, head_dim, hidden // n_heads, where)
 
     return ModelSpec(
         hf_architecture=hf_arch,
@@ -241,6 +252,79 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
     )
 
 
+def gemma3_rope_parameters(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gemma 3's RoPE (global layers, sliding layers) as transformers' Gemma3TextConfig reads it, which is
+    what convert sees: ``rope_parameters`` with full_attention / sliding_attention (transformers 5), or
+    ``rope_theta`` (default 1e6) and ``rope_scaling`` for the global layers and ``rope_local_base_freq``
+    (default 10000) for the sliding ones (4.x files)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
+        full, sliding = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(config.get("rope_scaling") or params or {})
+        full.setdefault("rope_theta", config.get("rope_theta", 1_000_000.0))
+        sliding = {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 10_000.0)}
+    for block in (full, sliding):
+        if "rope_type" not in block:
+            block["rope_type"] = block.pop("type", "default")
+    return full, sliding
+
+
+def gemma_layer_types(config: Mapping[str, Any], hf_arch: str) -> tuple[list[str], list[str]]:
+    """(the checkpoint's attention type per layer, llama.cpp's): llama.cpp reads no pattern from the GGUF,
+    it makes every ``swa_pattern``-th layer global and the others sliding (Gemma 3 without a sliding
+    window, ``sliding_window_pattern`` 1: all global)."""
+    layers = config.get("num_hidden_layers")
+    layers = layers if type(layers) is int else 0
+
+    def types(pattern: int) -> list[str]:
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+
+    default = SUPPORTED_ARCHITECTURES[hf_arch].swa_pattern
+    pattern = config.get("sliding_window_pattern")
+    ours = config.get("layer_types")
+    if ours is None:
+        ours = types(pattern if type(pattern) is int and pattern > 0 else default)
+    if hf_arch == "Gemma3ForCausalLM" and (pattern == 1 or not config.get("sliding_window")):
+        return list(ours), types(1)
+    return list(ours), types(default)
+
+
+def _check_gemma(config: Mapping[str, Any], hf_arch: str, head_dim: int, width_per_head: int, where: str) -> None:
+    """What llama.cpp's Gemma models assume rather than read: refuse a checkpoint they would run wrongly.
+
+    llama.cpp always ties the output to token_embd (convert drops lm_head.weight), scales queries by
+    1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the 27B models, recognized by their layer count),
+    and makes every ``swa_pattern``-th layer global, the others sliding: none of these is a GGUF key.
+    """
+    rules = SUPPORTED_ARCHITECTURES[hf_arch]
+    if not config.get("tie_word_embeddings"):
+        raise UnsupportedError(where, f"{hf_arch} with an untied lm_head: llama.cpp's Gemma always ties the "
+                                      "output to the token embeddings", 'set "tie_word_embeddings": true')
+    scalar = _number(config, "query_pre_attn_scalar", where)
+    layers = config.get("num_hidden_layers")
+    expected = width_per_head if layers == GEMMA_27B_LAYERS[hf_arch] else head_dim
+    if scalar != expected:
+        raise UnsupportedError(where, f"config.json: query_pre_attn_scalar {short_repr(scalar)} is not what llama.cpp "
+                                      f"scales queries by for this model ({expected})", "")
+    ours, llama_cpp = gemma_layer_types(config, hf_arch)
+    if ours != llama_cpp:
+        raise UnsupportedError(where, f"config.json: the sliding/global layer pattern is not llama.cpp's {hf_arch} "
+                                      f"one (every {rules.swa_pattern}th layer global, the others sliding)", "")
+    if config.get("use_bidirectional_attention"):
+        raise UnsupportedError(where, "bidirectional attention: llama.cpp's Gemma is causal", "")
+    if hf_arch == "Gemma3ForCausalLM" and config.get("attn_logit_softcapping") is not None:
+        raise UnsupportedError(where, "config.json: attn_logit_softcapping is set, but llama.cpp's Gemma 3 does not "
+                                      "soft-cap attention", "")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if key in config and config[key] is not None:
+            _number(config, key, where)
+
+
+# The layer count by which llama.cpp recognizes the 27B Gemmas (queries scaled by hidden/heads).
+GEMMA_27B_LAYERS = {"Gemma2ForCausalLM": 46, "Gemma3ForCausalLM": 62}
+
+
 # Hyperparameters a config.json may leave out, and the value the transformers config class
 # (4.x and 5.x alike) then gives them, as llama.cpp's converter sees them (it reads configs
 # through AutoConfig) and the model uses them. "hidden/heads" is computed. A table, not an
@@ -255,6 +339,12 @@ HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                          "head_dim": 128},
     "Phi3ForCausalLM": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "Gemma2ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+                          "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                          "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                          "tie_word_embeddings": True},
+    "Gemma3ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "head_dim": 256,
+                          "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True},
 }
 
 
@@ -286,6 +376,7 @@ TENSOR_CLASSES = (EMBEDDING, ATTENTION, FFN, NORM, ROTATION, TRIALITY, OTHER)
 _CLASS_BY_GGUF_PREFIX = (
     ("token_embd", EMBEDDING), ("output_norm", NORM), ("output.", EMBEDDING),
     ("attn_norm", NORM), ("ffn_norm", NORM), ("attn_q_norm", NORM), ("attn_k_norm", NORM),
+    ("post_attention_norm", NORM), ("post_ffw_norm", NORM),
     ("attn_", ATTENTION), ("ffn_", FFN), ("rope_", OTHER),
 )
 

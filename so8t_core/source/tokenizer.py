@@ -43,6 +43,10 @@ K = gguf.Keys.Tokenizer
 # HF architectures convert_hf_to_gguf.py handles with LlamaModel (whose set_vocab adds two rules).
 LLAMA_MODEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
+# HF architectures convert handles with Gemma2Model/Gemma3Model: SentencePiece, then add_space_prefix false.
+# Gemma 2 has no other vocabulary; Gemma 3 falls back to a byte-level BPE when there is no tokenizer.model.
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
 # gguf.TokenType values (the numbers are the GGUF format).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -646,6 +650,9 @@ def _build_metadata(files: Mapping[str, bytes], config: Mapping, where: str
         out[K.ADD_PREFIX] = GGUFKV(K.ADD_PREFIX, bool(prefix), VT.BOOL)
 
     declared = None
+    if archs[0] == "Gemma2ForCausalLM" and "tokenizer.model" not in files:
+        raise CheckpointError(where, "a Gemma 2 checkpoint needs its SentencePiece tokenizer.model",
+                              "copy tokenizer.model of the base model next to config.json")
     if "tokenizer.model" in files:  # LlamaModel/Qwen2Model try SentencePiece first
         n_tokens = _sentencepiece_vocab(files, tok_config, config, where, out)
         tj = _json(files, "tokenizer.json", where)
@@ -661,6 +668,8 @@ def _build_metadata(files: Mapping[str, bytes], config: Mapping, where: str
     # never get BOS added.
     if llama_model and config.get("vocab_size") == 49152:
         out[K.ADD_BOS] = GGUFKV(K.ADD_BOS, False, VT.BOOL)
+    if archs[0] in GEMMA_ARCHITECTURES and "tokenizer.model" in files:
+        out[K.ADD_PREFIX] = GGUFKV(K.ADD_PREFIX, False, VT.BOOL)  # Gemma's SentencePiece adds no dummy prefix
     return out, declared
 
 

@@ -20,7 +20,10 @@ from so8t_core.testing.checkpoint_writer import write_checkpoint
 from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files, fixture_tokenizer_files
 
 FIXTURE_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
+GEMMA_FIXTURE_ARCHS = ("gemma2", "gemma3")
+EMBED_STD_GEMMA = 0.25
 FIXTURE_TOKENIZERS = ("bpe", "spm")
 
 
@@ -61,7 +64,11 @@ class FixtureSpec:
 
     @property
     def tokenizer_kind(self) -> str:
-        return self.tokenizer or ("spm" if self.arch == "phi3" else "bpe")
+        return self.tokenizer or ("spm" if self.arch in ("phi3", *GEMMA_FIXTURE_ARCHS) else "bpe")
+
+    @property
+    def gemma(self) -> bool:
+        return self.arch in GEMMA_FIXTURE_ARCHS
 
 
 def fixture_config(s: FixtureSpec) -> dict:
@@ -83,6 +90,16 @@ def fixture_config(s: FixtureSpec) -> dict:
         "eos_token_id": 2,
         "torch_dtype": s.dtype,
     }
+    if s.gemma:
+        # Gemma: always tied; GELU (tanh); sandwich norms; queries scaled by 1/sqrt(head_dim) as llama.cpp
+        # does; a sliding window short enough that the validation prompts cross it on the sliding layers.
+        config.update(hidden_activation="gelu_pytorch_tanh", head_dim=s.hd, query_pre_attn_scalar=s.hd,
+                      sliding_window=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      tie_word_embeddings=True, attention_bias=False, pad_token_id=0)
+        del config["hidden_act"]
+        if s.arch == "gemma3":  # as Gemma 3 1B ships it: no soft-capping, 1 global layer in 6, two RoPE bases
+            config.update(model_type="gemma3_text", attn_logit_softcapping=None, final_logit_softcapping=None,
+                          sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
     if s.head_dim is not None or s.arch == "qwen3":
         # Qwen3's config defaults head_dim to 128 (not hidden / heads): always say it there.
         config["head_dim"] = s.hd
@@ -116,14 +133,17 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
     def lin(out: int, inp: int) -> np.ndarray:
         return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
 
-    def norm(n: int) -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    def norm(n: int) -> np.ndarray:  # Gemma's RMSNorm scales by 1 + w
+        return ((0.0 if s.gemma else 1.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     def bias(n: int) -> np.ndarray:
         return (0.1 * rng.standard_normal(n)).astype(np.float32)
 
+    # Gemma multiplies the embeddings by sqrt(hidden) and its blocks' outputs are RMS-normed: smaller
+    # embeddings keep the blocks' share of the residual stream, so attention (RoPE, windows) shows in the logits.
+    embed_scale = EMBED_STD_GEMMA if s.gemma else 1.0
     t: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": rng.standard_normal((s.vocab, s.hidden)).astype(np.float32)}
+        "model.embed_tokens.weight": (embed_scale * rng.standard_normal((s.vocab, s.hidden))).astype(np.float32)}
     for i in range(s.layers):
         p = f"model.layers.{i}."
         if s.arch == "phi3":
@@ -138,7 +158,7 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
         t[p + "self_attn.o_proj.weight"] = lin(s.hidden, q)
         if s.attention_bias and s.arch in ("llama", "mistral"):
             t[p + "self_attn.o_proj.bias"] = bias(s.hidden)
-        if s.arch == "qwen3":
+        if s.arch in ("qwen3", "gemma3"):
             t[p + "self_attn.q_norm.weight"] = norm(hd)
             t[p + "self_attn.k_norm.weight"] = norm(hd)
         if s.arch == "phi3":
@@ -149,8 +169,11 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
         t[p + "mlp.down_proj.weight"] = lin(s.hidden, s.intermediate)
         t[p + "input_layernorm.weight"] = norm(s.hidden)
         t[p + "post_attention_layernorm.weight"] = norm(s.hidden)
+        if s.gemma:
+            t[p + "pre_feedforward_layernorm.weight"] = norm(s.hidden)
+            t[p + "post_feedforward_layernorm.weight"] = norm(s.hidden)
     t["model.norm.weight"] = norm(s.hidden)
-    if not s.tied:
+    if not (s.tied or s.gemma):
         t["lm_head.weight"] = lin(s.vocab, s.hidden) * np.float32(4.0)
     if s.so8t:
         gated = range(s.layers) if s.gated_layers is None else s.gated_layers
@@ -178,14 +201,17 @@ def build_fixture(dest: str, spec: FixtureSpec) -> str:
     tokenizer_vocab = spec.tokenizer_vocab or spec.vocab
     if tokenizer_vocab > spec.vocab:
         raise UnsupportedError("fixture", "the tokenizer cannot have more tokens than the embedding has rows", "")
+    if spec.arch == "gemma2" and spec.tokenizer_kind != "spm":
+        raise UnsupportedError(f"--tokenizer {spec.tokenizer}", "Gemma 2 ships only a SentencePiece tokenizer",
+                               "use --tokenizer spm")
     if spec.tokenizer_kind not in FIXTURE_TOKENIZERS:
         raise UnsupportedError(f"--tokenizer {spec.tokenizer}", "unknown fixture tokenizer",
                                f"choose from {', '.join(FIXTURE_TOKENIZERS)}")
     tensors = fixture_tensors(spec)
     try:
         if spec.tokenizer_kind == "spm":
-            files = fixture_spm_tokenizer_files(tokenizer_vocab, seed=spec.seed,
-                                                style="phi3" if spec.arch == "phi3" else "llama")
+            style = "phi3" if spec.arch == "phi3" else "gemma" if spec.gemma else "llama"
+            files = fixture_spm_tokenizer_files(tokenizer_vocab, seed=spec.seed, style=style)
         else:
             files = fixture_tokenizer_files(tokenizer_vocab, seed=spec.seed)
     except ValueError as e:  # a vocabulary size the fixture corpus cannot give

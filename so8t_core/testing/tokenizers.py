@@ -285,7 +285,7 @@ def fixture_tokenizer_files(vocab_size: int, seed: int = 0) -> dict[str, bytes]:
 
 # --- (c) a tiny deterministic SentencePiece tokenizer (Llama 2 / Phi-3 style) for fixtures -------
 
-SPM_STYLES = ("llama", "phi3")
+SPM_STYLES = ("llama", "phi3", "gemma")
 # SentencePiece's own control pieces, ids 0-2 as in Llama 2 and Phi-3.
 SPM_UNK, SPM_BOS, SPM_EOS = "<unk>", "<s>", "</s>"
 # Phi-3's added tokens, in id order right after the SentencePiece pieces (Phi-3-mini: 32000-32010).
@@ -344,9 +344,9 @@ def _spm_sentences(seed: int) -> list[str]:
             for _ in range(1 + hashlib.sha256(f"{seed}\0{i}".encode()).digest()[0] % 4)]
 
 
-def _train_spm(n_pieces: int, seed: int) -> bytes:
+def _train_spm(n_pieces: int, seed: int, dummy_prefix: bool = True) -> bytes:
     """A SentencePiece BPE model trained the way Llama 2's was (byte fallback, digits split,
-    identity normalization, whitespace kept, dummy prefix), on one thread."""
+    identity normalization, whitespace kept, dummy prefix unless Gemma's), on one thread."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(_SPM_TRAINER_SEED)
@@ -354,7 +354,7 @@ def _train_spm(n_pieces: int, seed: int) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_spm_sentences(seed)), model_writer=model, vocab_size=n_pieces,
         model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix,
         max_sentencepiece_length=16, character_coverage=1.0, num_threads=1, minloglevel=2)
     return model.getvalue()
 
@@ -381,18 +381,20 @@ def _spm_added_token(tid: int, content: str, special: bool = True, rstrip: bool 
             "normalized": False, "special": special}
 
 
-def _spm_tokenizer_json(sp, added: list[dict]) -> dict:
+def _spm_tokenizer_json(sp, added: list[dict], dummy_prefix: bool = True) -> dict:
     # What transformers 4.x's LlamaTokenizerFast saves for a SentencePiece BPE model (legacy
     # Llama converter: "▁" prepended and spaces replaced by the normalizer, no pre-tokenizer,
-    # BOS from the post-processor), with tokenizers' key order.
+    # BOS from the post-processor), with tokenizers' key order. Gemma's prepends nothing.
     bos = {"SpecialToken": {"id": SPM_BOS, "type_id": 0}}
+    prepend = [{"type": "Prepend", "prepend": "\u2581"}] if dummy_prefix else []
+    strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else []
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
+            *prepend,
             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
         "pre_tokenizer": None,
         "post_processor": {
@@ -406,7 +408,7 @@ def _spm_tokenizer_json(sp, added: list[dict]) -> dict:
             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            *strip]},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": SPM_UNK, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
@@ -427,7 +429,8 @@ def _fixture_spm_files_cached(vocab_size: int, seed: int, style: str) -> tuple[t
     if not SPM_FIXTURE_MIN_PIECES <= n_pieces <= SPM_FIXTURE_MAX_PIECES:
         raise ValueError(f"vocab_size must be in [{SPM_FIXTURE_MIN_PIECES + len(extra)}, "
                          f"{SPM_FIXTURE_MAX_PIECES + len(extra)}] for style {style!r}, got {vocab_size}")
-    model = _train_spm(n_pieces, seed)
+    gemma = style == "gemma"
+    model = _train_spm(n_pieces, seed, dummy_prefix=not gemma)
     sp = SentencePieceProcessor()
     sp.LoadFromSerializedProto(model)
     if sp.vocab_size() != n_pieces or [sp.IdToPiece(i) for i in range(3)] != [SPM_UNK, SPM_BOS, SPM_EOS]:
@@ -460,7 +463,7 @@ def _fixture_spm_files_cached(vocab_size: int, seed: int, style: str) -> tuple[t
         "model_max_length": 2048,
         "pad_token": pad,
         "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "GemmaTokenizer" if gemma else "LlamaTokenizer",
         "unk_token": SPM_UNK,
         "use_default_system_prompt": False,
     }
@@ -470,7 +473,7 @@ def _fixture_spm_files_cached(vocab_size: int, seed: int, style: str) -> tuple[t
     special_map["unk_token"] = entry(SPM_UNK)
     files = {
         "tokenizer.model": model,
-        "tokenizer.json": _dumps(_spm_tokenizer_json(sp, added)),
+        "tokenizer.json": _dumps(_spm_tokenizer_json(sp, added, dummy_prefix=not gemma)),
         "tokenizer_config.json": _dumps(config),
         "special_tokens_map.json": _dumps(special_map),
     }
@@ -490,6 +493,7 @@ def fixture_spm_tokenizer_files(vocab_size: int, seed: int = 0, style: str = "ll
     ``style="phi3"`` appends Phi-3's 11 added tokens (``<|endoftext|>``, ``<|assistant|>``,
     ``<|placeholder1|>``…, ``<|system|>``, ``<|end|>``, ``<|user|>``) after the pieces, lists
     them in ``added_tokens.json`` too, and uses Phi-3's chat template; ``style="llama"`` has
-    no added tokens and Llama 2's ``[INST]`` template. ``seed`` changes the learned pieces.
+    no added tokens and Llama 2's ``[INST]`` template; ``style="gemma"`` is the Llama one without
+    SentencePiece's dummy prefix (Gemma's tokenizers add none). ``seed`` changes the learned pieces.
     """
     return dict(_fixture_spm_files_cached(int(vocab_size), int(seed), str(style)))

@@ -105,6 +105,9 @@ FIXTURES = {
     # mistral (a llama in GGUF) with GQA 8 (Q2_K's attn_v rule); qwen3 with head_dim ≠ hidden/heads
     "mistral-256": dict(arch="mistral", layers=3, hidden=256, heads=8, kv_heads=1, intermediate=512),
     "qwen3-256": dict(arch="qwen3", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=128, intermediate=256),
+    # gemma2: tied (token_embd takes the output rule), sandwich norms, post-attention/FFN norms stay F32
+    "gemma2-256": dict(arch="gemma2", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=256),
+    "gemma3-256": dict(arch="gemma3", layers=2, hidden=256, heads=4, kv_heads=1, head_dim=128, intermediate=256),
 }
 
 
