@@ -93,7 +93,7 @@ run: $(STAMP)
 test: $(STAMP) $(LLAMA_CONVERTER) $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
 	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) SO8T_LLAMA_IMATRIX=$(LLAMA_IMATRIX) SO8T_LLAMA_PERPLEXITY=$(LLAMA_PERPLEXITY) $(BIN)/python -m pytest -q --durations=25
 
-# What needs neither a Prefect run nor llama.cpp's inference (tests marked e2e): a few minutes.
+# What needs neither a Prefect run nor llama.cpp's inference nor racing processes (tests marked e2e): a few minutes.
 test-fast: $(STAMP) $(LLAMA_CONVERTER)
 	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q -m "not e2e" --durations=10
 

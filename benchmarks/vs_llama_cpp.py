@@ -59,7 +59,7 @@ def throughput(threads: int, work: str) -> list[dict]:
 
     from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.gguf_file import read_gguf
-    from so8t_core.llama_runtime import _captured_llama_log
+    from so8t_core.llama_runtime import captured_llama_log
     from so8t_core.source.checkpoint import Checkpoint
     from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
@@ -85,7 +85,7 @@ def throughput(threads: int, work: str) -> list[dict]:
         def theirs():
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype, params.nthread, params.pure = FTYPE_FOR[t], threads, True
-            with _captured_llama_log():  # llama-quantize's per-tensor log lines
+            with captured_llama_log():  # llama-quantize's per-tensor log lines
                 assert llama_cpp.llama_model_quantize(f32.encode(), os.path.join(work, "q.gguf").encode(),
                                                       ctypes.byref(params)) == 0
         ref = best_of(theirs)

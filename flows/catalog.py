@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -42,15 +42,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.convert import convert
-from flows.params import NAME_PATTERN, ConvertParams, Engine, QuantMix, quant_names
+from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix, quant_names
 from so8t_core import storage
 from so8t_core.constants import CONVERTER
 from so8t_core.errors import CatalogError, So8tError
-from so8t_core.publish.release import FINGERPRINT_CHARS, read_latest, read_manifest
+from so8t_core.publish.release import FINGERPRINT_CHARS, entry_release, read_latest, read_manifest
 from so8t_core.publish.report import artifact_key
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
-from so8t_core.storage import default_cache_dir, redact_uri
+from so8t_core.storage import NAME_PATTERN, default_cache_dir, redact_uri, refuse_credentials
 from tasks.common import STORAGE_RETRIES
 
 FORMAT_HINT = "see the catalog format in deployments/README.md"
@@ -147,7 +147,9 @@ def _problem(err: dict) -> tuple[str, str]:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         return f"{shown} is not {what}", f"choose from {err.get('ctx', {}).get('expected', '')}"
     if kind == "string_pattern_mismatch" and field == "name":
-        return f"{value!r} is not a valid model name", "use letters, digits, '.', '_' and '-' (it names a folder)"
+        return (f"{value!r} is not a valid model name",
+                "use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit (it names a "
+                "folder)")
     msg = err["msg"].removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:], FORMAT_HINT
 
@@ -188,7 +190,15 @@ def parse_catalog(text: str, url: str) -> list[CatalogModel]:
             run_validation=catalog.run_validation if m.run_validation is None else m.run_validation,
             engine=(m.engine or catalog.engine).value,
             max_memory_gb=m.max_memory_gb if m.max_memory_gb is not None else catalog.max_memory_gb)
-        key = storage.join(model.destination, model.name)
+        for what, uri in (("source", model.source), ("destination", model.destination)):
+            if "://" in uri:  # before any run: a convert run's parameters are stored
+                try:
+                    refuse_credentials(uri)
+                except So8tError as exc:
+                    raise CatalogError(where, f"models[{i}] (model {m.name}): {what} {redact_uri(uri)}: {exc.problem}",
+                                       exc.hint) from None
+        # Names that differ only in letter case are one folder on case-insensitive storage.
+        key = storage.join(model.destination, model.name.casefold())
         if key in seen:
             raise CatalogError(where, f"models[{i}]: model {m.name} appears twice for destination "
                                f"{redact_uri(model.destination)} (also models[{seen[key]}])",
@@ -242,8 +252,9 @@ def check_model(model: CatalogModel, work_dir: str) -> dict:
     for q in model.quants:
         entry = published.get(q)
         manifest = None
-        if entry is not None and entry.get("source_fingerprint") == src.fingerprint and entry.get("release"):
-            manifest = read_manifest(storage.join(model.destination, model.name, entry["release"].rstrip("/")))
+        release = entry_release(model.destination, model.name, entry) if entry is not None else None
+        if release is not None and entry.get("source_fingerprint") == src.fingerprint:
+            manifest = read_manifest(release)  # of the version its current.json names
         reason = quant_status(src.fingerprint, entry, manifest, model.run_validation)
         if reason is None:
             up_to_date[q] = f"up to date ({src.fingerprint[:FINGERPRINT_CHARS]}/{q})"
@@ -274,8 +285,9 @@ def summary_markdown(catalog: str, summary: dict, dry_run: bool) -> str:
 
 
 @flow(name="requantize-catalog", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def requantize_catalog(catalog: str, work_dir: str | None = None, models: list[str] | None = None,
-                       dry_run: bool = False) -> dict:
+def requantize_catalog(catalog: Annotated[str, Field(json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN})],
+                       work_dir: Annotated[str | None, Field(json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN})]
+                       = None, models: list[str] | None = None, dry_run: bool = False) -> dict:
     """Convert each catalog model's quant mixes that changed since their last published release.
 
     Args:
@@ -288,6 +300,9 @@ def requantize_catalog(catalog: str, work_dir: str | None = None, models: list[s
     from prefect.artifacts import create_markdown_artifact
 
     log = get_run_logger()
+    for uri in (catalog, work_dir or ""):
+        if "://" in uri:
+            refuse_credentials(uri)  # the form's pattern keeps them out of a deployment run's parameters
     entries = load_catalog(catalog)
     if models:
         unknown = sorted(set(models) - {m.name for m in entries})

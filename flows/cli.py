@@ -36,12 +36,19 @@ def _quiet_prefect(verbose: bool) -> None:
 def quiet_libraries(verbose: bool) -> None:
     """Libraries' own notices stay off the console unless -v: transformers' advice on configs
     (e.g. on rope parameters, read when validating) and the S3 client's INFO lines ("Found
-    credentials in ..."). Their errors still reach the user, as our one line."""
+    credentials in ..."). Their errors still reach the user, as our one line. With -v they show,
+    through a handler of their own: the inputs are checked (and the S3 client made) before
+    Prefect configures logging."""
+    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG)
+
     if verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+        for name in WIRE_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).propagate = False  # shown once, not again by Prefect's handler
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
-    from so8t_core.storage import WIRE_LOGGERS  # importing storage pins them at INFO (never DEBUG): raise that
-
     for name in WIRE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -72,16 +79,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> dict:
     from flows import console, local_api
-    from flows.params import check_inputs, from_cli
+    from flows.params import check_calibration, check_inputs, check_mixes, from_cli
     from so8t_core.analysis import preflight
     from so8t_core.storage import check_writable
 
     params = from_cli(args)
-    check_inputs(params)  # bad input fails here in a second, before Prefect starts
+    inputs = check_inputs(params)  # bad input fails here in a second, before Prefect starts
     check_writable(params.output)  # and a destination that cannot be written, before anything is fetched
     if params.source:
-        preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
-                  max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+        spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
+                               max_memory_gb=params.max_memory_gb or None)  # 0: no cap
+        check_mixes(params, inputs, spec, plan)  # what llama-quantize refuses on this model
+        check_calibration(params)  # malformed or too short calibration text
     # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
     # background while the flow's modules are imported.
     api = local_api.start_unless_configured()

@@ -1,12 +1,13 @@
 """The conversion pipeline as a Prefect flow:
 
-    fetch → analyze → quantize (one task per tensor, small ones batched; in parallel) → assemble → validate → publish
+    fetch → analyze → importance → quantize (one task per tensor, small ones batched; in parallel) → assemble
+          → validate → publish
 
 The flow's body is that list; each stage is a function below it that calls the stage's tasks
 (``tasks/<stage>.py``). Tasks exchange references (URIs, sha256, sizes), never arrays.
 Quantized tensors are staged content-addressed under the work directory, so a re-run redoes
-only what changed. Nothing reaches the output URI unless every validation gate passed, and
-``manifest.json`` is written last.
+only what changed. Nothing reaches the output URI unless every validation gate passed, and a
+release changes only by switching its pointer to a new, complete, immutable version.
 """
 
 from __future__ import annotations
@@ -23,23 +24,25 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import console
-from flows.params import ConvertParams, check_inputs
+from flows.params import ConvertParams, check_inputs, imatrix_coverage
 from flows.runners import task_slots
 from so8t_core import storage
 from so8t_core.constants import (
     ANALYSIS_NAME,
     CONVERTER,
+    IMATRIX_NAME,
     MODEL_CARD_NAME,
     SIDECAR_NAME,
     STATS_NAME,
     VALIDATION_NAME,
 )
 from so8t_core.errors import ValidationError
-from so8t_core.gguf_file import Split
+from so8t_core.gguf_file import NO_SPLIT, Split
 from so8t_core.plan import TensorPlan
 from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, release_uri
-from so8t_core.quantize.imatrix import Imatrix
-from so8t_core.quantize.mixes import MixOptions, ModelShape, mix_types
+from so8t_core.quantize.calibration import measured_weights
+from so8t_core.quantize.imatrix import Imatrix, load_imatrix
+from so8t_core.quantize.mixes import MixOptions, ModelShape, check_imatrix_requirements, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
 from so8t_core.storage import check_writable, default_cache_dir, redact_uri
@@ -48,6 +51,7 @@ from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
 from tasks.fetch import fetch_checkpoint
+from tasks.importance import ComputedImatrix, compute_imatrix, tokenize_calibration
 from tasks.publish import publish_latest, publish_release, write_model_card, write_plots, write_stats_parquet
 from tasks.quantize import quantize_plan
 from tasks.validate import reference_logits, validate_gguf
@@ -71,12 +75,14 @@ def convert(params: ConvertParams = ConvertParams()) -> dict:
 
     # Transform: each tensor baked and quantized per mix, the GGUF files assembled, then
     # validated in llama.cpp against the PyTorch SO8T reference.
-    staged = quantize(run, source, model)
-    files = assemble(run, source, model, staged)
-    validations = validate(run, source, model, staged, files)
+    # The importance matrix: --imatrix's, or computed on the --calibration text in llama.cpp.
+    imatrix = importance(run, source, model)
+    staged = quantize(run, source, model, imatrix)
+    files = assemble(run, source, model, staged, imatrix)
+    validations = validate(run, source, model, staged, files, imatrix)
 
     # Load: one release per quant mix, and latest.json.
-    releases, latest = publish(run, source, model, staged, files, validations)
+    releases, latest = publish(run, source, model, staged, files, validations, imatrix)
     lora = model.analysis.get("lora")
     return {"name": run.name, "output": params.output, "source": run.source, "fingerprint": model.fingerprint,
             "source_fingerprint": source.fingerprint, "releases": releases,
@@ -103,30 +109,15 @@ class Run:
 
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
-        inputs = check_inputs(params)
+        inputs = check_inputs(params)  # the name too: Python callers bypass the CLI
         check_writable(params.output)  # not found only at publish, after minutes of work
-        source, name = params.source, params.name
-        if not source:
-            source, name = demo_source(), name or DEMO_NAME
-        return cls(params=params, source=source, name=name or default_name(source), quants=inputs.quants,
+        return cls(params=params, source=params.source or demo_source(), name=inputs.name, quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
                    engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter)
 
     @property
     def staging_dir(self) -> str:
         return os.path.join(self.work_dir, "tensors")
-
-    @property
-    def imatrix_ref(self) -> tuple[str, str] | None:
-        return (self.imatrix.uri, self.imatrix.sha256) if self.imatrix else None
-
-    @property
-    def imatrix_info(self) -> tuple[str, str, str] | None:
-        """(URI, sha256, file name): what the GGUF's quantize.imatrix.* keys record. The file's
-        name, not the path it was given as: a release holds no local path."""
-        if not self.imatrix:
-            return None
-        return self.imatrix.uri, self.imatrix.sha256, posixpath.basename(self.params.imatrix.rstrip("/"))
 
     @property
     def lora_ref(self) -> tuple[str, str] | None:
@@ -146,7 +137,35 @@ class Model:
     plan: list[TensorPlan]
     fingerprint: str  # of what is released: the source, and the adapter merged into it
     types: dict[str, list[GGMLQuantizationType]]
-    uncovered: dict[str, list[str]]  # per quant: tensors quantized without an imatrix entry
+
+    def folder(self, run: Run) -> str:
+        """Where this run's files are assembled, in the work folder."""
+        return os.path.join(run.work_dir, "runs", f"{run.name}-{self.fingerprint[:16]}")
+
+
+@dataclass
+class Importance:
+    """The importance matrix every mix of a run is quantized with: --imatrix's file, or the one
+    computed on --calibration text, which each release holds as NAME.imatrix.gguf."""
+
+    imatrix: Imatrix
+    name: str  # what the GGUFs' quantize.imatrix.file records: the file's name, never a local path
+    uncovered: dict[str, list[str]]  # per quant: tensors quantized without an entry
+    computed: ComputedImatrix | None = None
+
+    @property
+    def info(self) -> tuple[str, str, str]:
+        """(URI, sha256, name): what the assemble and validate tasks take."""
+        return self.imatrix.uri, self.imatrix.sha256, self.name
+
+    def summary(self, quant: str) -> dict:
+        """What a release's manifest records of it."""
+        out = self.imatrix.summary(self.uncovered.get(quant, []))
+        if self.computed is not None:
+            c = self.computed
+            out["computed"] = {"file": self.name, "calibration": c.datasets, "tokens": c.tokens, "chunks": c.chunks,
+                               "ctx": c.ctx, "coverage": c.coverage}
+        return out
 
 
 @dataclass
@@ -182,16 +201,59 @@ def analyze(run: Run, src: SourceRef) -> Model:
         run.say("LoRA %s (r=%d, alpha=%g, scale %.4g, %s) merged into %d tensors: %s", redact_uri(adapter.uri),
                 adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
                 len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
-    types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options)
-    uncovered = {q: run.imatrix.uncovered(plan, types[q]) for q in run.quants} if run.imatrix else {}
+    types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options,
+                      imatrix_coverage(run.params, run.imatrix, plan))
+    return Model(analysis=analysis, plan=plan, fingerprint=fingerprint, types=types)
+
+
+def importance(run: Run, src: SourceRef, model: Model) -> Importance | None:
+    """The importance matrix of the run: --imatrix's, or computed on the --calibration text by
+    running the baked model (its F32 GGUF) in llama.cpp as llama-imatrix does; None without."""
+    if run.imatrix is not None:
+        imatrix, name, computed = run.imatrix, posixpath.basename(run.params.imatrix.rstrip("/")), None
+    elif run.params.computes_imatrix:
+        imatrix, computed = compute_importance(run, src, model)
+        name = IMATRIX_NAME.format(name=run.name)
+    else:
+        return None
+    uncovered = {q: imatrix.uncovered(model.plan, model.types[q]) for q in run.quants}
+    # llama-quantize only logs this; a silent quality loss worth saying, for the weights an
+    # imatrix measures (token_embd is a lookup no llama-imatrix file has; output is left out by default)
+    measured = measured_weights([(t.gguf_name, t.shape) for t in model.plan])
     for q, names in uncovered.items():
-        if names:  # llama-quantize only logs this; a silent quality loss worth saying
+        if missing := [n for n in names if n in measured]:
             get_run_logger().warning("imatrix has no entry for %d tensors %s quantizes (e.g. %s): quantized "
-                                     "without it", len(names), q, names[0])
-    return Model(analysis=analysis, plan=plan, fingerprint=fingerprint, types=types, uncovered=uncovered)
+                                     "without it", len(missing), q, missing[0])
+    return Importance(imatrix=imatrix, name=name, uncovered=uncovered, computed=computed)
 
 
-def quantize(run: Run, src: SourceRef, model: Model) -> dict[str, list[StagedTensor]]:
+def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix, ComputedImatrix]:
+    """Tokenize the calibration text (refused here when it is too short), stage and assemble the
+    baked model in F32, run it over the text in llama.cpp; cached under the work folder."""
+    p = run.params
+    console.stage("tokenizing the calibration text")
+    tokens = tokenize_calibration(src, p.calibration, p.calibration_ctx, run.work_dir, p.allow_tokenizer_mismatch)
+    console.stage(f"staging the baked model in F32 for the importance matrix ({tokens.tokens} calibration tokens)")
+    slots, threads = task_slots()
+    f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
+    staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
+                           threads, p.max_memory_gb or None, lambda done: None)["F32"]
+    f32 = assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), "calibration"), NO_SPLIT,
+                        None, p.allow_tokenizer_mismatch)[0]
+    console.stage("computing the importance matrix in llama.cpp")
+    computed = compute_imatrix(f32, tokens, p.calibration_ctx, p.calibration_chunks or None, run.work_dir)
+    tokens_seen = [c["tokens"] for c in computed.coverage.values()]
+    run.say("importance matrix on %s: %d weights, %d tokens in %d chunks of %d (%d to %d per weight), "
+            "%.0f tokens/s", ", ".join(computed.datasets), len(computed.coverage), computed.tokens,
+            computed.chunks, computed.ctx, min(tokens_seen, default=0), max(tokens_seen, default=0),
+            computed.tokens_per_second)
+    imatrix = load_imatrix(computed.file.uri)
+    # What llama-quantize refuses, now with the entries the imatrix really has.
+    check_imatrix_requirements([(t.gguf_name, t.shape) for t in model.plan], model.types, set(imatrix.entries))
+    return imatrix, computed
+
+
+def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:
     """Every tensor of the plan, staged in every mix's type: as many tasks in flight as the
     runner has slots (fewer under --max-memory)."""
     progress = artifacts.QuantizeProgress(run.name, len(model.plan))
@@ -202,25 +264,27 @@ def quantize(run: Run, src: SourceRef, model: Model) -> dict[str, list[StagedTen
         console.update_bar(done)
 
     slots, threads = task_slots()
-    staged = quantize_plan(src, model.plan, model.types, run.staging_dir, run.engine, run.imatrix, run.lora_ref,
+    staged = quantize_plan(src, model.plan, model.types, run.staging_dir, run.engine,
+                           imatrix.imatrix if imatrix else None, run.lora_ref,
                            slots, threads, run.params.max_memory_gb or None, tensors_done)
     run.say("quantized %d tensors into %s with the %s engine", len(model.plan), ", ".join(run.quants), run.engine)
     artifacts.stats_tables(run.name, staged)
     return staged
 
 
-def assemble(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]]) -> Files:
-    out_dir = os.path.join(run.work_dir, "runs", f"{run.name}-{model.fingerprint[:16]}")
+def assemble(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]],
+             imatrix: Importance | None) -> Files:
+    out_dir = model.folder(run)
     os.makedirs(out_dir, exist_ok=True)
     console.stage("assembling " + ", ".join(run.quants))
     split = Split(max_tensors=run.params.split_max_tensors, max_bytes=run.params.split_max_bytes)
-    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, run.imatrix_info,
+    ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, imatrix.info if imatrix else None,
                               run.params.allow_tokenizer_mismatch) for q in run.quants}
     return Files(out_dir=out_dir, ggufs=ggufs, sidecar=assemble_sidecar(src, run.name, out_dir))
 
 
 def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]],
-             files: Files) -> dict[str, dict]:
+             files: Files, imatrix: Importance | None) -> dict[str, dict]:
     """Each quant's file in llama.cpp against the PyTorch reference; a failed gate stops the run
     before anything is published (the summary artifact says why)."""
     if not run.params.run_validation:
@@ -231,7 +295,8 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     validations = {}
     for q in run.quants:
         v = validations[q] = validate_cached(src, q, run.name, files.ggufs[q][0], staged[q], reference,
-                                             run.imatrix_info, run.params.allow_tokenizer_mismatch)
+                                             imatrix.info if imatrix else None,
+                                             run.params.allow_tokenizer_mismatch)
         f = v.get("llama_cpp", {})
         run.say("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                 100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
@@ -248,25 +313,29 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
 
 
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
-            validations: dict[str, dict]) -> tuple[dict[str, dict], FileRef]:
-    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/`` with its manifest
-    last; then latest.json names them."""
+            validations: dict[str, dict], imatrix: Importance | None) -> tuple[dict[str, dict], FileRef]:
+    """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/``: a new immutable version
+    in it (with the importance matrix the run computed), then its pointer switched
+    (so8t_core/publish/release.py); then latest.json names them."""
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
     if files.sidecar is not None:
         common[SIDECAR_NAME.format(name=run.name)] = files.sidecar
+    if imatrix is not None and imatrix.computed is not None:
+        common[imatrix.name] = imatrix.computed.file
     releases, latest = {}, {}
     for q in run.quants:
         release_files = _release_files(run, model, staged[q], files, q, validations, common)
-        manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q], run.imatrix,
-                                    model.uncovered.get(q, []), model.analysis.get("lora"),
+        manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q],
+                                    imatrix.summary(q) if imatrix else None, model.analysis.get("lora"),
                                     model.analysis["tokenizer"])
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
-        published = {n: FileRef(uri=storage.join(release, n), sha256=f.sha256, size=f.size)
+        version = manifest_ref.uri.rsplit("/", 1)[0]  # the immutable version current.json now names
+        published = {n: FileRef(uri=storage.join(version, n), sha256=f.sha256, size=f.size)
                      for n, f in release_files.items()}
-        releases[q] = {"uri": release, "files": {n: f.model_dump() for n, f in published.items()},
+        releases[q] = {"uri": release, "version": version, "files": {n: f.model_dump() for n, f in published.items()},
                        "manifest": manifest_ref.model_dump(), "uploaded": uploaded}
         latest[q] = {"source_fingerprint": src.fingerprint,
                      "release": f"{model.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
@@ -310,10 +379,6 @@ def demo_source() -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         build_demo_checkpoint(path)
     return path
-
-
-def default_name(source: str) -> str:
-    return os.path.basename(source.rstrip("/")) or "model"
 
 
 def max_bake_error(staged: dict[str, list[StagedTensor]]) -> float:

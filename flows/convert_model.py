@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import default_name
-from flows.params import ConvertParams
+from flows.params import ConvertParams, release_name
 from flows.runners import convert_with
-from so8t_core.testing.demo import DEMO_NAME
 from tasks import artifacts
 
 
@@ -27,7 +25,7 @@ def convert_model(params: ConvertParams = ConvertParams()) -> dict:
     Args:
         params: The checkpoint, destination, quant mixes and options of the conversion.
     """
-    name = params.name or (default_name(params.source) if params.source else DEMO_NAME)
+    name = release_name(params)  # a name that is no plain name fails here, before the subflow
     state = convert_with(params, flow_run_name=name, return_state=True)
     # This is the run the UI opens after "Submit": the summary (FAILED and why, too) and where
     # the releases are belong here, not only on the subflow's run.

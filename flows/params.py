@@ -14,23 +14,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from so8t_core import storage
 from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES, ggml_type, quant_name, quant_type
-from so8t_core.errors import UnsupportedError
+from so8t_core.errors import So8tError, UnsupportedError
+from so8t_core.quantize.calibration import DEFAULT_CTX, MIN_ROWS
 from so8t_core.quantize.engines import ENGINES
+from so8t_core.storage import NAME_PATTERN, NAME_RULE, redact_uri, refuse_credentials
 
 RUNNERS = ("threads", "dask")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A URI with credentials in it (scheme://user:secret@host/...). The form and the Prefect server
+# check the schema before a run is created, so such a value never reaches a run's stored
+# parameters; in Python the fields' validator refuses it (pydantic's own patterns cannot look ahead).
+NO_CREDENTIALS_PATTERN = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
+URI_FIELDS = ("source", "output", "work_dir", "imatrix", "lora", "dask_address")
+URI_LIST_FIELDS = ("calibration",)  # lists of URIs
 SIZE_PATTERN = r"^\s*[0-9]+\s*[KkMmGg]?\s*$"
 ADDRESS_PATTERN = r"^\s*[a-z]+://\S+\s*$"
 # What a value that does not match a field's pattern is told.
 PATTERN_RULES = {
-    "name": "not a plain name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
+    "name": NAME_RULE,
     "split_max_size": "not a size: a number of bytes, or with K, M or G (e.g. 2G)",
     "dask_address": "not an address: e.g. tcp://scheduler-host:8786",
 }
@@ -94,10 +103,10 @@ class ConvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Annotated[str, Cli(positional=True, metavar="SOURCE")] = Field(
-        "", title="Source checkpoint",
+        "", title="Source checkpoint", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Hugging Face checkpoint folder: a path, file:// or s3:// URL (empty: the embedded demo).")
     output: Annotated[str, Cli(metavar="DEST")] = Field(
-        "./artifacts", title="Destination",
+        "./artifacts", title="Destination", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Where releases are published, as DEST/NAME/FINGERPRINT/QUANT/ (default ./artifacts).")
     quants: Annotated[list[QuantMix], Cli(flag="--quant", metavar="TYPE")] = Field(
         [QuantMix.Q8_0], min_length=1, title="Quant mixes",
@@ -116,7 +125,7 @@ class ConvertParams(BaseModel):
         0.0, ge=0, title="Memory cap (GB)",
         description="Cap peak memory by limiting how many tensors are in flight (0: no cap).")
     work_dir: Annotated[str, Cli(metavar="DIR")] = Field(
-        "", title="Work folder",
+        "", title="Work folder", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="Staging folder (empty: ~/.cache/so8t-gguf/work); with a Dask scheduler, a path every worker "
                     "sees at the same place (e.g. NFS).")
     split_max_size: Annotated[str, Cli(metavar="SIZE")] = Field(
@@ -140,16 +149,33 @@ class ConvertParams(BaseModel):
         description="Convert even when no llama.cpp pre-tokenizer reproduces the Hugging Face tokenizer's ids; "
                     "the model card and the manifest then say so.")
     imatrix: Annotated[str, Cli(metavar="FILE")] = Field(
-        "", title="Importance matrix",
-        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none).")
+        "", title="Importance matrix", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="A llama-imatrix GGUF or legacy .dat file: a path, file:// or s3:// URL (empty: none; takes "
+                    "precedence over --calibration).")
+    calibration: Annotated[list[str], Cli(metavar="URI")] = Field(
+        [], title="Calibration text",
+        json_schema_extra={"items": {"type": "string", "pattern": NO_CREDENTIALS_PATTERN}},
+        description="Text to compute the run's importance matrix on, in llama.cpp as llama-imatrix does: plain "
+                    "text, JSONL with a 'text' field, or JSONL chat records ('messages', rendered with the "
+                    "checkpoint's chat template); any fsspec URL, or the word builtin for the text so8t-gguf ships "
+                    "(prose, code, dialogue, Japanese and nine other languages). Every mix of the run is quantized "
+                    "with it, and each release holds it as NAME.imatrix.gguf.")
+    calibration_ctx: Annotated[int, Cli(metavar="N")] = Field(
+        DEFAULT_CTX, ge=MIN_ROWS, title="Calibration context",
+        description=f"Tokens per calibration chunk (llama-imatrix's -c; default {DEFAULT_CTX}).")
+    calibration_chunks: Annotated[int, Cli(metavar="N")] = Field(
+        0, ge=0, title="Calibration chunks",
+        description="Compute on at most this many chunks of the calibration text (llama-imatrix's --chunks; "
+                    "0: all).")
     lora: Annotated[str, Cli(metavar="ADAPTER_URI")] = Field(
-        "", title="LoRA adapter",
+        "", title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking (empty: none).")
     runner: Runner = Field(Runner.threads, title="Task runner",
                            description="Where the per-tensor quantize tasks run: a thread pool, or Dask (a local "
                                        "multi-process cluster, or the one at the scheduler address).")
     dask_address: Annotated[str, Cli(metavar="tcp://HOST:PORT")] = Field(
         "", pattern=or_empty(ADDRESS_PATTERN), title="Dask scheduler address",
+        json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN + f"(?:{or_empty(ADDRESS_PATTERN)})"},
         description="With runner dask: an existing scheduler whose workers have this project and see the source "
                     "and the work folder at the same paths, docs/scaling.md (empty: a local cluster).")
 
@@ -176,6 +202,25 @@ class ConvertParams(BaseModel):
     def _no_cap(cls, value: Any) -> Any:
         return 0 if value is None else value
 
+    @field_validator(*URI_FIELDS, *URI_LIST_FIELDS)
+    @classmethod
+    def _no_credentials(cls, value: Any, info) -> Any:
+        """Before any run exists: a flow run's parameters, task run names and events are stored."""
+        for uri in value if isinstance(value, list) else [value]:
+            if isinstance(uri, str) and "://" in uri:
+                try:
+                    refuse_credentials(uri)
+                except So8tError as exc:
+                    spelling = cli_spelling(info.field_name)
+                    raise UnsupportedError(f"{spelling.flag or spelling.metavar} {redact_uri(uri)}", exc.problem,
+                                           exc.hint) from None
+        return value
+
+    @property
+    def computes_imatrix(self) -> bool:
+        """Whether the run computes its importance matrix (calibration text, and no --imatrix)."""
+        return bool(self.calibration) and not self.imatrix
+
     @property
     def quant_names(self) -> list[str]:
         return list(dict.fromkeys(q.value for q in self.quants))
@@ -191,9 +236,10 @@ class ConvertParams(BaseModel):
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    """What ``check_inputs`` resolved: the quant names, llama-quantize's overrides, the engine,
-    and the importance matrix and LoRA adapter, read and checked."""
+    """What ``check_inputs`` resolved: the release name, the quant names, llama-quantize's
+    overrides, the engine, and the importance matrix and LoRA adapter, read and checked."""
 
+    name: str
     quants: list[str]
     options: Any  # so8t_core.quantize.mixes.MixOptions
     engine: str
@@ -201,10 +247,46 @@ class CheckedInputs:
     adapter: Any  # so8t_core.source.lora.LoraAdapter | None
 
 
+def default_name(source: str) -> str:
+    """A release's name when none is given: the source folder's."""
+    return posixpath.basename(source.rstrip("/").replace("\\", "/")) or "model"
+
+
+def release_name(params: ConvertParams) -> str:
+    """The name the releases are published under (``<output>/<name>/…``, ``<name>-<quant>.gguf``):
+    ``name``, else the source folder's name (the demo's without a source), held to the one name
+    rule (storage.check_name) whichever it is: it becomes folders and files."""
+    if params.name:
+        return storage.check_name(params.name, "--name")
+    if not params.source:
+        from so8t_core.testing.demo import DEMO_NAME
+
+        return DEMO_NAME
+    folder = default_name(params.source)
+    return storage.check_name(folder, "the source folder's name",
+                              "releases are named after the source folder: pass --name, e.g. --name my-model")
+
+
+def check_destination_name(output: str, name: str) -> None:
+    """Refuse a name that differs only in letter case from a model already under ``output``: on
+    case-insensitive storage (macOS, Windows, many shares) the two are one folder, and their
+    releases and latest.json would overwrite each other."""
+    try:
+        existing = storage.list_names(output)
+    except (OSError, So8tError):
+        return  # not listable (yet): publishing says what is wrong with the destination
+    clash = storage.same_but_case(existing, name)
+    if clash is not None:
+        raise UnsupportedError(f"--name {name}", f"{redact_uri(output)} already holds the model {clash}, a name that "
+                               "differs only in letter case (one folder on case-insensitive storage)",
+                               f"use --name {clash}, or another name")
+
+
 def check_inputs(params: ConvertParams) -> CheckedInputs:
-    """Refuse bad inputs before any work: quant names, overrides, engine, imatrix, adapter (the
-    CLI calls this before Prefect starts; the flow again, since Python calls it directly). An
-    importance matrix and an adapter are read and checked once here; tasks get their URI and sha256."""
+    """Refuse bad inputs before any work: the release name, quant names, overrides, engine,
+    imatrix, adapter (the CLI calls this before Prefect starts; the flow again, since Python calls
+    it directly). An importance matrix and an adapter are read and checked once here; tasks get
+    their URI and sha256. (Credentials in a URI are refused when the parameters are made.)"""
     from so8t_core.quantize.engines import resolve_engine
     from so8t_core.quantize.imatrix import load_imatrix
     from so8t_core.quantize.mixes import MixOptions, parse_tensor_types
@@ -213,14 +295,55 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
     def tensor_type(value: TensorType, flag: str):
         return None if value is TensorType.default else ggml_type(value.value, flag)
 
+    name = release_name(params)
+    check_destination_name(params.output, name)
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
     options = MixOptions(
-        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure, has_imatrix=im is not None,
+        tensor_types=parse_tensor_types(params.tensor_types), pure=params.pure,
+        has_imatrix=im is not None or params.computes_imatrix,
         output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
         token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
-    return CheckedInputs(quants=quants, options=options, engine=resolve_engine(params.engine.value), imatrix=im,
-                         adapter=load_adapter(params.lora) if params.lora else None)
+    return CheckedInputs(name=name, quants=quants, options=options, engine=resolve_engine(params.engine.value),
+                         imatrix=im, adapter=load_adapter(params.lora) if params.lora else None)
+
+
+def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str] | None:
+    """The weights the run's importance matrix has entries for: --imatrix's, or those the one
+    computed on --calibration text will have (every weight of the blocks); None without one."""
+    from so8t_core.quantize.calibration import measured_weights
+
+    if imatrix is not None:
+        return set(imatrix.entries)
+    if params.computes_imatrix:
+        return measured_weights([(p.gguf_name, p.shape) for p in plan])
+    return None
+
+
+def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> None:
+    """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
+    where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
+    with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
+    analyze stage computes the same types again)."""
+    from so8t_core.quantize.mixes import ModelShape, mix_types
+
+    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
+              imatrix_coverage(params, inputs.imatrix, plan))
+
+
+def check_calibration(params: ConvertParams) -> None:
+    """The calibration text read, rendered and tokenized as the run will, and refused when it is
+    malformed or shorter than llama-imatrix's two chunks (the CLI calls this before Prefect starts;
+    the flow's importance stage again, before the model is run)."""
+    if not params.computes_imatrix or not params.source:
+        return
+    from so8t_core.quantize.calibration import calibration_tokens, check_enough_tokens
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+
+    ckpt = Checkpoint.open(params.source, cache_dir=default_cache_dir())
+    _, tokens = calibration_tokens(ckpt, params.calibration, params.allow_tokenizer_mismatch)
+    check_enough_tokens(len(tokens), params.calibration_ctx, "--calibration " + " ".join(params.calibration))
 
 
 # --- The command line, made from the fields ------------------------------------------------
@@ -296,7 +419,7 @@ def from_cli(args: argparse.Namespace) -> ConvertParams:
         where = spelling.metavar if spelling.positional else spelling.flag or field
         value = given.get(field)
         shown = " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-            else value
+            else redact_uri(value) if isinstance(value, str) else value
         problem = PATTERN_RULES.get(field) if err["type"] == "string_pattern_mismatch" else None
         problem = problem or err["msg"][:1].lower() + err["msg"][1:]
         raise UnsupportedError(f"{where} {shown}".strip(), problem, "see so8t-gguf convert --help") from None

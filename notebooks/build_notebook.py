@@ -203,7 +203,8 @@ RESULTS_MD = """\
 ## 6. Validation results
 
 `OUTPUT/NAME/latest.json` names the latest release of each type; each release's
-`manifest.json` lists its files (size, sha256) and the validation results. The table shows
+`current.json` names the folder of its current version, whose `manifest.json` lists its files
+(size, sha256) and the validation results. The table shows
 the mean KL divergence between llama.cpp's and PyTorch's next-token distributions, how
 often their top token agrees, and whether llama.cpp tokenizes a multilingual text into
 exactly the Hugging Face tokenizer's ids. The plot is the release's per-tensor
@@ -216,7 +217,14 @@ import json
 from IPython.display import Image, Markdown, display
 
 latest = json.load(open(os.path.join(OUTPUT, NAME, "latest.json")))
-RELEASE = {q: os.path.join(OUTPUT, NAME, latest["quants"][q]["release"]) for q in QUANTS}
+
+
+def current(release):
+    """A release's files are in the version folder its current.json names."""
+    return os.path.join(release, json.load(open(os.path.join(release, "current.json")))["version"])
+
+
+RELEASE = {q: current(os.path.join(OUTPUT, NAME, latest["quants"][q]["release"])) for q in QUANTS}
 GGUF = {q: os.path.join(RELEASE[q], latest["quants"][q]["gguf"]) for q in QUANTS}
 
 print(f"{'type':<8} {'GGUF size':>12} {'mean KLD':>10} {'top-1':>8} {'tokens':>7} {'tokenizer':>10}  result")

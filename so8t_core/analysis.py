@@ -14,7 +14,13 @@ from so8t_core.source.architectures import EMBEDDING, OTHER, ROTATION, TENSOR_CL
 from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
 from so8t_core.source.rotation import checked_rotation, gate_rotation
 from so8t_core.source.so8t import So8tStructure, find_structure
-from so8t_core.source.tokenizer import TEXT_FILES, TokenizerCheck, check_tokenizer, check_tokenizer_files
+from so8t_core.source.tokenizer import (
+    TEXT_FILES,
+    TokenizerCheck,
+    check_chat_template,
+    check_tokenizer,
+    check_tokenizer_files,
+)
 from so8t_core.storage import default_cache_dir
 
 POSITION_WORDS = {"pre_o_proj": "before o_proj", "post_o_proj": "after o_proj"}
@@ -31,17 +37,18 @@ def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelSpec, So8tStructure, list[T
 
 
 def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool = False,
-              tokenizer: bool = True, max_memory_gb: float | None = None) -> None:
+              tokenizer: bool = True, max_memory_gb: float | None = None) -> tuple[ModelSpec, list[TensorPlan]]:
     """Everything checkable without reading the weights: files, headers, config, plan, gates,
     that a LoRA adapter's pairs fit the model's weights, that a memory cap leaves room for the
     process and its largest tensor, and that llama.cpp reproduces the tokenizer (unless
-    ``allow_tokenizer_mismatch``; not at all without ``tokenizer``: the ONNX export has no
-    tokenizer).
+    ``allow_tokenizer_mismatch``) and that the chat template renders within limits (neither
+    without ``tokenizer``: the ONNX export has no tokenizer).
 
-    Catches most bad input in a second or two, before a pipeline run starts.
+    Catches most bad input in a second or two, before a pipeline run starts. Returns the
+    model's spec and tensor plan, for the checks of the quant mixes.
     """
     ckpt = Checkpoint.open(uri, cache_dir=default_cache_dir())
-    _, structure, plan = checkpoint_model(ckpt)
+    spec, structure, plan = checkpoint_model(ckpt)
     if max_memory_gb is not None:
         check_memory_cap(max_memory_gb, plan)
     if lora:
@@ -50,9 +57,12 @@ def preflight(uri: str, lora: str | None = None, allow_tokenizer_mismatch: bool 
         load_adapter(lora).bind(plan, ckpt.uri)
     for gate in structure.gates:
         checked_rotation(ckpt.read(gate.tensor), gate.parameterization, ckpt.uri, gate.tensor)
-    check_tokenizer_files({n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}, ckpt.uri)
+    files = {n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}
+    check_tokenizer_files(files, ckpt.uri)
     if tokenizer:
+        check_chat_template(files, ckpt.uri)  # a template that hangs or escapes the sandbox: refused now
         require_tokenizer_parity(ckpt, allow_tokenizer_mismatch)
+    return spec, plan
 
 
 def tokenizer_check(ckpt: Checkpoint) -> TokenizerCheck:

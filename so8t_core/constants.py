@@ -104,10 +104,29 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("Q4_K_S", GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
         QuantType("Q4_1", GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
         QuantType("Q4_0", GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+        QuantType("IQ4_NL", GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+        QuantType("MXFP4_MOE", GGMLQuantizationType.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),
+        QuantType("IQ4_XS", GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
         QuantType("Q3_K_L", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
         QuantType("Q3_K_M", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+        QuantType("IQ3_M", GGMLQuantizationType.IQ3_S, LlamaFileType.MOSTLY_IQ3_M),
+        QuantType("IQ3_S", GGMLQuantizationType.IQ3_S, LlamaFileType.MOSTLY_IQ3_S),
         QuantType("Q3_K_S", GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+        QuantType("IQ3_XS", GGMLQuantizationType.IQ3_S, LlamaFileType.MOSTLY_IQ3_XS),
+        QuantType("IQ3_XXS", GGMLQuantizationType.IQ3_XXS, LlamaFileType.MOSTLY_IQ3_XXS),
         QuantType("Q2_K", GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+        QuantType("Q2_K_S", GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K_S),
+        QuantType("IQ2_M", GGMLQuantizationType.IQ2_S, LlamaFileType.MOSTLY_IQ2_M),
+        QuantType("IQ2_S", GGMLQuantizationType.IQ2_XS, LlamaFileType.MOSTLY_IQ2_S),
+        QuantType("IQ2_XS", GGMLQuantizationType.IQ2_XS, LlamaFileType.MOSTLY_IQ2_XS),
+        QuantType("IQ2_XXS", GGMLQuantizationType.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS),
+        QuantType("IQ1_M", GGMLQuantizationType.IQ1_M, LlamaFileType.MOSTLY_IQ1_M),
+        QuantType("IQ1_S", GGMLQuantizationType.IQ1_S, LlamaFileType.MOSTLY_IQ1_S),
+        # For models trained ternary or 1-bit (BitNet b1.58, TriLMs, Bonsai): on other weights
+        # these lose most of the model, and validation says so.
+        QuantType("TQ2_0", GGMLQuantizationType.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
+        QuantType("TQ1_0", GGMLQuantizationType.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
+        QuantType("Q1_0", GGMLQuantizationType.Q1_0, LlamaFileType.MOSTLY_Q1_0),
     )
 }
 
@@ -123,14 +142,24 @@ def bits_per_weight(tensor_bytes: int, n_weights: int) -> float:
 NOT_STORAGE_TYPES = {
     "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",
 }
+# Mixes of the pinned llama.cpp so8t-gguf cannot write yet, with why.
+UNAVAILABLE_MIXES = {
+    "Q2_0": "gguf 0.19.0, the GGUF library so8t-gguf reads and writes files with, has no Q2_0 tensor type yet",
+}
 
-# Tensor types an override may name (--output-tensor-type, --tensor-type REGEX=TYPE).
+# Tensor types so8t-gguf writes, and an override may name (--output-tensor-type, --tensor-type
+# REGEX=TYPE): every storage type of the pinned llama.cpp's quantizer but NVFP4, which
+# llama-quantize offers no mix of.
 SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q5_0,
-    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q3_K,
-    GGMLQuantizationType.Q2_K,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0, GGMLQuantizationType.IQ4_NL,
+    GGMLQuantizationType.MXFP4, GGMLQuantizationType.IQ4_XS, GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ3_S,
+    GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.Q2_K, GGMLQuantizationType.IQ2_S,
+    GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ1_M,
+    GGMLQuantizationType.IQ1_S, GGMLQuantizationType.TQ2_0, GGMLQuantizationType.TQ1_0, GGMLQuantizationType.Q1_0,
 )
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 # llama-quantize's own shorthands for three mixes (its QUANT_OPTIONS list them as aliases).
@@ -149,6 +178,8 @@ def quant_type(name: str) -> QuantType:
         return QUANT_TYPES[key]
     if key in NOT_STORAGE_TYPES:
         raise UnsupportedError(f"--quant {name}", NOT_STORAGE_TYPES[key], "use --quant Q8_0")
+    if key in UNAVAILABLE_MIXES:
+        raise UnsupportedError(f"--quant {name}", UNAVAILABLE_MIXES[key], "use --quant Q2_K or IQ2_M")
     raise UnsupportedError(f"--quant {name}", "unknown or not yet supported quant type",
                            f"choose from {', '.join(QUANT_TYPES)}")
 
@@ -170,6 +201,7 @@ def ggml_type(name: str, where: str) -> GGMLQuantizationType:
 GGUF_NAME = "{name}-{quant}.gguf"
 STATS_NAME = "{name}-{quant}.stats.parquet"
 SIDECAR_NAME = "{name}.so8t-heads.gguf"
+IMATRIX_NAME = "{name}.imatrix.gguf"  # the importance matrix a run computed on calibration text
 MODEL_CARD_NAME = "README.md"
 MANIFEST_NAME = "manifest.json"
 ANALYSIS_NAME = "analysis.json"

@@ -61,6 +61,10 @@ class InputChangedError(So8tError):
     """An input file changed while a run was using it (retrying cannot help: run again)."""
 
 
+class CalibrationError(So8tError):
+    """Calibration text for an importance matrix is unreadable, malformed or too short."""
+
+
 class ValidationError(So8tError):
     """A produced GGUF failed a validation gate; it is not published."""
 

@@ -8,9 +8,12 @@ only once complete. :func:`read_gguf` is its mirror for validation and ``inspect
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import shutil
+import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -90,9 +93,10 @@ def parse_split_size(text: str) -> int:
     return int(digits) * unit
 
 
-def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo],
+def write_gguf(path: str, arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo],
                tensor_bytes: Callable[[TensorInfo], bytes], split: Split = NO_SPLIT) -> list[str]:
-    """Write a complete GGUF v3 model at ``path`` (local), streaming tensor data.
+    """Write a complete GGUF v3 file at ``path`` (local), streaming tensor data. ``arch`` None:
+    a file that is not a model (an importance matrix), without ``general.architecture``.
 
     With ``split`` the model is cut into ``<stem>-00001-of-0000N.gguf`` files, as llama.cpp's
     gguf-split names them: every file carries ``split.*`` keys, the first the model's
@@ -104,8 +108,10 @@ def write_gguf(path: str, arch: str, kvs: Sequence[GGUFKV], tensors: Sequence[Te
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     try:
-        writer = gguf.GGUFWriter(os.path.join(tmp_dir, os.path.basename(path)), arch,
+        writer = gguf.GGUFWriter(os.path.join(tmp_dir, os.path.basename(path)), arch or "",
                                  split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
+        if arch is None:  # the constructor always adds it
+            writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
         for kv in kvs:
             if kv.key == "general.architecture":
                 continue  # written by the GGUFWriter constructor, always first
@@ -210,18 +216,48 @@ def pair_tensors(tensors: Sequence[gguf.ReaderTensor], expected: Sequence[tuple[
     return pairs
 
 
-# Metadata arrays longer than this are refused: the largest vocabularies hold a few hundred
-# thousand tokens, and gguf-py keeps one small numpy array per item.
-MAX_ARRAY_ITEMS = 1 << 22
+# What a reader builds from a file is bounded by these counts and by the file's size, whatever its
+# header declares. gguf-py builds a numpy view (hundreds of bytes) per array item, so a 32 MB
+# file of 4,000,000 empty strings cost it 4 GB and minutes; here an array is one view (and, for
+# strings, one offset per item), and the counts below refuse such a file before anything is built.
+# The largest real vocabularies (262k tokens: tokens, scores, types, merges) hold about a million
+# items in all.
+MAX_METADATA_KEYS = 1 << 16
+MAX_METADATA_ITEMS = 1 << 21  # array items over all the keys of a file
+MAX_TENSORS = 1 << 16
+
+
+class _ArrayField(gguf.ReaderField):
+    """A metadata array read compactly: ``parts[-1]`` holds every value (a numeric array), or, for an
+    array of strings, ``parts[-2]`` the bytes of the whole array and ``parts[-1]`` where each
+    string's length prefix starts in them (one more entry: the end); strings are decoded when asked."""
+
+    __slots__ = ()
+
+    def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
+        if self.types[-1] != gguf.GGUFValueType.STRING:
+            return self.parts[-1].tolist()[index_or_slice]
+        raw, starts = memoryview(self.parts[-2]), self.parts[-1].tolist()
+        if isinstance(index_or_slice, int):
+            i = range(len(starts) - 1)[index_or_slice]
+            return str(raw[starts[i] + 8:starts[i + 1]], "utf-8")
+        return [str(raw[starts[i] + 8:starts[i + 1]], "utf-8") for i in range(len(starts) - 1)[index_or_slice]]
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """gguf-py's reader with the bounds checks llama.cpp's loader has and gguf-py lacks.
+    """gguf-py's reader with the bounds checks llama.cpp's loader has and gguf-py lacks, and with
+    memory bounded by the file's size.
 
-    gguf-py returns a short (or empty) array for a read past the end of the file, so an
-    array whose count runs past the end loops for ever on empty reads; here such a read
-    is an error, and so is an array longer than :data:`MAX_ARRAY_ITEMS`.
+    gguf-py returns a short (or empty) array for a read past the end of the file, so an array whose
+    count runs past the end loops for ever on empty reads; here such a read is an error. Counts
+    past :data:`MAX_METADATA_KEYS`, :data:`MAX_METADATA_ITEMS` (over all arrays) and
+    :data:`MAX_TENSORS` are refused before anything is built, and each array is read as one view.
+    Arrays of arrays are refused (llama.cpp does not read them either).
     """
+
+    def __init__(self, path: str) -> None:
+        self._items = 0
+        super().__init__(path)
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
@@ -229,13 +265,60 @@ class _CheckedReader(gguf.GGUFReader):
                              f"the {len(self.data)}-byte file")
         return super()._get(offset, dtype, count, override_order)
 
-    def _get_field_parts(self, orig_offs, raw_type):
-        if raw_type == gguf.GGUFValueType.ARRAY:
-            n_items = int(self._get(orig_offs + 4, np.uint64)[0])
-            if n_items > MAX_ARRAY_ITEMS:
-                raise ValueError(f"metadata array at byte {orig_offs} declares {n_items} items "
-                                 f"(at most {MAX_ARRAY_ITEMS})")
-        return super()._get_field_parts(orig_offs, raw_type)
+    def _build_fields(self, offs, count):
+        if int(count) > MAX_METADATA_KEYS:
+            raise ValueError(f"the header declares {int(count)} metadata keys (at most {MAX_METADATA_KEYS})")
+        for _ in range(int(count)):
+            orig_offs = offs
+            key_len, key_data = self._get_str(offs)
+            offs += int(key_len.nbytes + key_data.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += int(raw_type.nbytes)
+            key, parts = bytes(key_data).decode("utf-8"), [key_len, key_data, raw_type]
+            if int(raw_type[0]) == gguf.GGUFValueType.ARRAY:
+                size, field = self._array_field(orig_offs, key, parts, offs)
+            else:
+                size, value_parts, idxs, types = self._get_field_parts(offs, raw_type[0])
+                field = gguf.ReaderField(orig_offs, key, parts + value_parts, [i + len(parts) for i in idxs], types)
+            self._push_field(field, skip_sum=True)
+            offs += size
+        return offs
+
+    def _array_field(self, orig_offs: int, key: str, parts: list, offs: int) -> tuple[int, _ArrayField]:
+        """(bytes the array takes after its key and type, its field)."""
+        item_type = self._get(offs, np.uint32)
+        n_items = self._get(offs + 4, np.uint64)
+        count, start = int(n_items[0]), offs + 12
+        self._items += count
+        if self._items > MAX_METADATA_ITEMS:
+            raise ValueError(f"metadata array {key!r} at byte {orig_offs} declares {count} items (at most "
+                             f"{MAX_METADATA_ITEMS} in all arrays of a file)")
+        gtype = gguf.GGUFValueType(int(item_type[0]))
+        parts = [*parts, item_type, n_items]
+        if gtype == gguf.GGUFValueType.STRING:
+            starts = array.array("q")
+            order = "=" if self.byte_order == "I" else (">" if sys.byteorder == "little" else "<")
+            view, end, unpack = memoryview(self.data), start, struct.Struct(order + "Q")
+            for _ in range(count):
+                if end + 8 > len(view):
+                    raise ValueError(f"metadata array {key!r} runs past the end of the {len(view)}-byte file")
+                starts.append(end - start)
+                end += 8 + unpack.unpack_from(view, end)[0]
+            if end > len(view):
+                raise ValueError(f"metadata array {key!r} runs past the end of the {len(view)}-byte file")
+            starts.append(end - start)
+            parts += [self._get(start, np.uint8, end - start), np.frombuffer(starts, dtype=np.int64)]
+        elif (nptype := self.gguf_scalar_to_np.get(gtype)) is not None:
+            parts.append(self._get(start, nptype, count))
+            end = start + int(parts[-1].nbytes)
+        else:
+            raise ValueError(f"metadata array {key!r} holds {gtype.name} items (arrays of arrays are not supported)")
+        return end - offs, _ArrayField(orig_offs, key, parts, [len(parts) - 1], [gguf.GGUFValueType.ARRAY, gtype])
+
+    def _build_tensor_info(self, offs, count):
+        if int(count) > MAX_TENSORS:
+            raise ValueError(f"the header declares {int(count)} tensors (at most {MAX_TENSORS})")
+        return super()._build_tensor_info(offs, count)
 
 
 def read_gguf(path: str) -> GGUFContents:

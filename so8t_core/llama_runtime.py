@@ -38,8 +38,10 @@ from typing import Any
 
 import jinja2
 import llama_cpp
+import llama_cpp.llama_chat_format as llama_chat_format
 import numpy as np
 
+from so8t_core.chat_template import ChatTemplateError, render_chat
 from so8t_core.errors import ValidationError
 
 # Fixed so sampling state is reproducible; generation is greedy anyway. Note that
@@ -111,7 +113,7 @@ _LOG_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def _captured_llama_log() -> Iterator[_LogCapture]:
+def captured_llama_log() -> Iterator[_LogCapture]:
     """Route llama.cpp logging into a :class:`_LogCapture`, then restore the previous callback."""
     with _LOG_LOCK:
         previous = llama_cpp.llama_log_callback()
@@ -155,6 +157,25 @@ def _check_gguf_file(path: str) -> None:
             "pass a .gguf file produced by so8t-gguf")
 
 
+class _LimitedChatFormatter:
+    """What llama-cpp-python's Jinja2ChatFormatter returns for the GGUF's own template, with the
+    template rendered within limits of time, output and memory (chat_template.py): its
+    sandbox alone bounds neither, and a template of nested loops hung ``chat``."""
+
+    def __init__(self, template: str, bos_token: str, eos_token: str, eos_id: int) -> None:
+        self.template, self.bos_token, self.eos_token, self.eos_id = template, bos_token, eos_token, eos_id
+
+    def __call__(self, *, messages, **_unused: Any) -> llama_chat_format.ChatFormatterResponse:
+        prompt = render_chat(self.template, messages, self.bos_token, self.eos_token)
+
+        def stop_on_eos(tokens: np.ndarray, _logits: np.ndarray) -> bool:
+            return tokens[-1] == self.eos_id
+
+        return llama_chat_format.ChatFormatterResponse(
+            prompt=prompt, stop=[self.eos_token], added_special=True,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([stop_on_eos]))
+
+
 # --- a vocabulary only ------------------------------------------------------------------
 
 
@@ -167,7 +188,7 @@ class LlamaVocab:
         _check_gguf_file(self.gguf_path)
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             llama_cpp.llama_backend_init()
             self._model = llama_cpp.llama_model_load_from_file(self.gguf_path.encode(), params)
             if not self._model:
@@ -183,7 +204,7 @@ class LlamaVocab:
 
     def close(self) -> None:
         if self._model:
-            with _captured_llama_log():
+            with captured_llama_log():
                 llama_cpp.llama_model_free(self._model)
             self._model = None
 
@@ -315,7 +336,7 @@ class LlamaCppModel:
         if lora_path is not None:
             _check_gguf_file(os.fspath(lora_path))
         n_batch = min(n_ctx, n_batch)
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             try:
                 self._llm = llama_cpp.Llama(
                     model_path=self.gguf_path,
@@ -356,8 +377,14 @@ class LlamaCppModel:
         self.bos_token = int(llama_cpp.llama_vocab_bos(vocab))
         if self.chat_template:
             # Always render the GGUF's own template (Llama may otherwise pick a
-            # built-in format it guessed from the template).
+            # built-in format it guessed from the template), within limits.
             self._llm.chat_format = _GGUF_CHAT_FORMAT
+            eos_id, bos_id = self._llm.token_eos(), self._llm.token_bos()
+            text = self._llm._model.token_get_text
+            formatter = _LimitedChatFormatter(self.chat_template, text(bos_id) if bos_id != -1 else "",
+                                              text(eos_id) if eos_id != -1 else "", eos_id)
+            self._llm._chat_handlers[_GGUF_CHAT_FORMAT] = \
+                llama_chat_format.chat_formatter_to_chat_completion_handler(formatter)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -369,7 +396,7 @@ class LlamaCppModel:
 
     def close(self) -> None:
         """Free the llama.cpp model, context and batch (idempotent)."""
-        with _captured_llama_log():
+        with captured_llama_log():
             if self._batch is not None:
                 llama_cpp.llama_batch_free(self._batch)
                 self._batch = None
@@ -437,7 +464,7 @@ class LlamaCppModel:
         hidden = np.empty((n, self.n_embd), dtype=np.float32) if want_hidden else None
         batch = self._batch
         assert batch is not None
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             self._reset(llm)
             try:
                 for start in range(0, n, self.n_batch):
@@ -519,7 +546,7 @@ class LlamaCppModel:
                 "write the tokenizer's chat template into the GGUF")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        with _captured_llama_log() as log:
+        with captured_llama_log() as log:
             self._reset(llm)
             try:
                 response = llm.create_chat_completion(
@@ -531,6 +558,9 @@ class LlamaCppModel:
                     seed=DEFAULT_SEED,
                     stream=False,
                 )
+            except ChatTemplateError as exc:  # a template that hangs, floods, or the sandbox refuses
+                raise ValidationError(self.gguf_path, f"its {CHAT_TEMPLATE_KEY} {exc.problem}",
+                                      exc.hint or "re-convert the model with a working chat template") from None
             except RuntimeError as exc:
                 raise ValidationError(
                     self.gguf_path, f"llama.cpp failed to generate: {_reason(log, exc)}",

@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
+import shutil
 import tempfile
 import threading
 import uuid
@@ -61,10 +63,7 @@ def redact_uri(uri: str) -> str:
     if "://" not in uri:
         return uri
     parts = urlsplit(uri)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def refuse_credentials(uri: str) -> None:
@@ -75,6 +74,53 @@ def refuse_credentials(uri: str) -> None:
     if parts.username is not None or parts.password is not None:
         raise UnsupportedError(redact_uri(uri), "credentials in the URI are not accepted",
                            "remove them; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
+
+
+# --- Names that become paths ------------------------------------------------------------------
+
+# A model name, a quant folder, a release's file or version: one path component that means the
+# same on every store (no separators, no "." or "..", nothing hidden, nothing a shell or another
+# OS reads differently), short enough for the suffixes added to it (``-Q4_K_M.validation.json``).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NAME_RULE = "not a plain name: use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def is_plain_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+def check_name(name: object, where: str, hint: str = "it names a folder and files; e.g. my-model") -> str:
+    """``name`` when it is a plain name (:data:`NAME_PATTERN`), else a one-line error naming
+    ``where`` it came from: the rule every name that becomes a path follows, wherever it comes
+    from (an option, a catalog, a source folder, a manifest, latest.json)."""
+    if not is_plain_name(name):
+        shown = name if isinstance(name, str) and len(name) <= 80 else repr(name)[:80]
+        raise UnsupportedError(f"{where} {shown}".strip(), NAME_RULE, hint)
+    return name  # type: ignore[return-value]
+
+
+def same_but_case(names, name: str) -> str | None:
+    """The entry of ``names`` that is ``name`` but for letter case (``Model`` for ``model``), or
+    None: on case-insensitive storage (macOS, Windows, some NAS shares) both are one folder."""
+    folded = name.casefold()
+    return next((n for n in names if n != name and n.casefold() == folded), None)
+
+
+def member(folder: str, name: str, hidden: bool = False) -> str:
+    """The URI of ``name`` in ``folder``: a plain name (never a path; with ``hidden``, also a plain
+    name after one leading '.', for our own staging and locks), and for a local folder one that
+    resolves inside it (not through a symbolic link planted in it). What publishing writes and
+    removes always goes through here."""
+    check_name(name[1:] if hidden and name.startswith(".") else name, f"{redact_uri(folder)}: entry")
+    uri = join(folder, name)
+    if is_local(folder):
+        root = os.path.realpath(local_path(folder))
+        target = os.path.realpath(local_path(uri))
+        if os.path.dirname(target) != root:
+            raise StorageError(local_path(uri), "resolves outside its folder (a symbolic link)",
+                               "remove the link; so8t-gguf writes only inside the release folder")
+    return uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -272,7 +318,7 @@ def makedirs(uri: str) -> None:
 def local_atomic_file(path: str) -> Iterator[str]:
     """Yield a temp path next to ``path``; rename it into place only on success."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique: threads of one process too
     try:
         yield tmp
         os.replace(tmp, path)
@@ -334,7 +380,6 @@ def upload_file(local: str, uri: str) -> None:
     """Copy a local file to ``uri`` (atomically for local destinations)."""
     with _access_errors(uri, writing=True):
         if is_local(uri):
-            import shutil
             with local_atomic_file(local_path(uri)) as tmp:
                 shutil.copyfile(local, tmp)
             return
@@ -348,6 +393,22 @@ def download_file(uri: str, local: str) -> None:
     fs, path = resolve(uri)
     with _file_errors(redact_uri(uri)):
         fs.get_file(path, local)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a file within one store: a hard link locally (files here are replaced by renames,
+    never written in place, so a link is a copy), else a copy; a server-side copy on object stores."""
+    with _access_errors(dst, writing=True):
+        if is_local(src) and is_local(dst):
+            with local_atomic_file(local_path(dst)) as tmp:
+                try:
+                    os.link(local_path(src), tmp)
+                except OSError:  # links not supported here (or another device): copy the bytes
+                    shutil.copyfile(local_path(src), tmp)
+            return
+        fs, src_path = resolve(src)
+        _, dst_path = resolve(dst)
+        fs.copy(src_path, dst_path)
 
 
 def remove(uri: str) -> None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from so8t_core.analysis import analyze, checkpoint_model, require_tokenizer_parity
 from so8t_core.plan import TensorPlan
 from so8t_core.refs import SourceRef
+from so8t_core.source.tokenizer import TEXT_FILES, check_chat_template
 from tasks.common import STORAGE_RETRIES, open_checkpoint
 
 
@@ -23,4 +24,6 @@ def analyze_checkpoint(source: SourceRef, allow_tokenizer_mismatch: bool = False
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     require_tokenizer_parity(ckpt, allow_tokenizer_mismatch)
     _, _, plan = checkpoint_model(ckpt)
+    # Before any tensor is quantized (the CLI's preflight checked it too; Python callers have none).
+    check_chat_template({n: data for n in TEXT_FILES if (data := ckpt.read_file(n)) is not None}, ckpt.uri)
     return AnalysisResult(analysis=analyze(ckpt), plan=plan)

@@ -111,7 +111,7 @@ def release_link(uri: str) -> tuple[str | None, str]:
 def release_links(name: str, releases: Mapping[str, Mapping[str, Any]]) -> None:
     for quant, release in releases.items():
         def create(quant: str = quant, release: Mapping[str, Any] = release) -> None:
-            url, where = release_link(release["uri"])
+            url, where = release_link(release.get("version", release["uri"]))  # the version this run published
             key, title = artifact_key(name, quant, "release"), f"{name} {quant} release"
             description = f"{name} {quant}: the published release (manifest.json lists its files)"
             if url:

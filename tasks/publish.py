@@ -15,6 +15,7 @@ from so8t_core.publish.model_card import gguf_card_facts, render_model_card
 from so8t_core.publish.plots import plot_bits_per_weight, plot_tensor_errors
 from so8t_core.publish.stats import write_stats
 from so8t_core.refs import FileRef, StagedTensor, inputs_key, made_files
+from so8t_core.storage import redact_uri
 from tasks.common import STORAGE_RETRIES
 
 
@@ -70,7 +71,14 @@ def write_model_card(path: str, name: str, analysis: dict, files: dict[str, File
     return ref
 
 
-@task(name="publish-release", task_run_name="publish-{uri}", **STORAGE_RETRIES)
+def _publish_run_name() -> str:
+    """``publish-<release>``, without credentials: task run names are stored and shown everywhere."""
+    from prefect.runtime import task_run
+
+    return f"publish-{redact_uri(task_run.parameters['uri'])}"
+
+
+@task(name="publish-release", task_run_name=_publish_run_name, **STORAGE_RETRIES)
 def publish_release(files: dict[str, FileRef], uri: str, manifest: dict) -> tuple[FileRef, int]:
     """Upload, verify, then commit the release at ``uri`` with its manifest; returns (manifest, files uploaded)."""
     return release.publish_release(files, uri, manifest)

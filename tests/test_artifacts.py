@@ -1,6 +1,7 @@
 """Every run leaves artifacts in Prefect: progress, per-tensor stats tables, a summary, release links."""
 
 import json
+import os
 
 import pytest
 from support.artifacts import run_artifacts
@@ -44,9 +45,12 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
     for q in ("f32", "q8-0"):
         plots = markdown.pop(f"fx-{q}-plots")
         assert plots.count("](data:image/png;base64,iVBOR") == 2  # two inline PNGs
-    # A local release is its absolute path, as text: Prefect takes no file:// link.
+    # A local release is its absolute path, as text: Prefect takes no file:// link. The link is to the
+    # version this run published (immutable), inside the release folder.
     assert markdown == {f"fx-{q.lower().replace('_', '-')}-release":
-                        f"**fx {q} release**: `{result['releases'][q]['uri']}`" for q in ("F32", "Q8_0")}
+                        f"**fx {q} release**: `{result['releases'][q]['version']}`" for q in ("F32", "Q8_0")}
+    for q in ("F32", "Q8_0"):
+        assert result["releases"][q]["version"].startswith(result["releases"][q]["uri"] + "/v-")
 
 
 def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, monkeypatch):
@@ -85,8 +89,9 @@ def test_the_deployment_s_run_shows_the_summary_and_where_the_releases_are(make_
     markdown = {a.key: a.data for a in run_artifacts(state.state_details.flow_run_id).get("markdown", [])}
     assert set(markdown) == {"fx-summary", "fx-q8-0-release"}
     assert markdown["fx-summary"].startswith("# fx: converted")
-    where = str(tmp_path / "rel-out" / "fx" / result["fingerprint"][:16] / "Q8_0")
-    assert markdown["fx-q8-0-release"] == f"**fx Q8_0 release**: `{where}`" and (tmp_path / where).is_dir()
+    where = os.path.abspath(result["releases"]["Q8_0"]["version"])  # the version this run published
+    assert where.startswith(str(tmp_path / "rel-out" / "fx" / result["fingerprint"][:16] / "Q8_0" / "v-"))
+    assert markdown["fx-q8-0-release"] == f"**fx Q8_0 release**: `{where}`" and os.path.isdir(where)
 
 
 def test_the_deployment_s_run_says_why_a_conversion_failed(make_fixture, tmp_path, monkeypatch):

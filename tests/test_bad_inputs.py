@@ -29,8 +29,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from support.chat_templates import FLOOD, NESTED_LOOPS, NOT_JINJA, SANDBOX_ESCAPE
 from support.checkpoints import rewrite_tensor
 from support.cli import BIN, assert_one_line_error
+from support.lora import FIXTURE as LORA_FIXTURE
+from support.lora import write_adapter
+from support.reliability_record import record
 
 ADDRESS_SPACE_LIMIT = 3 << 30  # for "limited" cases: far below any giant allocation, far above the CLI's needs
 
@@ -45,6 +49,7 @@ class Case:
     via: str = "in-process"  # or "subprocess", or "limited" (subprocess under ADDRESS_SPACE_LIMIT)
     fixed: str = ""  # what happened before the fix; empty when it was refused cleanly already
     pipeline: bool = False  # passes the preflight: the conversion (a Prefect run) finds it
+    options: Callable[[Path, Callable[..., str]], tuple[str, ...]] | None = None  # more CLI options
 
 
 ST = "model.safetensors"
@@ -172,6 +177,11 @@ CASES: list[Case] = [
          lambda t, fx: small_gguf(t, {}, array_count=1 << 40),
          ("t.gguf", "corrupt GGUF file", "declares 1099511627776 items"), via="limited",
          fixed="hang: gguf-py reads past the end as empty arrays and loops 2**40 times (found by the fuzzer)"),
+    Case("gguf_4m_empty_strings", "a 32 MB GGUF holding one array of 4,000,000 empty strings", "inspect",
+         lambda t, fx: empty_strings_gguf(t, 4_000_000),
+         ("strings.gguf", "corrupt GGUF file", "declares 4000000 items"),
+         via="limited", fixed="inspect used 4 GB and minutes: gguf-py builds a numpy view per item, and the cap "
+                              "was per array"),
     Case("gguf_array_past_end", "GGUF metadata array running past the end of the file", "inspect",
          lambda t, fx: small_gguf(t, {}, array_count=1 << 20), ("t.gguf", "corrupt GGUF file", "past the end"),
          fixed="refused, with an unrelated reason (IndexError: index 0 is out of bounds)"),
@@ -193,6 +203,42 @@ CASES: list[Case] = [
          lambda t, fx: link_outside(copy_fixture(fx, t), "README.md"),
          ("README.md", "symbolic link to a file outside the checkpoint folder"),
          fixed="followed the link and read the file (README.md front matter feeds general.* metadata)"),
+    # --- chat templates: rendered within limits of time, output and memory, before any work --------
+    Case("chat_template_nested_loops", "a chat template of two nested range(100000) loops", "convert",
+         lambda t, fx: with_chat_template(copy_fixture(fx, t), NESTED_LOOPS),
+         ("tokenizer_config.json", "the chat template does not render within"),
+         fixed="published; `chat` hung (each range within the sandbox's cap of 100,000)"),
+    Case("chat_template_sandbox_escape", "a chat template reaching for Python internals (__class__)", "convert",
+         lambda t, fx: with_chat_template(copy_fixture(fx, t), SANDBOX_ESCAPE),
+         ("tokenizer_config.json", "refused by Jinja's sandbox"),
+         fixed="published; `chat` ended in the sandbox's SecurityError traceback"),
+    Case("chat_template_flood", "a chat template writing 500 MB", "convert",
+         lambda t, fx: with_chat_template(copy_fixture(fx, t), FLOOD),
+         ("tokenizer_config.json", "renders more than"), fixed="published; `chat` built the 500 MB prompt"),
+    Case("chat_template_not_jinja", "a chat template that is not Jinja", "convert",
+         lambda t, fx: with_chat_template(copy_fixture(fx, t), NOT_JINJA),
+         ("tokenizer_config.json", "not a valid Jinja2 template"),
+         fixed="published with --no-validate; llama.cpp refused to load the file"),
+    # --- names that become paths, credentials, links ---------------------------------------------------
+    Case("name_parent_path", "--name ../../escape", "convert", lambda t, fx: fx(),
+         ("--name ../../escape", "not a plain name"), options=lambda t, fx: ("--name", "../../escape"),
+         fixed="published a release and latest.json two levels above the destination"),
+    Case("name_absolute_path", "--name /some/dir/m", "convert", lambda t, fx: fx(),
+         ("--name /some/dir/m", "not a plain name"), options=lambda t, fx: ("--name", "/some/dir/m"),
+         fixed="wrote the GGUFs into /some/dir, then crashed"),
+    Case("source_folder_name", "a source folder named 'my model' and no --name", "convert",
+         lambda t, fx: str(Path(copy_fixture(fx, t)).rename(t / "my model")),
+         ("the source folder's name my model", "not a plain name", "pass --name")),
+    Case("output_credentials", "--output s3://KEY:SECRET@bucket/x", "convert", lambda t, fx: fx(),
+         ("--output s3://bucket/x", "credentials in the URI are not accepted"),
+         options=lambda t, fx: ("--output", "s3://AKIAKEY:SECRET@bucket/x"),
+         fixed="refused only at publishing, after the whole conversion; the secret was in the flow run's "
+               "parameters and a task run's name"),
+    Case("lora_link_outside", "a LoRA adapter whose adapter_config.json links outside its folder", "convert",
+         lambda t, fx: fx(**LORA_FIXTURE), ("adapter_config.json", "symbolic link to a file outside the adapter"),
+         options=lambda t, fx: ("--lora", link_outside(adapter_for(t, fx(**LORA_FIXTURE)), "adapter_config.json",
+                                                       keep=True)),
+         fixed="followed the link and read the file"),
     Case("tokenizer_json_nested", "tokenizer.json of 100000 nested JSON arrays", "convert",
          lambda t, fx: write_file(copy_fixture(fx, t), "tokenizer.json", b"[" * 100_000 + b"]" * 100_000),
          ("tokenizer.json", "nested too deeply"), fixed="RecursionError traceback at GGUF assembly"),
@@ -208,16 +254,32 @@ def copy_fixture(make_fixture, tmp: Path, **spec) -> str:
     return str(dst)
 
 
-def link_outside(folder: str, name: str) -> str:
-    """Replace ``name`` in the checkpoint by a symbolic link to a file beside the folder."""
+def link_outside(folder: str, name: str, keep: bool = False) -> str:
+    """Replace ``name`` in the checkpoint by a symbolic link to a file beside the folder (``keep``:
+    with the file's own content)."""
     outside = os.path.join(os.path.dirname(folder), "not-part-of-the-checkpoint.txt")
-    with open(outside, "w") as f:
-        f.write("aws_secret_access_key = not-for-publishing\n")
     target = os.path.join(folder, name)
+    if keep:
+        shutil.copyfile(target, outside)
+    else:
+        with open(outside, "w") as f:
+            f.write("aws_secret_access_key = not-for-publishing\n")
     if os.path.lexists(target):
         os.remove(target)
     os.symlink(os.path.relpath(outside, folder), target)
     return folder
+
+
+def with_chat_template(folder: str, template: str) -> str:
+    path = os.path.join(folder, "tokenizer_config.json")
+    config = json.load(open(path))
+    config["chat_template"] = template
+    json.dump(config, open(path, "w"))
+    return folder
+
+
+def adapter_for(tmp: Path, source: str) -> str:
+    return write_adapter(str(tmp / "adapter"), source)
 
 
 def write_file(folder: str, name: str, data: bytes) -> str:
@@ -443,6 +505,18 @@ def small_gguf(tmp: Path, u64_at: dict[int, int], replace: tuple[bytes, bytes] |
     return path
 
 
+def empty_strings_gguf(tmp: Path, n: int) -> str:
+    """A GGUF with no tensors and one metadata array of ``n`` empty strings (8 bytes each: the length)."""
+    import struct
+
+    key = b"x.strings"
+    path = tmp / "strings.gguf"
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key)
+        f.write(struct.pack("<IIQ", 9, 8, n) + bytes(8 * n))
+    return str(path)
+
+
 # --- running a case ---------------------------------------------------------------------------------
 
 
@@ -464,6 +538,7 @@ def test_bad_input_is_refused_in_one_line(case: Case, make_fixture, tmp_path, ca
     args = [case.command, target]
     if case.command == "convert":
         args += ["--no-validate", "--output", str(out), "--work-dir", str(work)]
+    args += case.options(tmp_path, make_fixture) if case.options else ()
     started = time.monotonic()
     if case.via == "in-process":
         from flows.cli import main
@@ -476,6 +551,9 @@ def test_bad_input_is_refused_in_one_line(case: Case, make_fixture, tmp_path, ca
         proc = run_cli(args, limited=case.via == "limited", timeout=60 if case.via == "limited" else 300)
     elapsed = time.monotonic() - started
 
+    if case.id.startswith("chat_template"):
+        record("resources", attack=f"convert: {case.what}", refused=int(proc.returncode == 2),
+               seconds=round(elapsed, 1))
     assert_one_line_error(proc, *case.expect)
     assert not out.exists() or not any(out.iterdir()), "something was published"
     assert not marker_of(tmp_path).exists(), "the checkpoint ran code"

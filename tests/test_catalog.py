@@ -129,7 +129,8 @@ def test_catalog_runs_convert_only_what_changed(make_fixture, tmp_path, bucket, 
     # b's release lost its manifest (an interrupted publish), and a model whose checkpoint is
     # gone joins the catalog: b is published again, the missing model fails, the run fails.
     fp_b = latest["b"]["quants"]["Q8_0"]["source_fingerprint"]
-    manifest = f"catalog-tests/releases/b/{fp_b[:16]}/Q8_0/manifest.json"
+    pointer = f"catalog-tests/releases/b/{fp_b[:16]}/Q8_0/current.json"
+    manifest = pointer.replace("current.json", json.loads(bucket.cat_file(pointer))["version"] + "/manifest.json")
     bucket.rm(manifest)
     catalog["models"].append({"name": "gone", "source": str(tmp_path / "gone")})
     bucket.pipe_file("catalog-tests/nightly.yaml", yaml.safe_dump(catalog).encode())
@@ -167,4 +168,4 @@ def test_the_convert_form_runs_convert(make_fixture, tmp_path):
     result = convert_model(params={"source": make_fixture(), "output": str(tmp_path / "out"), "quants": ["q8_0"],
                                    "run_validation": False, "name": "fx", "work_dir": str(tmp_path / "w")})
     assert set(result["releases"]) == {"Q8_0"}
-    assert os.path.exists(os.path.join(result["releases"]["Q8_0"]["uri"], "manifest.json"))
+    assert os.path.exists(os.path.join(result["releases"]["Q8_0"]["version"], "manifest.json"))

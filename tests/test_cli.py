@@ -60,6 +60,19 @@ def test_unknown_and_non_storage_quant_types(make_fixture):
     assert_one_line_error(run("convert", make_fixture(), "--quant", "Q3_BOGUS"), "unknown")
 
 
+def test_mixes_llama_quantize_refuses_are_refused_before_any_work(make_fixture, tmp_path):
+    from support.llama_cpp_oracle import FIXTURES
+
+    out = tmp_path / "o"
+    proc = run("convert", make_fixture(**FIXTURES["llama-256"]), "--quant", "Q4_K_M", "iq2_xs", "--output", str(out))
+    assert_one_line_error(proc, "--quant IQ2_XS", "refuses IQ2_XS without an importance matrix", "--calibration",
+                          "builtin", "--imatrix")
+    # rows of 64: Q1_0's blocks of 128 do not fit, and llama.cpp defines no fallback for them
+    assert_one_line_error(run("convert", make_fixture(), "--quant", "Q1_0", "--output", str(out)),
+                          "rows of 64, not a multiple of Q1_0's 128")
+    assert not out.exists()
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(make_fixture):
     # `so8t-gguf analyze … | head`: stdout's reader is gone before anything is written.
     proc = subprocess.Popen([BIN, "analyze", make_fixture(layers=1), "--json"], stdout=subprocess.PIPE,

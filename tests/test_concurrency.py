@@ -8,16 +8,24 @@ keep their entry in latest.json.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+import time
 
-from support.releases import FP_A, local_files, visible
+import pytest
+from support.locks import contend, plant_stale_lock
+from support.releases import FP_A, listing, local_files, visible
 from support.reliability_record import record
 
 from so8t_core import storage
 from so8t_core.errors import So8tError
 from so8t_core.publish import release as pub
 
+# Many processes racing for a lock, on S3 too: about a minute, so out of the fast tier.
+pytestmark = pytest.mark.e2e
+
 PUBLISHERS = 4
+LOCK_PROCESSES, LOCK_TRIALS = 8, 8
 
 
 def run_at_once(fns) -> None:
@@ -91,3 +99,24 @@ def test_concurrent_publishers_of_different_quants_all_stay_in_latest(dest):
     record("concurrent_latest", backend=dest.split("://")[0] if "://" in dest else "local",
            publishers=PUBLISHERS, entries_lost=PUBLISHERS - len(latest["quants"]))
     assert sorted(latest["quants"]) == quants
+
+
+def test_many_processes_taking_over_a_stale_lock_never_hold_it_together(dest, tmp_path):
+    """A killed publisher left the lock; eight processes find it at once. Each judges it stale; before
+    the takeover was made exclusive, one could remove another's fresh lock and both entered (8 of
+    44 trials overlapped; 5 of 10 here, on S3). Now exactly one removes the stale lock, and the
+    holders take turns."""
+    folder = f"{dest}/m/{FP_A[:16]}/Q4_K_M"
+    marker = str(tmp_path / "inside")
+    overlaps, started = 0, time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(LOCK_PROCESSES) as pool:
+        pool.starmap(time.sleep, [(0,)] * LOCK_PROCESSES)  # every worker started and imported
+        for _ in range(LOCK_TRIALS):
+            plant_stale_lock(folder)
+            start_at = time.time() + 0.3
+            overlaps += sum(pool.starmap(contend, [(folder, marker, start_at, 0.02)] * LOCK_PROCESSES))
+    leftovers = [p for p in listing(folder) if ".publish-lock" in p]
+    record("lock_takeover", backend=dest.split("://")[0] if "://" in dest else "local", processes=LOCK_PROCESSES,
+           trials=LOCK_TRIALS, overlaps=overlaps, seconds=round(time.monotonic() - started, 1))
+    assert overlaps == 0
+    assert leftovers == []  # the stale lock, the tombstones and every holder's lock are gone

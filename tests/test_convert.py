@@ -59,10 +59,13 @@ def test_output_is_deterministic_and_reruns_reuse_staged_tensors(make_fixture, t
     src = make_fixture(seed=11)
     first = convert(ConvertParams(source=src, output=str(tmp_path / "a"), quants=["Q8_0"],
                                   work_dir=str(tmp_path / "w1"), run_validation=False, name="fx"))
+    (tmp_path / "w2-elsewhere").mkdir()
+    os.symlink(tmp_path / "w2-elsewhere", tmp_path / "w2")  # a work folder that is a symbolic link
     second = convert(ConvertParams(source=src, output=str(tmp_path / "b"), quants=["Q8_0"],
                                    work_dir=str(tmp_path / "w2"), run_validation=False, name="fx"))
     a, b = first["releases"]["Q8_0"]["files"], second["releases"]["Q8_0"]["files"]
     assert len(a) == 7 and {n: f["sha256"] for n, f in a.items()} == {n: f["sha256"] for n, f in b.items()}
+    assert {"tensors", "runs"} <= set(os.listdir(tmp_path / "w2-elsewhere"))  # used through the link
     staged = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "w1" / "tensors") for f in fs]
     mtimes = {p: os.stat(p).st_mtime_ns for p in staged}
     third = convert(ConvertParams(source=src, output=str(tmp_path / "a"), quants=["Q8_0"],
@@ -80,8 +83,10 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
         q: {"source_fingerprint": result["fingerprint"], "release": f"{fp}/{q}/", "gguf": f"fx-{q}.gguf"}
         for q in ("F16", "Q8_0")}}
     for q in ("F16", "Q8_0"):
-        rel = out / "fx" / fp / q
-        assert release(out, "fx", q) == rel and result["releases"][q]["uri"] == str(rel)
+        rel = release(out, "fx", q)  # the current version of <out>/fx/<fp>/<quant>/
+        assert rel.parent == out / "fx" / fp / q and result["releases"][q]["uri"] == str(rel.parent)
+        assert result["releases"][q]["version"] == str(rel) and rel.name.startswith("v-")
+        assert sorted(p.name for p in rel.parent.iterdir()) == ["current.json", rel.name]
         manifest = json.loads((rel / "manifest.json").read_text())
         assert set(manifest["files"]) == {f"fx-{q}.gguf", f"fx-{q}.stats.parquet", f"fx-{q}.validation.json",
                                           "fx.so8t-heads.gguf", "README.md", "analysis.json",
@@ -93,7 +98,7 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
             data = (rel / name).read_bytes()
             assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
         assert manifest["source_fingerprint"] == result["fingerprint"] and manifest["quant"] == q
-    out = out / "fx" / fp / "Q8_0"
+    out = release(out, "fx", "Q8_0")
     manifest = json.loads((out / "manifest.json").read_text())
     table = pq.read_table(out / "fx-Q8_0.stats.parquet").to_pylist()
     assert len(table) == 3 * 9 + 3
@@ -187,7 +192,7 @@ def test_a_release_depends_on_the_checkpoint_and_the_options_not_on_the_machine(
     assert {q: r["uploaded"] for q, r in second["releases"].items()} == {"F32": 0, "Q8_0": 0}
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == published
     for q, r in first["releases"].items():  # the files as published, not their copies in the work folder
-        assert {n: f["uri"] for n, f in r["files"].items()} == {n: os.path.join(r["uri"], n) for n in r["files"]}
+        assert {n: f["uri"] for n, f in r["files"].items()} == {n: os.path.join(r["version"], n) for n in r["files"]}
         assert all(os.path.isfile(f["uri"]) for f in r["files"].values())
 
     local = [str(tmp_path), fixture, os.path.expanduser("~"), default_cache_dir()]

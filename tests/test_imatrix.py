@@ -1,55 +1,23 @@
 """Importance matrices: both file formats read as llama-quantize reads them, and quantization with them
 byte-identical to llama_model_quantize given the same importance data."""
 
-import ctypes
 import json
-import struct
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
-from support.llama_cpp_oracle import FIXTURES, assert_same_tensors
+from support.imatrix_files import plan_shapes, write_gguf_imatrix, write_legacy_imatrix
+from support.llama_cpp_oracle import FIXTURES, assert_same_tensors, llama_quantize
 from support.published import gguf_path, release  # noqa: F401
 
 from flows.convert import convert
 from flows.params import ConvertParams
-from so8t_core.analysis import checkpoint_model
 from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import CheckpointError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.quantize.imatrix import load_imatrix
-from so8t_core.source.checkpoint import Checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
-
-
-def plan_shapes(src: str) -> dict[str, tuple[int, ...]]:
-    _, _, plan = checkpoint_model(Checkpoint.open(src))
-    return {p.gguf_name: p.shape for p in plan if len(p.shape) == 2}
-
-
-def write_gguf_imatrix(path, sums: dict, counts: dict, chunk_count=7):
-    w = gguf.GGUFWriter(str(path), "imatrix")
-    w.add_array("imatrix.datasets", ["calibration.txt"])
-    w.add_uint32("imatrix.chunk_count", chunk_count)
-    w.add_uint32("imatrix.chunk_size", 512)
-    for name in sums:
-        w.add_tensor(f"{name}.in_sum2", sums[name].astype(np.float32))
-        w.add_tensor(f"{name}.counts", np.asarray(counts[name], dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def write_legacy_imatrix(path, values: dict, ncall: int, dataset="wiki.train.raw", chunk_count=5):
-    out = struct.pack("<i", len(values))
-    for name, v in values.items():
-        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, v.size)
-        out += v.astype("<f4").tobytes()
-    out += struct.pack("<i", chunk_count) + struct.pack("<i", len(dataset)) + dataset.encode()
-    path.write_bytes(out)
 
 
 def test_both_formats_are_read_as_llama_quantize_reads_them(tmp_path):
@@ -77,22 +45,6 @@ def test_both_formats_are_read_as_llama_quantize_reads_them(tmp_path):
         load_imatrix(str(tmp_path / "nometa.gguf"))
 
 
-def llama_quantize_with_imatrix(src: str, dst: str, ftype: int, entries: dict[str, np.ndarray]):
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, 2
-    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
-    keep = []
-    for i, (name, values) in enumerate(entries.items()):
-        buf = np.ascontiguousarray(values, dtype=np.float32)
-        keep.append(buf)
-        arr[i].name, arr[i].data, arr[i].size = name.encode(), buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), \
-            buf.size
-    arr[len(entries)].name = None
-    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
-
-
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_S", "Q4_0", "Q5_K_S", "Q2_K"])
 def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixture, tmp_path):
     src = make_fixture(**FIXTURES["llama-256"])
@@ -106,8 +58,8 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
     result = convert(ConvertParams(source=src, output=str(out), quants=["F32", mix], run_validation=False,
                                    work_dir=str(tmp_path / "w"), name="fx", imatrix=str(tmp_path / "imatrix.gguf")))
     theirs = str(tmp_path / "llama.gguf")
-    llama_quantize_with_imatrix(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type),
-                                load_imatrix(str(tmp_path / "imatrix.gguf")).entries)
+    llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type),
+                   imatrix=load_imatrix(str(tmp_path / "imatrix.gguf")).entries)
     assert_same_tensors(str(gguf_path(out, "fx", mix)), theirs)
     g = read_gguf(str(gguf_path(out, "fx", mix)))
     assert g.value("quantize.imatrix.entries_count") == len(names)
@@ -126,3 +78,66 @@ def test_imatrix_quantization_is_byte_identical_to_llama_quantize(mix, make_fixt
         a, b = read_gguf(str(gguf_path(out, "fx", mix))), read_gguf(str(gguf_path(plain, "fx", mix)))
         assert np.ascontiguousarray(a.tensor("blk.0.attn_q.weight").data).tobytes() != \
             np.ascontiguousarray(b.tensor("blk.0.attn_q.weight").data).tobytes()
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris, on the Seine."}]
+
+
+def calibration_files(folder) -> list[str]:
+    """Plain text (the fixtures' tokenizer corpus) and chat records."""
+    from importlib.resources import files
+
+    text = folder / "corpus.txt"
+    text.write_text(files("so8t_core.testing").joinpath("fixture_corpus.txt").read_text())
+    chats = folder / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": CHAT}) + "\n")
+    return [str(text), str(chats)]
+
+
+def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_it(make_fixture, tmp_path,
+                                                                                    monkeypatch):
+    import tasks.importance
+
+    runs = []
+    real = tasks.importance.collect_activations
+    monkeypatch.setattr(tasks.importance, "collect_activations", lambda *a, **kw: runs.append(a) or real(*a, **kw))
+    src = make_fixture(**FIXTURES["llama-256"])
+    out, work = tmp_path / "out", str(tmp_path / "w")
+    mixes = ["IQ2_XS", "Q4_K_M", "IQ4_XS"]  # IQ2_XS: refused without an imatrix
+    params = ConvertParams(source=src, output=str(out), quants=["F32", *mixes], run_validation=False, work_dir=work,
+                           name="fx", calibration=calibration_files(tmp_path), calibration_ctx=64)
+    result = convert(params)
+    assert len(runs) == 1
+    published = release(out, "fx", "IQ2_XS") / "fx.imatrix.gguf"
+    im = load_imatrix(str(published))
+    assert im.datasets == ["corpus.txt", "chats.jsonl"] and im.chunk_count >= 2
+    assert len(im.entries) == 8 * 7  # every weight of the 8 blocks
+    for mix in ["F32", *mixes]:  # one imatrix, in every release
+        assert (release(out, "fx", mix) / "fx.imatrix.gguf").read_bytes() == published.read_bytes()
+    for mix in mixes:
+        theirs = str(tmp_path / f"llama-{mix}.gguf")
+        llama_quantize(str(gguf_path(out, "fx", "F32")), theirs, int(QUANT_TYPES[mix].file_type), imatrix=im.entries)
+        assert_same_tensors(str(gguf_path(out, "fx", mix)), theirs)
+        g = read_gguf(str(gguf_path(out, "fx", mix)))
+        assert g.value("quantize.imatrix.file") == "fx.imatrix.gguf"
+        assert g.value("quantize.imatrix.dataset") == "corpus.txt"
+        assert g.value("quantize.imatrix.entries_count") == len(im.entries)
+        assert g.value("quantize.imatrix.chunks_count") == im.chunk_count
+        card = (release(out, "fx", mix) / "README.md").read_text()
+        assert (f"Quantized with an importance matrix, `fx.imatrix.gguf` (in this release, llama-imatrix's format), "
+                f"computed on corpus.txt ({im.chunk_count} chunks); {len(im.entries)} weights have entries.") in card
+        manifest = json.loads(open(result["releases"][mix]["manifest"]["uri"]).read())
+        computed = manifest["imatrix"]["computed"]
+        assert computed["calibration"] == ["corpus.txt", "chats.jsonl"] and computed["ctx"] == 64
+        assert computed["tokens"] == 64 * im.chunk_count
+        assert {c["tokens"] for c in computed["coverage"].values()} == {computed["tokens"]}
+        assert manifest["imatrix"]["tensors_without_entry"] == ["output.weight", "token_embd.weight"]
+    # The same inputs again: the imatrix is found under the work folder, not computed again.
+    again = convert(params)
+    assert len(runs) == 1 and again["releases"]["IQ2_XS"]["uploaded"] == 0
+    # --imatrix takes precedence over --calibration.
+    given = convert(params.model_copy(update={"imatrix": str(published), "output": str(tmp_path / "given")}))
+    assert len(runs) == 1 and read_gguf(str(gguf_path(tmp_path / "given", "fx", "IQ2_XS"))).value(
+        "quantize.imatrix.file") == "fx.imatrix.gguf"
+    assert "fx.imatrix.gguf" not in given["releases"]["IQ2_XS"]["files"]  # not computed: not published

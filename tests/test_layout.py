@@ -16,7 +16,7 @@ LIBRARY = ROOT / "so8t_core"
 
 # so8t_core's layers, lowest first: a module may import its own layer or a lower one.
 LAYERS = [
-    {"errors", "refs", "storage", "constants", "metrics", "gguf_file", "llama_runtime"},
+    {"errors", "refs", "storage", "constants", "metrics", "gguf_file", "llama_runtime", "chat_template"},
     {"source"},
     {"analysis", "plan"},
     {"quantize"},

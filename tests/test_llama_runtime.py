@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import json
+import time
 
 import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from support.chat_templates import FLOOD, NESTED_LOOPS, SANDBOX_ESCAPE, gguf_with_template
+from support.reliability_record import record
 
+from so8t_core.chat_template import RENDER_SECONDS, render_chat
 from so8t_core.errors import ValidationError
 from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.metrics import logit_agreement
@@ -202,3 +206,34 @@ def test_runtime_is_quiet(capfd):
     with pytest.raises(RuntimeError, match="closed"):
         m.logits(ids)
     m.close()  # idempotent
+
+
+@pytest.mark.parametrize("template, words, what", [
+    (NESTED_LOOPS, ["does not render within"], "two nested range(100000) loops"),
+    (SANDBOX_ESCAPE, ["refused by Jinja's sandbox"], "reaching for Python internals (__class__)"),
+    (FLOOD, ["renders more than"], "writing 500 MB"),
+], ids=["loops", "sandbox", "flood"])
+def test_a_chat_template_that_hangs_floods_or_escapes_is_one_line(template, words, what, tmp_path, capsys):
+    """Before: the nested loops hung `chat` (each range within the sandbox's cap), and the sandbox's
+    SecurityError came out as a traceback."""
+    from flows.cli import main
+
+    path = gguf_with_template(SMOLLM2, str(tmp_path / "bad.gguf"), template)
+    started = time.monotonic()
+    status = main(["chat", path, "Hello"])
+    seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    record("resources", attack=f"chat: a GGUF whose chat template is {what}", refused=int(status == 2),
+           seconds=round(seconds, 1))
+    assert status == 2
+    assert err.count("\n") == 1 and "tokenizer.chat_template" in err and all(w in err for w in words), err
+    assert seconds < RENDER_SECONDS + 20
+
+
+def test_the_prompt_is_the_one_llama_cpp_python_renders(model):
+    """Rendered within limits in a child process, the prompt is still Jinja2ChatFormatter's."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    theirs = Jinja2ChatFormatter(model.chat_template, "<|im_end|>", "<|im_start|>")(messages=messages).prompt
+    assert render_chat(model.chat_template, messages, "<|im_start|>", "<|im_end|>") == theirs

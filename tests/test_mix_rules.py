@@ -1,13 +1,15 @@
-"""llama-quantize's mix rules, without a conversion: names refused with advice, the 70B rule."""
+"""llama-quantize's mix rules, without a conversion: names refused with advice, the 70B rule, what is
+refused without an importance matrix, the new types' fallbacks."""
 
 
 import gguf
 import pytest
+from gguf import GGMLQuantizationType as T
 from support.published import gguf_path, release  # noqa: F401
 
 from so8t_core.constants import quant_type
 from so8t_core.errors import UnsupportedError
-from so8t_core.quantize.mixes import ModelShape, assign_types
+from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, mix_types
 
 
 def test_q8_k_is_refused_with_advice():
@@ -20,3 +22,74 @@ def test_70b_attn_v_rule():
     shape = ModelShape(arch="llama", n_layers=80, n_heads=64, n_kv_heads=8)
     types = assign_types(names, quant_type("Q4_K_S"), shape)
     assert set(types) == {gguf.GGMLQuantizationType.Q5_K}  # Q4_K bumped to Q5_K for 70B
+
+
+def dense_model(layers: int, hidden: int, intermediate: int, tied: bool = False) -> list[tuple[str, tuple]]:
+    """A llama-style model's tensors, in llama.cpp's order: (GGUF name, numpy shape)."""
+    top = [] if tied else [("output.weight", (512, hidden))]
+    top += [("output_norm.weight", (hidden,)), ("token_embd.weight", (512, hidden))]
+    shapes = {"attn_k": (hidden // 4, hidden), "attn_norm": (hidden,), "attn_output": (hidden, hidden),
+              "attn_q": (hidden, hidden), "attn_v": (hidden // 4, hidden), "ffn_down": (hidden, intermediate),
+              "ffn_gate": (intermediate, hidden), "ffn_norm": (hidden,), "ffn_up": (intermediate, hidden)}
+    blocks = [(f"blk.{i}.{n}.weight", shape) for i in range(layers) for n, shape in sorted(shapes.items())]
+    return top + blocks
+
+
+class _Plan:
+    def __init__(self, name, shape):
+        self.gguf_name, self.shape = name, shape
+
+
+SHAPE = ModelShape(arch="llama", n_layers=8, n_heads=8, n_kv_heads=2)
+
+
+def plan_of(tensors):
+    return [_Plan(n, s) for n, s in tensors]
+
+
+def test_very_low_bit_mixes_need_an_importance_matrix():
+    plan = plan_of(dense_model(8, 256, 512))
+    for mix in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"):
+        with pytest.raises(UnsupportedError,
+                           match=f"refuses {mix} without an importance matrix.*--calibration.*--imatrix"):
+            mix_types(plan, [mix], SHAPE)
+    weights = {p.gguf_name for p in plan if len(p.shape) == 2} - {"token_embd.weight", "output.weight"}
+    types = mix_types(plan, ["IQ2_XXS"], SHAPE, MixOptions(has_imatrix=True), weights)["IQ2_XXS"]
+    assert types[0] == T.Q5_K and types[2] == T.Q2_K  # output, token_embd: exempt, and given more bits
+    with pytest.raises(UnsupportedError, match="no entry for blk.3.ffn_up.weight, which IQ2_XXS makes IQ2_XXS"):
+        mix_types(plan, ["IQ2_XXS"], SHAPE, MixOptions(has_imatrix=True), weights - {"blk.3.ffn_up.weight"})
+    # IQ3_S and the 4-bit IQ mixes do without one, as llama-quantize does
+    assert mix_types(plan, ["IQ3_S", "IQ3_M", "IQ4_XS", "IQ4_NL", "TQ1_0", "Q1_0", "MXFP4_MOE"], SHAPE)
+
+
+def test_libggml_types_that_need_importance_data_are_refused_where_llama_quantize_would_abort():
+    plan = plan_of(dense_model(2, 256, 512))
+    with pytest.raises(UnsupportedError, match="token_embd.weight would be IQ1_S.*without importance data"):
+        mix_types(plan, ["Q4_K_M"], SHAPE, MixOptions(token_embedding_type=T.IQ1_S))
+
+
+def test_fallbacks_of_the_new_types():
+    # rows of 576 (the demo): the IQ types fall back to IQ4_NL, the ternary ones to Q4_0; Q1_0 has no fallback
+    plan = plan_of(dense_model(8, 576, 1536))
+    types = dict(zip([p.gguf_name for p in plan], mix_types(plan, ["IQ3_S"], SHAPE)["IQ3_S"]))
+    assert types["blk.2.attn_q.weight"] == T.IQ4_NL and types["blk.2.ffn_down.weight"] == T.IQ3_S
+    types = dict(zip([p.gguf_name for p in plan], mix_types(plan, ["TQ2_0"], SHAPE)["TQ2_0"]))
+    assert types["blk.2.attn_q.weight"] == T.Q4_0 and types["blk.2.ffn_down.weight"] == T.TQ2_0
+    with pytest.raises(UnsupportedError, match="rows of 576, not a multiple of Q1_0's 128.*no fallback"):
+        mix_types(plan, ["Q1_0"], SHAPE)
+    # rows that are not even a multiple of 32: F16, as for the K types
+    odd = plan_of(dense_model(1, 256, 48))
+    types = dict(zip([p.gguf_name for p in odd], mix_types(odd, ["IQ4_NL"], SHAPE)["IQ4_NL"]))
+    assert types["blk.0.ffn_down.weight"] == T.F16
+
+
+def test_q2_0_is_refused_with_the_reason():
+    with pytest.raises(UnsupportedError, match="no Q2_0 tensor type"):
+        quant_type("Q2_0")
+
+
+def test_every_mix_has_a_validation_gate():
+    from so8t_core.constants import QUANT_TYPES
+    from so8t_core.validate.checks import GATES
+
+    assert set(GATES) == set(QUANT_TYPES)

@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from support.published import release as published_release
 
 pytestmark = pytest.mark.e2e  # runs the notebook: a conversion and llama.cpp
 
@@ -70,9 +71,8 @@ def test_convert_publishes_validated_releases(executed):
     out = text_of(cells["convert"])
     assert "$ so8t-gguf convert checkpoints/tiny-so8t --quant Q8_0 Q4_K_M --output artifacts" in out
     assert "quantize: 100%|" in out  # the progress bar reached the notebook
-    latest = json.loads((workdir / "artifacts" / NAME / "latest.json").read_text())
     for quant in QUANTS:
-        release = workdir / "artifacts" / NAME / latest["quants"][quant]["release"]
+        release = published_release(workdir / "artifacts", NAME, quant)
         manifest = json.loads((release / "manifest.json").read_text())
         assert manifest["validation"]["passed"] and (release / f"{NAME}-{quant}.gguf").is_file()
         f = manifest["validation"]["llama_cpp"]
@@ -87,9 +87,7 @@ def test_structure_metadata_and_model_card_are_shown(executed):
     assert "rotation gates on 2 layers: [0, 1]" in text_of(cells["analyze"])
     assert "gated layers       [0, 1]" in text_of(cells["inspect"])
     card = "".join(o["data"]["text/markdown"] for o in cells["card"].outputs if "text/markdown" in o.get("data", {}))
-    latest = json.loads((workdir / "artifacts" / NAME / "latest.json").read_text())
-    manifest = json.loads((workdir / "artifacts" / NAME / latest["quants"]["Q8_0"]["release"]
-                           / "manifest.json").read_text())
+    manifest = json.loads((published_release(workdir / "artifacts", NAME, "Q8_0") / "manifest.json").read_text())
     assert manifest["files"][f"{NAME}-Q8_0.gguf"]["sha256"] in card and "![" not in card
 
 

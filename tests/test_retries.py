@@ -5,6 +5,7 @@ from prefect import flow
 
 import so8t_core.storage as storage
 from so8t_core.errors import CheckpointError, StorageAccessError
+from so8t_core.publish.release import read_manifest
 from so8t_core.refs import file_ref
 from tasks.fetch import fetch_checkpoint
 from tasks.publish import publish_release
@@ -31,7 +32,7 @@ def test_a_transient_storage_failure_is_retried(tmp_path, monkeypatch):
 
     manifest, uploaded = run()
     assert len(calls) == 2 and uploaded == 1
-    assert (tmp_path / "dest" / "m" / "fp" / "Q8_0" / "manifest.json").exists()
+    assert read_manifest(str(tmp_path / "dest" / "m" / "fp" / "Q8_0"))["files"].keys() == {"m.gguf"}
 
 
 def test_a_bad_checkpoint_is_not_retried(tmp_path, monkeypatch):

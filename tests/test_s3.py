@@ -44,8 +44,10 @@ def test_convert_from_s3_and_publish_to_s3(s3_fixture, tmp_path):
     fp = result["fingerprint"]
     latest = json.loads(fs.cat_file("releases/models/fx/latest.json"))
     assert latest["quants"]["F32"] == {"source_fingerprint": fp, "release": f"{fp[:16]}/F32/", "gguf": "fx-F32.gguf"}
-    release = f"releases/models/fx/{fp[:16]}/F32"
-    assert result["releases"]["F32"]["uri"] == f"s3://{release}"
+    assert result["releases"]["F32"]["uri"] == f"s3://releases/models/fx/{fp[:16]}/F32"
+    release = result["releases"]["F32"]["version"].removeprefix("s3://")  # the version current.json names
+    assert json.loads(fs.cat_file(f"releases/models/fx/{fp[:16]}/F32/current.json"))["version"] == \
+        release.rsplit("/", 1)[1]
     manifest = json.loads(fs.cat_file(f"{release}/manifest.json"))
     assert "fx-F32.gguf" in manifest["files"] and manifest["source_fingerprint"] == fp
     for name, info in manifest["files"].items():

@@ -19,15 +19,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 @pytest.fixture(scope="module")
 def published(s3_endpoint, make_fixture, tmp_path_factory):
-    """(checkpoint, local output, S3 output, release folder name): a fixture converted to F32 in
-    a split set of two files, published locally and copied as it is to a bucket."""
+    """(checkpoint, local output, S3 output, the release's version folder below them): a fixture
+    converted to F32 in a split set of two files, published locally and copied as it is to a bucket."""
     src = make_fixture(layers=2, seed=21)
     out = tmp_path_factory.mktemp("published")
     result = convert(ConvertParams(source=src, output=str(out), quants=["F32"], name="fx", split_max_tensors=12,
                                    work_dir=str(tmp_path_factory.mktemp("w"))))
     boto3.client("s3").create_bucket(Bucket="served")
     fsspec.filesystem("s3").put(str(out) + "/", "served/models/", recursive=True)
-    release = os.path.relpath(result["releases"]["F32"]["uri"], out)
+    release = os.path.relpath(result["releases"]["F32"]["version"], out)  # <fp>/F32/v-<id>: the files' folder
     return src, str(out), "s3://served/models", release
 
 
@@ -44,7 +44,9 @@ def test_every_command_reads_a_release_on_s3(published, capsys, monkeypatch):
     downloads = []
     real = storage.download_file
     monkeypatch.setattr(storage, "download_file", lambda uri, to: downloads.append(uri) or real(uri, to))
-    for model in (f"{remote}/{release}/{shard}", f"{remote}/{release}", f"{remote}/fx"):
+    # A file, its version folder, the release folder (through current.json), the model folder.
+    for model in (f"{remote}/{release}/{shard}", f"{remote}/{release}", f"{remote}/{os.path.dirname(release)}",
+                  f"{remote}/fx"):
         code, out, err = output(capsys, "inspect", model, "--quant", "f32", "--json")
         assert code == 0, err
         report = json.loads(out)

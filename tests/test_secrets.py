@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -79,3 +80,53 @@ def test_no_credentials_in_errors(s3_source, uri, tmp_path, capsys, caplog):
     found = leaks(blobs)
     record("secrets", places="errors: " + uri.rsplit("@", 1)[-1], checked=len(blobs), leaked=len(found))
     assert found == []
+
+
+def prefect_database() -> dict[str, bytes]:
+    """Every file of the session's Prefect database (flow runs and their parameters, task runs and
+    their names, logs, events), as bytes."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    folder = os.path.dirname(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+    return {f"prefect database {n}": (Path(folder) / n).read_bytes() for n in os.listdir(folder)}
+
+
+def flow_run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(limit=200))
+
+
+@pytest.mark.parametrize("option", ["SOURCE", "--output", "--lora", "--imatrix", "--work-dir"])
+def test_credentials_in_any_uri_are_refused_before_a_flow_run_exists(s3_source, option, tmp_path, capsys):
+    """Before: ``--output s3://KEY:SECRET@bucket/x`` was refused only at publishing, after the whole
+    conversion; the secret was in the flow run's parameters, a task run's name and events."""
+    given = {"SOURCE": s3_source, "--output": "s3://secrets-releases/models", "--work-dir": str(tmp_path / "work"),
+             option: f"s3://{URI_KEY}:{URI_SECRET}@secrets-releases/models"}
+    argv = ["convert", given.pop("SOURCE"), *(a for pair in given.items() for a in pair), "--quant", "Q4_K_M",
+            "--no-validate"]
+    runs = flow_run_count()
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    created = flow_run_count() - runs
+    found = leaks({"stdout": out.out.encode(), "stderr": out.err.encode()})
+    record("credentials", option=option, refused=int("credentials in the URI are not accepted" in out.err),
+           flow_runs=created, leaked=len(found))
+    assert "credentials in the URI are not accepted" in out.err and created == 0
+    assert found == []
+
+
+def test_no_credentials_reach_prefects_database(s3_source, tmp_path):
+    """After the conversions and refusals above (and a Python caller's): the secrets appear nowhere in
+    what Prefect stored."""
+    from flows.params import ConvertParams
+
+    with pytest.raises(So8tError):
+        ConvertParams(source=s3_source, output=f"s3://{URI_KEY}:{URI_SECRET}@secrets-releases/models")
+    time.sleep(6)  # events reach the database a few seconds after they happen
+    blobs = prefect_database()
+    found = leaks(blobs)
+    record("secrets", places="Prefect's database (flow run parameters, task run names, logs, events)",
+           checked=len(blobs), leaked=len(found))
+    assert blobs and found == []

@@ -175,7 +175,7 @@ def test_the_convert_form_in_a_browser_runs_a_conversion(prefect_ui, make_fixtur
             browser.close()
 
     assert set(json.loads(latest.read_text())["quants"]) == {"F16"}
-    (release,) = out.glob("fx/*/F16")
+    (release,) = out.glob("fx/*/F16/v-*")  # the version the release's current.json names
     assert (release / "manifest.json").is_file() and (release / "fx-F16.gguf").is_file()
     # The run the deployment lists (the one "Submit" made, not its subflow) says where the release is.
     (run,) = _api(api, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})

@@ -20,7 +20,8 @@ CHATML_OLLAMA_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 
 def gguf_card_facts(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """What the model card takes from the written GGUF's own metadata: license, base models,
-    chat template and the tokens that end a turn."""
+    chat template, the tokens that end a turn, and the importance matrix it was quantized with
+    (llama-quantize's ``quantize.imatrix.*`` keys)."""
     tokens = metadata.get("tokenizer.ggml.tokens") or []
 
     def token(key: str) -> str | None:
@@ -40,8 +41,9 @@ def gguf_card_facts(metadata: Mapping[str, Any]) -> dict[str, Any]:
     stops = [t for t in (token("tokenizer.ggml.eot_token_id"), token("tokenizer.ggml.eos_token_id")) if t]
     if template and "<|im_end|>" in template:
         stops.insert(0, "<|im_end|>")
+    imatrix = {k: metadata.get(f"quantize.imatrix.{k}") for k in ("file", "dataset", "entries_count", "chunks_count")}
     return {"license": metadata.get("general.license"), "base_models": bases, "chat_template": template,
-            "stop_tokens": list(dict.fromkeys(stops))}
+            "stop_tokens": list(dict.fromkeys(stops)), "imatrix": imatrix if imatrix["file"] else None}
 
 
 def _yaml_str(text: str) -> str:
@@ -131,6 +133,14 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
                      f"{lora['scale']:.6g} ({lora['scaling']}), on {len(lora['merged_tensors'])} tensors "
                      f"({', '.join(f'`{m}`' for m in lora['effective_target_modules'])}). Validation compares "
                      "against the reference with the same adapter merged.")
+    imatrix = facts.get("imatrix")
+    if imatrix:
+        shipped = any(f["name"] == imatrix["file"] for f in files)
+        lines.append(f"- Quantized with an importance matrix, `{imatrix['file']}`"
+                     + (" (in this release, llama-imatrix's format)" if shipped else "")
+                     + (f", computed on {imatrix['dataset']}" if imatrix.get("dataset") else "")
+                     + (f" ({imatrix['chunks_count']} chunks)" if imatrix.get("chunks_count") else "")
+                     + f"; {imatrix['entries_count']} weights have entries.")
     for item in analysis["not_converted"]:
         lines.append(f"- Not converted: `{item['tensor']}` ({item['reason']}).")
     for item in analysis.get("stripped", []):

@@ -1,30 +1,41 @@
 """Publishing releases atomically to any fsspec destination.
 
-Layout (docs/architecture.md):
+Layout (docs/architecture.md, Publishing):
 
-    <dest>/<model>/<fingerprint[:16]>/<quant>/   one release: GGUF file(s), stats, validation,
-                                                 heads sidecar, analysis, README.md, manifest.json
-    <dest>/<model>/latest.json                   for each quant, the release published last
+    <dest>/<model>/latest.json                        for each quant, the release published last
+    <dest>/<model>/<fingerprint[:16]>/<quant>/        one release (what latest.json and users name):
+        current.json                                  the pointer: which version is the release now
+        v-<id>/                                       an immutable version: GGUF file(s), stats,
+                                                      validation, heads sidecar, analysis, README.md,
+                                                      manifest.json
 
-``manifest.json`` is a release's commit record: it lists every file with its size and
-sha256 and is written last. A release without it is incomplete and must be ignored; one
-with it is complete. Publishing works so that this holds at every instant, whatever fails:
+A published version is never modified in place. A version's folder is named after its manifest
+(``v-`` + the first 16 hex digits of the manifest's sha256: same inputs, same version) and is
+written once, under the release's lock: files moved in, then ``manifest.json`` (every file with
+its size and sha256) last. The release changes only when ``current.json`` is replaced (one atomic
+write) to name another complete version, so a reader sees the old version or the new one, never
+neither and never a mix. Publishing:
 
-1. if the release's manifest already lists exactly these files, nothing is uploaded, and
-   a file the release already holds with the same sha256 is never uploaded again; a run
-   without validation never replaces a validated release of the same bytes (it would only
-   take the validation away), so it publishes nothing then;
-2. every other file is uploaded under ``<release>/.staging-<id>/`` and verified (size and
-   sha256 read back from the destination);
-3. only then, holding the release's lock (``<release>/.publish-lock``, taken by an exclusive
-   create), is an existing manifest removed (the old release turns invisible, never partial),
-   the files are moved into place, and the new manifest is written;
-4. ``latest.json`` moves to the new release last, under the model folder's lock.
+1. does nothing when the current version's manifest is this one (and never replaces a validated
+   version by an unvalidated one of the same bytes: that would only take the validation away);
+2. uploads the files the current version does not hold with the same bytes under
+   ``<release>/.staging-<id>/`` and reads each back (size, sha256): the slow part, outside the lock;
+3. holding the release's lock (``<release>/.publish-lock``): moves the staged files into the new
+   version, copies the unchanged ones from the current version (a server-side copy, a hard link
+   locally), writes the version's manifest, then switches ``current.json``;
+4. still under the lock, removes versions older than the one it replaced (that one stays, for
+   readers still reading it) and what killed publishers of this host left.
 
-The locks make concurrent publishers take turns: two runs publishing the same release leave
-the files and manifest of one of them, never a mix, and two runs publishing different quants
-of one model both keep their entry in ``latest.json``. A lock whose holder crashed is taken
-over (at once when the holder was a process of this host, else after LOCK_STALE_SECONDS).
+``latest.json`` moves to the new release last, under the model folder's lock.
+
+Every name that becomes a path here (a file of a manifest, a version) is a plain name
+(storage.check_name), on write and on read: a manifest or pointer naming anything else is not a
+release, and nothing outside the release folder is ever written or removed.
+
+The locks make concurrent publishers take turns. A lock whose holder crashed is taken over (at
+once when the holder was a process of this host, else after LOCK_STALE_SECONDS); taking over is
+itself exclusive (see :func:`_take_over`), so two publishers that find the same stale lock
+cannot both enter.
 """
 
 from __future__ import annotations
@@ -32,28 +43,34 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
 import socket
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from so8t_core import storage
 from so8t_core.constants import CONVERTER, MANIFEST_NAME, MODEL_CARD_NAME
-from so8t_core.errors import StorageError
+from so8t_core.errors import So8tError, StorageError
 from so8t_core.refs import FileRef, StagedTensor
 
 LATEST_NAME = "latest.json"
+POINTER_NAME = "current.json"
+VERSION_PREFIX = "v-"
+VERSION_CHARS = 16
 LOCK_NAME = ".publish-lock"
 STAGING_PREFIX = ".staging-"
 # A holder on another host is presumed crashed after this long. Committing (moves within the
-# store, one small write) takes seconds; uploads happen before the lock is taken.
+# store, two small writes) takes seconds; uploads happen before the lock is taken.
 LOCK_STALE_SECONDS = 900
 FINGERPRINT_CHARS = 16
 
 
 def release_uri(dest: str, model: str, fingerprint: str, quant: str) -> str:
-    return storage.join(dest, model, fingerprint[:FINGERPRINT_CHARS], quant)
+    return storage.join(dest, storage.check_name(model, "model name"), fingerprint[:FINGERPRINT_CHARS],
+                        storage.check_name(quant, "quant"))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -61,17 +78,18 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
-                     staged: Sequence[StagedTensor], imatrix=None, uncovered: Sequence[str] = (),
+                     staged: Sequence[StagedTensor], imatrix: dict | None = None,
                      lora: dict | None = None, tokenizer: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
-    used (``imatrix``: a ``quantize.imatrix.Imatrix``; ``uncovered``: the tensors it had no
-    entry for), and, when llama.cpp does not reproduce the tokenizer (converted with
-    --allow-tokenizer-mismatch), the tokenizer check that says so (``tokenizer``: the analysis')."""
+    used (``imatrix``: its summary: sha256, entries, the tensors it had no entry for, and what
+    it was computed on when the run computed it), and, when llama.cpp does not reproduce the
+    tokenizer (converted with --allow-tokenizer-mismatch), the tokenizer check that says so
+    (``tokenizer``: the analysis')."""
     manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
                 "validation": validation,
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
-                "imatrix": None if imatrix is None else imatrix.summary(uncovered)}
+                "imatrix": imatrix}
     if lora is not None:
         manifest["lora"] = lora
     if tokenizer is not None and not tokenizer["parity"]["ok"]:
@@ -79,23 +97,104 @@ def release_manifest(name: str, quant: str, source_fingerprint: str, validation:
     return manifest
 
 
+def _check_file_names(names: Iterable[str], where: str) -> None:
+    """A release's files are plain names, none of the release's own records, distinct even where
+    letter case is not."""
+    seen: dict[str, str] = {}
+    for name in names:
+        storage.check_name(name, f"{where}: file", "a release holds plain file names only")
+        if name in (MANIFEST_NAME, POINTER_NAME, LATEST_NAME) or _is_version(name):
+            raise StorageError(where, f"lists a file named {name}, a name the release's records use",
+                               "rename the file")
+        if (other := seen.setdefault(name.casefold(), name)) != name:
+            raise StorageError(where, f"files {other} and {name} differ only in letter case",
+                               "one file on case-insensitive storage; rename one")
+
+
 def manifest_document(files: Mapping[str, FileRef], extra: Mapping[str, Any]) -> dict:
+    _check_file_names(files, "manifest")
     return {**extra, "files": {n: {"sha256": r.sha256, "size": r.size} for n, r in sorted(files.items())}}
 
 
+def version_name(manifest_bytes: bytes) -> str:
+    """A version's folder: named after its manifest, so the same release content is the same version."""
+    return VERSION_PREFIX + storage.sha256_bytes(manifest_bytes)[:VERSION_CHARS]
+
+
+def _is_version(name: str) -> bool:
+    digits = name[len(VERSION_PREFIX):]
+    return name.startswith(VERSION_PREFIX) and len(digits) == VERSION_CHARS and \
+        all(c in "0123456789abcdef" for c in digits)
+
+
 def _read_json(uri: str) -> dict | None:
-    """A JSON record, or None when it is absent or unreadable (then it does not count)."""
+    """A JSON object, or None when it is absent or unreadable (then it does not count)."""
     if not storage.exists(uri):
         return None
     try:
-        return json.loads(storage.read_bytes(uri))
+        obj = json.loads(storage.read_bytes(uri))
     except (ValueError, StorageError):
         return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _parse_manifest(data: bytes) -> dict | None:
+    """A manifest whose files are all plain names with a sha256 and size, else None (not a release:
+    a manifest naming ``../x`` would make publishing or reading touch files outside the release)."""
+    try:
+        manifest = json.loads(data)
+        files = manifest["files"]
+        _check_file_names(files, "manifest")
+        if not all(isinstance(i, dict) and isinstance(i.get("sha256"), str) and isinstance(i.get("size"), int)
+                   for i in files.values()):
+            return None
+    except (ValueError, TypeError, KeyError, AttributeError, So8tError):
+        return None
+    return manifest
+
+
+@dataclass(frozen=True)
+class Version:
+    """A complete version of a release: the folder its files are in, its name there ("" for a
+    release in the layout before versions, whose files sit in the release folder), its manifest."""
+
+    folder: str
+    name: str
+    manifest: dict
+    manifest_bytes: bytes
+
+
+def _load_version(folder: str, name: str, sha256: str | None = None) -> Version | None:
+    uri = storage.join(folder, MANIFEST_NAME)
+    if not storage.exists(uri):
+        return None
+    try:
+        data = storage.read_bytes(uri)
+    except StorageError:
+        return None
+    if sha256 is not None and storage.sha256_bytes(data) != sha256:
+        return None
+    manifest = _parse_manifest(data)
+    return None if manifest is None else Version(folder=folder, name=name, manifest=manifest, manifest_bytes=data)
+
+
+def current_version(release: str) -> Version | None:
+    """The version ``current.json`` names, when it is complete; None when the release is absent or
+    incomplete. Also reads a bare version folder, and releases published before versions (their
+    manifest.json beside their files)."""
+    pointer = _read_json(storage.join(release, POINTER_NAME))
+    if pointer is not None:
+        name = pointer.get("version")
+        if not (isinstance(name, str) and _is_version(name)):
+            return None
+        return _load_version(storage.member(release, name), name, pointer.get("manifest_sha256"))
+    return _load_version(release, "")
 
 
 def read_manifest(release: str) -> dict | None:
-    """A release's manifest, or None when the release is absent or incomplete."""
-    return _read_json(storage.join(release, MANIFEST_NAME))
+    """The manifest of a release's current version, or None when the release is absent or incomplete."""
+    version = current_version(release)
+    return None if version is None else version.manifest
 
 
 def _gone_here(pid) -> bool:
@@ -112,10 +211,13 @@ def _gone_here(pid) -> bool:
 def _lock_stale(holder: dict | None) -> bool:
     """A lock whose holder is gone: a process of this host that no longer runs, or any holder
     after LOCK_STALE_SECONDS (a holder on another host that crashed)."""
-    if holder is None:  # unreadable: written by something else; wait for it to go stale by age
+    if holder is None or not isinstance(holder.get("token"), str):
+        return False  # unreadable: written by something else; wait for it to go stale by age
+    try:
+        if time.time() - float(holder.get("created", 0)) > LOCK_STALE_SECONDS:
+            return True
+    except (TypeError, ValueError):
         return False
-    if time.time() - float(holder.get("created", 0)) > LOCK_STALE_SECONDS:
-        return True
     return holder.get("host") == socket.gethostname() and _gone_here(holder.get("pid"))
 
 
@@ -129,33 +231,82 @@ def _staging_name() -> str:
     return f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _remove_abandoned_staging(release: str, ours: str) -> None:
-    """Staging prefixes in ``release`` left by killed publishers of this host (their uploads can
-    never be committed). Called holding the release's lock; others' staging is left alone."""
+def _abandoned(release: str, name: str, ours: str = "") -> bool:
+    """Whether ``name`` in ``release`` is what a killed publisher of this host left: its staging
+    prefix (its uploads can never be committed), a tombstone of a lock takeover it did not finish,
+    a temporary file of a write it did not finish (``<name>.tmp-<pid>-<id>``, local folders)."""
+    if name.startswith(STAGING_PREFIX):
+        parts = name[len(STAGING_PREFIX):].split("-")
+        return name != ours and len(parts) == 3 and parts[0] == _host_tag() and _gone_here(parts[1])
+    if name.startswith(LOCK_NAME + ".stale-"):
+        return _lock_stale(_read_json(storage.join(release, name)))
+    stem, _, tail = name.rpartition(".tmp-")
+    pid = tail.split("-")[0]
+    return bool(stem) and storage.is_local(release) and pid.isdigit() and _gone_here(pid)
+
+
+def _remove_abandoned(release: str, ours: str = "") -> None:
+    """Remove what killed publishers of this host left in ``release``; under its lock."""
     for name in storage.list_names(release):
-        parts = name[len(STAGING_PREFIX):].split("-") if name.startswith(STAGING_PREFIX) else []
-        if name != ours and len(parts) == 3 and parts[0] == _host_tag() and _gone_here(parts[1]):
-            storage.remove_tree(storage.join(release, name))
+        if _abandoned(release, name, ours):
+            storage.remove_tree(storage.member(release, name, hidden=True))
+
+
+def _tidy(release: str) -> None:
+    """A release that needs no publishing may still hold what a publisher killed after its switch
+    left (its lock, its staging): taken and removed, so that a rerun leaves nothing behind."""
+    names = storage.list_names(release)
+    if (LOCK_NAME in names and _lock_stale(_read_json(storage.join(release, LOCK_NAME)))) or \
+            any(_abandoned(release, n) for n in names):
+        with exclusive(release):
+            _remove_abandoned(release)
+
+
+def _holder_record(token: str) -> bytes:
+    return _json_bytes({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "created": time.time()})
+
+
+def _take_over(uri: str, stale: dict) -> None:
+    """Remove the lock at ``uri`` if it still is the one ``stale`` describes, such that of many
+    publishers that judged it stale at once exactly one removes it, and none removes a lock taken
+    since (the race where the second remover deletes the first one's fresh lock).
+
+    A tombstone named after the stale lock's token, ``<lock>.stale-<token>``, is created
+    exclusively first: only its creator may remove that lock, after reading it again. Nobody else
+    removes a lock but its live holder, so the lock cannot change between that read and the removal.
+    A taker killed holding a tombstone leaves a stale tombstone: taken over the same way."""
+    tomb = f"{uri}.stale-{stale['token']}"
+    token = uuid.uuid4().hex
+    if not storage.create_exclusive(tomb, _holder_record(token)):
+        other = _read_json(tomb)
+        if _lock_stale(other):
+            _take_over(tomb, other)  # its taker died mid-takeover; the next attempt retries
+        return
+    try:
+        if (_read_json(uri) or {}).get("token") == stale["token"]:
+            storage.remove(uri)
+    finally:
+        if (_read_json(tomb) or {}).get("token") == token:
+            storage.remove(tomb)
 
 
 @contextmanager
 def exclusive(folder: str) -> Iterator[None]:
     """Hold ``<folder>/.publish-lock`` while the block runs: one publisher at a time changes the
-    records in ``folder`` (a release's files and manifest; a model's latest.json). Taken with
-    an exclusive create; a lock left by a crashed holder is taken over (see _lock_stale)."""
+    records in ``folder`` (a release's versions and pointer; a model's latest.json). Taken with
+    an exclusive create; a lock left by a crashed holder is taken over (:func:`_take_over`)."""
     uri = storage.join(folder, LOCK_NAME)
     token = uuid.uuid4().hex
-    mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}
-    delay = 0.05
-    while not storage.create_exclusive(uri, _json_bytes(mine)):
+    delay = 0.02
+    while not storage.create_exclusive(uri, _holder_record(token)):
         holder = _read_json(uri)
         if holder is not None and holder.get("token") == token:
             break  # our own create went through; its answer was lost and the retry found it
         if _lock_stale(holder):
-            storage.remove(uri)
+            _take_over(uri, holder)
             continue
-        time.sleep(delay)
-        delay = min(2 * delay, 2.0)
+        time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: waiters do not retry in lockstep
+        delay = min(2 * delay, 0.5)
     try:
         yield
     finally:
@@ -164,114 +315,143 @@ def exclusive(folder: str) -> Iterator[None]:
 
 
 def publish_release(files: Mapping[str, FileRef], release: str, extra: Mapping[str, Any]) -> tuple[FileRef, int]:
-    """Publish ``files`` (name → local FileRef) as the release at ``release``.
+    """Publish ``files`` (name → local FileRef) as the release at ``release``: a new version,
+    then the pointer switched to it.
 
-    Returns the manifest's ref and how many files were uploaded (0 when the release was
+    Returns the version manifest's ref and how many files were uploaded (0 when the release was
     already published with these exact files).
     """
     manifest = manifest_document(files, extra)
     data = _json_bytes(manifest)
-    manifest_ref = FileRef(uri=storage.join(release, MANIFEST_NAME), sha256=storage.sha256_bytes(data),
+    version = version_name(data)
+    target = storage.member(release, version)
+    manifest_ref = FileRef(uri=storage.join(target, MANIFEST_NAME), sha256=storage.sha256_bytes(data),
                            size=len(data))
-    current = read_manifest(release)
-    if (kept := _kept(current, manifest, manifest_ref, release)) is not None:
+    current = current_version(release)
+    if (kept := _kept(current, manifest)) is not None:
+        _tidy(release)
         return kept, 0
-    staging = storage.join(release, _staging_name())
+    staging = storage.member(release, _staging_name(), hidden=True)
     staged: set[str] = set()
 
     def stage(names: Iterable[str]) -> None:
         for name in names:
-            ref, target = files[name], storage.join(staging, name)
-            storage.upload_file(ref.uri, target)
-            if storage.size(target) != ref.size or storage.sha256_of(target) != ref.sha256:
-                raise StorageError(target, "verification failed after upload (size or sha256 differs)",
+            ref, uri = files[name], storage.member(staging, name)
+            storage.upload_file(ref.uri, uri)
+            if storage.size(uri) != ref.size or storage.sha256_of(uri) != ref.sha256:
+                raise StorageError(uri, "verification failed after upload (size or sha256 differs)",
                                    "retry; the destination may be unreliable")
             staged.add(name)
 
+    uploaded = 0
     try:
         # Uploads go to our own staging prefix, outside the lock: concurrent publishers upload in
         # parallel and only take turns to commit.
-        stage(_changed(files, release, current))
+        if _load_version(target, version, manifest_ref.sha256) is None:
+            stage(_changed(files, current))
         with exclusive(release):
-            current = read_manifest(release)  # what the publisher before us committed, if any
-            if (kept := _kept(current, manifest, manifest_ref, release)) is not None:
+            current = current_version(release)  # what the publisher before us committed, if any
+            if (kept := _kept(current, manifest)) is not None:
+                _remove_abandoned(release, posixpath.basename(staging))
                 return kept, 0
-            changed = _changed(files, release, current)
-            stage(n for n in changed if n not in staged)
-            old_manifest = storage.join(release, MANIFEST_NAME)
-            if current is not None or storage.exists(old_manifest):
-                storage.remove(old_manifest)  # the old release turns invisible before any file changes
-            for name in changed:
-                storage.move(storage.join(staging, name), storage.join(release, name))
-            storage.write_bytes_atomic(manifest_ref.uri, data)
-            # Files of the previous release that this one does not list (e.g. fewer split shards):
-            # unlisted, so invisible already; removed so the release holds what it lists.
-            for name in set((current or {}).get("files", {})) - set(files):
-                stale = storage.join(release, name)
-                if storage.exists(stale):
-                    storage.remove(stale)
-            _remove_abandoned_staging(release, posixpath.basename(staging))
+            if _load_version(target, version, manifest_ref.sha256) is None:  # else: an earlier version again
+                changed = _changed(files, current)
+                stage(n for n in changed if n not in staged)
+                # The version folder is written only here, under the lock, and complete only once its
+                # manifest is there; what a killed commit left in it is overwritten by the same bytes.
+                for name in files:
+                    if name in changed:
+                        storage.move(storage.member(staging, name), storage.member(target, name))
+                    else:
+                        storage.copy(storage.member(current.folder, name), storage.member(target, name))
+                storage.write_bytes_atomic(manifest_ref.uri, data)
+                uploaded = len(changed)
+            # The switch: one atomic write. Readers see the old version or this one.
+            storage.write_bytes_atomic(storage.join(release, POINTER_NAME),
+                                       _json_bytes({"version": version, "manifest_sha256": manifest_ref.sha256}))
+            _remove_old(release, keep={version, current.name if current else None},
+                        ours=posixpath.basename(staging))
     finally:
         storage.remove_tree(staging)
-    return manifest_ref, len(changed)
+    return manifest_ref, uploaded
 
 
-def _kept(current: dict | None, manifest: dict, manifest_ref: FileRef, release: str) -> FileRef | None:
-    """The committed manifest's ref when publishing ``manifest`` over ``current`` would change
-    nothing worth changing (the same release, or one that would only lose its validation);
-    None when the release is to be published."""
-    if current == manifest:
-        return manifest_ref
-    if _validated_same_files(current, manifest):
-        return _committed_manifest_ref(release)
+def _remove_old(release: str, keep: set[str | None], ours: str) -> None:
+    """Under the release's lock, after a switch: versions other than the current one and the one it
+    replaced (readers may still be reading that one), a version a killed commit left incomplete,
+    what killed publishers of this host left, and the files of a release published before
+    versions once it is not one of the two kept."""
+    for name in storage.list_names(release):
+        if _is_version(name) and name not in keep:
+            storage.remove_tree(storage.member(release, name))
+    _remove_abandoned(release, ours)
+    if "" not in keep and (legacy := _load_version(release, "")) is not None:
+        storage.remove(storage.join(release, MANIFEST_NAME))  # invisible first, then its files
+        for name in legacy.manifest["files"]:  # plain names, none of the records (_parse_manifest)
+            storage.remove(storage.member(release, name))
+
+
+def _kept(current: Version | None, manifest: dict) -> FileRef | None:
+    """The current version's manifest ref when publishing ``manifest`` would change nothing worth
+    changing (the same release, or one that would only lose its validation); None when the
+    release is to be published."""
+    if current is None or current.name == "":
+        return None  # nothing, or a release from before versions: published as a version
+    if current.manifest == manifest or _validated_same_files(current.manifest, manifest):
+        return FileRef(uri=storage.join(current.folder, MANIFEST_NAME),
+                       sha256=storage.sha256_bytes(current.manifest_bytes), size=len(current.manifest_bytes))
     return None
 
 
-def _validated_same_files(current: dict | None, new: dict) -> bool:
+def _validated_same_files(current: dict, new: dict) -> bool:
     """Whether ``new``, published without validation, would only take a passed validation away
     from the committed release: every file it has but the model card (which says whether the
     model was validated) is committed with the same bytes. Then the committed release stays."""
-    if current is None or new.get("validation") is not None:
-        return False
-    if not (current.get("validation") or {}).get("passed"):
+    if new.get("validation") is not None or not (current.get("validation") or {}).get("passed"):
         return False
     committed = current.get("files", {})
     return all(committed.get(n) == info for n, info in new["files"].items() if n != MODEL_CARD_NAME)
 
 
-def _committed_manifest_ref(release: str) -> FileRef:
-    uri = storage.join(release, MANIFEST_NAME)
-    data = storage.read_bytes(uri)
-    return FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
-
-
-def _changed(files: Mapping[str, FileRef], release: str, current: dict | None) -> list[str]:
-    """The files to upload: all but those the committed release already holds with the same bytes."""
-    listed = (current or {}).get("files", {})
+def _changed(files: Mapping[str, FileRef], current: Version | None) -> list[str]:
+    """The files to upload: all but those the current version holds with the same bytes."""
+    listed = current.manifest["files"] if current is not None else {}
     return [n for n, ref in files.items()
             if not (listed.get(n) == {"sha256": ref.sha256, "size": ref.size}
-                    and storage.exists(storage.join(release, n))
-                    and storage.size(storage.join(release, n)) == ref.size)]
+                    and storage.exists(storage.member(current.folder, n))
+                    and storage.size(storage.member(current.folder, n)) == ref.size)]
 
 
 def read_latest(dest: str, model: str) -> dict | None:
     """``<dest>/<model>/latest.json``, or None when nothing was published for ``model``."""
-    return _read_json(storage.join(dest, model, LATEST_NAME))
+    return _read_json(storage.join(dest, storage.check_name(model, "model name"), LATEST_NAME))
+
+
+def entry_release(dest: str, model: str, entry: Any) -> str | None:
+    """The release a latest.json entry names (``<fingerprint16>/<quant>/``), when it is one: a
+    latest.json naming ``../x`` would send readers out of the model folder."""
+    parts = entry.get("release", "").strip("/").split("/") if isinstance(entry, dict) and \
+        isinstance(entry.get("release"), str) else []
+    if len(parts) != 2 or not all(storage.is_plain_name(p) for p in parts):
+        return None
+    return storage.join(dest, model, *parts)
 
 
 def latest_release(dest: str, model: str, quant: str) -> str | None:
     """The URI of the release of ``model`` at ``quant`` published last, or None."""
     entry = ((read_latest(dest, model) or {}).get("quants") or {}).get(quant)
-    return None if entry is None else storage.join(dest, model, entry["release"].rstrip("/"))
+    return None if entry is None else entry_release(dest, model, entry)
 
 
 def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]]) -> FileRef:
     """Point ``latest.json`` at the given releases (quant → entry), keeping other quants' entries.
     Under the model folder's lock: concurrent publishers of different quants lose no entry."""
-    uri = storage.join(dest, model, LATEST_NAME)
-    with exclusive(storage.join(dest, model)):
+    folder = storage.join(dest, storage.check_name(model, "model name"))
+    uri = storage.join(folder, LATEST_NAME)
+    with exclusive(folder):
         current = read_latest(dest, model) or {}
-        quants = dict(current.get("quants", {}))
+        quants = {q: e for q, e in (current.get("quants") or {}).items()
+                  if storage.is_plain_name(q) and entry_release(dest, model, e) is not None}
         quants.update(entries)
         data = _json_bytes({"model": model, "quants": quants})
         ref = FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))

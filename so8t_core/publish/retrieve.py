@@ -1,7 +1,8 @@
 """Published models as llama.cpp needs them: local files, from any fsspec URL.
 
 ``chat``, ``inspect``, ``validate`` and ``heads`` name a model as a GGUF file, a release folder
-(its model file) or a model folder with ``latest.json`` (the latest release of a quant), as a
+(the model file of the version its ``current.json`` names; or a version folder itself) or a
+model folder with ``latest.json`` (the latest release of a quant), as a
 path, ``file://`` or ``s3://`` URL. llama.cpp reads local files only: a remote file is
 downloaded once into the cache (``<cache>/downloads/<sha256>/``), checked against the sha256
 its release's manifest lists, and moved into place only then, so a file in the cache is a
@@ -18,7 +19,7 @@ from so8t_core import storage
 from so8t_core.constants import MANIFEST_NAME, quant_type
 from so8t_core.errors import StorageError
 from so8t_core.gguf_file import split_paths
-from so8t_core.publish.release import LATEST_NAME, latest_release, read_latest, read_manifest
+from so8t_core.publish.release import LATEST_NAME, current_version, latest_release, read_latest, read_manifest
 
 SIDECAR_SUFFIX = ".so8t-heads.gguf"
 MODEL_HINT = "pass a .gguf file, a release folder or a model folder with latest.json (a path, file:// or s3://)"
@@ -35,15 +36,17 @@ def model_gguf(uri: str, quant: str | None = None) -> str:
         return local_gguf(uri)
     if storage.exists(storage.join(uri, LATEST_NAME)):
         uri = _latest(uri, quant)
-    manifest = read_manifest(uri)
-    if manifest is None:
-        raise StorageError(where, "neither a GGUF file nor a complete release (no manifest.json)", MODEL_HINT)
-    models = sorted(n for n in manifest.get("files", {}) if n.endswith(".gguf") and not n.endswith(SIDECAR_SUFFIX))
+    version = current_version(uri)  # the version the release's current.json names (or a version folder)
+    if version is None:
+        raise StorageError(where, "neither a GGUF file nor a complete release (no current.json naming a version "
+                           f"with its {MANIFEST_NAME})", MODEL_HINT)
+    manifest = version.manifest
+    models = sorted(n for n in manifest["files"] if n.endswith(".gguf") and not n.endswith(SIDECAR_SUFFIX))
     if not models:
         raise StorageError(where, "the release lists no model GGUF", f"check its {MANIFEST_NAME}")
-    if storage.is_local(uri):
-        return os.path.join(storage.local_path(uri), models[0])  # a split model loads through its first shard
-    return _download(uri, models, manifest)[0]
+    if storage.is_local(uri):  # a split model loads through its first shard
+        return storage.local_path(storage.member(version.folder, models[0]))
+    return _download(version.folder, models, manifest)[0]
 
 
 def local_gguf(uri: str) -> str:
@@ -76,7 +79,10 @@ def _latest(model_folder: str, quant: str | None) -> str:
     if name not in quants:
         raise StorageError(where, f"no release of {name} (published: {', '.join(quants) or 'none'})",
                            f"choose one of {', '.join(quants)}" if quants else "publish a release first")
-    return latest_release(dest, model, name)
+    release = latest_release(dest, model, name)
+    if release is None:  # an entry naming no plain <fingerprint>/<quant>/ folder
+        raise StorageError(where, f"latest.json's {name} entry names no release folder", "publish the model again")
+    return release
 
 
 def _download(folder: str, names: list[str], manifest: dict | None) -> list[str]:

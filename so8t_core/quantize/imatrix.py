@@ -11,7 +11,8 @@ Two formats exist (llama.cpp common/imatrix-loader.cpp):
   ``int32 chunk_count, int32 len, dataset``; the importance is ``values / ncall``.
 
 Values are computed in float32, exactly as llama-quantize does, since they steer the
-quantizer and so the output bytes.
+quantizer and so the output bytes. :func:`write_imatrix` writes the GGUF format as
+llama-imatrix does (what :mod:`so8t_core.quantize.calibration` computes).
 """
 
 from __future__ import annotations
@@ -163,6 +164,30 @@ def _finite(uri: str, name: str, values: np.ndarray) -> np.ndarray:
     if not np.isfinite(values).all():
         raise CheckpointError(uri, f"imatrix entry {name!r} has non-finite values", "recompute the imatrix")
     return values
+
+
+def write_imatrix(path: str, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray], datasets: Sequence[str],
+                  chunk_count: int, chunk_size: int) -> None:
+    """An importance matrix in llama.cpp's GGUF format, as llama-imatrix's save_imatrix writes it:
+    ``general.type`` = imatrix, ``imatrix.datasets``, ``imatrix.chunk_count``,
+    ``imatrix.chunk_size``; per weight, by name, ``<name>.in_sum2`` (F32, one row of column
+    sums per matrix) and ``<name>.counts`` (F32, one per matrix); no architecture."""
+    from gguf import GGUFValueType
+
+    from so8t_core.gguf_file import TensorInfo, kv_array, kv_str, kv_u32, write_gguf
+
+    kvs = [kv_str("general.type", "imatrix"), kv_array("imatrix.datasets", list(datasets), GGUFValueType.STRING),
+           kv_u32("imatrix.chunk_count", chunk_count), kv_u32("imatrix.chunk_size", chunk_size)]
+    data, tensors = {}, []
+    for name in sorted(sums):
+        n_mat = counts[name].size
+        # ggml's [ne0, n_mat] and [1, n_mat], stored without trailing dimensions of 1 as ggml stores them
+        values = np.ascontiguousarray(sums[name], dtype=np.float32).reshape((n_mat, -1) if n_mat > 1 else (-1,))
+        per_matrix = np.asarray(counts[name], dtype=np.float32).reshape((n_mat, 1) if n_mat > 1 else (1,))
+        for key, array in ((f"{name}.in_sum2", values), (f"{name}.counts", per_matrix)):
+            data[key] = array.tobytes()
+            tensors.append(TensorInfo(key, array.shape, GGMLQuantizationType.F32, array.nbytes))
+    write_gguf(path, None, kvs, tensors, lambda t: data[t.name])
 
 
 def imatrix_kvs(im: Imatrix, given_as: str) -> list:

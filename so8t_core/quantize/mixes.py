@@ -1,9 +1,10 @@
 """llama.cpp's quantization mixes: which GGML type each tensor gets for a --quant choice.
 
-A mix (Q4_K_M, Q5_K_S, Q8_0, ...) is llama-quantize's ``llama_ftype``: a default type plus
-per-tensor rules that depend on the tensor's role, its layer, the model's shape and the
-order tensors are visited in. This module reproduces ``llama_tensor_get_type`` of
-src/llama-quant.cpp at the pinned llama.cpp (llama-cpp-python 0.3.36), for dense models:
+A mix (Q4_K_M, IQ3_M, Q8_0, ...) is llama-quantize's ``llama_ftype``: a default type plus
+per-tensor rules that depend on the tensor's role, its layer, the model's shape, the order
+tensors are visited in and whether an importance matrix is given. This module reproduces
+``llama_tensor_get_type`` of src/llama-quant.cpp at the pinned llama.cpp (llama-cpp-python
+0.3.36), for dense models:
 
   1. tensors llama.cpp never quantizes (1-D, norms, not ``*weight``) keep their type (F32);
   2. ``--token-embedding-type`` / ``--output-tensor-type`` win outright (no fallback);
@@ -11,30 +12,48 @@ src/llama-quant.cpp at the pinned llama.cpp (llama-cpp-python 0.3.36), for dense
      matching ``--tensor-type`` regex overrides it, else (unless ``--pure``) the mix rules
      apply; then a row length that does not fit the type's blocks falls back.
 
-Rules that only concern IQ/TQ/MXFP4 types, MoE or Falcon models are not reproduced: so8t-gguf
-offers none of those.
+and ``tensor_requires_imatrix``: the very-low-bit types llama-quantize refuses to write
+without an importance matrix (:func:`check_imatrix_requirements`). The rules for MoE experts
+and Falcon models are not reproduced: so8t-gguf converts dense Llama, Mistral, Qwen2/3 and
+Phi-3 models.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from so8t_core.constants import QuantType, quant_type
+from so8t_core.constants import FLOAT_TYPES, SUPPORTED_TENSOR_TYPES, QuantType, quant_type
+from so8t_core.errors import UnsupportedError
 
-QUANTIZED_TYPES = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+QUANTIZED_TYPES = frozenset(SUPPORTED_TENSOR_TYPES) - set(FLOAT_TYPES)  # ggml_is_quantized
 
 # tensor_type_fallback: a row length that is not a multiple of the type's block size
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {
+    T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+    T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
+    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+}
+
+# Mixes the rules treat as a family (llama_tensor_get_type_impl's ftype lists).
+IQ1_IQ2 = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
+OUTPUT_Q5_K = IQ1_IQ2 | {"IQ3_XXS"}  # the output tensor gets Q5_K, not Q6_K
+# Types whose quantizer llama-quantize refuses to run without importance data (on every tensor
+# but token_embd and output), and those libggml itself aborts on without it.
+REQUIRE_IMATRIX = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
+GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})  # ggml_quantize_requires_imatrix
+IMATRIX_HINT = ("pass --calibration with your text (or the word builtin, for the built-in text) to compute one, "
+                "or --imatrix FILE (from llama-imatrix)")
 
 
 @dataclass(frozen=True)
 class MixOptions:
-    """llama-quantize's per-tensor overrides."""
+    """llama-quantize's per-tensor overrides, and whether it is given an importance matrix."""
 
     tensor_types: tuple[tuple[str, T], ...] = ()  # (regex, type): --tensor-type, first match wins
     output_tensor_type: T | None = None
@@ -104,36 +123,87 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+def requires_imatrix(name: str, qtype: T, mix: str) -> bool:
+    """tensor_requires_imatrix: llama-quantize refuses to write this tensor in ``qtype`` without
+    importance data (the result "will be garbage"). The embedding and the output are exempt."""
+    if category(name) in ("token_embd", "output"):
+        return False
+    return qtype in REQUIRE_IMATRIX or (qtype == T.Q2_K and mix == "Q2_K_S")
+
+
 @dataclass
 class _State:
     n_attention_wv: int
-    n_ffn_down: int
+    n_layers: int  # n_ffn_down = n_ffn_gate = n_ffn_up: the model's layers
     has_tied_embeddings: bool
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
     n_fallback: int = 0
     fallbacks: list = field(default_factory=list)
 
 
-def _mix_rules(st: _State, new: T, name: str, shape: Sequence[int], mix: str, model: ModelShape,
-               cat: str, opts: MixOptions) -> T:
-    """llama_tensor_get_type_impl, dense non-Falcon models, non-IQ mixes."""
+def _output_rule(new: T, shape: Sequence[int], mix: str, opts: MixOptions) -> T:
+    """output.weight, and token_embd.weight when the embeddings are tied."""
+    if opts.output_tensor_type is not None:
+        return opts.output_tensor_type
+    if mix == "MXFP4_MOE" or shape[-1] % GGML_QUANT_SIZES[new][0]:
+        return T.Q8_0
+    if mix in OUTPUT_Q5_K:
+        return T.Q5_K
+    return T.Q6_K if new != T.Q8_0 else new
+
+
+def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelShape, cat: str,
+               opts: MixOptions) -> T:
+    """llama_tensor_get_type_impl for dense (one-expert), non-Falcon models, branch for branch."""
+    n = st.n_layers
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
-        if opts.output_tensor_type is not None:
-            return opts.output_tensor_type
-        if shape[-1] % GGML_QUANT_SIZES[new][0]:
-            return T.Q8_0
-        return T.Q6_K if new != T.Q8_0 else new
+        return _output_rule(new, shape, mix, opts)
+    if mix == "MXFP4_MOE":
+        return T.Q8_0  # MXFP4 is for the experts of an MoE: a dense model has none
     if cat == "token_embd":
         if opts.token_embedding_type is not None:
             return opts.token_embedding_type
+        if mix in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return T.Q2_K
+        if mix in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return T.IQ3_S
+        if mix in ("TQ1_0", "TQ2_0", "Q2_0"):
+            return T.Q4_K
+        return new
+    if mix in IQ1_IQ2:
+        more = T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else T.Q2_K
+        if is_attn_v(cat):
+            new = T.Q4_K if model.n_gqa >= 4 else more
+            st.i_attention_wv += 1
+        elif cat == "ffn_down":
+            if st.i_ffn_down < n // 8:
+                new = more
+            st.i_ffn_down += 1
+        elif cat == "attn_output":
+            if mix in ("IQ1_S", "IQ1_M"):
+                new = T.IQ2_XXS
+            elif mix in ("IQ2_S", "IQ2_M"):
+                new = T.IQ3_S
         return new
     if is_attn_v(cat):
         if mix == "Q2_K":
             new = T.Q4_K if model.n_gqa >= 4 else T.Q3_K
+        elif mix == "Q2_K_S" and model.n_gqa >= 4:
+            new = T.Q4_K
+        elif mix == "IQ3_XXS":
+            new = T.Q4_K if model.n_gqa >= 4 else T.IQ3_XXS if opts.has_imatrix else T.IQ3_S
+        elif mix in ("IQ3_XS", "IQ3_S") and model.n_gqa >= 4:
+            new = T.Q4_K
+        elif mix == "IQ3_M":
+            new = T.Q4_K
         elif mix == "Q3_K_M":
             new = T.Q5_K if st.i_attention_wv < 2 else T.Q4_K
         elif mix == "Q3_K_L":
+            new = T.Q5_K
+        elif mix in ("IQ4_NL", "IQ4_XS") and model.n_gqa >= 4:
             new = T.Q5_K
         elif mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(st.i_attention_wv, st.n_attention_wv):
             new = T.Q6_K
@@ -143,29 +213,47 @@ def _mix_rules(st: _State, new: T, name: str, shape: Sequence[int], mix: str, mo
             new = T.Q5_K
         st.i_attention_wv += 1
         return new
+    if cat in ("attn_k", "attn_q"):
+        return {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}.get(mix, new)
     if cat == "ffn_down":
-        i_layer, n_layer = st.i_ffn_down, st.n_ffn_down
+        i = st.i_ffn_down
         if mix == "Q2_K":
             new = T.Q3_K
+        elif mix == "Q2_K_S":
+            if i < n // 8:
+                new = T.Q4_K
+        elif mix == "IQ3_XXS" and not opts.has_imatrix:
+            new = T.Q4_K if i < n // 8 else T.Q3_K
         elif mix == "Q3_K_M":
-            new = T.Q5_K if i_layer < n_layer // 16 else T.Q4_K
+            new = T.Q5_K if i < n // 16 else T.Q4_K
+        elif mix == "IQ3_M" and i < n // 8:
+            new = T.Q4_K
         elif mix == "Q3_K_L":
             new = T.Q5_K
         elif mix == "Q4_K_M":
-            if use_more_bits(i_layer, n_layer):
+            if use_more_bits(i, n):
                 new = T.Q6_K
-        elif mix == "Q5_K_M" and use_more_bits(i_layer, n_layer):
-            new = T.Q6_K
-        elif mix == "Q4_K_S" and i_layer < n_layer // 8:
+        elif i < n // 8 and mix in ("IQ4_NL", "IQ4_XS") and not opts.has_imatrix:
             new = T.Q5_K
-        elif mix in ("Q4_0", "Q5_0") and opts.has_imatrix and i_layer < n_layer // 8:
+        elif mix == "Q5_K_M" and use_more_bits(i, n):
+            new = T.Q6_K
+        elif mix == "Q4_K_S" and i < n // 8:
+            new = T.Q5_K
+        elif mix in ("Q4_0", "Q5_0") and opts.has_imatrix and i < n // 8:
             new = T.Q4_1 if mix == "Q4_0" else T.Q5_1
         st.i_ffn_down += 1
         return new
     if cat == "attn_output":
-        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(mix, new)
-    if cat == "attn_qkv":  # unreachable (attn_qkv is attn_v-like), kept out as llama.cpp does
-        return new
+        return {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_M": T.Q4_K}.get(mix, new)
+    # (llama.cpp's own attn_qkv branch comes here, and is never reached: attn_qkv is attn_v-like.)
+    if cat in ("ffn_gate", "ffn_up"):
+        i = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        if mix == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            new = T.IQ3_XXS
+        if cat == "ffn_gate":
+            st.i_ffn_gate += 1
+        else:
+            st.i_ffn_up += 1
     return new
 
 
@@ -173,7 +261,7 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
                  opts: MixOptions = MixOptions()) -> list[T]:
     """The GGML type of every tensor, in llama.cpp's tensor order (``tensors``: (GGUF name, numpy shape))."""
     cats = [category(n) for n, _ in tensors]
-    st = _State(n_attention_wv=sum(1 for c in cats if is_attn_v(c)), n_ffn_down=model.n_layers,
+    st = _State(n_attention_wv=sum(1 for c in cats if is_attn_v(c)), n_layers=model.n_layers,
                 has_tied_embeddings="output" not in cats)
     patterns = [(re.compile(p), t) for p, t in opts.tensor_types]
     out = []
@@ -193,35 +281,70 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
             if manual is not None:
                 new = manual
             elif not opts.pure:
-                new = _mix_rules(st, new, name, shape, quant.name, model, cat, opts)
-            new = _fallback(st, name, shape, new)
+                new = _mix_rules(st, new, shape, quant.name, model, cat, opts)
+            new = _fallback(st, name, shape, new, quant.name)
         out.append(new)
     return out
 
 
-def mix_types(plan: Sequence, quants: Sequence[str], model: ModelShape,
-              opts: MixOptions = MixOptions()) -> dict[str, list[T]]:
-    """Each quant's type for every tensor of a plan (``TensorPlan``s, in llama.cpp's order)."""
+def mix_types(plan: Sequence, quants: Sequence[str], model: ModelShape, opts: MixOptions = MixOptions(),
+              covered: Collection[str] | None = None) -> dict[str, list[T]]:
+    """Each quant's type for every tensor of a plan (``TensorPlan``s, in llama.cpp's order),
+    refusing what llama-quantize refuses (:func:`check_imatrix_requirements`; ``covered``: the
+    tensors the importance matrix has entries for, None without one)."""
     names_shapes = [(p.gguf_name, p.shape) for p in plan]
-    return {q: assign_types(names_shapes, quant_type(q), model, opts) for q in quants}
+    types = {q: assign_types(names_shapes, quant_type(q), model, opts) for q in quants}
+    check_imatrix_requirements(names_shapes, types, covered)
+    return types
 
 
-def _fallback(st: _State, name: str, shape: Sequence[int], qtype: T) -> T:
+def _fallback(st: _State, name: str, shape: Sequence[int], qtype: T, mix: str) -> T:
     block = GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block == 0:
         return qtype
     st.n_fallback += 1
-    new = FALLBACK.get(qtype, qtype)
+    new = FALLBACK.get(qtype)
+    if new is None:
+        if block > 32:  # llama-quantize gives up on the whole file
+            raise UnsupportedError(f"--quant {mix}", f"{name} has rows of {shape[-1]}, not a multiple of "
+                                   f"{qtype.name}'s {block}, and llama.cpp defines no fallback for {qtype.name}",
+                                   "choose another mix, or another type for it with --tensor-type")
+        new = qtype  # a 32-block type: F16 below, as for a fallback that does not fit
     if shape[-1] % GGML_QUANT_SIZES[new][0]:
         new = T.F16
     st.fallbacks.append((name, qtype, new))
     return new
 
 
+def check_imatrix_requirements(tensors: Sequence[tuple[str, Sequence[int]]], types: dict[str, Sequence[T]],
+                               covered: Collection[str] | None) -> None:
+    """Refuse, before any work, what llama-quantize refuses without importance data.
+
+    ``types``: quant → each tensor's type (:func:`mix_types`); ``covered``: the tensors the
+    importance matrix has entries for (None: no importance matrix). llama-quantize refuses a
+    mix without an imatrix when any tensor but the embedding and the output gets a very-low-bit
+    type (``tensor_requires_imatrix``), and stops at a tensor of such a type the imatrix has no
+    entry for; libggml aborts the process on IQ2_XXS, IQ2_XS and IQ1_S without importance data
+    even for those two.
+    """
+    for quant, qtypes in types.items():
+        for (name, shape), qtype in zip(tensors, qtypes, strict=True):
+            if not allows_quantization(name, shape) or name in (covered or ()):
+                continue
+            if requires_imatrix(name, qtype, quant):
+                why = (f"llama-quantize refuses {quant} without an importance matrix ({name} would be {qtype.name})"
+                       if covered is None else f"the importance matrix has no entry for {name}, which {quant} "
+                       f"makes {qtype.name}: llama-quantize stops there")
+                raise UnsupportedError(f"--quant {quant}", why, IMATRIX_HINT)
+            if qtype in GGML_REQUIRES_IMATRIX:
+                raise UnsupportedError(f"--quant {quant}", f"{name} would be {qtype.name}, which llama.cpp cannot "
+                                       "quantize without importance data, and the importance matrix has none for it",
+                                       "give it another type with --tensor-type or --output-tensor-type")
+
+
 def parse_tensor_types(specs: Sequence[str]) -> tuple[tuple[str, T], ...]:
     """``--tensor-type REGEX=TYPE`` values, as llama-quantize reads them (pattern lower-cased)."""
     from so8t_core.constants import ggml_type
-    from so8t_core.errors import UnsupportedError
 
     out = []
     for spec in specs:

@@ -20,6 +20,7 @@ from so8t_core.errors import UnsupportedError
 from so8t_core.plan import Materializer, TensorPlan
 from so8t_core.quantize.engines import dequantize, quantize
 from so8t_core.quantize.error_stats import ErrorStats
+from so8t_core.quantize.mixes import QUANTIZED_TYPES
 from so8t_core.refs import StagedTensor
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.lora import LoraAdapter, MergedReader
@@ -28,10 +29,11 @@ from so8t_core.storage import local_atomic_file
 # Part of every staging key: bump when the bytes for the same inputs may change. All
 # engines write identical bytes, so the engine is not part of the key.
 FORMAT_VERSION = "llama.cpp-0.3.36/1"
-# Types whose quantizer uses an importance matrix when given one (llama-quantize --imatrix).
-IMATRIX_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
-                 GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
-                 GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+# Types whose quantizer uses an importance matrix when given one (llama-quantize --imatrix): every
+# quantized type but those whose ggml quantizer ignores it (ggml-quants.c: Q8_0, MXFP4, the
+# ternary types; Q1_0 only changes how it loops over rows).
+IMATRIX_TYPES = QUANTIZED_TYPES - {GGMLQuantizationType.Q8_0, GGMLQuantizationType.MXFP4, GGMLQuantizationType.TQ1_0,
+                                   GGMLQuantizationType.TQ2_0, GGMLQuantizationType.Q1_0}
 
 
 # --- one planned tensor → staged bytes ---------------------------------------------------

@@ -71,7 +71,7 @@ class Checkpoint:
             raise CheckpointError(uri, "not a checkpoint folder", hint)
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
         if storage.is_local(uri):
-            _refuse_links_outside(uri, names)
+            refuse_links_outside(uri, names)
         if "config.json" not in names:
             raise CheckpointError(storage.join(uri, "config.json"), "missing config.json",
                                   "a Hugging Face checkpoint folder needs config.json beside its weights")
@@ -241,12 +241,12 @@ def _read_index(uri: str, index_name: str) -> dict[str, str]:
     return weight_map
 
 
-def _refuse_links_outside(folder: str, names) -> None:
-    """A local checkpoint's files may be symbolic links (Hugging Face's cache holds
-    ``snapshots/<rev>/<file> -> ../../blobs/<sha256>``), but only to files inside the checkpoint
-    folder or, for a cache snapshot, inside its repository folder (``models--org--name``). A link
+def refuse_links_outside(folder: str, names, what: str = "checkpoint") -> None:
+    """A local checkpoint's (or LoRA adapter's, ``what``) files may be symbolic links (Hugging
+    Face's cache holds ``snapshots/<rev>/<file> -> ../../blobs/<sha256>``), but only to files inside
+    the folder or, for a cache snapshot, inside its repository folder (``models--org--name``). A link
     elsewhere would make us read, and publish (README.md feeds the model card and the GGUF's
-    metadata), a file the checkpoint's author picked on this machine."""
+    metadata; an adapter's weights are merged), a file the checkpoint's author picked on this machine."""
     real = os.path.realpath(folder)
     roots = [real]
     if os.path.basename(os.path.dirname(real)) == "snapshots":
@@ -256,7 +256,7 @@ def _refuse_links_outside(folder: str, names) -> None:
         if os.path.islink(path):
             target = os.path.realpath(path)
             if not any(os.path.commonpath([target, root]) == root for root in roots):
-                raise CheckpointError(path, "is a symbolic link to a file outside the checkpoint folder",
-                                      "copy the file into the folder if it belongs to the checkpoint")
+                raise CheckpointError(path, f"is a symbolic link to a file outside the {what} folder",
+                                      f"copy the file into the folder if it belongs to the {what}")
 
 

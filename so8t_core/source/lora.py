@@ -25,6 +25,7 @@ import numpy as np
 
 from so8t_core import storage
 from so8t_core.errors import CheckpointError, UnsupportedError
+from so8t_core.source.checkpoint import refuse_links_outside
 from so8t_core.source.safetensors_format import TensorSlice, decode_float, header_length, parse_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -169,6 +170,8 @@ def load_adapter(uri: str) -> LoraAdapter:
             if storage.exists(storage.join(uri, "adapter_model.bin")) else ""
         raise CheckpointError(weights_uri, "missing adapter_model.safetensors" + bin_hint,
                               "pass the folder PEFT's save_pretrained wrote")
+    if storage.is_local(uri):
+        refuse_links_outside(uri, [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "adapter")
     cfg_bytes = storage.read_bytes(cfg_uri)
     try:
         cfg = json.loads(cfg_bytes)

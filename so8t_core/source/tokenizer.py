@@ -35,6 +35,7 @@ import gguf
 from gguf import GGUFValueType as VT
 
 from so8t_core import storage
+from so8t_core.chat_template import check_chat_templates
 from so8t_core.errors import CheckpointError, UnsupportedError
 from so8t_core.gguf_file import GGUFKV, write_gguf
 
@@ -429,15 +430,8 @@ def _special_vocab(files: Mapping[str, bytes], tj: dict | None, tok_config: dict
     else:
         added_tokens = []
 
+    chat_template = _chat_template_field(files, cfg, where)
     if cfg:
-        if "chat_template.jinja" in files:
-            alt: Any = _text(files, "chat_template.jinja", where)
-        elif "chat_template.json" in files:
-            alt = _json(files, "chat_template.json", where).get("chat_template")
-        else:
-            alt = None
-        template = cfg.get("chat_template", alt)
-        chat_template = template if template is None or isinstance(template, (str, list)) else None
         for typ in types:
             flag = cfg.get(f"add_{typ}_token")
             if isinstance(flag, bool) and typ not in add:
@@ -446,8 +440,6 @@ def _special_vocab(files: Mapping[str, bytes], tj: dict | None, tok_config: dict
             content = entry.get("content") if isinstance(entry, dict) else entry
             if isinstance(content, str):
                 set_id(typ, next((a.get("id") for a in added_tokens if a.get("content") == content), None))
-    else:
-        chat_template = None
     for typ in types:  # config.json fills what the tokenizer config left open
         tid = config.get(f"{typ}_token_id")
         if tid is None and isinstance(config.get("text_config"), dict):
@@ -561,6 +553,47 @@ def _post_processor_flags(post: Any, cfg: dict | None, add: dict[str, bool], typ
                         cfg["sep_token"] = eos
 
 
+def _chat_template_field(files: Mapping[str, bytes], tok_config: Mapping | None, where: str) -> Any:
+    """The chat template as convert reads it (only with a tokenizer_config.json): its
+    ``chat_template``, else chat_template.jinja's or chat_template.json's; a string, a list of
+    ``{"name", "template"}``, or None."""
+    if not tok_config:
+        return None
+    if "chat_template.jinja" in files:
+        alt: Any = _text(files, "chat_template.jinja", where)
+    elif "chat_template.json" in files:
+        alt = _json(files, "chat_template.json", where).get("chat_template")
+    else:
+        alt = None
+    template = tok_config.get("chat_template", alt)
+    return template if template is None or isinstance(template, (str, list)) else None
+
+
+def chat_templates(files: Mapping[str, bytes], where: str) -> dict[str, str]:
+    """The chat templates a checkpoint's GGUF will carry, by name ("default": tokenizer.chat_template;
+    others: tokenizer.chat_template.<name>), without building the vocabulary."""
+    field = _chat_template_field(files, _json(files, "tokenizer_config.json", where), where)
+    if isinstance(field, str):
+        return {"default": field}
+    out: dict[str, GGUFKV] = {}
+    if isinstance(field, list):
+        _named_templates(field, out)
+    return {("default" if key == K.CHAT_TEMPLATE else key[len(K.CHAT_TEMPLATE) + 1:]): kv.value
+            for key, kv in out.items() if key != K.CHAT_TEMPLATES and isinstance(kv.value, str)}
+
+
+def check_chat_template(files: Mapping[str, bytes], where: str) -> None:
+    """Refuse, before any conversion work, chat templates that do not render within the limits or
+    that Jinja's sandbox refuses (so8t_core/chat_template.py), naming the file they come from."""
+    templates = chat_templates(files, where)
+    if not templates:
+        return
+    tok_config = _json(files, "tokenizer_config.json", where) or {}
+    source = "tokenizer_config.json" if "chat_template" in tok_config else \
+        "chat_template.jinja" if "chat_template.jinja" in files else "chat_template.json"
+    check_chat_templates(templates, tok_config, posixpath.join(where, source))
+
+
 def _named_templates(templates: list, out: dict[str, GGUFKV]) -> None:
     # GGUFWriter.add_chat_template() for a list of {"name", "template"}; the names are
     # sorted here (the writer iterates a set, which is not deterministic).
@@ -650,6 +683,28 @@ def tokenizer_metadata(files: Mapping[str, bytes], config: Mapping, where: str,
     if check.pre is not None:
         out[K.PRE] = GGUFKV(K.PRE, check.pre, VT.STRING)
     return list(out.values())
+
+
+def vocab_gguf(files: Mapping[str, bytes], config: Mapping, where: str, allow_mismatch: bool = False) -> bytes:
+    """A vocabulary-only GGUF of the checkpoint's tokenizer (the architecture and the tokenizer
+    keys the model GGUF carries, no tensors): llama.cpp tokenizes with it as with the model."""
+    kvs = {kv.key: kv for kv in tokenizer_metadata(files, config, where, allow_mismatch)}
+    return _vocab_gguf_image(kvs, _gguf_arch(config))
+
+
+def special_token_texts(files: Mapping[str, bytes], where: str) -> dict[str, str]:
+    """The special tokens' text by role (``bos_token``, ``eos_token``, ...), as a Hugging Face
+    tokenizer hands them to its chat template: from tokenizer_config.json, else
+    special_tokens_map.json."""
+    out: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = _json(files, name, where) or {}
+        for typ in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+            entry = cfg.get(f"{typ}_token")
+            content = entry.get("content") if isinstance(entry, dict) else entry
+            if isinstance(content, str):
+                out.setdefault(f"{typ}_token", content)
+    return out
 
 
 # --- parity: the tokenizer proven in llama.cpp -----------------------------------------------------

@@ -111,6 +111,27 @@ GATES = {
     "Q3_K_M": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
     "Q3_K_S": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
     "Q2_K": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    # The IQ mixes, by bits, as the K mixes of their size.
+    "IQ4_NL": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
+    "IQ4_XS": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
+    "IQ3_M": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
+    "IQ3_S": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
+    "IQ3_XS": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
+    "IQ3_XXS": Gate(max_mean_kld=1.5, min_top1=0.35, max_relative_rmse=0.3),
+    "Q2_K_S": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    "IQ2_M": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    "IQ2_S": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    "IQ2_XS": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    "IQ2_XXS": Gate(max_mean_kld=3.0, min_top1=0.2, max_relative_rmse=0.5),
+    "IQ1_M": Gate(max_mean_kld=5.0, min_top1=0.1, max_relative_rmse=0.7),
+    "IQ1_S": Gate(max_mean_kld=5.0, min_top1=0.1, max_relative_rmse=0.7),
+    # A dense model has no experts: MXFP4_MOE is Q8_0 throughout.
+    "MXFP4_MOE": Gate(max_mean_kld=3e-2, min_top1=0.90, max_relative_rmse=2e-2),
+    # For weights trained ternary or 1-bit, which these types hold (nearly) exactly. Any other
+    # model loses most of itself in them, and fails here by design (--no-validate publishes it).
+    "TQ2_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
+    "TQ1_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
+    "Q1_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
 }
 
 

@@ -22,10 +22,15 @@ POINTS = {
     "validate": ("tasks.validate", "check_functional", 1, "before"),  # the model loaded in llama.cpp
     "publish-upload": ("so8t_core.storage", "upload_file", 2, "after"),  # 2 files staged at the destination
     "publish-verified": ("so8t_core.publish.release", "exclusive", 1, "before"),  # all staged and verified
-    "publish-commit": ("so8t_core.storage", "move", 2, "after"),  # 2 files moved into the release
+    "publish-commit": ("so8t_core.storage", "move", 2, "after"),  # 2 files moved into the new version
     "publish-manifest": ("so8t_core.storage", "write_bytes_atomic", 1, "before"),  # moved, no manifest yet
-    "publish-latest": ("so8t_core.storage", "write_bytes_atomic", 2, "before"),  # latest.json's lock held
+    "publish-switch": ("so8t_core.storage", "write_bytes_atomic", 2, "before"),  # version complete, not current
+    "publish-cleanup": ("so8t_core.storage", "write_bytes_atomic", 2, "after"),  # switched, old versions not pruned
+    "publish-latest": ("so8t_core.storage", "write_bytes_atomic", 3, "before"),  # latest.json's lock held
 }
+# Points inside the commit, where a re-publish of the same release (new bytes, same source) is
+# killed too: the release's current version must stay readable throughout.
+COMMIT_POINTS = ("publish-commit", "publish-manifest", "publish-switch", "publish-cleanup")
 
 
 def die() -> None:

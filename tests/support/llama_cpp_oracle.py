@@ -108,7 +108,39 @@ FIXTURES = {
 }
 
 
-def llama_quantize(src: str, dst: str, ftype: int, pure=False, output_type=None, embd_type=None, overrides=()):
+def llama_imatrix_binary() -> Path:
+    """llama.cpp's llama-imatrix, built from the pinned sources by `make llama-tools`, at
+    $SO8T_LLAMA_IMATRIX (`make test` sets it). Skips the test when it is unset; fails it when it
+    names no executable."""
+    path = os.environ.get("SO8T_LLAMA_IMATRIX")
+    if not path:
+        pytest.skip("SO8T_LLAMA_IMATRIX is unset: `make test` builds llama-imatrix from the pinned llama.cpp "
+                    "(`make llama-tools`) and sets it")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"SO8T_LLAMA_IMATRIX={path} is not an executable: run `make llama-tools`", pytrace=False)
+    return Path(path)
+
+
+def llama_imatrix(model: str, text_file: str, out: str, ctx: int, chunks: int | None = None, threads: int = 2,
+                  parse_special: bool = False, timeout: float = 900) -> str:
+    """Run llama-imatrix on ``model`` over ``text_file``; returns the imatrix GGUF's path."""
+    cmd = [str(llama_imatrix_binary()), "-m", model, "-f", text_file, "-o", out, "-c", str(ctx), "-t", str(threads),
+           "--no-ppl"]
+    if chunks is not None:
+        cmd += ["--chunks", str(chunks)]
+    if parse_special:
+        cmd.append("--parse-special")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not os.path.isfile(out):
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
+        raise AssertionError(f"llama-imatrix failed (exit {proc.returncode}):\n{tail}")
+    return out
+
+
+def llama_quantize(src: str, dst: str, ftype: int, pure=False, output_type=None, embd_type=None, overrides=(),
+                   imatrix: dict[str, np.ndarray] | None = None, check: bool = True) -> int:
+    """llama_model_quantize, as llama-quantize calls it; ``imatrix``: tensor name → importance
+    (normalized as llama-quantize's loader does). Returns its status; ``check``: assert it is 0."""
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -124,7 +156,20 @@ def llama_quantize(src: str, dst: str, ftype: int, pure=False, output_type=None,
             arr[i].pattern, arr[i].type = pattern.encode(), int(qtype)
         arr[len(overrides)].pattern, arr[len(overrides)].type = None, llama_cpp.GGML_TYPE_COUNT  # terminator
         params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
+    keep = []  # the buffers the C struct points into, alive for the call
+    if imatrix is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            buf = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(buf)
+            entries[i].name, entries[i].size = name.encode(), buf.size
+            entries[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[len(imatrix)].name = None  # terminator
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    status = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if check:
+        assert status == 0, f"llama_model_quantize failed ({status}) for ftype {ftype}"
+    return status
 
 
 def assert_same_tensors(ours: str, theirs: str) -> dict:

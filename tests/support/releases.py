@@ -24,17 +24,31 @@ def local_files(tmp_path, tag: str, names=("m-Q4_K_M.gguf", "m-Q4_K_M.stats.parq
 
 
 def visible(release: str) -> dict | None:
-    """What a reader sees: None (no release) or the files, each checked against the manifest."""
-    manifest = pub.read_manifest(release)
-    if manifest is None:
+    """What a reader sees: None (no release) or the current version's files, each checked against
+    its manifest."""
+    version = pub.current_version(release)
+    if version is None:
         return None
-    for name, info in manifest["files"].items():
-        data = storage.read_bytes(storage.join(release, name))
+    for name, info in version.manifest["files"].items():
+        data = storage.read_bytes(storage.join(version.folder, name))
         assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"], name
-    return manifest["files"]
+    return version.manifest["files"]
 
 
 def listing(uri: str) -> list[str]:
+    """Every file under ``uri``, as paths below it."""
     fs, path = storage.resolve(uri)
     fs.invalidate_cache()
     return sorted(p[len(path):].lstrip("/") for p in fs.find(path, withdirs=False))
+
+
+def version_listing(release: str) -> list[str]:
+    """The files of the release's current version (its folder's listing)."""
+    version = pub.current_version(release)
+    assert version is not None, f"no complete version in {release}"
+    return listing(version.folder)
+
+
+def versions(release: str) -> list[str]:
+    """The version folders a release holds."""
+    return sorted({p.split("/", 1)[0] for p in listing(release) if p.startswith(pub.VERSION_PREFIX)})

@@ -16,7 +16,8 @@ _lock = threading.Lock()
 
 
 def record(kind: str, **figures) -> None:
-    """``kind``: faults | kill_point | concurrent_publish | secrets; ``figures``: JSON values."""
+    """``kind``: faults | kill_point | concurrent_publish | concurrent_latest | lock_takeover | secrets |
+    credentials | paths | resources; ``figures``: JSON values."""
     path = os.environ.get(ENV)
     if not path:
         return

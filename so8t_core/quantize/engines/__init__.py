@@ -10,7 +10,8 @@ Three engines produce the same bytes:
   (tests/test_simd_engine.py, benchmarks/engines.py). Types it does not speed up, and
   imatrix quantization, go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
-  checked byte for byte against ``ggml`` (tests/test_torch_engine.py).
+  checked byte for byte against ``ggml`` (tests/test_torch_engine.py). Types it has no port
+  of (the IQ, ternary and 1-bit types, MXFP4) go to ``ggml``.
 
 ``auto`` picks ``torch`` when a GPU is present, else ``simd`` when its extension is built,
 else ``ggml``.
@@ -63,9 +64,10 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml"
         return memoryview(arr).cast("B")
     rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
     if engine == "torch" and imatrix is None:  # importance-weighted quantizers are ggml's only
-        from so8t_core.quantize.engines.torch import quantize_rows as torch_quantize_rows
+        from so8t_core.quantize.engines import torch as torch_engine
 
-        return torch_quantize_rows(rows, qtype)
+        if qtype in torch_engine.SUPPORTED:
+            return torch_engine.quantize_rows(rows, qtype)
     if engine == "simd" and imatrix is None:
         from so8t_core.quantize.engines import simd as simd_engine
 

@@ -23,7 +23,8 @@ CHUNKS_PER_THREAD = 8
 
 
 @functools.lru_cache(maxsize=1)
-def _lib() -> ctypes.CDLL:
+def libggml() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base, with the quantizers' signatures declared."""
     import llama_cpp
 
     path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
@@ -52,7 +53,7 @@ class _TypeTraits(ctypes.Structure):
 
 @functools.lru_cache(maxsize=None)
 def _to_float(qtype: GGMLQuantizationType):
-    traits = _lib().ggml_get_type_traits(int(qtype)).contents
+    traits = libggml().ggml_get_type_traits(int(qtype)).contents
     block, size = GGML_QUANT_SIZES[qtype]
     if traits.blck_size != block or traits.type_size != size or not traits.to_float:
         raise RuntimeError(f"libggml's type traits for {qtype.name} do not match gguf-py's "
@@ -95,7 +96,7 @@ def run_row_chunks(nrows: int, n_threads: int | None, run) -> None:
 
 
 def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
-    return int(_lib().ggml_row_size(int(qtype), n_per_row))
+    return int(libggml().ggml_row_size(int(qtype), n_per_row))
 
 
 def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
@@ -116,7 +117,9 @@ def quantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.nda
         qw = np.ascontiguousarray(imatrix, dtype=np.float32)
         if qw.shape != (n_per_row,):
             raise ValueError(f"imatrix has shape {qw.shape}, expected ({n_per_row},)")
-    lib = _lib()
+    lib = libggml()
+    if qw is None and lib.ggml_quantize_requires_imatrix(int(qtype)):  # libggml would abort the process
+        raise ValueError(f"{qtype.name} cannot be quantized without importance data")
     lib.ggml_quantize_init(int(qtype))  # builds the IQ grids once; a no-op for other types
     rsize = row_size(qtype, n_per_row)
     out = np.empty(nrows * rsize, dtype=np.uint8)
