@@ -20,17 +20,22 @@ Mirrors ``tools/perplexity/perplexity.cpp`` of the pinned llama.cpp (``perplexit
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from so8t_core import storage
+from so8t_core.errors import ValidationError
 from so8t_core.llama_runtime import LlamaCppModel
 
 BASE_FILE_MAGIC = b"_logits_"
 # llama-perplexity computes no summary statistics over fewer scored tokens.
 MIN_SCORED_TOKENS = 100
+BUILTIN_EVAL_TEXT = "builtin"  # --eval-text's value for the text the package ships
+BUILTIN_EVAL_PATH = os.path.join(os.path.dirname(__file__), "evaluation_data", "default.txt")
 KLD_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.100, 0.050, 0.010, 0.001)
 DELTA_P_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.750, 0.250, 0.100, 0.050, 0.010, 0.001)
 _F32 = np.float32
@@ -39,6 +44,22 @@ _F32 = np.float32
 def _row_width(n_vocab: int) -> int:
     """uint16 values per stored row: two floats (scale, minimum) then the vocabulary, padded even."""
     return 2 * ((n_vocab + 1) // 2) + 4
+
+
+def read_eval_text(uri: str) -> str:
+    """The evaluation text: ``builtin`` (evaluation_data/default.txt) or any storage URI of UTF-8 text."""
+    if uri == BUILTIN_EVAL_TEXT:
+        with open(BUILTIN_EVAL_PATH, encoding="utf-8") as f:
+            return f.read()
+    data = storage.read_bytes(uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(storage.redact_uri(uri), f"the evaluation text is not UTF-8 (byte {exc.start})",
+                              "pass a UTF-8 text file") from None
+    if not text.strip():
+        raise ValidationError(storage.redact_uri(uri), "the evaluation text is empty", "pass a text of 8k tokens or more")
+    return text
 
 
 def evaluation_tokens(model: LlamaCppModel, text: str, n_ctx: int, n_chunks: int | None = None) -> np.ndarray:
