@@ -58,7 +58,8 @@ def read_eval_text(uri: str) -> str:
         raise ValidationError(storage.redact_uri(uri), f"the evaluation text is not UTF-8 (byte {exc.start})",
                               "pass a UTF-8 text file") from None
     if not text.strip():
-        raise ValidationError(storage.redact_uri(uri), "the evaluation text is empty", "pass a text of 8k tokens or more")
+        raise ValidationError(storage.redact_uri(uri), "the evaluation text is empty",
+                              "pass a text of 8k tokens or more")
     return text
 
 
@@ -333,3 +334,23 @@ def render_kl_divergence(s: KlDivergenceStatistics) -> str:
               f"RMS Δp    : {100 * s.delta_p_rms:6.3f} ± {100 * s.delta_p_rms_unc:5.3f} %",
               f"Same top p: {100 * s.same_top_p:6.3f} ± {100 * s.same_top_p_unc:5.3f} %"]
     return "\n".join(lines) + "\n"
+
+
+# Quality gates. The defaults reject a broken file, not a weak quantization: on the demo the
+# lowest mix measured (Q2_K) stays well inside them and a quant with one tensor's bytes scrambled
+# falls far outside (docs/architecture.md).
+DEFAULT_MAX_KLD = 1.0  # nats, mean KLD
+DEFAULT_MIN_SAME_TOP = 0.40  # fraction of scored tokens
+
+
+def gate_failures(stats: KlDivergenceStatistics, max_kld: float = DEFAULT_MAX_KLD,
+                  min_same_top: float = DEFAULT_MIN_SAME_TOP) -> list[str]:
+    """Why ``stats`` fail the gates (empty when they pass). NaN fails: a file whose logits are not
+    numbers is broken whatever its other figures."""
+    failures = []
+    if not stats.kld_mean <= max_kld:
+        failures.append(f"mean KLD {stats.kld_mean:.4g} is above --max-kld {max_kld:g}")
+    if not stats.same_top_p >= min_same_top:
+        failures.append(f"same top p {100 * stats.same_top_p:.2f}% is below --min-same-top "
+                        f"{100 * min_same_top:g}%")
+    return failures
