@@ -336,9 +336,9 @@ def render_kl_divergence(s: KlDivergenceStatistics) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Quality gates. The defaults reject a broken file, not a weak quantization: on the demo the
-# lowest mix measured (Q2_K) stays well inside them and a quant with one tensor's bytes scrambled
-# falls far outside (docs/architecture.md).
+# Quality gates. The defaults reject a broken file, not a weak quantization: the demo's Q2_K measured
+# a mean KLD of 0.37 and top-1 agreement of 61% on the validation passage (docs/architecture.md), while
+# a fixture's Q4_K_M with one tensor's bytes scrambled gives 4.2 nats (or NaN) and 0% same top p.
 DEFAULT_MAX_KLD = 1.0  # nats, mean KLD
 DEFAULT_MIN_SAME_TOP = 0.40  # fraction of scored tokens
 
