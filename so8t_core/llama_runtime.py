@@ -371,6 +371,10 @@ class LlamaCppModel:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.metadata: dict[str, str] = dict(self._llm.metadata)
         self.chat_template: str | None = self.metadata.get(CHAT_TEMPLATE_KEY)
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        # What llama.cpp's own tools put at the start of a sequence (llama-perplexity: every chunk).
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.bos_token = int(llama_cpp.llama_vocab_bos(vocab))
         if self.chat_template:
             # Always render the GGUF's own template (Llama may otherwise pick a
             # built-in format it guessed from the template), within limits.
