@@ -18,8 +18,10 @@ import ast
 import os
 import sys
 
+# Run as a script: its folder is on sys.path. How pieces are cut and mixed is the calibration text's.
+from build_default_calibration import group, interleave, take
+
 OUT = os.path.join(os.path.dirname(__file__), "..", "so8t_core", "validate", "evaluation_data", "default.txt")
-PIECE_CHARS = 1800  # a piece grows to about this many characters before the next kind's turn
 # (topics, characters taken): about 10,000 tokens with SmolLM2's tokenizer, 19 chunks of 512
 REFERENCE_TOPICS = (["execmodel", "customization"], 24000)
 MANUAL_TOPICS = (["debugger"], 17000)
@@ -35,36 +37,12 @@ def topics(prefix: str, names: list[str], budget: int) -> list[str]:
     return take(group(paragraphs), budget)
 
 
-def take(pieces: list[str], budget: int) -> list[str]:
-    out, used = [], 0
-    for p in pieces:
-        if used >= budget:
-            break
-        out.append(p)
-        used += len(p)
-    return out
-
-
 def cjk(prefix: str) -> list[str]:
     folder = os.path.join(prefix, "lib", "python3.12", "test", "cjkencodings")
     return [open(os.path.join(folder, f), encoding="utf-8").read().strip() for f in CJK_FILES]
 
 
-def group(parts: list[str]) -> list[str]:
-    pieces, current = [], ""
-    for p in parts:
-        current = f"{current}\n\n{p}" if current else p
-        if len(current) >= PIECE_CHARS:
-            pieces.append(current)
-            current = ""
-    return pieces + ([current] if current else [])
 
-
-def interleave(kinds: list[list[str]]) -> list[str]:
-    out = []
-    for i in range(max(len(k) for k in kinds)):
-        out += [k[i] for k in kinds if i < len(k)]
-    return out
 
 
 def main(prefix: str) -> None:
