@@ -19,6 +19,10 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # llama.cpp's own llama-imatrix and llama-perplexity, built once from the same sdist with the same flags
 # (statically, so the binaries are all that is kept): the oracles that computed importance matrices and
 # quality statistics are checked against.
+# llama.cpp's own vocabulary-only GGUFs of tokenizer families (from its models/), with its tokenizer
+# tests' inputs and expected ids: the families' real tokenizers, offline, for the tokenizer tests.
+LLAMA_VOCABS := $(CACHE)/llama.cpp-$(LLAMA_CPP_PYTHON)-vocabs
+LLAMA_VOCAB_FAMILIES := llama-bpe qwen2 gpt-2
 LLAMA_TOOLS := $(CACHE)/llama.cpp-$(LLAMA_CPP_PYTHON)-tools
 LLAMA_IMATRIX := $(LLAMA_TOOLS)/bin/llama-imatrix
 LLAMA_PERPLEXITY := $(LLAMA_TOOLS)/bin/llama-perplexity
@@ -55,6 +59,13 @@ $(LLAMA_CONVERTER): | $(LLAMA_SDIST)
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(LLAMA_CONVERTER_PATHS))
 	mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
+$(LLAMA_VOCABS): | $(LLAMA_SDIST)
+	rm -rf $(LLAMA_VOCABS) $(LLAMA_VOCABS).tmp
+	mkdir -p $(LLAMA_VOCABS).tmp
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_VOCABS).tmp --strip-components=4 --wildcards \
+		$(foreach f,$(LLAMA_VOCAB_FAMILIES),'llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/models/ggml-vocab-$(f).gguf*')
+	mv $(LLAMA_VOCABS).tmp $(LLAMA_VOCABS)
+
 # llama-imatrix and llama-perplexity: the sources extracted, built with CMake (5-15 min, once), the
 # binaries kept, complete or not at all.
 llama-tools: $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
@@ -90,8 +101,8 @@ run: $(STAMP)
 	$(BIN)/so8t-gguf chat $(DEMO_OUT)/smollm2-135m-so8t-demo --quant Q8_0 "What is the capital of France?"
 
 # The whole suite (what CI runs); the 25 slowest tests are listed at the end.
-test: $(STAMP) $(LLAMA_CONVERTER) $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
-	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) SO8T_LLAMA_IMATRIX=$(LLAMA_IMATRIX) SO8T_LLAMA_PERPLEXITY=$(LLAMA_PERPLEXITY) $(BIN)/python -m pytest -q --durations=25
+test: $(STAMP) $(LLAMA_CONVERTER) $(LLAMA_VOCABS) $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY)
+	SO8T_LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) SO8T_LLAMA_VOCABS=$(LLAMA_VOCABS) SO8T_LLAMA_IMATRIX=$(LLAMA_IMATRIX) SO8T_LLAMA_PERPLEXITY=$(LLAMA_PERPLEXITY) $(BIN)/python -m pytest -q --durations=25
 
 # What needs neither a Prefect run nor llama.cpp's inference nor racing processes (tests marked e2e): a few minutes.
 test-fast: $(STAMP) $(LLAMA_CONVERTER)

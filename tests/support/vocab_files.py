@@ -1,9 +1,12 @@
 """Tokenizers for the tests: variants of a tokenizer.json, and vocabulary-only GGUFs llama.cpp loads."""
 
 import json
+import os
+from pathlib import Path
 
 import gguf
 import llama_cpp
+import pytest
 
 FIXTURE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
 
@@ -34,3 +37,67 @@ def split_byte_level(regex: str) -> dict:
     return {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def family_vocab(family: str) -> Path:
+    """llama.cpp's vocabulary-only GGUF of a tokenizer family (``ggml-vocab-<family>.gguf``, from its
+    models/, beside its tokenizer tests' ``.inp``/``.out``), in $SO8T_LLAMA_VOCABS (`make test` and
+    `make test-fast` extract them from the pinned sdist and set it). Skips when it is unset."""
+    folder = os.environ.get("SO8T_LLAMA_VOCABS")
+    if not folder:
+        pytest.skip("SO8T_LLAMA_VOCABS is unset: `make test` extracts llama.cpp's vocabulary GGUFs and sets it")
+    path = Path(folder) / f"ggml-vocab-{family}.gguf"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: remove {folder} and run `make test` again", pytrace=False)
+    return path
+
+
+def family_test_cases(vocab: Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test cases for a family: each text with the ids the family's own Hugging
+    Face tokenizer gave it (convert_hf_to_gguf_update.py wrote them, without special tokens)."""
+    texts = vocab.with_name(vocab.name + ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = vocab.with_name(vocab.name + ".out").read_text(encoding="utf-8").split("\n")
+    texts = texts[:-1] if texts[-1] == "" else texts
+    return [(t, [int(i) for i in line.split()]) for t, line in zip(texts, ids, strict=False)]
+
+
+def bpe_family_files(vocab: Path, pre_tokenizer: dict, add_bos: bool = False, **model) -> tuple[dict[str, bytes], dict]:
+    """A byte-level BPE family's tokenizer.json rebuilt from llama.cpp's vocabulary GGUF of it (its
+    tokens and merges; control tokens as special added tokens), with ``pre_tokenizer``, a BOS added
+    by its post-processor when ``add_bos`` (Llama 3), and ``model`` options (e.g. ignore_merges);
+    and a config.json naming its BOS/EOS."""
+    reader = gguf.GGUFReader(str(vocab))
+
+    def strings(key: str) -> list[str]:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    def integer(key: str) -> int | None:
+        field = reader.fields.get(key)
+        return None if field is None else int(field.parts[-1][0])
+
+    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+    types_field = reader.fields["tokenizer.ggml.token_type"]
+    token_types = [int(types_field.parts[i][0]) for i in types_field.data]
+    control = {n for n, t in enumerate(token_types) if t == gguf.TokenType.CONTROL}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i in sorted(control)],
+          "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level, "decoder": byte_level,
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    **model, "vocab": {t: i for i, t in enumerate(tokens) if i not in control},
+                    "merges": [m.split(" ") for m in merges]}}
+    if add_bos:
+        bos = tokens[integer("tokenizer.ggml.bos_token_id")]
+        template = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}
+        tj["post_processor"] = {"type": "Sequence", "processors": [byte_level, template]}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens),
+              "bos_token_id": integer("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": integer("tokenizer.ggml.eos_token_id")}
+    return {"tokenizer.json": json.dumps(tj, ensure_ascii=False).encode()}, config
