@@ -48,6 +48,9 @@ def arm(point: str, marker: str) -> None:
 
 
 if __name__ == "__main__":
+    # As a terminal's foreground job: Ctrl-C interrupts. (A suite started in the background by a
+    # non-interactive shell hands its children SIGINT ignored, and Python then keeps it ignored.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.cli import _quiet_prefect, main
 
     _quiet_prefect(verbose=False)  # arming may import Prefect: first, what the CLI sets before it does
