@@ -67,6 +67,15 @@ def make_fixture(tmp_path_factory):
 
 
 @pytest.fixture
+def f32_validation_fails(monkeypatch) -> None:
+    """The F32 validation gate set so that no file can pass it (a mean KLD below -1)."""
+    from so8t_core.validate import checks as validation
+
+    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
+                                                                 max_relative_rmse=0.0))
+
+
+@pytest.fixture
 def quantize_calls(monkeypatch) -> list[str]:
     """The GGUF names of the tensors quantized in this process, in order: staged tensors found
     by a re-run, and work done on Dask workers, do not show here."""

@@ -53,11 +53,7 @@ def test_a_run_reports_progress_stats_summary_and_links(make_fixture, tmp_path):
         assert result["releases"][q]["version"].startswith(result["releases"][q]["uri"] + "/v-")
 
 
-def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, monkeypatch):
-    from so8t_core.validate import checks as validation
-
-    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
-                                                                 max_relative_rmse=0.0))
+def test_a_failed_validation_says_why_in_the_summary(make_fixture, tmp_path, f32_validation_fails):
     state = convert(ConvertParams(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
                                   work_dir=str(tmp_path / "w"), name="fx"), return_state=True)
     assert state.is_failed()
@@ -94,12 +90,9 @@ def test_the_deployment_s_run_shows_the_summary_and_where_the_releases_are(make_
     assert markdown["fx-q8-0-release"] == f"**fx Q8_0 release**: `{where}`" and os.path.isdir(where)
 
 
-def test_the_deployment_s_run_says_why_a_conversion_failed(make_fixture, tmp_path, monkeypatch):
+def test_the_deployment_s_run_says_why_a_conversion_failed(make_fixture, tmp_path, f32_validation_fails):
     from flows.convert_model import convert_model
-    from so8t_core.validate import checks as validation
 
-    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
-                                                                 max_relative_rmse=0.0))
     state = convert_model(ConvertParams(source=make_fixture(layers=2), output=str(tmp_path / "out"), quants=["F32"],
                                         work_dir=str(tmp_path / "w"), name="fx"), return_state=True)
     assert state.is_failed()

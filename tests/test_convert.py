@@ -115,11 +115,7 @@ def test_release_files_manifest_and_stats(make_fixture, tmp_path):
     assert card.startswith("---\ntags:\n- gguf\n- so8t") and manifest["files"]["fx-Q8_0.gguf"]["sha256"] in card
 
 
-def test_failed_validation_publishes_nothing(make_fixture, tmp_path, monkeypatch):
-    from so8t_core.validate import checks as validation
-
-    monkeypatch.setitem(validation.GATES, "F32", validation.Gate(max_mean_kld=-1.0, min_top1=1.0,
-                                                                 max_relative_rmse=0.0))
+def test_failed_validation_publishes_nothing(make_fixture, tmp_path, f32_validation_fails):
     out = tmp_path / "out"
     with pytest.raises(ValidationError, match="validation failed .*nothing was published"):
         convert(ConvertParams(source=make_fixture(), output=str(out), quants=["F32"], work_dir=str(tmp_path / "work"),
