@@ -79,19 +79,23 @@ def _json_bytes(obj: Any) -> bytes:
 
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
                      staged: Sequence[StagedTensor], imatrix: dict | None = None,
-                     lora: dict | None = None, tokenizer: dict | None = None) -> dict:
+                     lora: dict | None = None, tokenizer: dict | None = None,
+                     evaluation: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
     used (``imatrix``: its summary: sha256, entries, the tensors it had no entry for, and what
     it was computed on when the run computed it), and, when llama.cpp does not reproduce the
     tokenizer (converted with --allow-tokenizer-mismatch), the tokenizer check that says so
-    (``tokenizer``: the analysis')."""
+    (``tokenizer``: the analysis'), and the evaluation against the F32 model (``evaluation``:
+    llama-perplexity's --kl-divergence statistics, the text and settings, the gates)."""
     manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
                 "validation": validation,
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
                 "imatrix": imatrix}
     if lora is not None:
         manifest["lora"] = lora
+    if evaluation is not None:
+        manifest["evaluation"] = evaluation
     if tokenizer is not None and not tokenizer["parity"]["ok"]:
         manifest["tokenizer_mismatch"] = tokenizer
     return manifest
