@@ -6,13 +6,16 @@ a re-run with nothing changed reads and writes none of them (the card would read
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from prefect import task
 
-from so8t_core.constants import BPW_PLOT, CONVERTER, ERRORS_PLOT, bits_per_weight
+from so8t_core.constants import BPW_PLOT, CONVERTER, ERRORS_PLOT, MODEL_CARD_NAME, SIZE_KLD_PLOT, bits_per_weight
 from so8t_core.gguf_file import read_gguf
 from so8t_core.publish import release
-from so8t_core.publish.model_card import gguf_card_facts, render_model_card
-from so8t_core.publish.plots import plot_bits_per_weight, plot_tensor_errors
+from so8t_core.publish.model_card import gguf_card_facts, overview_rows, render_model_card, render_model_overview
+from so8t_core.publish.plots import plot_bits_per_weight, plot_size_vs_kld, plot_tensor_errors
 from so8t_core.publish.stats import write_stats
 from so8t_core.refs import FileRef, StagedTensor, inputs_key, made_files
 from so8t_core.storage import redact_uri
@@ -85,5 +88,30 @@ def publish_release(files: dict[str, FileRef], uri: str, manifest: dict) -> tupl
 
 
 @task(name="publish-latest", **STORAGE_RETRIES)
-def publish_latest(dest: str, model: str, entries: dict[str, dict]) -> FileRef:
-    return release.update_latest(dest, model, entries)
+def publish_latest(dest: str, model: str, entries: dict[str, dict], analysis: dict | None = None,
+                   model_gguf: FileRef | None = None) -> FileRef:
+    """latest.json, and with ``analysis`` the model's own card (``<dest>/<model>/README.md``: every
+    quant latest.json names, from its release's manifest) and its size/KLD plot, under one lock."""
+    if analysis is None:
+        return release.update_latest(dest, model, entries)
+    facts = gguf_card_facts(read_gguf(model_gguf.uri).metadata) if model_gguf else {}
+
+    def model_files(quants: dict[str, dict]) -> dict[str, bytes]:
+        manifests = {}
+        for q, entry in quants.items():
+            uri = release.entry_release(dest, model, entry)
+            manifests[q] = release.read_manifest(uri) if uri else None
+        rows = overview_rows(model, quants, {q: m for q, m in manifests.items() if m})
+        plot = SIZE_KLD_PLOT.format(name=model)
+        out = {}
+        if any(r["kld_mean"] is not None for r in rows):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, plot)
+                plot_size_vs_kld(rows, f"{model}: file size against mean KLD from F32", path)
+                with open(path, "rb") as f:
+                    out[plot] = f.read()
+        out[MODEL_CARD_NAME] = render_model_overview(model, rows, analysis, facts, CONVERTER,
+                                                     plot if plot in out else None).encode("utf-8")
+        return out
+
+    return release.update_latest(dest, model, entries, model_files)

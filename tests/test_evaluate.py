@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gguf
 import numpy as np
@@ -22,7 +23,9 @@ import tasks.evaluate
 from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.errors import ValidationError
+from so8t_core.publish.model_card import DEFAULT_RUN_CTX, kv_cache_bytes, verdict
 from so8t_core.publish.release import LATEST_NAME, read_manifest
+from so8t_core.publish.report import human_size
 from so8t_core.refs import file_ref
 from so8t_core.validate.perplexity import (
     DEFAULT_MAX_KLD,
@@ -144,3 +147,41 @@ def test_an_evaluation_text_too_short_is_one_line(make_fixture, tmp_path):
                               quants=["Q8_0"], run_validation=False, eval_text=str(text), eval_ctx=N_CTX,
                               eval_chunks=2))
     assert not os.path.exists(tmp_path / "out" / "ckpt")
+
+
+def card_rows(card: str) -> dict[str, list[str]]:
+    """The quant table of the model's card: quant → its cells, in the card's order."""
+    rows = {}
+    for line in card.splitlines():
+        if m := re.match(r"^\| \[fx-(?P<quant>[A-Z0-9_]+)\.gguf\]", line):
+            rows[m["quant"]] = [c.strip() for c in line.strip("|").split("|")]
+    return rows
+
+
+def test_the_model_card_lists_every_published_quant_with_the_figures_of_its_record(run):
+    root, _, _, _, _, _ = run
+    folder = root / "out" / "fx"
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license:" in front and "pipeline_tag: text-generation" in front and "quantized_by:" in front
+    assert "- gguf" in front
+    rows = card_rows(card)
+    assert list(rows) == ["Q8_0", "Q5_K_M"]  # published only, largest first
+    latest = json.loads((folder / LATEST_NAME).read_text())["quants"]
+    hp = json.loads((release(root / "out", "fx", "Q8_0") / "analysis.json").read_text())["hyperparameters"]
+    for q, cells in rows.items():
+        manifest = read_manifest(str(release(root / "out", "fx", q).parent))
+        stats = manifest["evaluation"]["statistics"]
+        size = manifest["files"][f"fx-{q}.gguf"]["size"]
+        assert cells[0] == f"[fx-{q}.gguf]({latest[q]['release']})"
+        assert cells[1] == human_size(size)
+        assert float(cells[2]) == pytest.approx(manifest["bits_per_weight"], abs=0.005)
+        assert cells[3] == human_size(size + kv_cache_bytes(hp, min(DEFAULT_RUN_CTX, hp["context_length"])))
+        assert float(cells[4]) == pytest.approx(stats["ppl_ratio"], abs=5e-5)
+        assert float(cells[5]) == pytest.approx(stats["kld_mean"], abs=5e-5)
+        assert float(cells[6].rstrip("%")) == pytest.approx(100 * stats["same_top_p"], abs=5e-3)
+        assert cells[7] == verdict(q, stats["kld_mean"])
+    plot = folder / "fx.size-vs-kld.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(fx.size-vs-kld.png)" in card
+    assert "The largest that fits in memory" in card and "llama-server -m" in card and "ollama create" in card
+    assert "lms import" in card

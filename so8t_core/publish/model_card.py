@@ -42,7 +42,9 @@ def gguf_card_facts(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if template and "<|im_end|>" in template:
         stops.insert(0, "<|im_end|>")
     imatrix = {k: metadata.get(f"quantize.imatrix.{k}") for k in ("file", "dataset", "entries_count", "chunks_count")}
+    languages = metadata.get("general.languages")
     return {"license": metadata.get("general.license"), "base_models": bases, "chat_template": template,
+            "languages": [str(x) for x in languages] if isinstance(languages, (list, tuple)) else [],
             "stop_tokens": list(dict.fromkeys(stops)), "imatrix": imatrix if imatrix["file"] else None}
 
 
@@ -203,4 +205,118 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
                   f"so8t-gguf inspect {name}.so8t-heads.gguf", "```", "",
                   "The sidecar holds each head's weight and bias (F32) and its label names; apply them to the "
                   "per-token embeddings llama.cpp computes after `output_norm`.", ""]
+    return "\n".join(lines)
+
+
+# --- The model's own card: every published quant on one page ----------------------------------
+
+# The context llama-cli and llama-server run with when none is given (-c; common.h's n_ctx): the
+# KV cache the recommendation adds to each file's size is sized for it (or the model's own, if shorter).
+DEFAULT_RUN_CTX = 4096
+BASE_QUANTS = ("F32", "BF16", "F16")  # the unquantized files: the evaluation's base and its peers
+# The verdict's thresholds on mean KLD (nats), from the tightest up.
+VERDICTS = ((0.01, "excellent"), (0.05, "good"), (0.2, "fair"))
+
+
+def verdict(quant: str, kld_mean: float | None) -> str:
+    """One word for a quant's quality (the card states the rule)."""
+    if quant == "F32":
+        return "base"
+    if kld_mean is None:
+        return "unevaluated"
+    return next((word for limit, word in VERDICTS if kld_mean < limit), "poor")
+
+
+def kv_cache_bytes(hyperparameters: Mapping[str, Any], n_ctx: int) -> int:
+    """llama.cpp's F16 KV cache for ``n_ctx`` tokens: K and V, every layer, every KV head."""
+    hp = hyperparameters
+    return 2 * 2 * hp["layers"] * hp["kv_heads"] * hp["head_dim"] * n_ctx
+
+
+def overview_rows(model: str, quants: Mapping[str, Mapping[str, Any]],
+                  manifests: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per published quant (latest.json's entries, their releases' manifests), largest first."""
+    rows = []
+    for q, entry in quants.items():
+        m = manifests.get(q)
+        if m is None:
+            continue
+        ggufs = [n for n in m["files"] if n.startswith(f"{model}-{q}") and n.endswith(".gguf")]
+        stats = (m.get("evaluation") or {}).get("statistics") or {}
+        rows.append({"quant": q, "file": entry["gguf"], "release": entry["release"],
+                     "size": sum(m["files"][n]["size"] for n in ggufs), "bits_per_weight": m.get("bits_per_weight"),
+                     "ppl_ratio": stats.get("ppl_ratio"), "kld_mean": stats.get("kld_mean"),
+                     "same_top_p": stats.get("same_top_p"),
+                     "evaluation": (m.get("evaluation") or {}).get("settings"),
+                     "gate": (m.get("evaluation") or {}).get("gate")})
+    return sorted(rows, key=lambda r: (-r["size"], r["quant"]))
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render_model_overview(model: str, rows: Sequence[Mapping[str, Any]], analysis: Mapping[str, Any],
+                          facts: Mapping[str, Any], converter: str, plot: str | None) -> str:
+    """``<dest>/<model>/README.md``: Hugging Face front matter, every published quant with its size
+    and quality against the F32 model, the size/KLD plot, the recommendation, and how to run one."""
+    hp = analysis["hyperparameters"]
+    n_ctx = min(DEFAULT_RUN_CTX, hp["context_length"] or DEFAULT_RUN_CTX)
+    kv = kv_cache_bytes(hp, n_ctx)
+    front = ["---"]
+    if facts.get("base_models"):
+        front += ["base_model:"] + [f"- {_yaml_str(b)}" for b in facts["base_models"]]
+        front.append("base_model_relation: quantized")
+    front.append(f"license: {_yaml_str(facts.get('license') or 'other')}")
+    if facts.get("languages"):
+        front += ["language:"] + [f"- {_yaml_str(lang)}" for lang in facts["languages"]]
+    front += ["tags:", "- gguf", "- so8t", "- llama.cpp", f"- {analysis['gguf_architecture']}",
+              "pipeline_tag: text-generation", f"quantized_by: {_yaml_str(converter)}", "---"]
+    lines = [*front, "", f"# {model} (GGUF)", "",
+             f"Every published quantization of {model}, converted by {converter}: standard "
+             f"`{analysis['gguf_architecture']}` GGUF files that unmodified llama.cpp, Ollama and LM Studio load. "
+             "Each quant is its own release (`<fingerprint>/<quant>/`) with its own card, files and manifest.", "",
+             "## Quants", ""]
+    settings = next((r["evaluation"] for r in rows if r["evaluation"]), None)
+    if settings:
+        lines += [f"Quality is measured against the F32 model as `llama-perplexity --kl-divergence` does, on "
+                  f"`{settings['text']}` (sha256 `{settings['text_sha256'][:16]}…`, chunks of {settings['ctx']} "
+                  f"tokens, at most {settings['max_chunks']}): PPL ratio is PPL(Q)/PPL(F32), mean KLD the "
+                  "KL divergence of the next-token distributions in nats, same top p how often both pick the "
+                  "same most likely token.", ""]
+    lines += [f"| file | size | bits/weight | memory at {n_ctx} ctx | PPL ratio | mean KLD | same top p | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = None if r["same_top_p"] is None else 100 * r["same_top_p"]
+        lines.append(f"| [{r['file']}]({r['release']}) | {human_size(r['size'])} | "
+                     f"{_figure(r['bits_per_weight'], '.2f')} | {human_size(r['size'] + kv)} | "
+                     f"{_figure(r['ppl_ratio'], '.4f')} | {_figure(r['kld_mean'], '.4f')} | "
+                     f"{_figure(same, '.2f')}{'' if same is None else '%'} | {verdict(r['quant'], r['kld_mean'])} |")
+    gate = next((r["gate"] for r in rows if r["gate"]), None)
+    lines += ["", "Verdict: mean KLD below " + ", ".join(f"{limit:g} {word}" for limit, word in VERDICTS)
+              + ", else poor; F32 is the base."
+              + (f" Quality gates: a quant with a mean KLD above {gate['max_kld']:g} or a same top p below "
+                 f"{100 * gate['min_same_top']:g}% is not published." if gate else ""), ""]
+    if plot:
+        lines += [f"![size against mean KLD]({plot})", "",
+                  "*File size against mean KLD from the F32 model (F32/BF16 marked): lower left is better.*", ""]
+    lines += ["## Which one to use", "",
+              f"The largest that fits in memory. Memory needed ≈ the file plus llama.cpp's KV cache "
+              f"({human_size(kv)} at the default context of {n_ctx} tokens: F16 K and V, {hp['layers']} layers × "
+              f"{hp['kv_heads']} KV heads × {hp['head_dim']}; it grows linearly with `-c`), the table's memory "
+              "column. Below about 4 bits per weight quality drops fast; check the mean KLD column.", "",
+              "## Download and run one quant", ""]
+    example = rows[-1]["file"] if rows else f"{model}-Q8_0.gguf"
+    for r in rows:
+        if r["quant"] == "Q4_K_M":
+            example = r["file"]
+    release = next((r["release"] for r in rows if r["file"] == example), "<fingerprint>/<quant>/")
+    lines += ["Each release's `current.json` names its current version folder, which holds the file:", "",
+              "```sh", f"so8t-gguf chat <dest>/{model} \"Hello\" --quant {example[len(model) + 1:-5]}"
+              "   # fetches and runs it", "```", "",
+              f"or copy `{release}<version>/{example}` and run it with llama.cpp:", "", "```sh",
+              f"llama-cli -m {example} -cnv", f"llama-server -m {example} -c {n_ctx} --port 8080"
+              "   # OpenAI-compatible API", "```", "",
+              f"Ollama: a `Modelfile` with `FROM ./{example}` (the release's own card has the full one), then "
+              f"`ollama create {model} -f Modelfile` and `ollama run {model}`. LM Studio: `lms import {example}`.", ""]
     return "\n".join(lines)

@@ -78,3 +78,27 @@ def plot_bits_per_weight(staged: Sequence[StagedTensor], title: str, path: str) 
     fig.savefig(path, format="png", metadata=_PNG_METADATA)
     plt.close(fig)
     return path
+
+
+def plot_size_vs_kld(rows: Sequence[dict], title: str, path: str) -> str:
+    """Each published quant's file size against its mean KLD from the F32 model (the model card's
+    ``overview_rows``); F32 and BF16 marked. A KLD of 0 sits on the linear part of the scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for r in rows:
+        if r.get("kld_mean") is None:
+            continue
+        base = r["quant"] in ("F32", "BF16")
+        x, y = r["size"] / 1e6, r["kld_mean"]
+        ax.scatter([x], [y], s=70 if base else 30, marker="*" if base else "o",
+                   color="#c44e52" if base else "#4c72b0", zorder=3)
+        ax.annotate(r["quant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KLD vs F32 (nats)")
+    ax.set_title(title, wrap=True)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata=_PNG_METADATA)
+    plt.close(fig)
+    return path
