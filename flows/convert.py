@@ -38,6 +38,7 @@ from so8t_core.constants import (
     SIDECAR_NAME,
     STATS_NAME,
     VALIDATION_NAME,
+    quant_type,
 )
 from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import NO_SPLIT, Split
@@ -45,7 +46,7 @@ from so8t_core.plan import TensorPlan
 from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, release_uri
 from so8t_core.quantize.calibration import measured_weights
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix
-from so8t_core.quantize.mixes import MixOptions, ModelShape, check_imatrix_requirements, mix_types
+from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, check_imatrix_requirements, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
 from so8t_core.storage import check_writable, default_cache_dir, redact_uri
@@ -373,7 +374,8 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
         common[imatrix.name] = imatrix.computed.file
     releases, latest = {}, {}
     for q in quants:
-        release_files = _release_files(run, model, staged[q], files, q, validations, evaluations, common)
+        release_files = _release_files(run, src, model, staged[q], files, q, validations, evaluations, common,
+                                       imatrix.summary(q) if imatrix else None)
         manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q],
                                     imatrix.summary(q) if imatrix else None, model.analysis.get("lora"),
                                     model.analysis["tokenizer"], evaluations.get(q))
@@ -406,9 +408,9 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     return releases, latest_ref
 
 
-def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Files, q: str,
+def _release_files(run: Run, src: SourceRef, model: Model, staged: list[StagedTensor], files: Files, q: str,
                    validations: dict[str, dict], evaluations: dict[str, dict],
-                   common: dict[str, FileRef]) -> dict[str, FileRef]:
+                   common: dict[str, FileRef], imatrix: dict | None) -> dict[str, FileRef]:
     """A release's files (name → ref): the GGUF(s), the analysis and sidecar, the stats, the
     validation report, the plots and the model card written from all of them."""
     qdir = os.path.join(files.out_dir, q)
@@ -430,8 +432,28 @@ def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Fi
         os.path.join(qdir, MODEL_CARD_NAME), run.name, model.analysis, out,
         [os.path.basename(r.uri) for r in files.ggufs[q]],
         {q: validations[q]} if q in validations else {}, max_bake_error({q: staged}), model.fingerprint,
-        CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots])
+        CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots],
+        mix_report(run, model, staged, q, imatrix), src)
     return out
+
+
+def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatrix: dict | None) -> dict:
+    """What the card says of the mix: tensors and bytes per type, the tensors whose rows did not
+    fit the rules' type (and what they got), the llama.cpp whose bytes these are, the imatrix."""
+    import llama_cpp
+
+    types: dict[str, dict] = {}
+    for s in staged:
+        t = types.setdefault(s.ggml_type, {"tensors": 0, "bytes": 0})
+        t["tensors"] += 1
+        t["bytes"] += s.nbytes
+    fell: list = []
+    shapes = [(p.gguf_name, p.shape) for p in model.plan]
+    assign_types(shapes, quant_type(q), ModelShape.from_analysis(model.analysis), run.options, fell)
+    rows = dict(shapes)
+    return {"quant": q, "types": types, "llama_cpp": llama_cpp.__version__, "imatrix": imatrix,
+            "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": int(rows[n][-1])}
+                          for n, w, g in fell]}
 
 
 # --- Small helpers ---------------------------------------------------------------------------

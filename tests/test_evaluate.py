@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import gguf
 import numpy as np
@@ -41,6 +42,21 @@ QUANTS = ["Q8_0", "Q4_K_M", "Q5_K_M"]
 CORRUPTED = "Q4_K_M"
 SCRAMBLED = "blk.1.ffn_down.weight"
 N_CTX, N_CHUNKS = 128, 3
+SOURCE_CARD = """---
+license: apache-2.0
+language: [en, ja]
+base_model: example-org/fx-base
+---
+# fx
+
+## Intended use
+Research on rotation-gated attention. Not for production.
+"""
+# A template with a default system turn, as SmolLM2's: the card's prompt format must show it.
+SYSTEM_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful fixture."
+                   "<|im_end|>\\n' }}{% endif %}{% for message in messages %}{{ '<|im_start|>' + message['role'] + "
+                   "'\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def scramble(path: str, name: str) -> None:
@@ -56,7 +72,11 @@ def scramble(path: str, name: str) -> None:
 @pytest.fixture(scope="module")
 def run(make_fixture, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    source = make_fixture(layers=2, hidden=256, intermediate=512, seed=3)
+    source = str(root / "fx")
+    shutil.copytree(make_fixture(layers=2, hidden=256, intermediate=512, seed=3), source)
+    (root / "fx" / "README.md").write_text(SOURCE_CARD, encoding="utf-8")
+    config = json.loads((root / "fx" / "tokenizer_config.json").read_text())
+    (root / "fx" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SYSTEM_TEMPLATE}))
     params = ConvertParams(source=source, output=str(root / "out"), work_dir=str(root / "work"), name="fx",
                            quants=QUANTS, run_validation=False, eval_ctx=N_CTX, eval_chunks=N_CHUNKS)
     real_assemble = flows.convert.assemble_gguf
@@ -185,3 +205,23 @@ def test_the_model_card_lists_every_published_quant_with_the_figures_of_its_reco
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(fx.size-vs-kld.png)" in card
     assert "The largest that fits in memory" in card and "llama-server -m" in card and "ollama create" in card
     assert "lms import" in card
+
+
+def test_each_quants_card_says_what_the_mix_became_and_how_to_prompt_and_run_it(run):
+    root, _, _, _, _, _ = run
+    folder = release(root / "out", "fx", "Q5_K_M")
+    card = (folder / "README.md").read_text()
+    tensors = gguf.GGUFReader(str(folder / "fx-Q5_K_M.gguf")).tensors
+    for t in {t.tensor_type.name for t in tensors}:  # every type in the file, with its tensor count and bytes
+        n = sum(1 for x in tensors if x.tensor_type.name == t)
+        size = human_size(sum(int(x.n_bytes) for x in tensors if x.tensor_type.name == t))
+        assert f"| {t} | {n} | {size} |" in card, t
+    assert "llama.cpp 0.3.36" in card and "Importance matrix: none" in card
+    assert "fell back" not in card  # rows of 256 and 512 fit every K type
+    prompt = card.split("## Prompt format")[1]
+    assert "<|im_start|>system\nYou are a helpful fixture.<|im_end|>\n<|im_start|>user\nHello<|im_end|>" in prompt
+    assert 'so8t-gguf heads fx-Q5_K_M.gguf fx.so8t-heads.gguf "' in card and "--quant Q5_K_M" in card
+    assert "> Research on rotation-gated attention. Not for production." in card
+    overview = (root / "out" / "fx" / "README.md").read_text().split("---")[1]
+    assert '- "example-org/fx-base"' in overview and "base_model_relation: quantized" in overview
+    assert 'license: "apache-2.0"' in overview and '- "ja"' in overview

@@ -70,8 +70,12 @@ def _tokenizer_lines(t: Mapping[str, Any] | None) -> list[str]:
 def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Mapping[str, Any]],
                       validations: Mapping[str, Mapping[str, Any]], max_bake_error: float,
                       source_fingerprint: str, converter: str, facts: Mapping[str, Any] | None = None,
-                      plots: Sequence[tuple[str, str]] = ()) -> str:
-    """``facts``: from :func:`gguf_card_facts`; ``plots``: (file name, caption) pairs."""
+                      plots: Sequence[tuple[str, str]] = (), extras: Mapping[str, Any] | None = None) -> str:
+    """``facts``: from :func:`gguf_card_facts`; ``plots``: (file name, caption) pairs; ``extras``:
+    what the mix became (``types``, ``fallbacks``), ``llama_cpp`` (the version whose bytes these
+    are), ``imatrix`` (the manifest's summary), ``prompt`` (the chat template rendered),
+    ``source_card`` (the checkpoint's own README.md) and ``quant``."""
+    extras = extras or {}
     hp = analysis["hyperparameters"]
     so8t = analysis.get("so8t")
     facts = facts or {}
@@ -152,6 +156,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     if extra:
         lines.append(f"- Other SO8T classifier heads, kept unchanged in `{name}.so8t-heads.gguf`: "
                      + ", ".join(f"`{n}`" for n in extra) + ".")
+    lines += _mix_lines(extras)
     lines += ["", "## Files", "", "| file | size | bits per weight | sha256 |", "|---|---|---|---|"]
     for f in files:
         bpw = f"{f['bits_per_weight']:.2f}" if f.get("bits_per_weight") else "—"
@@ -200,12 +205,77 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     else:
         lines.append("The checkpoint has no chat template: this is a plain text-completion model.")
     lines += ["", "LM Studio:", "", "```sh", f"lms import {example}", "```", ""]
+    if extras.get("prompt"):
+        lines += ["## Prompt format", "",
+                  "What the file's chat template makes of one user message (`Hello`), default system turn "
+                  "included; an Ollama `TEMPLATE` must keep it:", "", "```text", extras["prompt"].rstrip("\n"),
+                  "```", ""]
     if analysis["triality_heads"]:
-        lines += ["Triality heads:", "", "```sh",
+        quant = extras.get("quant", "Q8_0")
+        lines += ["Triality heads (task, safety, authority outputs at the last token, from llama.cpp's final "
+                  "hidden state):", "", "```sh",
+                  f"so8t-gguf heads {example} {name}.so8t-heads.gguf \"Is this request safe?\" --quant {quant}",
                   f"so8t-gguf inspect {name}.so8t-heads.gguf", "```", "",
                   "The sidecar holds each head's weight and bias (F32) and its label names; apply them to the "
                   "per-token embeddings llama.cpp computes after `output_norm`.", ""]
+    if extras.get("source_card"):
+        lines += ["## The source model's card", "",
+                  "Carried over unchanged from the checkpoint's README.md (its intended use, limitations and "
+                  "license apply to these files too):", ""]
+        lines += ["> " + line if line else ">" for line in extras["source_card"].strip().splitlines()]
+        lines.append("")
     return "\n".join(lines)
+
+
+def source_card_text(readme: bytes | None, limit: int = 20_000) -> str | None:
+    """The body of a checkpoint's README.md (its YAML front matter left out), at most ``limit``
+    characters; None when it has none."""
+    if not readme:
+        return None
+    text = readme.decode("utf-8", errors="replace")
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        text = text[end + 4:] if end >= 0 else text
+    text = text.strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "\n\n[… cut at 20,000 characters: see the source's README.md]"
+    return text or None
+
+
+def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
+    """What the mix became, type by type; the tensors that fell back from the mix's types and why;
+    the llama.cpp version; the importance matrix."""
+    lines: list[str] = []
+    types = extras.get("types")
+    if types:
+        total = sum(t["bytes"] for t in types.values()) or 1
+        lines += ["", "## What the mix became", "",
+                  f"The {extras.get('quant', '')} mix's rules (llama-quantize's, "
+                  f"llama.cpp {extras.get('llama_cpp', '?')}: these are the bytes it writes) gave these types:", "",
+                  "| type | tensors | bytes | share of the file's tensor bytes |", "|---|---|---|---|"]
+        for t, v in sorted(types.items(), key=lambda kv: (-kv[1]["bytes"], kv[0])):
+            lines.append(f"| {t} | {v['tensors']} | {human_size(v['bytes'])} | {100 * v['bytes'] / total:.1f}% |")
+    fallbacks = extras.get("fallbacks") or []
+    if fallbacks:
+        by_change: dict[tuple[str, str, int], int] = {}
+        for f in fallbacks:
+            key = (f["wanted"], f["got"], f["row_length"])
+            by_change[key] = by_change.get(key, 0) + 1
+        lines += ["", f"> **Warning: {len(fallbacks)} tensors fell back from the mix's types.** Their rows do not "
+                  "fit the type's blocks, so llama.cpp uses another type, as llama-quantize does:"]
+        for (wanted, got, row), n in sorted(by_change.items()):
+            lines.append(f"> - {n} × {wanted} → {got}: rows of {row} are not a multiple of {wanted}'s block")
+        lines.append("> The file is then larger (and usually better) than the mix's name suggests; see the table.")
+    imatrix = extras.get("imatrix")
+    if types:
+        if imatrix:
+            computed = imatrix.get("computed")
+            on = ", ".join(map(str, computed["calibration"])) if computed else None
+            lines += ["", f"- Importance matrix: yes, sha256 `{imatrix.get('sha256')}`"
+                      + (f", computed on {on}" if on else "") + "."]
+        else:
+            lines += ["", "- Importance matrix: none (llama-quantize's plain quantizers)."]
+    return lines
 
 
 # --- The model's own card: every published quant on one page ----------------------------------
