@@ -396,8 +396,7 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
         artifacts.summary(run.name, **_facts(run, model, staged, validations), releases={}, failure=failure)
         raise ValidationError(run.source, f"quality gates failed ({detail}); nothing was published",
                               "see the evaluation in the run's log, or loosen --max-kld / --min-same-top")
-    latest_ref = publish_latest(run.params.output, run.name, latest, model.analysis,
-                                files.ggufs[next(iter(releases))][0])
+    latest_ref = publish_latest(run.params.output, run.name, latest, model.analysis, src)
     artifacts.summary(run.name, **_facts(run, model, staged, validations), releases=releases,
                       **({"failure": failure} if failure else {}))
     artifacts.release_links(run.name, releases)

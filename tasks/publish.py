@@ -11,6 +11,8 @@ import tempfile
 
 from prefect import task
 
+from so8t_core.assemble.metadata import general_kvs
+from so8t_core.assemble.model import model_card_files
 from so8t_core.chat_template import ChatTemplateError, render_chat
 from so8t_core.constants import BPW_PLOT, CONVERTER, ERRORS_PLOT, MODEL_CARD_NAME, SIZE_KLD_PLOT, bits_per_weight
 from so8t_core.gguf_file import read_gguf
@@ -122,12 +124,19 @@ def publish_release(files: dict[str, FileRef], uri: str, manifest: dict) -> tupl
 
 @task(name="publish-latest", **STORAGE_RETRIES)
 def publish_latest(dest: str, model: str, entries: dict[str, dict], analysis: dict | None = None,
-                   model_gguf: FileRef | None = None) -> FileRef:
+                   source: SourceRef | None = None) -> FileRef:
     """latest.json, and with ``analysis`` the model's own card (``<dest>/<model>/README.md``: every
-    quant latest.json names, from its release's manifest) and its size/KLD plot, under one lock."""
+    quant latest.json names, from its release's manifest) and its size/KLD plot, under one lock.
+    Its license, base model and languages are the general.* keys the GGUFs hold, made again from the
+    checkpoint's card and config (cheap; reading a GGUF's metadata decodes its whole vocabulary)."""
     if analysis is None:
         return release.update_latest(dest, model, entries)
-    facts = gguf_card_facts(read_gguf(model_gguf.uri).metadata) if model_gguf else {}
+    facts = {}
+    if source is not None:
+        ckpt = open_checkpoint(source.uri, source.fingerprint)
+        general = general_kvs(analysis["gguf_architecture"], model, model_card_files(ckpt),
+                              analysis["parameters"]["total"])
+        facts = gguf_card_facts({kv.key: kv.value for kv in general})
 
     def model_files(quants: dict[str, dict]) -> dict[str, bytes]:
         manifests = {}
