@@ -432,7 +432,7 @@ def _release_files(run: Run, src: SourceRef, model: Model, staged: list[StagedTe
         [os.path.basename(r.uri) for r in files.ggufs[q]],
         {q: validations[q]} if q in validations else {}, max_bake_error({q: staged}), model.fingerprint,
         CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots],
-        mix_report(run, model, staged, q, imatrix), src)
+        {**mix_report(run, model, staged, q, imatrix), "evaluation": evaluations.get(q)}, src)
     return out
 
 

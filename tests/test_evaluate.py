@@ -222,6 +222,8 @@ def test_each_quants_card_says_what_the_mix_became_and_how_to_prompt_and_run_it(
     assert "<|im_start|>system\nYou are a helpful fixture.<|im_end|>\n<|im_start|>user\nHello<|im_end|>" in prompt
     assert 'so8t-gguf heads fx-Q5_K_M.gguf fx.so8t-heads.gguf "' in card and "--quant Q5_K_M" in card
     assert "> Research on rotation-gated attention. Not for production." in card
+    stats = evaluation(root, "Q5_K_M")["statistics"]
+    assert f"| {stats['ppl_ratio']:.4f} ± {stats['ppl_ratio_unc']:.4f} | {stats['kld_mean']:.4f} ±" in card
     overview = (root / "out" / "fx" / "README.md").read_text().split("---")[1]
     assert '- "example-org/fx-base"' in overview and "base_model_relation: quantized" in overview
     assert 'license: "apache-2.0"' in overview and '- "ja"' in overview

@@ -182,6 +182,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
                   "code, emoji) from the GGUF into exactly the ids the checkpoint's Hugging Face tokenizer gives."]
     else:
         lines.append("Not validated in this run (`--no-validate`).")
+    lines += _evaluation_lines(extras.get("evaluation"))
     if plots:
         lines += ["", "## Plots", ""]
         for file, caption in plots:
@@ -225,6 +226,22 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
         lines += ["> " + line if line else ">" for line in extras["source_card"].strip().splitlines()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _evaluation_lines(record: Mapping[str, Any] | None) -> list[str]:
+    """The evaluation against the F32 model, as llama-perplexity --kl-divergence reports it."""
+    if not record:
+        return []
+    st, se = record["statistics"], record["settings"]
+    return ["", "## Quality against the F32 model", "",
+            f"On `{se['text']}` (sha256 `{se['text_sha256'][:16]}…`), {st['n_chunk']} chunks of {st['n_ctx']} tokens, "
+            f"{st['count']} scored, computed as `llama-perplexity --kl-divergence` does "
+            f"({'passed' if record['passed'] else 'FAILED'} the gates: mean KLD ≤ {record['gate']['max_kld']:g}, "
+            f"same top p ≥ {100 * record['gate']['min_same_top']:g}%):", "",
+            "| PPL(Q)/PPL(F32) | mean KLD | 99% KLD | max KLD | RMS Δp | same top p |", "|---|---|---|---|---|---|",
+            f"| {st['ppl_ratio']:.4f} ± {st['ppl_ratio_unc']:.4f} | {st['kld_mean']:.4f} ± {st['kld_unc']:.4f} | "
+            f"{st['kld_percentiles']['99.0']:.4f} | {st['kld_max']:.4f} | {100 * st['delta_p_rms']:.3f}% | "
+            f"{100 * st['same_top_p']:.2f} ± {100 * st['same_top_p_unc']:.2f}% |"]
 
 
 def source_card_text(readme: bytes | None, limit: int = 20_000) -> str | None:
