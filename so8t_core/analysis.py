@@ -154,7 +154,8 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
 def expert_report(spec, plan) -> dict[str, Any] | None:
     """A mixture of experts' shape and its parameters by class (routed experts, router, shared expert), and
     how many a token uses: the dense part, the router, the shared expert and ``used`` of the routed experts.
-    None for a dense model. Counts are of the converted base model (no SO8T gates or heads)."""
+    None for a dense model. Counts are of the converted base model (no SO8T gates or heads); ``per_expert``
+    is one expert in every layer (what gguf-py's size label counts)."""
     if not spec.n_experts:
         return None
     routed = sum(p.n_elements for p in plan if "_exps." in p.gguf_name)

@@ -145,7 +145,7 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
     plan += merged_experts(experts, spec, layer_shapes)
     plan += generated_tensors(spec, where)
 
-    present = {n for p in plan for n in (p.sources or (p.source,))}
+    present = {p.source for p in plan} | {n for by_expert in experts.values() for n in by_expert.values()}
     missing = [f"model.layers.{i}.{t}" for i in range(spec.n_layers) for t in required
                if f"model.layers.{i}.{t}" not in present]
     missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in present]
