@@ -93,6 +93,8 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
         assert all(t.shape[-1] == experts for t in exps.values())  # GGUF order: experts last
         assert ("blk.1.ffn_gate_inp_shexp.weight" in names) == (kwargs["arch"] == "qwen2moe")
         assert result["validation"]["F32"]["tokenizer"]["ok"]
+        card = (gguf_path(tmp_path / "out", "fx", "F32").parent / "README.md").read_text()
+        assert f"{experts} experts per layer, 2 used per token" in card and "Active parameters per token" in card
     if case == "qwen2-896-tied":
         assert len(g.value("tokenizer.ggml.tokens")) == 384  # 360 real tokens + 24 padding entries
 

@@ -115,7 +115,7 @@ FIXTURES = {
     "mixtral-256-8x": dict(arch="mixtral", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=256, experts=8,
                            vocab=320),
     "qwen2moe-256": dict(arch="qwen2moe", layers=2, hidden=256, heads=4, kv_heads=4, intermediate=256,
-                         expert_intermediate=256, shared_intermediate=512, vocab=320),
+                         expert_intermediate=256, shared_intermediate=256, vocab=320),
 }
 
 
