@@ -259,6 +259,11 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         raise UnsupportedError(where, f"base architecture {hf_arch[:80]} is not supported",
                                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
     _check_rope(config, where)
+    if hf_arch == "Gemma2ForCausalLM":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key in config and config[key] is None:  # transformers: no capping; absent: its default
+                raise UnsupportedError(where, f"config.json: {key} is null (no soft-capping), but llama.cpp's Gemma 2 "
+                                              "always soft-caps", f"set {key} to the model's cap")
 
     config = with_transformers_defaults(config, hf_arch)
     hidden = _int(config, "hidden_size", where)
