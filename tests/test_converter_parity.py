@@ -106,6 +106,8 @@ CASES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "so8t-gemma2-pre": (dict(arch="gemma2", so8t=True), ("f32",)),
     "so8t-gemma2-post": (dict(arch="gemma2", so8t=True, position="post_o_proj", layers=3, gated_layers=(1,)),
                          ("f32",)),
+    # BF16 weights: the +1 of the norms in float32, as convert adds it (not in BF16)
+    "gemma2-bf16": (dict(arch="gemma2", dtype="bfloat16"), ("f32",)),
     # Gemma 3: q/k norms (+1 too), two RoPE bases (global, sliding), the global layers' linear scaling and
     # final soft-capping when set, lm_head dropped (tied); SentencePiece or a byte-level BPE.
     "gemma3": (dict(arch="gemma3", head_dim=32), ("f32",)),
