@@ -37,7 +37,7 @@ def convert_sequential(ckpt: Checkpoint, quant: str, out_path: str, staging_dir:
     q = quant_type(quant)
     types = mix_types(plan, [q.name], ModelShape.from_spec(spec), options)[q.name]
     staged = [stage_tensor(ckpt, p, [(q.name, t)], staging_dir,
-                           [source.tensor_sha256[n] for n in (p.source, p.gate, p.bias_source) if n], engine)[0]
+                           [source.tensor_sha256[n] for n in p.inputs], engine)[0]
               for p, t in zip(plan, types)]
     name = name or model_folder_name(ckpt.uri, "model")  # as convert names a model after its folder
     arch, kvs = model_metadata(ckpt, q, name, source.fingerprint, staged)
