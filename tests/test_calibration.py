@@ -126,8 +126,8 @@ def test_the_imatrix_file_is_read_back_as_llama_quantize_reads_it(tmp_path):
 def test_the_weights_an_imatrix_measures():
     tensors = [("token_embd.weight", (512, 64)), ("output.weight", (512, 64)), ("output_norm.weight", (64,)),
                ("blk.0.attn_q.weight", (64, 64)), ("blk.0.attn_q.bias", (64,)), ("blk.0.attn_norm.weight", (64,)),
-               ("blk.0.ffn_down.weight", (64, 128))]
-    assert measured_weights(tensors) == {"blk.0.attn_q.weight", "blk.0.ffn_down.weight"}
+               ("blk.0.ffn_down.weight", (64, 128)), ("blk.1.ffn_up_exps.weight", (4, 128, 64))]
+    assert measured_weights(tensors) == {"blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.ffn_up_exps.weight"}
 
 
 def test_the_builtin_text_is_varied_and_long_enough_and_tokenizes(make_fixture):

@@ -217,9 +217,10 @@ def check_enough_tokens(n_tokens: int, n_ctx: int, where: str) -> None:
 
 
 def measured_weights(names_shapes: Sequence[tuple[str, Sequence[int]]]) -> set[str]:
-    """The weights llama-imatrix records: the matrices of the blocks, which multiply activations
-    (not token_embd, a lookup, nor output, which it skips by default)."""
-    return {n for n, shape in names_shapes if len(shape) == 2 and n.startswith("blk.") and n.endswith(".weight")}
+    """The weights llama-imatrix records: the matrices of the blocks, which multiply activations,
+    the 3-D expert stacks too (MUL_MAT_ID) — not token_embd, a lookup, nor output, which it skips
+    by default."""
+    return {n for n, shape in names_shapes if len(shape) in (2, 3) and n.startswith("blk.") and n.endswith(".weight")}
 
 
 # --- the computation ----------------------------------------------------------------------------
