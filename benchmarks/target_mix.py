@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -52,8 +53,12 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--eval-chunks", type=int, default=None, help="at most this many chunks of the evaluation text")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--probe-chunks", type=int, default=0,
+                    help="measure a KLD gain per tensor class with probes over this many chunks (0: no gains)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
+
+    from gguf import GGMLQuantizationType as T
 
     from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.llama_runtime import LlamaCppModel
@@ -89,6 +94,10 @@ def main() -> None:
         eval_tokens = evaluation_tokens(model, read_eval_text(BUILTIN_EVAL_TEXT), N_CTX, args.eval_chunks)
         base = base_log_probs(model, eval_tokens, N_CTX)
 
+    def base_log_probs_for(path: str, tokens) -> object:
+        with LlamaCppModel(path, n_ctx=N_CTX, n_threads=args.threads) as m:
+            return base_log_probs(m, tokens, N_CTX)
+
     def kld(path: str) -> float:
         with LlamaCppModel(path, n_ctx=N_CTX, n_threads=args.threads) as m:
             return kl_divergence(m, base).kld_mean
@@ -96,6 +105,31 @@ def main() -> None:
     t0 = time.perf_counter()
     tensors = target.measure_gguf(f32, imatrix, cache_dir=os.path.join(work, "damage"), n_threads=args.threads)
     measure_s = time.perf_counter() - t0
+    gains = {}
+    if args.probe_chunks:
+        # One probe per tensor class: that class at its probe type (≈4.5 bpw), every other tensor Q8_0;
+        # gain = (its KLD - the all-Q8_0 file's) / the class's summed damage at the probe type.
+        from so8t_core.quantize.mixes import category
+
+        probe_base = base_log_probs_for(f32, eval_tokens[:args.probe_chunks * N_CTX])
+        weights = [t for t in tensors if len(t.options) > 1]
+
+        def probe(cls: str | None) -> tuple[float, float]:
+            types = {t.name: target.probe_type(t) if category(t.name) == cls else T.Q8_0 for t in weights}
+            recipe = tuple((f"^{re.escape(n)}$", q) for n, q in types.items())
+            path = os.path.join(work, f"probe-{cls}.gguf")
+            convert_sequential(ckpt, "Q8_0", path, staging, options=MixOptions(tensor_types=recipe, has_imatrix=True),
+                               imatrix=imatrix)
+            damage = sum(d for t in weights if category(t.name) == cls for q, _, d in t.options if q == types[t.name])
+            with LlamaCppModel(path, n_ctx=N_CTX, n_threads=args.threads) as m:
+                return kl_divergence(m, probe_base).kld_mean, damage
+
+        floor, _ = probe(None)
+        for cls in sorted({category(t.name) for t in weights}):
+            kld_cls, damage = probe(cls)
+            gains[cls] = max(kld_cls - floor, 0.0) / damage if damage else 1.0
+        print("gains", gains, flush=True)
+        tensors = target.with_gains(tensors, gains)
     rows = []
     for mix in args.mixes.split(","):
         mix_file = os.path.join(work, f"{mix}.gguf")
@@ -115,7 +149,8 @@ def main() -> None:
                      os.path.getsize(mix_file), os.path.getsize(auto_file)))
         print(rows[-1], flush=True)
     print(f"\n{args.model}: {len(eval_tokens)} evaluation tokens (n_ctx {N_CTX}), imatrix on {args.chunks} chunks "
-          f"of the built-in calibration text; damage measured in {measure_s:.1f} s ({args.threads} threads)\n")
+          f"of the built-in calibration text; damage measured in {measure_s:.1f} s ({args.threads} threads); "
+          f"class gains from probes on {args.probe_chunks} chunks: {gains or 'none'}\n")
     print("| mix | bpw (mix / AUTO) | damage (mix / AUTO) | mean KLD mix | mean KLD AUTO | AUTO / mix | "
           "file bytes (mix / AUTO) |")
     print("|---|---|---|---|---|---|---|")

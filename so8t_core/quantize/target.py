@@ -174,6 +174,21 @@ def measure_gguf(path: str, imatrix=None, cache_dir: str | None = None, max_rows
     return out
 
 
+def probe_type(t: TensorOptions) -> T:
+    """The type a gain probe gives a tensor: its candidate nearest 4.5 bits per weight (Q4_K, Q4_0)."""
+    return min(t.options, key=lambda o: (abs(8.0 * o[1] / t.n_elements - 4.5), o[1]))[0]
+
+
+def with_gains(tensors: Sequence[TensorOptions], gains: Mapping[str, float]) -> list[TensorOptions]:
+    """The damages scaled by a gain per tensor class (``mixes.category``: attn_q, ffn_down, output…),
+    e.g. measured KLD per unit of damage from probes (one class quantized, the rest near-lossless):
+    the relative noise of one layer's output does not move the logits as much as another's."""
+    from so8t_core.quantize.mixes import category
+
+    return [TensorOptions(t.name, t.shape, tuple((q, b, d * gains.get(category(t.name), 1.0)) for q, b, d in t.options))
+            for t in tensors]
+
+
 def total_bytes(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> int:
     return sum(next(b for q, b, _ in t.options if q == types[t.name]) for t in tensors)
 
