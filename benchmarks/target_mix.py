@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -58,8 +57,6 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
 
-    from gguf import GGMLQuantizationType as T
-
     from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.llama_runtime import LlamaCppModel
     from so8t_core.quantize import target
@@ -67,6 +64,7 @@ def main() -> None:
     from so8t_core.quantize.imatrix import load_imatrix, write_imatrix
     from so8t_core.quantize.mixes import MixOptions
     from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.validate.gains import class_gains
     from so8t_core.validate.perplexity import (
         BUILTIN_EVAL_TEXT,
         base_log_probs,
@@ -107,28 +105,10 @@ def main() -> None:
     measure_s = time.perf_counter() - t0
     gains = {}
     if args.probe_chunks:
-        # One probe per tensor class: that class at its probe type (≈4.5 bpw), every other tensor Q8_0;
-        # gain = (its KLD - the all-Q8_0 file's) / the class's summed damage at the probe type.
-        from so8t_core.quantize.mixes import category
-
+        t0 = time.perf_counter()
         probe_base = base_log_probs_for(f32, eval_tokens[:args.probe_chunks * N_CTX])
-        weights = [t for t in tensors if len(t.options) > 1]
-
-        def probe(cls: str | None) -> tuple[float, float]:
-            types = {t.name: target.probe_type(t) if category(t.name) == cls else T.Q8_0 for t in weights}
-            recipe = tuple((f"^{re.escape(n)}$", q) for n, q in types.items())
-            path = os.path.join(work, f"probe-{cls}.gguf")
-            convert_sequential(ckpt, "Q8_0", path, staging, options=MixOptions(tensor_types=recipe, has_imatrix=True),
-                               imatrix=imatrix)
-            damage = sum(d for t in weights if category(t.name) == cls for q, _, d in t.options if q == types[t.name])
-            with LlamaCppModel(path, n_ctx=N_CTX, n_threads=args.threads) as m:
-                return kl_divergence(m, probe_base).kld_mean, damage
-
-        floor, _ = probe(None)
-        for cls in sorted({category(t.name) for t in weights}):
-            kld_cls, damage = probe(cls)
-            gains[cls] = max(kld_cls - floor, 0.0) / damage if damage else 1.0
-        print("gains", gains, flush=True)
+        gains = class_gains(ckpt, tensors, probe_base, os.path.join(work, "probes"), imatrix, args.threads)
+        print("gains", gains, f"in {time.perf_counter() - t0:.0f} s", flush=True)
         tensors = target.with_gains(tensors, gains)
     rows = []
     for mix in args.mixes.split(","):
@@ -150,7 +130,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\n{args.model}: {len(eval_tokens)} evaluation tokens (n_ctx {N_CTX}), imatrix on {args.chunks} chunks "
           f"of the built-in calibration text; damage measured in {measure_s:.1f} s ({args.threads} threads); "
-          f"class gains from probes on {args.probe_chunks} chunks: {gains or 'none'}\n")
+          f"class gains from probes on {args.probe_chunks} chunks: "
+          f"{ {k: round(v, 3) for k, v in gains.items()} or 'none'}\n")
     print("| mix | bpw (mix / AUTO) | damage (mix / AUTO) | mean KLD mix | mean KLD AUTO | AUTO / mix | "
           "file bytes (mix / AUTO) |")
     print("|---|---|---|---|---|---|---|")
