@@ -4,6 +4,7 @@ llama_model_quantize write the same bytes as we do from our F32 GGUF and the sam
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -98,3 +99,22 @@ def test_llama_quantize_with_the_recipe_writes_the_same_bytes(model):
     assert written == {name: t.name for name, t in types.items()}
     assert len(set(written.values())) > 3  # a real mix of types, not one
     assert os.path.getsize(ours) <= os.path.getsize(str(root / "fx-Q4_K_M.gguf"))
+
+
+def test_dry_run_prints_types_and_size_and_writes_nothing(make_fixture, tmp_path):
+    from support.cli import assert_one_line_error, run
+
+    src = make_fixture(**FIXTURES["llama-256"])
+    out = tmp_path / "out"
+    proc = run("convert", src, "--output", str(out), "--quant", "Q4_K_M", "--quant", "Q8_0", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    q4 = {t["name"]: t["type"] for t in report["Q4_K_M"]["tensors"]}
+    assert q4["output.weight"] == q4["blk.0.ffn_down.weight"] == "Q6_K" and q4["blk.1.attn_q.weight"] == "Q4_K"
+    assert set(t["type"] for t in report["Q8_0"]["tensors"]) == {"Q8_0", "F32"}
+    assert 4.5 < report["Q4_K_M"]["bits_per_weight"] < report["Q8_0"]["bits_per_weight"] < 8.6
+    assert not out.exists()
+    text = run("convert", src, "--output", str(out), "--quant", "Q4_K_M", "--dry-run")
+    assert text.returncode == 0 and "blk.0.ffn_down.weight" in text.stdout and "bits per weight" in text.stdout
+    assert_one_line_error(run("convert", src, "--quant", "Q9_X", "--dry-run"), "Q9_X")
+    assert_one_line_error(run("convert", src, "--quant", "IQ2_XXS", "--dry-run"), "importance matrix")
