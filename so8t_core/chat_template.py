@@ -7,7 +7,8 @@ So a template is rendered here in a child process (llama-cpp-python's own format
 is the one ``Llama.create_chat_completion`` would build), with a CPU and address-space limit, killed
 after :data:`RENDER_SECONDS`; output past :data:`MAX_PROMPT_CHARS` is refused as it is produced.
 
-``chat`` renders through :func:`render_chat`, and a conversion checks up front
+``chat`` renders through :func:`render_chat`, calibration chat records through
+:func:`render_conversations` (transformers' renderer, as the fine-tune saw them), and a conversion checks up front
 (:func:`check_chat_templates`) that each of the checkpoint's templates renders a one-message
 conversation within the limits, so that a release never carries a template that cannot; a template
 that does not, or that the sandbox refuses, is one line naming the file.
@@ -120,6 +121,79 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], bos_token:
             "use the base model's chat template" if result["error"] in ("security", "syntax") else ""
         raise ChatTemplateError("the chat template", result["message"], hint, result["error"])
     return result["prompt"]
+
+
+# The child for calibration chats: transformers' renderer (what ``apply_chat_template`` writes, no
+# generation prompt), every conversation in one process. Reads {template, conversations, special,
+# max_chars, memory, seconds}; writes {"prompts"} or {"error", "message", "index"}.
+_CONVERSATIONS_CHILD = r"""
+import json, resource, sys
+
+request = json.loads(sys.stdin.read())
+from transformers.utils.chat_template_utils import render_jinja_template
+
+try:
+    with open("/proc/self/status") as status:
+        size = int(next(line.split()[1] for line in status if line.startswith("VmSize:"))) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + request["memory"],) * 2)
+except (OSError, ValueError, StopIteration):
+    pass
+resource.setrlimit(resource.RLIMIT_CPU, (request["seconds"], request["seconds"] + 1))
+
+prompts = []
+result = None
+for index, conversation in enumerate(request["conversations"]):
+    try:
+        rendered, _ = render_jinja_template([conversation], chat_template=request["template"], **request["special"])
+    except MemoryError:
+        result = {"error": "memory", "message": f"needs more than {request['memory'] >> 20} MiB to render"}
+    except RecursionError:
+        result = {"error": "recursion", "message": "recurses without end"}
+    except Exception as exc:  # the template's own errors (raise_exception, undefined names), the sandbox's
+        result = {"error": "template", "message": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    else:
+        if len(rendered[0]) > request["max_chars"] + 2 * sum(len(m["content"]) for m in conversation):
+            result = {"error": "output", "message": f"renders more than {request['max_chars']} characters "
+                      "beyond the messages' own"}
+        prompts.append(rendered[0])
+    if result is not None:
+        result["index"] = index
+        break
+sys.stdout.write(json.dumps(result or {"prompts": prompts}))
+"""
+RENDER_SECONDS_PER_CONVERSATION = 0.1  # a render takes about a millisecond
+
+
+def render_conversations(template: str, conversations: Sequence[Sequence[Mapping[str, str]]],
+                         special: Mapping[str, str]) -> list[str]:
+    """Each conversation as transformers' ``apply_chat_template`` renders it (no generation
+    prompt; ``special``: the special tokens' text), in one child process within limits of time
+    (:data:`RENDER_SECONDS` plus a tenth of a second per conversation), memory and output per
+    conversation. A conversation the template cannot render is a :class:`ChatTemplateError`
+    whose ``index`` says which."""
+    payload = json.dumps({"template": template, "conversations": [list(c) for c in conversations],
+                          "special": dict(special), "max_chars": MAX_PROMPT_CHARS})
+    seconds = int(RENDER_SECONDS + RENDER_SECONDS_PER_CONVERSATION * len(conversations))
+    memory = MEMORY_BYTES + 8 * len(payload)  # the request itself, parsed, and the prompts it makes
+    request = payload[:-1] + f', "memory": {memory}, "seconds": {seconds}}}'
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-c", _CONVERSATIONS_CHILD], input=request,
+                              capture_output=True, text=True, timeout=seconds + 5)
+    except subprocess.TimeoutExpired:
+        raise ChatTemplateError("the chat template", f"does not render the {len(conversations)} conversation(s) within "
+                                f"{seconds} s", LIMITS_HINT, "time") from None
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        raise ChatTemplateError("the chat template", f"does not render within the limits ({seconds} s of CPU, "
+                                f"{memory >> 20} MiB; the renderer ended with status {proc.returncode})",
+                                LIMITS_HINT, "time") from None
+    if "error" in result:
+        error = ChatTemplateError("the chat template", result["message"],
+                                  LIMITS_HINT if result["error"] != "template" else "", result["error"])
+        error.index = result["index"]
+        raise error
+    return result["prompts"]
 
 
 def _token_text(value: Any) -> str:

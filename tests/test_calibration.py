@@ -158,3 +158,23 @@ def test_the_builtin_text_holds_none_of_the_validation_text():
     sentences = [s for s in re.split(r"(?<=[.!?。])\s*|\n", VALIDATION_TEXT + "\n" + PARITY_TEXT) if len(s) > 12]
     assert len(sentences) > 15
     assert [s for s in sentences if s in text] == []
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", ["does not render"]),
+    ("{{ 'x' * 2000000000 }}", ["MiB"]),
+    ("{% for m in messages %}{{ raise_exception('no ' + m.role) if m.role == 'system' else m.content }}"
+     "{% endfor %}", ["line 2", "cannot render this record", "no system"]),
+])
+def test_a_chat_template_renders_calibration_records_within_limits(tmp_path, monkeypatch, template, words):
+    """The template is the checkpoint's code: it renders in a child process with a time and memory
+    limit (an endless loop, a huge string are one line after seconds), and a record it refuses is
+    named by its line."""
+    import so8t_core.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 2)
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT[1:]}, {"messages": CHAT}])
+    with pytest.raises(CalibrationError) as err:
+        read_calibration([path], chat_template=template)
+    line = err.value.one_line()
+    assert all(w in line for w in words) and "chats.jsonl" in line, line

@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from so8t_core import storage
+from so8t_core.chat_template import ChatTemplateError, render_conversations
 from so8t_core.errors import CalibrationError, UnsupportedError
 
 # Part of the imatrix stage's cache key: bump when the same tokens and model may give other sums.
@@ -77,7 +78,7 @@ def read_calibration(uris: Sequence[str], chat_template: str | None = None,
     """Read every calibration source (see the module doc); bad input is a one-line error naming
     the source (and the line of a JSONL record)."""
     documents: list[str] = []
-    chat = False
+    chats: list[tuple[int, str, int, list]] = []  # (position in documents, uri, line, messages)
     for uri in uris:
         data = builtin_text() if uri == BUILTIN else storage.read_bytes(uri)
         try:
@@ -93,12 +94,17 @@ def read_calibration(uris: Sequence[str], chat_template: str | None = None,
             if isinstance(record.get("text"), str):
                 documents.append(record["text"])
             elif isinstance(record.get("messages"), list):
-                documents.append(_render_chat(uri, line, record["messages"], chat_template, special_tokens or {}))
-                chat = True
+                chats.append((len(documents), uri, line, _checked_messages(uri, line, record["messages"],
+                                                                            chat_template)))
+                documents.append("")
             else:
                 raise CalibrationError(f"{storage.redact_uri(uri)}: line {line}", "a JSONL record with neither "
                                        "a 'text' string nor a 'messages' list",
                                        'write {"text": "..."} or {"messages": [{"role": ..., "content": ...}]}')
+    if chats:
+        for (position, _, _, _), prompt in zip(chats, _render_chats(chats, chat_template, special_tokens or {})):
+            documents[position] = prompt
+    chat = bool(chats)
     documents = [d for d in documents if d]
     if not documents:
         raise CalibrationError(", ".join(storage.redact_uri(u) for u in uris), "no calibration text in it",
@@ -144,9 +150,7 @@ def _jsonl_records(uri: str, text: str) -> list[tuple[int, dict]] | None:
     return records
 
 
-def _render_chat(uri: str, line: int, messages: list, template: str | None, special: Mapping[str, str]) -> str:
-    """A chat record as the fine-tune saw it: the checkpoint's chat template, rendered as
-    transformers' ``apply_chat_template`` renders it (the special tokens' text passed in)."""
+def _checked_messages(uri: str, line: int, messages: list, template: str | None) -> list:
     where = f"{storage.redact_uri(uri)}: line {line}"
     if not template:
         raise CalibrationError(where, "a chat record, but the checkpoint has no chat template",
@@ -155,18 +159,24 @@ def _render_chat(uri: str, line: int, messages: list, template: str | None, spec
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise CalibrationError(where, f"a message that is not a role/content pair: {str(m)[:SHOWN_CHARS]}",
                                    'each message: {"role": "user", "content": "..."}')
+    return messages
+
+
+def _render_chats(chats: list[tuple[int, str, int, list]], template: str, special: Mapping[str, str]) -> list[str]:
+    """The chat records as the fine-tune saw them: the checkpoint's chat template, rendered as
+    transformers' ``apply_chat_template`` renders it, in a child process within limits (the
+    template is the checkpoint's code: chat_template.render_conversations)."""
     try:
-        rendered, _ = _render([messages], template, special)
-    except Exception as exc:  # the template's own errors (raise_exception, undefined names)
-        raise CalibrationError(where, f"the chat template cannot render this record ({exc})",
-                               "check the roles the template accepts") from None
-    return rendered[0]
-
-
-def _render(conversations: list, template: str, special: Mapping[str, str]):
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    return render_jinja_template(conversations, chat_template=template, **special)
+        return render_conversations(template, [messages for *_, messages in chats], special)
+    except ChatTemplateError as exc:
+        index = getattr(exc, "index", None)
+        if index is None:  # the whole render ran out of time or memory
+            raise CalibrationError(", ".join(sorted({storage.redact_uri(uri) for _, uri, _, _ in chats})),
+                                   f"the chat template {exc.problem}", exc.hint) from None
+        _, uri, line, _ = chats[index]
+        hint = exc.hint or "check the roles the template accepts"
+        raise CalibrationError(f"{storage.redact_uri(uri)}: line {line}",
+                               f"the chat template cannot render this record ({exc.problem})", hint) from None
 
 
 def calibration_tokens(ckpt, uris: Sequence[str], allow_tokenizer_mismatch: bool = False
