@@ -17,9 +17,11 @@ predicted damage:
    are uncorrelated, ``Σ_ij ΔW_ij² E[x_j²]`` is the expected ``‖Δy‖²`` and the denominator the
    expected ``‖y‖²``, so the damage is the noise-to-signal ratio the quantization adds to that
    layer's output. The ratio is scale-free, so tensors with and without an importance entry
-   (the embedding, the output) are on one scale. The predicted mean KLD is
-   ``KLD_PER_DAMAGE × Σ_t damage_t`` (small, independent perturbations add up to first order;
-   the constant was fitted on the benchmarks, docs/benchmarks.md; it changes no choice).
+   (the embedding, the output) are on one scale. How much a layer's noise moves the logits
+   depends on the layer: :func:`with_gains` scales the damage by a gain per tensor class, which
+   ``validate/gains.py`` measures with one probe per class in llama.cpp; with the gains the summed
+   damage is the predicted mean KLD (small, independent perturbations add up to first order;
+   docs/benchmarks.md compares it with the measured KLD).
    Rows are sampled (at most ``max_rows``, evenly spaced, always the same ones) so a large
    embedding costs what a layer does.
 3. **Allocation** (:func:`allocate`): each tensor starts at its smallest candidate; then, as a
@@ -43,7 +45,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -62,8 +64,6 @@ MIX_OF_TYPE = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.IQ3_S: "IQ3_S", T.IQ4_XS: "IQ
                T.Q5_1: "Q5_1", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0"}
 MAX_ROWS = 1024  # rows sampled per tensor for its damage
 DAMAGE_VERSION = "nsr/1"  # part of the cache key: bump when the measure changes
-# Predicted mean KLD (nats) per unit of summed damage; fitted on the benchmarks (docs/benchmarks.md).
-KLD_PER_DAMAGE = 1.0
 
 
 def candidate_types(name: str, shape: Sequence[int]) -> tuple[T, ...]:
@@ -198,11 +198,8 @@ def bits_per_weight(tensors: Sequence[TensorOptions], types: Mapping[str, T]) ->
 
 
 def predicted_damage(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> float:
+    """The summed damage of a choice of types: the predicted mean KLD when the damages carry gains."""
     return sum(next(d for q, _, d in t.options if q == types[t.name]) for t in tensors)
-
-
-def predicted_kld(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> float:
-    return KLD_PER_DAMAGE * predicted_damage(tensors, types)
 
 
 def budget_for_bpw(tensors: Sequence[TensorOptions], bpw: float) -> int:
@@ -300,7 +297,3 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
 def auto_label(bpw: float) -> str:
     """The release label of a bpw target: AUTO-4.89 (two decimals, as the card prints bpw)."""
     return f"AUTO-{bpw:.2f}"
-
-
-def options_by_name(tensors: Iterable[TensorOptions]) -> dict[str, TensorOptions]:
-    return {t.name: t for t in tensors}
