@@ -118,3 +118,16 @@ def test_dry_run_prints_types_and_size_and_writes_nothing(make_fixture, tmp_path
     assert text.returncode == 0 and "blk.0.ffn_down.weight" in text.stdout and "bits per weight" in text.stdout
     assert_one_line_error(run("convert", src, "--quant", "Q9_X", "--dry-run"), "Q9_X")
     assert_one_line_error(run("convert", src, "--quant", "IQ2_XXS", "--dry-run"), "importance matrix")
+
+
+def test_the_recipe_table_has_a_row_per_class_and_a_column_per_layer(model):
+    _, _, _, _, _, tensors, mix = model
+    types = target.target_types(tensors, bpw=target.bits_per_weight(tensors, mix))
+    table = target.render_recipe(tensors, types).splitlines()
+    assert table[0] == "| tensor class | not in a block | " + " | ".join(f"layer {i}" for i in range(8)) + " |"
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in table[2:] if line.startswith("| ")}
+    assert set(rows) == {"output", "token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                         "ffn_down"}
+    assert rows["ffn_down"][1:] == [types[f"blk.{i}.ffn_down.weight"].name for i in range(8)]
+    assert rows["output"][0] == types["output.weight"].name
+    assert table[-1].startswith(f"{target.bits_per_weight(tensors, types):.3f} bits per weight")

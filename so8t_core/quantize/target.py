@@ -294,6 +294,27 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
     return allocate(tensors, budget)
 
 
+def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> str:
+    """The recipe as the per-quant card shows it: a Markdown table, one row per tensor class, one
+    column per layer (the tensors outside the blocks in a column of their own), and the total."""
+    from so8t_core.quantize.mixes import category
+
+    quantized = [t for t in tensors if candidate_types(t.name, t.shape)]
+    layers = sorted({int(t.name.split(".")[1]) for t in quantized if t.name.startswith("blk.")})
+    cells: dict[str, dict[str, str]] = {}
+    for t in quantized:
+        column = t.name.split(".")[1] if t.name.startswith("blk.") else "—"
+        cells.setdefault(category(t.name), {})[column] = types[t.name].name
+    columns = ["—", *map(str, layers)] if any("—" in row for row in cells.values()) else list(map(str, layers))
+    lines = ["| tensor class | " + " | ".join("not in a block" if c == "—" else f"layer {c}" for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for cls, row in cells.items():
+        lines.append(f"| {cls} | " + " | ".join(row.get(c, "") for c in columns) + " |")
+    lines.append(f"\n{bits_per_weight(tensors, types):.3f} bits per weight, {total_bytes(tensors, types):,} bytes of "
+                 f"tensor data; predicted mean KLD {predicted_damage(tensors, types):.4g}")
+    return "\n".join(lines)
+
+
 def auto_label(bpw: float) -> str:
     """The release label of a bpw target: AUTO-4.89 (two decimals, as the card prints bpw)."""
     return f"AUTO-{bpw:.2f}"
