@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flows.convert import convert
 from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix, quant_names
 from so8t_core import storage
-from so8t_core.constants import CONVERTER
+from so8t_core.constants import CONVERTER, MODEL_CARD_NAME
 from so8t_core.errors import CatalogError, So8tError
 from so8t_core.publish.release import FINGERPRINT_CHARS, entry_release, read_latest, read_manifest
 from so8t_core.publish.report import artifact_key
@@ -281,6 +281,14 @@ def summary_markdown(catalog: str, summary: dict, dry_run: bool) -> str:
         lines.append(f"| {model} | | **failed** | {message.replace('|', '/')} |")
     for model, quants in summary["skipped"].items():
         lines += [f"| {model} | {q} | skipped | {why} |" for q, why in quants.items()]
+    if summary.get("cards"):
+        from tasks.artifacts import release_link
+
+        lines += ["", "## Model cards", ""]
+        for model, folder in summary["cards"].items():
+            url, where = release_link(folder)  # the model folder's README.md
+            lines.append(f"- {model}: [{MODEL_CARD_NAME}]({url})" if url
+                         else f"- {model}: `{where.rstrip('/')}/{MODEL_CARD_NAME}`")
     return "\n".join(lines) + "\n"
 
 
@@ -345,6 +353,10 @@ def requantize_catalog(catalog: Annotated[str, Field(json_schema_extra={"pattern
             summary["failed"][model.name], short[model.name] = _message(exc), _message(exc, hint=False)
             log.error("%s: %s", model.name, _message(exc))
 
+    if not dry_run:  # each model's own card: every quant it has published, with its quality
+        summary["cards"] = {m.name: storage.join(m.destination, m.name) for m in entries
+                            if m.name not in summary["failed"]
+                            and storage.exists(storage.join(m.destination, m.name, MODEL_CARD_NAME))}
     stem = posixpath.basename(catalog).split(".")[0]
     try:
         create_markdown_artifact(summary_markdown(catalog, summary, dry_run),

@@ -1,13 +1,15 @@
 """The conversion pipeline as a Prefect flow:
 
     fetch → analyze → importance → quantize (one task per tensor, small ones batched; in parallel) → assemble
-          → validate → publish
+          → validate → evaluate → publish
 
 The flow's body is that list; each stage is a function below it that calls the stage's tasks
 (``tasks/<stage>.py``). Tasks exchange references (URIs, sha256, sizes), never arrays.
 Quantized tensors are staged content-addressed under the work directory, so a re-run redoes
-only what changed. Nothing reaches the output URI unless every validation gate passed, and a
-release changes only by switching its pointer to a new, complete, immutable version.
+only what changed. Nothing reaches the output URI unless every validation gate passed; a quant
+that fails its quality gates (the evaluation's) is not published while the others are, and the
+run then fails naming it. A release changes only by switching its pointer to a new, complete,
+immutable version.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from so8t_core import storage
 from so8t_core.constants import (
     ANALYSIS_NAME,
     CONVERTER,
+    EVALUATION_NAME,
     IMATRIX_NAME,
     MODEL_CARD_NAME,
     SIDECAR_NAME,
     STATS_NAME,
     VALIDATION_NAME,
+    quant_type,
 )
 from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import NO_SPLIT, Split
@@ -42,14 +46,16 @@ from so8t_core.plan import TensorPlan
 from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, release_uri
 from so8t_core.quantize.calibration import measured_weights
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix
-from so8t_core.quantize.mixes import MixOptions, ModelShape, check_imatrix_requirements, mix_types
+from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, check_imatrix_requirements, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
 from so8t_core.storage import check_writable, default_cache_dir, redact_uri
 from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
+from so8t_core.validate.perplexity import KlDivergenceStatistics, gate_failures
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
 from tasks.assemble import assemble_gguf, assemble_sidecar
+from tasks.evaluate import evaluate_gguf, evaluation_base
 from tasks.fetch import fetch_checkpoint
 from tasks.importance import ComputedImatrix, compute_imatrix, tokenize_calibration
 from tasks.publish import publish_latest, publish_release, write_model_card, write_plots, write_stats_parquet
@@ -80,9 +86,11 @@ def convert(params: ConvertParams = ConvertParams()) -> dict:
     staged = quantize(run, source, model, imatrix)
     files = assemble(run, source, model, staged, imatrix)
     validations = validate(run, source, model, staged, files, imatrix)
+    # Each quant against the F32 model on the evaluation text, and the quality gates.
+    evaluations = evaluate(run, source, model, files)
 
-    # Load: one release per quant mix, and latest.json.
-    releases, latest = publish(run, source, model, staged, files, validations, imatrix)
+    # Load: one release per quant mix that passed its gates, and latest.json.
+    releases, latest = publish(run, source, model, staged, files, validations, evaluations, imatrix)
     lora = model.analysis.get("lora")
     return {"name": run.name, "output": params.output, "source": run.source, "fingerprint": model.fingerprint,
             "source_fingerprint": source.fingerprint, "releases": releases,
@@ -106,6 +114,7 @@ class Run:
     engine: str
     imatrix: Imatrix | None
     adapter: LoraAdapter | None
+    eval_text_sha256: str | None
 
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
@@ -113,7 +122,8 @@ class Run:
         check_writable(params.output)  # not found only at publish, after minutes of work
         return cls(params=params, source=params.source or demo_source(), name=inputs.name, quants=inputs.quants,
                    work_dir=params.work_dir or os.path.join(default_cache_dir(), "work"), options=inputs.options,
-                   engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter)
+                   engine=inputs.engine, imatrix=inputs.imatrix, adapter=inputs.adapter,
+                   eval_text_sha256=inputs.eval_text_sha256)
 
     @property
     def staging_dir(self) -> str:
@@ -234,12 +244,7 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
     console.stage("tokenizing the calibration text")
     tokens = tokenize_calibration(src, p.calibration, p.calibration_ctx, run.work_dir, p.allow_tokenizer_mismatch)
     console.stage(f"staging the baked model in F32 for the importance matrix ({tokens.tokens} calibration tokens)")
-    slots, threads = task_slots()
-    f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
-    staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
-                           threads, p.max_memory_gb or None, lambda done: None)["F32"]
-    f32 = assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), "calibration"), NO_SPLIT,
-                        None, p.allow_tokenizer_mismatch)[0]
+    f32 = f32_model(run, src, model, "calibration")
     console.stage("computing the importance matrix in llama.cpp")
     computed = compute_imatrix(f32, tokens, p.calibration_ctx, p.calibration_chunks or None, run.work_dir)
     tokens_seen = [c["tokens"] for c in computed.coverage.values()]
@@ -251,6 +256,17 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
     # What llama-quantize refuses, now with the entries the imatrix really has.
     check_imatrix_requirements([(t.gguf_name, t.shape) for t in model.plan], model.types, set(imatrix.entries))
     return imatrix, computed
+
+
+def f32_model(run: Run, src: SourceRef, model: Model, purpose: str) -> FileRef:
+    """The baked model in F32 (no imatrix, one file), staged and assembled in the run's folder under
+    ``purpose``: what the importance matrix is computed with and the evaluation's base."""
+    slots, threads = task_slots()
+    f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
+    staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
+                           threads, run.params.max_memory_gb or None, lambda done: None)["F32"]
+    return assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), purpose), NO_SPLIT,
+                         None, run.params.allow_tokenizer_mismatch)[0]
 
 
 def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:
@@ -312,11 +328,43 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     return validations
 
 
+def evaluate(run: Run, src: SourceRef, model: Model, files: Files) -> dict[str, dict]:
+    """Each quant's file in llama.cpp against the F32 model (the run's F32 file, else one staged
+    for it) over the evaluation text, with llama-perplexity's --kl-divergence statistics, and the
+    quality gates (--max-kld, --min-same-top) applied to them: the record of each quant."""
+    p = run.params
+    if not p.evaluates:
+        return {}
+    chunks = f"{p.eval_chunks} chunks of {p.eval_ctx} tokens"
+    console.stage(f"evaluating against the F32 model on {redact_uri(p.eval_text)} ({chunks})")
+    f32 = files.ggufs["F32"][0] if "F32" in files.ggufs else f32_model(run, src, model, "evaluation")
+    base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
+    settings = {"text": redact_uri(p.eval_text), "text_sha256": run.eval_text_sha256, "ctx": p.eval_ctx,
+                "max_chunks": p.eval_chunks, "base": "F32", "base_sha256": f32.sha256}
+    evaluate_cached = evaluate_gguf.with_options(result_storage=Path(run.work_dir) / "results")
+    gate = {"max_kld": p.max_kld, "min_same_top": p.min_same_top}
+    evaluations = {}
+    for q in run.quants:
+        record = evaluate_cached(q, files.ggufs[q][0], base, settings)
+        stats = KlDivergenceStatistics(**record["statistics"])
+        failures = gate_failures(stats, p.max_kld, p.min_same_top)
+        evaluations[q] = {**record, "gate": gate, "passed": not failures, "failures": failures}
+        run.say("evaluated %s: PPL ratio %.4f, mean KLD %.4g, same top p %.2f%% (%d tokens): %s", q, stats.ppl_ratio,
+                stats.kld_mean, 100 * stats.same_top_p, stats.count,
+                "passed" if not failures else "FAILED, not published: " + "; ".join(failures))
+        _write_json(os.path.join(files.out_dir, EVALUATION_NAME.format(name=run.name, quant=q)), evaluations[q])
+    return evaluations
+
+
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
-            validations: dict[str, dict], imatrix: Importance | None) -> tuple[dict[str, dict], FileRef]:
+            validations: dict[str, dict], evaluations: dict[str, dict],
+            imatrix: Importance | None) -> tuple[dict[str, dict], FileRef]:
     """One release per quant, ``<output>/<name>/<fingerprint>/<quant>/``: a new immutable version
     in it (with the importance matrix the run computed), then its pointer switched
-    (so8t_core/publish/release.py); then latest.json names them."""
+    (so8t_core/publish/release.py); then latest.json names them. A quant that failed its quality
+    gates is left out; the run then fails, naming it and what was published."""
+    gated = {q: e["failures"] for q, e in evaluations.items() if not e["passed"]}
+    quants = [q for q in run.quants if q not in gated]
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
@@ -325,11 +373,12 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     if imatrix is not None and imatrix.computed is not None:
         common[imatrix.name] = imatrix.computed.file
     releases, latest = {}, {}
-    for q in run.quants:
-        release_files = _release_files(run, model, staged[q], files, q, validations, common)
+    for q in quants:
+        release_files = _release_files(run, src, model, staged[q], files, q, validations, evaluations, common,
+                                       imatrix.summary(q) if imatrix else None)
         manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q],
                                     imatrix.summary(q) if imatrix else None, model.analysis.get("lora"),
-                                    model.analysis["tokenizer"])
+                                    model.analysis["tokenizer"], evaluations.get(q))
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
         version = manifest_ref.uri.rsplit("/", 1)[0]  # the immutable version current.json now names
@@ -341,14 +390,26 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
                      "release": f"{model.fingerprint[:FINGERPRINT_CHARS]}/{q}/",
                      "gguf": os.path.basename(files.ggufs[q][0].uri)}
         run.say("published %s: %d of %d files uploaded to %s", q, uploaded, len(release_files), redact_uri(release))
-    latest_ref = publish_latest(run.params.output, run.name, latest)
-    artifacts.summary(run.name, **_facts(run, model, staged, validations), releases=releases)
+    detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in gated.items())
+    failure = f"Quality gates failed: {detail}." if gated else None
+    if not latest:  # every quant failed its gates: nothing to name
+        artifacts.summary(run.name, **_facts(run, model, staged, validations), releases={}, failure=failure)
+        raise ValidationError(run.source, f"quality gates failed ({detail}); nothing was published",
+                              "see the evaluation in the run's log, or loosen --max-kld / --min-same-top")
+    latest_ref = publish_latest(run.params.output, run.name, latest, model.analysis, src)
+    artifacts.summary(run.name, **_facts(run, model, staged, validations), releases=releases,
+                      **({"failure": failure} if failure else {}))
     artifacts.release_links(run.name, releases)
+    if gated:
+        raise ValidationError(run.source, f"quality gates failed ({detail}); not published: {', '.join(gated)}; "
+                              f"published: {', '.join(releases)}",
+                              "see the evaluation in the run's log, or loosen --max-kld / --min-same-top")
     return releases, latest_ref
 
 
-def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Files, q: str,
-                   validations: dict[str, dict], common: dict[str, FileRef]) -> dict[str, FileRef]:
+def _release_files(run: Run, src: SourceRef, model: Model, staged: list[StagedTensor], files: Files, q: str,
+                   validations: dict[str, dict], evaluations: dict[str, dict],
+                   common: dict[str, FileRef], imatrix: dict | None) -> dict[str, FileRef]:
     """A release's files (name → ref): the GGUF(s), the analysis and sidecar, the stats, the
     validation report, the plots and the model card written from all of them."""
     qdir = os.path.join(files.out_dir, q)
@@ -360,6 +421,9 @@ def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Fi
     if q in validations:
         report = VALIDATION_NAME.format(name=run.name, quant=q)
         out[report] = file_ref(os.path.join(files.out_dir, report))
+    if q in evaluations:
+        record = EVALUATION_NAME.format(name=run.name, quant=q)
+        out[record] = file_ref(os.path.join(files.out_dir, record))
     plots = write_plots(run.name, q, staged, qdir)
     out.update(plots)
     artifacts.plots(run.name, q, {n: r.uri for n, r in plots.items()})
@@ -367,8 +431,28 @@ def _release_files(run: Run, model: Model, staged: list[StagedTensor], files: Fi
         os.path.join(qdir, MODEL_CARD_NAME), run.name, model.analysis, out,
         [os.path.basename(r.uri) for r in files.ggufs[q]],
         {q: validations[q]} if q in validations else {}, max_bake_error({q: staged}), model.fingerprint,
-        CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots])
+        CONVERTER, files.ggufs[q][0], [(n, PLOT_CAPTIONS[n.rsplit(".", 2)[-2]].format(quant=q)) for n in plots],
+        {**mix_report(run, model, staged, q, imatrix), "evaluation": evaluations.get(q)}, src)
     return out
+
+
+def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatrix: dict | None) -> dict:
+    """What the card says of the mix: tensors and bytes per type, the tensors whose rows did not
+    fit the rules' type (and what they got), the llama.cpp whose bytes these are, the imatrix."""
+    import llama_cpp
+
+    types: dict[str, dict] = {}
+    for s in staged:
+        t = types.setdefault(s.ggml_type, {"tensors": 0, "bytes": 0})
+        t["tensors"] += 1
+        t["bytes"] += s.nbytes
+    fell: list = []
+    shapes = [(p.gguf_name, p.shape) for p in model.plan]
+    assign_types(shapes, quant_type(q), ModelShape.from_analysis(model.analysis), run.options, fell)
+    rows = dict(shapes)
+    return {"quant": q, "types": types, "llama_cpp": llama_cpp.__version__, "imatrix": imatrix,
+            "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": int(rows[n][-1])}
+                          for n, w, g in fell]}
 
 
 # --- Small helpers ---------------------------------------------------------------------------

@@ -27,16 +27,27 @@ from so8t_core.errors import So8tError, UnsupportedError
 from so8t_core.quantize.calibration import DEFAULT_CTX, MIN_ROWS
 from so8t_core.quantize.engines import ENGINES
 from so8t_core.storage import NAME_PATTERN, NAME_RULE, redact_uri, refuse_credentials
+from so8t_core.validate.perplexity import (
+    BUILTIN_EVAL_TEXT,
+    DEFAULT_EVAL_CHUNKS,
+    DEFAULT_EVAL_CTX,
+    DEFAULT_MAX_KLD,
+    DEFAULT_MIN_SAME_TOP,
+)
 
 RUNNERS = ("threads", "dask")
 # A URI with credentials in it (scheme://user:secret@host/...). The form and the Prefect server
 # check the schema before a run is created, so such a value never reaches a run's stored
 # parameters; in Python the fields' validator refuses it (pydantic's own patterns cannot look ahead).
 NO_CREDENTIALS_PATTERN = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
-URI_FIELDS = ("source", "output", "work_dir", "imatrix", "lora", "dask_address")
+URI_FIELDS = ("source", "output", "work_dir", "imatrix", "lora", "dask_address", "eval_text")
 URI_LIST_FIELDS = ("calibration",)  # lists of URIs
 SIZE_PATTERN = r"^\s*[0-9]+\s*[KkMmGg]?\s*$"
 ADDRESS_PATTERN = r"^\s*[a-z]+://\S+\s*$"
+# The evaluation's chunk count when none is given. SO8T_EVAL_CHUNKS changes it: the test suite sets 0
+# (no evaluation) so that its many conversions of tiny fixtures do not each pay for one; the tests of
+# the evaluation ask for it (docs/cli.md).
+EVAL_CHUNKS = int(os.environ.get("SO8T_EVAL_CHUNKS", DEFAULT_EVAL_CHUNKS))
 # What a value that does not match a field's pattern is told.
 PATTERN_RULES = {
     "name": NAME_RULE,
@@ -167,6 +178,28 @@ class ConvertParams(BaseModel):
         0, ge=0, title="Calibration chunks",
         description="Compute on at most this many chunks of the calibration text (llama-imatrix's --chunks; "
                     "0: all).")
+    eval_text: Annotated[str, Cli(metavar="URI")] = Field(
+        BUILTIN_EVAL_TEXT, title="Evaluation text", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
+        description="Plain UTF-8 text every quant is evaluated on against the F32 model, as llama-perplexity "
+                    "--kl-divergence does: any fsspec URL, or the word builtin for the text so8t-gguf ships "
+                    "(docs/validation.md; none of it is calibration or validation text).")
+    eval_ctx: Annotated[int, Cli(metavar="N")] = Field(
+        DEFAULT_EVAL_CTX, ge=8, title="Evaluation context",
+        description=f"Tokens per evaluation chunk (llama-perplexity's -c; default {DEFAULT_EVAL_CTX}); the "
+                    "second half of each chunk is scored.")
+    eval_chunks: Annotated[int, Cli(metavar="N")] = Field(
+        EVAL_CHUNKS, ge=0, title="Evaluation chunks",
+        description=f"Evaluate on the first N chunks of the evaluation text (default {EVAL_CHUNKS}: "
+                    f"{EVAL_CHUNKS * DEFAULT_EVAL_CTX} tokens at the default context; a large N takes the whole "
+                    "text; 0: no evaluation and no quality gates).")
+    max_kld: Annotated[float, Cli(metavar="NATS")] = Field(
+        DEFAULT_MAX_KLD, ge=0, title="Quality gate: mean KLD",
+        description=f"A quant whose mean KL divergence from the F32 model on the evaluation text is above this "
+                    f"is not published (default {DEFAULT_MAX_KLD:g} nats).")
+    min_same_top: Annotated[float, Cli(metavar="FRACTION")] = Field(
+        DEFAULT_MIN_SAME_TOP, ge=0, le=1, title="Quality gate: same top token",
+        description=f"A quant whose top token agrees with the F32 model's on fewer than this fraction of the "
+                    f"scored tokens is not published (default {DEFAULT_MIN_SAME_TOP:g}).")
     lora: Annotated[str, Cli(metavar="ADAPTER_URI")] = Field(
         "", title="LoRA adapter", json_schema_extra={"pattern": NO_CREDENTIALS_PATTERN},
         description="PEFT LoRA/rsLoRA adapter folder merged into the weights before baking (empty: none).")
@@ -197,6 +230,11 @@ class ConvertParams(BaseModel):
     def _blank_is_empty(cls, value: Any) -> Any:
         return "" if value is None or isinstance(value, str) and not value.strip() else value  # a cleared field
 
+    @field_validator("eval_text", mode="before")
+    @classmethod
+    def _blank_is_builtin(cls, value: Any) -> Any:
+        return BUILTIN_EVAL_TEXT if value is None or isinstance(value, str) and not value.strip() else value
+
     @field_validator("max_memory_gb", mode="before")
     @classmethod
     def _no_cap(cls, value: Any) -> Any:
@@ -222,6 +260,11 @@ class ConvertParams(BaseModel):
         return bool(self.calibration) and not self.imatrix
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates every quant on the evaluation text (and applies the quality gates)."""
+        return self.eval_chunks > 0
+
+    @property
     def quant_names(self) -> list[str]:
         return list(dict.fromkeys(q.value for q in self.quants))
 
@@ -245,6 +288,7 @@ class CheckedInputs:
     engine: str
     imatrix: Any  # so8t_core.quantize.imatrix.Imatrix | None
     adapter: Any  # so8t_core.source.lora.LoraAdapter | None
+    eval_text_sha256: str | None = None  # of the evaluation text's bytes, read once here; None: no evaluation
 
 
 def default_name(source: str) -> str:
@@ -304,8 +348,14 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
         has_imatrix=im is not None or params.computes_imatrix,
         output_tensor_type=tensor_type(params.output_tensor_type, "--output-tensor-type"),
         token_embedding_type=tensor_type(params.token_embedding_type, "--token-embedding-type"))
+    eval_sha = None
+    if params.evaluates:
+        from so8t_core.validate.perplexity import read_eval_text
+
+        eval_sha = storage.sha256_bytes(read_eval_text(params.eval_text).encode("utf-8"))
     return CheckedInputs(name=name, quants=quants, options=options, engine=resolve_engine(params.engine.value),
-                         imatrix=im, adapter=load_adapter(params.lora) if params.lora else None)
+                         imatrix=im, adapter=load_adapter(params.lora) if params.lora else None,
+                         eval_text_sha256=eval_sha)
 
 
 def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str] | None:

@@ -206,5 +206,7 @@ MODEL_CARD_NAME = "README.md"
 MANIFEST_NAME = "manifest.json"
 ANALYSIS_NAME = "analysis.json"
 VALIDATION_NAME = "{name}-{quant}.validation.json"
+EVALUATION_NAME = "{name}-{quant}.evaluation.json"  # llama-perplexity --kl-divergence statistics, gates
 ERRORS_PLOT = "{name}-{quant}.errors.png"
 BPW_PLOT = "{name}-{quant}.bits-per-weight.png"
+SIZE_KLD_PLOT = "{name}.size-vs-kld.png"  # the model folder's: every published quant

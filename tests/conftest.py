@@ -22,6 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # CLI runs without PREFECT_API_URL start the local Prefect API (flows/local_api.py) under the
 # session's cache; it is stopped when the session ends, and goes by itself if the session is killed.
 os.environ.setdefault("SO8T_GGUF_API_IDLE_SECONDS", "300")
+# No evaluation by default (flows/params.py: EVAL_CHUNKS): the suite's many conversions of tiny
+# fixtures would each pay for one; the evaluation's tests ask for it with eval_chunks.
+os.environ["SO8T_EVAL_CHUNKS"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -146,6 +146,9 @@ def test_catalog_runs_convert_only_what_changed(make_fixture, tmp_path, bucket, 
     report = summary_artifact(state.state_details.flow_run_id)
     assert "| b | Q8_0 | converted | release incomplete (no manifest.json) |" in report
     assert "| gone | | **failed** |" in report and "| a | Q4_K_M | skipped | up to date" in report
+    # Each model's own card is linked: every quant it has published, with its quality.
+    assert "## Model cards" in report and "- a: `s3://catalog-tests/releases/a/README.md`" in report
+    assert "- b: `s3://catalog-tests/releases/b/README.md`" in report and "- gone:" not in report
 
 
 @pytest.mark.usefixtures("prefect_server")

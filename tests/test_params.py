@@ -75,7 +75,8 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
             "--split-max-tensors", "9", "--tensor-type", "attn_v=q8_0", "--tensor-type", "ffn=q5_k",
             "--output-tensor-type", "q6_k", "--token-embedding-type", "Q8_0", "--pure", "--allow-tokenizer-mismatch",
             "--imatrix", "im.gguf", "--calibration", "a.txt", "s3://b/chats.jsonl", "--calibration-ctx", "256",
-            "--calibration-chunks", "40",
+            "--calibration-chunks", "40", "--eval-text", "s3://b/eval.txt", "--eval-ctx", "256", "--eval-chunks", "7",
+            "--max-kld", "0.5", "--min-same-top", "0.8",
             "--lora", "adapter", "--runner", "dask", "--dask-address", "tcp://h:8786"]
     p = from_cli(parse(argv))
     assert p.model_dump(mode="json") == {
@@ -83,7 +84,8 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
         "engine": "simd", "max_memory_gb": 3.5, "work_dir": "/w", "split_max_size": "2G", "split_max_tensors": 9,
         "tensor_types": ["attn_v=q8_0", "ffn=q5_k"], "output_tensor_type": "Q6_K", "token_embedding_type": "Q8_0",
         "pure": True, "allow_tokenizer_mismatch": True, "imatrix": "im.gguf", "calibration": ["a.txt", "s3://b/chats.jsonl"],
-        "calibration_ctx": 256, "calibration_chunks": 40, "lora": "adapter", "runner": "dask",
+        "calibration_ctx": 256, "calibration_chunks": 40, "eval_text": "s3://b/eval.txt", "eval_ctx": 256,
+        "eval_chunks": 7, "max_kld": 0.5, "min_same_top": 0.8, "lora": "adapter", "runner": "dask",
         "dask_address": "tcp://h:8786"}
     assert set(p.model_dump()) == set(ConvertParams.model_fields)  # the argv above sets every field
     assert p.split_max_bytes == 2_000_000_000 and p.quant_names == ["Q4_K_M", "Q8_0"]
@@ -96,6 +98,7 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     (["--split-max-tensors", "-1"], ["--split-max-tensors -1", "greater than or equal to 0"]),
     (["--max-memory", "-1"], ["--max-memory -1", "greater than or equal to 0"]),
     (["--calibration-ctx", "8"], ["--calibration-ctx 8", "greater than or equal to 16"]),
+    (["--min-same-top", "40"], ["--min-same-top 40", "less than or equal to 1"]),
     (["--quant", "Q8_K"], ["--quant Q8_K", "not a file type"]),
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "not a tensor type"]),
 ])

@@ -98,7 +98,7 @@ def flow_run_count() -> int:
         return len(client.read_flow_runs(limit=200))
 
 
-@pytest.mark.parametrize("option", ["SOURCE", "--output", "--lora", "--imatrix", "--work-dir"])
+@pytest.mark.parametrize("option", ["SOURCE", "--output", "--lora", "--imatrix", "--work-dir", "--eval-text"])
 def test_credentials_in_any_uri_are_refused_before_a_flow_run_exists(s3_source, option, tmp_path, capsys):
     """Before: ``--output s3://KEY:SECRET@bucket/x`` was refused only at publishing, after the whole
     conversion; the secret was in the flow run's parameters, a task run's name and events."""

@@ -42,7 +42,9 @@ def gguf_card_facts(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if template and "<|im_end|>" in template:
         stops.insert(0, "<|im_end|>")
     imatrix = {k: metadata.get(f"quantize.imatrix.{k}") for k in ("file", "dataset", "entries_count", "chunks_count")}
+    languages = metadata.get("general.languages")
     return {"license": metadata.get("general.license"), "base_models": bases, "chat_template": template,
+            "languages": [str(x) for x in languages] if isinstance(languages, (list, tuple)) else [],
             "stop_tokens": list(dict.fromkeys(stops)), "imatrix": imatrix if imatrix["file"] else None}
 
 
@@ -68,8 +70,12 @@ def _tokenizer_lines(t: Mapping[str, Any] | None) -> list[str]:
 def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Mapping[str, Any]],
                       validations: Mapping[str, Mapping[str, Any]], max_bake_error: float,
                       source_fingerprint: str, converter: str, facts: Mapping[str, Any] | None = None,
-                      plots: Sequence[tuple[str, str]] = ()) -> str:
-    """``facts``: from :func:`gguf_card_facts`; ``plots``: (file name, caption) pairs."""
+                      plots: Sequence[tuple[str, str]] = (), extras: Mapping[str, Any] | None = None) -> str:
+    """``facts``: from :func:`gguf_card_facts`; ``plots``: (file name, caption) pairs; ``extras``:
+    what the mix became (``types``, ``fallbacks``), ``llama_cpp`` (the version whose bytes these
+    are), ``imatrix`` (the manifest's summary), ``prompt`` (the chat template rendered),
+    ``source_card`` (the checkpoint's own README.md) and ``quant``."""
+    extras = extras or {}
     hp = analysis["hyperparameters"]
     so8t = analysis.get("so8t")
     facts = facts or {}
@@ -150,6 +156,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     if extra:
         lines.append(f"- Other SO8T classifier heads, kept unchanged in `{name}.so8t-heads.gguf`: "
                      + ", ".join(f"`{n}`" for n in extra) + ".")
+    lines += _mix_lines(extras)
     lines += ["", "## Files", "", "| file | size | bits per weight | sha256 |", "|---|---|---|---|"]
     for f in files:
         bpw = f"{f['bits_per_weight']:.2f}" if f.get("bits_per_weight") else "—"
@@ -175,6 +182,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
                   "code, emoji) from the GGUF into exactly the ids the checkpoint's Hugging Face tokenizer gives."]
     else:
         lines.append("Not validated in this run (`--no-validate`).")
+    lines += _evaluation_lines(extras.get("evaluation"))
     if plots:
         lines += ["", "## Plots", ""]
         for file, caption in plots:
@@ -198,9 +206,204 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
     else:
         lines.append("The checkpoint has no chat template: this is a plain text-completion model.")
     lines += ["", "LM Studio:", "", "```sh", f"lms import {example}", "```", ""]
+    if extras.get("prompt"):
+        lines += ["## Prompt format", "",
+                  "What the file's chat template makes of one user message (`Hello`), default system turn "
+                  "included; an Ollama `TEMPLATE` must keep it:", "", "```text", extras["prompt"].rstrip("\n"),
+                  "```", ""]
     if analysis["triality_heads"]:
-        lines += ["Triality heads:", "", "```sh",
+        quant = extras.get("quant", "Q8_0")
+        lines += ["Triality heads (task, safety, authority outputs at the last token, from llama.cpp's final "
+                  "hidden state):", "", "```sh",
+                  f"so8t-gguf heads {example} {name}.so8t-heads.gguf \"Is this request safe?\" --quant {quant}",
                   f"so8t-gguf inspect {name}.so8t-heads.gguf", "```", "",
                   "The sidecar holds each head's weight and bias (F32) and its label names; apply them to the "
                   "per-token embeddings llama.cpp computes after `output_norm`.", ""]
+    if extras.get("source_card"):
+        lines += ["## The source model's card", "",
+                  "Carried over unchanged from the checkpoint's README.md (its intended use, limitations and "
+                  "license apply to these files too):", ""]
+        lines += ["> " + line if line else ">" for line in extras["source_card"].strip().splitlines()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _evaluation_lines(record: Mapping[str, Any] | None) -> list[str]:
+    """The evaluation against the F32 model, as llama-perplexity --kl-divergence reports it."""
+    if not record:
+        return []
+    st, se = record["statistics"], record["settings"]
+    return ["", "## Quality against the F32 model", "",
+            f"On `{se['text']}` (sha256 `{se['text_sha256'][:16]}…`), {st['n_chunk']} chunks of {st['n_ctx']} tokens, "
+            f"{st['count']} scored, computed as `llama-perplexity --kl-divergence` does "
+            f"({'passed' if record['passed'] else 'FAILED'} the gates: mean KLD ≤ {record['gate']['max_kld']:g}, "
+            f"same top p ≥ {100 * record['gate']['min_same_top']:g}%):", "",
+            "| PPL(Q)/PPL(F32) | mean KLD | 99% KLD | max KLD | RMS Δp | same top p |", "|---|---|---|---|---|---|",
+            f"| {st['ppl_ratio']:.4f} ± {st['ppl_ratio_unc']:.4f} | {st['kld_mean']:.4f} ± {st['kld_unc']:.4f} | "
+            f"{st['kld_percentiles']['99.0']:.4f} | {st['kld_max']:.4f} | {100 * st['delta_p_rms']:.3f}% | "
+            f"{100 * st['same_top_p']:.2f} ± {100 * st['same_top_p_unc']:.2f}% |"]
+
+
+def source_card_text(readme: bytes | None, limit: int = 20_000) -> str | None:
+    """The body of a checkpoint's README.md (its YAML front matter left out), at most ``limit``
+    characters; None when it has none."""
+    if not readme:
+        return None
+    text = readme.decode("utf-8", errors="replace")
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        text = text[end + 4:] if end >= 0 else text
+    text = text.strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "\n\n[… cut at 20,000 characters: see the source's README.md]"
+    return text or None
+
+
+def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
+    """What the mix became, type by type; the tensors that fell back from the mix's types and why;
+    the llama.cpp version; the importance matrix."""
+    lines: list[str] = []
+    types = extras.get("types")
+    if types:
+        total = sum(t["bytes"] for t in types.values()) or 1
+        lines += ["", "## What the mix became", "",
+                  f"The {extras.get('quant', '')} mix's rules (llama-quantize's, "
+                  f"llama.cpp {extras.get('llama_cpp', '?')}: these are the bytes it writes) gave these types:", "",
+                  "| type | tensors | bytes | share of the file's tensor bytes |", "|---|---|---|---|"]
+        for t, v in sorted(types.items(), key=lambda kv: (-kv[1]["bytes"], kv[0])):
+            lines.append(f"| {t} | {v['tensors']} | {human_size(v['bytes'])} | {100 * v['bytes'] / total:.1f}% |")
+    fallbacks = extras.get("fallbacks") or []
+    if fallbacks:
+        by_change: dict[tuple[str, str, int], int] = {}
+        for f in fallbacks:
+            key = (f["wanted"], f["got"], f["row_length"])
+            by_change[key] = by_change.get(key, 0) + 1
+        lines += ["", f"> **Warning: {len(fallbacks)} tensors fell back from the mix's types.** Their rows do not "
+                  "fit the type's blocks, so llama.cpp uses another type, as llama-quantize does:"]
+        for (wanted, got, row), n in sorted(by_change.items()):
+            lines.append(f"> - {n} × {wanted} → {got}: rows of {row} are not a multiple of {wanted}'s block")
+        lines.append("> The file is then larger (and usually better) than the mix's name suggests; see the table.")
+    imatrix = extras.get("imatrix")
+    if types:
+        if imatrix:
+            computed = imatrix.get("computed")
+            on = ", ".join(map(str, computed["calibration"])) if computed else None
+            lines += ["", f"- Importance matrix: yes, sha256 `{imatrix.get('sha256')}`"
+                      + (f", computed on {on}" if on else "") + "."]
+        else:
+            lines += ["", "- Importance matrix: none (llama-quantize's plain quantizers)."]
+    return lines
+
+
+# --- The model's own card: every published quant on one page ----------------------------------
+
+# The context llama-cli and llama-server run with when none is given (-c; common.h's n_ctx): the
+# KV cache the recommendation adds to each file's size is sized for it (or the model's own, if shorter).
+DEFAULT_RUN_CTX = 4096
+BASE_QUANTS = ("F32", "BF16", "F16")  # the unquantized files: the evaluation's base and its peers
+# The verdict's thresholds on mean KLD (nats), from the tightest up.
+VERDICTS = ((0.01, "excellent"), (0.05, "good"), (0.2, "fair"))
+
+
+def verdict(quant: str, kld_mean: float | None) -> str:
+    """One word for a quant's quality (the card states the rule)."""
+    if quant == "F32":
+        return "base"
+    if kld_mean is None:
+        return "unevaluated"
+    return next((word for limit, word in VERDICTS if kld_mean < limit), "poor")
+
+
+def kv_cache_bytes(hyperparameters: Mapping[str, Any], n_ctx: int) -> int:
+    """llama.cpp's F16 KV cache for ``n_ctx`` tokens: K and V, every layer, every KV head."""
+    hp = hyperparameters
+    return 2 * 2 * hp["layers"] * hp["kv_heads"] * hp["head_dim"] * n_ctx
+
+
+def overview_rows(model: str, quants: Mapping[str, Mapping[str, Any]],
+                  manifests: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per published quant (latest.json's entries, their releases' manifests), largest first."""
+    rows = []
+    for q, entry in quants.items():
+        m = manifests.get(q)
+        if m is None:
+            continue
+        ggufs = [n for n in m["files"] if n.startswith(f"{model}-{q}") and n.endswith(".gguf")]
+        stats = (m.get("evaluation") or {}).get("statistics") or {}
+        rows.append({"quant": q, "file": entry["gguf"], "release": entry["release"],
+                     "size": sum(m["files"][n]["size"] for n in ggufs), "bits_per_weight": m.get("bits_per_weight"),
+                     "ppl_ratio": stats.get("ppl_ratio"), "kld_mean": stats.get("kld_mean"),
+                     "same_top_p": stats.get("same_top_p"),
+                     "evaluation": (m.get("evaluation") or {}).get("settings"),
+                     "gate": (m.get("evaluation") or {}).get("gate")})
+    return sorted(rows, key=lambda r: (-r["size"], r["quant"]))
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render_model_overview(model: str, rows: Sequence[Mapping[str, Any]], analysis: Mapping[str, Any],
+                          facts: Mapping[str, Any], converter: str, plot: str | None) -> str:
+    """``<dest>/<model>/README.md``: Hugging Face front matter, every published quant with its size
+    and quality against the F32 model, the size/KLD plot, the recommendation, and how to run one."""
+    hp = analysis["hyperparameters"]
+    n_ctx = min(DEFAULT_RUN_CTX, hp["context_length"] or DEFAULT_RUN_CTX)
+    kv = kv_cache_bytes(hp, n_ctx)
+    front = ["---"]
+    if facts.get("base_models"):
+        front += ["base_model:"] + [f"- {_yaml_str(b)}" for b in facts["base_models"]]
+        front.append("base_model_relation: quantized")
+    front.append(f"license: {_yaml_str(facts.get('license') or 'other')}")
+    if facts.get("languages"):
+        front += ["language:"] + [f"- {_yaml_str(lang)}" for lang in facts["languages"]]
+    front += ["tags:", "- gguf", "- so8t", "- llama.cpp", f"- {analysis['gguf_architecture']}",
+              "pipeline_tag: text-generation", f"quantized_by: {_yaml_str(converter)}", "---"]
+    lines = [*front, "", f"# {model} (GGUF)", "",
+             f"Every published quantization of {model}, converted by {converter}: standard "
+             f"`{analysis['gguf_architecture']}` GGUF files that unmodified llama.cpp, Ollama and LM Studio load. "
+             "Each quant is its own release (`<fingerprint>/<quant>/`) with its own card, files and manifest.", "",
+             "## Quants", ""]
+    settings = next((r["evaluation"] for r in rows if r["evaluation"]), None)
+    if settings:
+        lines += [f"Quality is measured against the F32 model as `llama-perplexity --kl-divergence` does, on "
+                  f"`{settings['text']}` (sha256 `{settings['text_sha256'][:16]}…`, chunks of {settings['ctx']} "
+                  f"tokens, at most {settings['max_chunks']}): PPL ratio is PPL(Q)/PPL(F32), mean KLD the "
+                  "KL divergence of the next-token distributions in nats, same top p how often both pick the "
+                  "same most likely token.", ""]
+    lines += [f"| file | size | bits/weight | memory at {n_ctx} ctx | PPL ratio | mean KLD | same top p | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = None if r["same_top_p"] is None else 100 * r["same_top_p"]
+        lines.append(f"| [{r['file']}]({r['release']}) | {human_size(r['size'])} | "
+                     f"{_figure(r['bits_per_weight'], '.2f')} | {human_size(r['size'] + kv)} | "
+                     f"{_figure(r['ppl_ratio'], '.4f')} | {_figure(r['kld_mean'], '.4f')} | "
+                     f"{_figure(same, '.2f')}{'' if same is None else '%'} | {verdict(r['quant'], r['kld_mean'])} |")
+    gate = next((r["gate"] for r in rows if r["gate"]), None)
+    lines += ["", "Verdict: mean KLD below " + ", ".join(f"{limit:g} {word}" for limit, word in VERDICTS)
+              + ", else poor; F32 is the base."
+              + (f" Quality gates: a quant with a mean KLD above {gate['max_kld']:g} or a same top p below "
+                 f"{100 * gate['min_same_top']:g}% is not published." if gate else ""), ""]
+    if plot:
+        lines += [f"![size against mean KLD]({plot})", "",
+                  "*File size against mean KLD from the F32 model (F32/BF16 marked): lower left is better.*", ""]
+    lines += ["## Which one to use", "",
+              f"The largest that fits in memory. Memory needed ≈ the file plus llama.cpp's KV cache "
+              f"({human_size(kv)} at the default context of {n_ctx} tokens: F16 K and V, {hp['layers']} layers × "
+              f"{hp['kv_heads']} KV heads × {hp['head_dim']}; it grows linearly with `-c`), the table's memory "
+              "column. Below about 4 bits per weight quality drops fast; check the mean KLD column.", "",
+              "## Download and run one quant", ""]
+    example = rows[-1]["file"] if rows else f"{model}-Q8_0.gguf"
+    for r in rows:
+        if r["quant"] == "Q4_K_M":
+            example = r["file"]
+    release = next((r["release"] for r in rows if r["file"] == example), "<fingerprint>/<quant>/")
+    lines += ["Each release's `current.json` names its current version folder, which holds the file:", "",
+              "```sh", f"so8t-gguf chat <dest>/{model} \"Hello\" --quant {example[len(model) + 1:-5]}"
+              "   # fetches and runs it", "```", "",
+              f"or copy `{release}<version>/{example}` and run it with llama.cpp:", "", "```sh",
+              f"llama-cli -m {example} -cnv", f"llama-server -m {example} -c {n_ctx} --port 8080"
+              "   # OpenAI-compatible API", "```", "",
+              f"Ollama: a `Modelfile` with `FROM ./{example}` (the release's own card has the full one), then "
+              f"`ollama create {model} -f Modelfile` and `ollama run {model}`. LM Studio: `lms import {example}`.", ""]
     return "\n".join(lines)

@@ -56,24 +56,61 @@ def plot_tensor_errors(staged: Sequence[StagedTensor], title: str, path: str) ->
 
 
 def plot_bits_per_weight(staged: Sequence[StagedTensor], title: str, path: str) -> str:
-    """Bits per weight of each tensor class (all tensors of the class together)."""
+    """Bits per weight of each tensor class (all tensors of the class together), each bar as wide
+    as the class's share of the file's tensor bytes: what the size is made of. A class too thin to
+    see (norms: F32, a fraction of a percent of the bytes) does not set the scale."""
     plt = _pyplot()
     bits: dict[str, int] = defaultdict(int)
     params: dict[str, int] = defaultdict(int)
     for s in staged:
         bits[s.tensor_class] += 8 * s.nbytes
         params[s.tensor_class] += s.n_elements
-    classes = sorted(bits, key=lambda c: (-bits[c] / params[c], c))
-    values = [bits[c] / params[c] for c in classes]
+    total_bits = max(1, sum(bits.values()))
+    classes = sorted(bits, key=lambda c: (-bits[c], c))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
-    bars = ax.bar(range(len(classes)), values, color="#4c72b0")
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right", fontsize=8)
+    x, visible, thin = 0.0, [], []
+    for i, c in enumerate(classes):
+        share, bpw = bits[c] / total_bits, bits[c] / max(1, params[c])
+        ax.bar(x, bpw, width=share, align="edge", color=f"C{i % 10}", edgecolor="white", linewidth=0.5)
+        if share >= 0.04:
+            ax.annotate(f"{c}\n{bpw:.2f}", (x + share / 2, bpw), ha="center", va="bottom", fontsize=7)
+        else:
+            thin.append(f"{c} {bpw:.2f}")
+        if share >= 0.01:
+            visible.append(bpw)
+        x += share
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.25 * max(visible or [1.0]))
+    ax.set_xlabel("share of the file's tensor bytes" + (f" (thin: {', '.join(thin[:6])})" if thin else ""),
+                  fontsize=8, wrap=True)
     ax.set_ylabel("bits per weight")
     total = sum(bits.values()) / max(1, sum(params.values()))
-    ax.set_title(f"{title} (whole model: {total:.3f} bits per weight)")
+    ax.set_title(f"{title}\nwhole model: {total:.3f} bits per weight", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata=_PNG_METADATA)
+    plt.close(fig)
+    return path
+
+
+def plot_size_vs_kld(rows: Sequence[dict], title: str, path: str) -> str:
+    """Each published quant's file size against its mean KLD from the F32 model (the model card's
+    ``overview_rows``); F32 and BF16 marked. A KLD of 0 sits on the linear part of the scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for r in rows:
+        if r.get("kld_mean") is None:
+            continue
+        base = r["quant"] in ("F32", "BF16")
+        x, y = r["size"] / 1e6, r["kld_mean"]
+        ax.scatter([x], [y], s=70 if base else 30, marker="*" if base else "o",
+                   color="#c44e52" if base else "#4c72b0", zorder=3)
+        ax.annotate(r["quant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KLD vs F32 (nats)")
+    ax.set_title(title, wrap=True)
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata=_PNG_METADATA)
     plt.close(fig)

@@ -49,10 +49,10 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from so8t_core import storage
-from so8t_core.constants import CONVERTER, MANIFEST_NAME, MODEL_CARD_NAME
+from so8t_core.constants import CONVERTER, MANIFEST_NAME, MODEL_CARD_NAME, bits_per_weight
 from so8t_core.errors import So8tError, StorageError
 from so8t_core.refs import FileRef, StagedTensor
 
@@ -79,19 +79,26 @@ def _json_bytes(obj: Any) -> bytes:
 
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
                      staged: Sequence[StagedTensor], imatrix: dict | None = None,
-                     lora: dict | None = None, tokenizer: dict | None = None) -> dict:
+                     lora: dict | None = None, tokenizer: dict | None = None,
+                     evaluation: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
     used (``imatrix``: its summary: sha256, entries, the tensors it had no entry for, and what
     it was computed on when the run computed it), and, when llama.cpp does not reproduce the
     tokenizer (converted with --allow-tokenizer-mismatch), the tokenizer check that says so
-    (``tokenizer``: the analysis')."""
+    (``tokenizer``: the analysis'), and the evaluation against the F32 model (``evaluation``:
+    llama-perplexity's --kl-divergence statistics, the text and settings, the gates)."""
     manifest = {"name": name, "quant": quant, "converter": CONVERTER, "source_fingerprint": source_fingerprint,
                 "validation": validation,
                 "bake_errors": {s.gguf_name: s.bake_error for s in staged if s.bake_error is not None},
                 "imatrix": imatrix}
+    if staged:  # what the model card's table shows; only when there is something to weigh
+        manifest["bits_per_weight"] = bits_per_weight(sum(s.nbytes for s in staged),
+                                                      sum(s.n_elements for s in staged))
     if lora is not None:
         manifest["lora"] = lora
+    if evaluation is not None:
+        manifest["evaluation"] = evaluation
     if tokenizer is not None and not tokenizer["parity"]["ok"]:
         manifest["tokenizer_mismatch"] = tokenizer
     return manifest
@@ -443,9 +450,13 @@ def latest_release(dest: str, model: str, quant: str) -> str | None:
     return None if entry is None else entry_release(dest, model, entry)
 
 
-def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]]) -> FileRef:
+def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]],
+                  model_files: Callable[[dict[str, dict]], Mapping[str, bytes]] | None = None) -> FileRef:
     """Point ``latest.json`` at the given releases (quant → entry), keeping other quants' entries.
-    Under the model folder's lock: concurrent publishers of different quants lose no entry."""
+    Under the model folder's lock: concurrent publishers of different quants lose no entry.
+    ``model_files``: the files of the model folder made from the entries (its README.md and plot),
+    each written atomically under the same lock just before latest.json, so the card and the
+    pointer always name the same quants once the lock is released."""
     folder = storage.join(dest, storage.check_name(model, "model name"))
     uri = storage.join(folder, LATEST_NAME)
     with exclusive(folder):
@@ -453,6 +464,10 @@ def update_latest(dest: str, model: str, entries: Mapping[str, Mapping[str, Any]
         quants = {q: e for q, e in (current.get("quants") or {}).items()
                   if storage.is_plain_name(q) and entry_release(dest, model, e) is not None}
         quants.update(entries)
+        for name, content in (model_files(quants) if model_files else {}).items():
+            target = storage.join(folder, storage.check_name(name, "model folder file"))
+            if not (storage.exists(target) and storage.sha256_of(target) == storage.sha256_bytes(content)):
+                storage.write_bytes_atomic(target, content)
         data = _json_bytes({"model": model, "quants": quants})
         ref = FileRef(uri=uri, sha256=storage.sha256_bytes(data), size=len(data))
         if not (storage.exists(uri) and storage.sha256_of(uri) == ref.sha256):  # unchanged: not rewritten

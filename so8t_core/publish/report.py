@@ -55,7 +55,7 @@ def summary_markdown(name: str, source: str, fingerprint: str, quants: Sequence[
              f"- source: `{redact_uri(source)}`", f"- source fingerprint: `{fingerprint}`",
              f"- max bake error (gated layers): {max_bake_error:.3g}"]
     if failure:
-        lines += ["", f"**Nothing was published.** {failure}"]
+        lines += ["", f"**{'Only the releases below were' if releases else 'Nothing was'} published.** {failure}"]
     lines += ["", "| quant | tensors | size | bits/weight | mean KLD | top-1 | tokenizer | validation |",
               "|---|---|---|---|---|---|---|---|"]
     for q in quants:

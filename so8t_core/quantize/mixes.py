@@ -258,8 +258,10 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
 
 
 def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType, model: ModelShape,
-                 opts: MixOptions = MixOptions()) -> list[T]:
-    """The GGML type of every tensor, in llama.cpp's tensor order (``tensors``: (GGUF name, numpy shape))."""
+                 opts: MixOptions = MixOptions(), fallbacks: list | None = None) -> list[T]:
+    """The GGML type of every tensor, in llama.cpp's tensor order (``tensors``: (GGUF name, numpy shape));
+    ``fallbacks``, when given, receives (name, the rules' type, the type used) of each tensor whose
+    rows did not fit the rules' type (the model card warns of them)."""
     cats = [category(n) for n, _ in tensors]
     st = _State(n_attention_wv=sum(1 for c in cats if is_attn_v(c)), n_layers=model.n_layers,
                 has_tied_embeddings="output" not in cats)
@@ -284,6 +286,8 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
                 new = _mix_rules(st, new, shape, quant.name, model, cat, opts)
             new = _fallback(st, name, shape, new, quant.name)
         out.append(new)
+    if fallbacks is not None:
+        fallbacks.extend(st.fallbacks)
     return out
 
 

@@ -24,12 +24,15 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from so8t_core import storage
 from so8t_core.errors import ValidationError
-from so8t_core.llama_runtime import LlamaCppModel
+
+if TYPE_CHECKING:  # llama.cpp is loaded where a model is run, not where the settings are read (the CLI)
+    from so8t_core.llama_runtime import LlamaCppModel
 
 BASE_FILE_MAGIC = b"_logits_"
 # llama-perplexity computes no summary statistics over fewer scored tokens.
@@ -39,6 +42,11 @@ BUILTIN_EVAL_PATH = os.path.join(os.path.dirname(__file__), "evaluation_data", "
 KLD_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.100, 0.050, 0.010, 0.001)
 DELTA_P_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.750, 0.250, 0.100, 0.050, 0.010, 0.001)
 _F32 = np.float32
+# The evaluation a run does by default: llama-perplexity's default context, and 16 chunks of it
+# (8192 tokens, 4080 of them scored); --eval-chunks 0 takes the whole text.
+DEFAULT_EVAL_CTX = 512
+DEFAULT_EVAL_CHUNKS = 16
+EVALUATION_VERSION = 1  # part of the evaluation's cache key: bump when the statistics change
 
 
 def _row_width(n_vocab: int) -> int:
@@ -128,6 +136,17 @@ def base_log_probs(model: LlamaCppModel, tokens: np.ndarray, n_ctx: int) -> Base
     return BaseLogProbs(n_ctx, model.n_vocab, np.asarray(tokens, np.int32), np.stack(rows))
 
 
+def write_base_pass(model: LlamaCppModel, tokens: np.ndarray, n_ctx: int, path: str) -> None:
+    """:func:`base_log_probs` written to ``path`` as llama-perplexity's base file chunk by chunk,
+    so that only one chunk's rows are in memory (the demo's base file is 552 MB)."""
+    tokens = np.asarray(tokens, np.int32)
+    with open(path, "wb") as f:
+        f.write(BASE_FILE_MAGIC + struct.pack("<Iii", n_ctx, model.n_vocab, len(tokens) // n_ctx))
+        f.write(tokens.astype("<i4").tobytes())
+        for logits, _ in _scored_logits(model, tokens, n_ctx):
+            f.write(_quantize_log_probs(logits).astype("<u2").tobytes())
+
+
 def write_base_file(base: BaseLogProbs, path: str) -> None:
     """``base`` as llama-perplexity's ``--kl-divergence-base`` file (it can read it back)."""
     with open(path, "wb") as f:
@@ -136,18 +155,23 @@ def write_base_file(base: BaseLogProbs, path: str) -> None:
         f.write(base.rows.astype("<u2").tobytes())
 
 
-def read_base_file(path: str) -> BaseLogProbs:
-    """A ``--kl-divergence-base`` file, written by llama-perplexity or :func:`write_base_file`."""
+def read_base_file(path: str, mmap: bool = False) -> BaseLogProbs:
+    """A ``--kl-divergence-base`` file, written by llama-perplexity or :func:`write_base_file`;
+    ``mmap``: its rows memory-mapped, read chunk by chunk as they are used, not loaded."""
     with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != BASE_FILE_MAGIC:
+        head = f.read(20)
+    if head[:8] != BASE_FILE_MAGIC or len(head) < 20:
         raise ValueError(f"{path} does not look like a file containing log-probabilities")
-    n_ctx, n_vocab, n_chunk = struct.unpack_from("<Iii", data, 8)
-    offset = 20
-    tokens = np.frombuffer(data, "<i4", n_ctx * n_chunk, offset).astype(np.int32)
-    offset += 4 * n_ctx * n_chunk
+    n_ctx, n_vocab, n_chunk = struct.unpack_from("<Iii", head, 8)
     shape = (n_chunk, n_ctx - 1 - n_ctx // 2, _row_width(n_vocab))
-    rows = np.frombuffer(data, "<u2", int(np.prod(shape)), offset).reshape(shape).copy()
+    offset = 20 + 4 * n_ctx * n_chunk
+    if os.path.getsize(path) != offset + 2 * int(np.prod(shape)):
+        raise ValueError(f"{path} is not as long as its header says (truncated?)")
+    tokens = np.fromfile(path, "<i4", n_ctx * n_chunk, offset=20).astype(np.int32)
+    if mmap:
+        rows = np.memmap(path, "<u2", "r", offset, shape)
+    else:
+        rows = np.fromfile(path, "<u2", int(np.prod(shape)), offset=offset).reshape(shape)
     return BaseLogProbs(n_ctx, n_vocab, tokens, rows)
 
 
@@ -299,6 +323,32 @@ def kl_divergence(model: LlamaCppModel, base: BaseLogProbs) -> KlDivergenceStati
         delta_p_rms=rms, delta_p_rms_unc=0.5 / rms * mse_unc if rms else 0.0,
         same_top_p=same_top, same_top_p_unc=math.sqrt(same_top * (1.0 - same_top) / (count - 1)),
     )
+
+
+def write_evaluation_base(f32_gguf: str, text: str, n_ctx: int, n_chunks: int | None, path: str) -> None:
+    """The base model's pass over ``text`` (its first ``n_chunks`` chunks; None: all), written to
+    ``path`` as llama-perplexity's ``--kl-divergence-base`` file."""
+    from so8t_core.llama_runtime import LlamaCppModel
+
+    with LlamaCppModel(f32_gguf, n_ctx=n_ctx) as model:
+        try:
+            tokens = evaluation_tokens(model, text, n_ctx, n_chunks)
+        except ValueError as exc:
+            raise ValidationError(f32_gguf, str(exc), "pass a longer --eval-text or a smaller --eval-ctx") from None
+        write_base_pass(model, tokens, n_ctx, path)
+
+
+def evaluate_file(gguf: str, base_file: str) -> KlDivergenceStatistics:
+    """Any GGUF of the model (the first file of a split set) scored against a base file: what the
+    evaluate stage records per quant, callable on its own (its rows memory-mapped, not loaded)."""
+    from so8t_core.llama_runtime import LlamaCppModel
+
+    base = read_base_file(base_file, mmap=True)
+    with LlamaCppModel(gguf, n_ctx=base.n_ctx) as model:
+        try:
+            return kl_divergence(model, base)
+        except ValueError as exc:
+            raise ValidationError(gguf, str(exc), "pass a longer --eval-text or a larger --eval-chunks") from None
 
 
 def render_kl_divergence(s: KlDivergenceStatistics) -> str:
