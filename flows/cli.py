@@ -241,7 +241,8 @@ def cmd_fixture(args: argparse.Namespace) -> int:
                        tokenizer_vocab=args.tokenizer_vocab, head_dim=args.head_dim, tied=args.tied,
                        so8t=not args.no_so8t, seed=args.seed, shards=args.shards, rotation=args.rotation,
                        position=args.position, gated_layers=gated, attention_bias=args.attention_bias,
-                       longrope=args.longrope, tokenizer=args.tokenizer)
+                       longrope=args.longrope, tokenizer=args.tokenizer, experts=args.experts,
+                       experts_used=args.experts_used, expert_intermediate=args.expert_intermediate)
     new_folder(args.dest, args.force)
     print(build_fixture(args.dest, spec))
     return 0
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("dest", metavar="DEST", help="a new or empty folder: a path, file:// or s3://")
     f.add_argument("--force", action="store_true", help=force_help)
     f.add_argument("--arch", default="llama",
-                   choices=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
+                   choices=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2moe",
+                            "qwen3moe"])
     f.add_argument("--layers", type=int, default=2)
     f.add_argument("--hidden", type=int, default=64)
     f.add_argument("--heads", type=int, default=4)
@@ -349,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gated-layers", help="comma-separated layer indices (default: all)")
     f.add_argument("--attention-bias", action="store_true")
     f.add_argument("--longrope", action="store_true", help="phi3: LongRoPE scaling with factor tensors")
+    f.add_argument("--experts", type=int, default=4, help="mixtral/qwen2moe/qwen3moe: routed experts per layer")
+    f.add_argument("--experts-used", type=int, default=2, help="experts each token is routed to")
+    f.add_argument("--expert-intermediate", type=int, help="qwen MoE: one expert's FFN width (default --intermediate)")
     f.add_argument("--tokenizer", choices=["bpe", "spm"],
                    help="byte-level BPE or SentencePiece (Llama 2 / Phi-3 / Gemma style); "
                         "default: spm for phi3 and gemma, else bpe")

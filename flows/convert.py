@@ -252,6 +252,10 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
             "%.0f tokens/s", ", ".join(computed.datasets), len(computed.coverage), computed.tokens,
             computed.chunks, computed.ctx, min(tokens_seen, default=0), max(tokens_seen, default=0),
             computed.tokens_per_second)
+    idle = {n: c["matrices_without_tokens"] for n, c in computed.coverage.items() if c["matrices_without_tokens"]}
+    if idle:  # llama-quantize quantizes those experts with importance 1 (no data), as the loader gives
+        run.say("experts the calibration text never routed to (no importance data for them): %s",
+                ", ".join(f"{n} ({k})" for n, k in sorted(idle.items())))
     imatrix = load_imatrix(computed.file.uri)
     # What llama-quantize refuses, now with the entries the imatrix really has.
     check_imatrix_requirements([(t.gguf_name, t.shape) for t in model.plan], model.types, set(imatrix.entries))

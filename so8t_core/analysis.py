@@ -84,7 +84,7 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
     """The structure report: facts about the checkpoint's content only (it is published with each
     release, whose bytes must not depend on where the checkpoint lay), so not its location."""
     spec, structure, plan = checkpoint_model(ckpt)
-    by_source = {p.source: p for p in plan}
+    by_source = {name: p for p in plan for name in p.sources or (p.source,)}
     gate_names = {g.tensor for g in structure.gates}
     head_names = structure.triality_tensors | set(structure.classifier_heads)
     stripped = dict(structure.stripped)
@@ -134,6 +134,7 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
             "tied_embeddings": spec.tied_embeddings,
         },
         "parameters": {"total": sum(params.values()), **params},
+        "experts": expert_report(spec, plan),
         "tensors": {"total": sum(counts.values()), **counts},
         "gated_layers": structure.gated_layers,
         "rotation_gates": gates,
@@ -147,6 +148,28 @@ def analyze(ckpt: Checkpoint) -> dict[str, Any]:
         "stripped": [{"tensor": n, "reason": r} for n, r in structure.stripped],
         "to_sidecar": sorted(head_names),
         "tokenizer": tokenizer_check(ckpt).as_dict(),
+    }
+
+
+def expert_report(spec, plan) -> dict[str, Any] | None:
+    """A mixture of experts' shape and its parameters by class (routed experts, router, shared expert), and
+    how many a token uses: the dense part, the router, the shared expert and ``used`` of the routed experts.
+    None for a dense model. Counts are of the converted base model (no SO8T gates or heads); ``per_expert``
+    is one expert in every layer (what gguf-py's size label counts)."""
+    if not spec.n_experts:
+        return None
+    routed = sum(p.n_elements for p in plan if "_exps." in p.gguf_name)
+    router = sum(p.n_elements for p in plan if ".ffn_gate_inp." in p.gguf_name)
+    shared = sum(p.n_elements for p in plan if "_shexp." in p.gguf_name)
+    total = sum(p.n_elements for p in plan)
+    return {
+        "count": spec.n_experts, "used": spec.n_experts_used, "shared": spec.rules.shared_expert,
+        "expert_intermediate_size": spec.expert_intermediate_size,
+        "shared_intermediate_size": spec.shared_expert_intermediate_size or None,
+        "parameters": {"routed_experts": routed, "per_expert": routed // spec.n_experts, "router": router,
+                       "shared_expert": shared, "dense": total - routed - router - shared},
+        "total_parameters": total,
+        "active_parameters": total - routed + routed // spec.n_experts * spec.n_experts_used,
     }
 
 
@@ -180,6 +203,15 @@ def render_text(a: dict[str, Any], source: str) -> str:
         lines.append(f"{cls:<16}{a['tensors'][cls]:>9}{a['parameters'][cls]:>16,}")
     lines.append(f"{'total':<16}{a['tensors']['total']:>9}{a['parameters']['total']:>16,}")
     lines.append("")
+    if a.get("experts"):
+        e, ep = a["experts"], a["experts"]["parameters"]
+        lines.append(f"experts       {e['count']} per layer, {e['used']} used per token"
+                     f"{', plus a shared expert' if e['shared'] else ''} (expert ffn {e['expert_intermediate_size']}"
+                     f"{', shared ffn ' + str(e['shared_intermediate_size']) if e['shared'] else ''})")
+        lines.append(f"              parameters: {ep['routed_experts']:,} routed ({ep['per_expert']:,} per expert), "
+                     f"{ep['router']:,} router, {ep['shared_expert']:,} shared expert, {ep['dense']:,} the rest; "
+                     f"{e['active_parameters']:,} active of {e['total_parameters']:,}")
+        lines.append("")
     if a["rotation_gates"]:
         lines.append(f"rotation gates on {len(a['gated_layers'])} layers: {a['gated_layers']}")
         for g in a["rotation_gates"]:

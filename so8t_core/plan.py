@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict
 
 from so8t_core.constants import ROTATION_BLOCK
 from so8t_core.errors import CheckpointError, UnsupportedError
-from so8t_core.source.architectures import ModelSpec, gguf_tensor_class, layer_of, rope_parameters
+from so8t_core.source.architectures import EXPERT_RE, ModelSpec, gguf_tensor_class, layer_of, rope_parameters
 from so8t_core.source.rotation import apply_gate, checked_rotation, fold_into_linear
 from so8t_core.source.so8t import So8tStructure
 
 Transform = Literal["copy", "permute_q", "permute_k", "bake_o_proj", "bake_o_proj_bias", "constant",
-                    "norm_plus_one"]
+                    "norm_plus_one", "merge_experts"]
 
 # Buffers some checkpoints carry that are recomputed by every runtime.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -43,10 +43,18 @@ class TensorPlan(BaseModel):
     bias_source: str | None = None  # o_proj bias, so the bake error covers the whole module
     values: tuple[float, ...] | None = None  # for "constant": tensors computed from config.json
     lora: str | None = None  # sha256 of the LoRA pair merged into the source (W + scale·B@A) before the transform
+    # for "merge_experts": every expert's tensor, in expert order (``source`` is the first); the output is
+    # their stack, (experts, rows, columns), as llama.cpp's converter writes ffn_{gate,up,down}_exps
+    sources: tuple[str, ...] | None = None
 
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape))
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every checkpoint tensor this output is made from (sources, gate, o_proj bias)."""
+        return tuple(n for n in (*(self.sources or (self.source,)), self.gate, self.bias_source) if n)
 
     def transform_id(self) -> str:
         """A stable description of what is done to the source (part of cache keys)."""
@@ -59,6 +67,8 @@ class TensorPlan(BaseModel):
             parts.append("values=" + ",".join(repr(v) for v in self.values))
         if self.lora is not None:
             parts.append(f"lora={self.lora}")
+        if self.sources is not None:
+            parts.append(f"experts={len(self.sources)}")
         return ";".join(parts)
 
 
@@ -81,8 +91,20 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
     cfg = structure.config
 
     plan: list[TensorPlan] = []
+    experts: dict[tuple[int, str], dict[int, str]] = {}  # (layer, projection) -> expert -> tensor
     for name, entry in tensors.items():
         if name in so8t_tensors or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if spec.n_experts and (m := EXPERT_RE.match(name)):
+            expect = layer_shapes.get(name.split(".", 3)[3])
+            if expect is None or int(m.group(1)) >= spec.n_layers:
+                raise CheckpointError(where, f"tensor {name!r} is not an expert of this {spec.hf_architecture} "
+                                             f"({spec.n_layers} layers, {spec.n_experts} experts)",
+                                      "config.json and the weights disagree")
+            if tuple(entry.shape) != expect:
+                raise CheckpointError(where, f"tensor {name!r} has shape {list(entry.shape)} but config.json implies "
+                                             f"{list(expect)}", "config.json and the weights disagree")
+            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
             continue
         if name == "lm_head.weight" and spec.tied_embeddings:
             continue  # tied: llama.cpp reuses token_embd, as the HF model does (Gemma always is)
@@ -120,9 +142,10 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
                         rotation=gated[layer].parameterization,
                         position=cfg.position)
         plan.append(TensorPlan(**item))
+    plan += merged_experts(experts, spec, layer_shapes)
     plan += generated_tensors(spec, where)
 
-    present = {p.source for p in plan}
+    present = {p.source for p in plan} | {n for by_expert in experts.values() for n in by_expert.values()}
     missing = [f"model.layers.{i}.{t}" for i in range(spec.n_layers) for t in required
                if f"model.layers.{i}.{t}" not in present]
     missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in present]
@@ -133,6 +156,24 @@ def build_plan(tensors: Mapping[str, object], spec: ModelSpec, structure: So8tSt
         raise CheckpointError(where, f"missing tensors {', '.join(missing[:3])}{more}",
                               "the checkpoint is incomplete or config.json describes another model")
     return llama_cpp_order(plan)
+
+
+def merged_experts(experts: Mapping[tuple[int, str], Mapping[int, str]], spec: ModelSpec,
+                   layer_shapes: Mapping[str, tuple[int, ...]]) -> list[TensorPlan]:
+    """One ``ffn_{gate,up,down}_exps`` tensor per layer and projection, the experts stacked in order, as
+    llama.cpp's converter merges them. A layer missing an expert is left out here (and reported missing)."""
+    name_map = spec.tensor_name_map()
+    out = []
+    for (layer, _), by_expert in sorted(experts.items()):
+        if sorted(by_expert) != list(range(spec.n_experts)):
+            continue
+        names = tuple(by_expert[e] for e in range(spec.n_experts))
+        projection = next(i for i in range(3) if spec.expert_tensor(layer, 0, i) == names[0])
+        gguf_name = name_map.get_name(spec.merged_expert_tensor(layer, projection), try_suffixes=(".weight",))
+        shape = (spec.n_experts, *layer_shapes[names[0].split(".", 3)[3]])
+        out.append(TensorPlan(gguf_name=gguf_name, source=names[0], sources=names, shape=shape, layer=layer,
+                              tensor_class=gguf_tensor_class(gguf_name), transform="merge_experts"))
+    return out
 
 
 def generated_tensors(spec: ModelSpec, where: str) -> list[TensorPlan]:
@@ -304,6 +345,9 @@ class Materializer:
             yield 0, self._transform(0, self.reader.read(item.source))
             self._finish()
             return
+        if item.transform == "merge_experts":
+            yield from self._expert_chunks(max_elements)
+            return
         rows, width = item.shape[0], int(np.prod(item.shape[1:]))
         align = self.alignment
         step = max(align, (max_elements // max(width, 1)) // align * align)
@@ -311,6 +355,18 @@ class Materializer:
             stop = min(rows, start + step)
             yield start, self._transform(start, self.reader.read_rows(item.source, start, stop))
         self._finish()
+
+    def _expert_chunks(self, max_elements: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The stacked experts as rows of the (experts · rows, columns) matrix, one expert's rows at a time:
+        a chunk never spans two experts (each has its own importance row), and never holds more than
+        ``max_elements``, so merging the experts of a layer holds a chunk, not the layer's experts."""
+        _, rows, width = self.item.shape
+        step = max(1, max_elements // max(width, 1))
+        for expert, name in enumerate(self.item.sources):
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                yield expert * rows + start, np.ascontiguousarray(self.reader.read_rows(name, start, stop),
+                                                                  dtype=np.float32)
 
     def _transform(self, start: int, src: np.ndarray) -> np.ndarray:
         item = self.item

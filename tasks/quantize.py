@@ -47,9 +47,9 @@ def quantize_plan(src: SourceRef, plan: list[TensorPlan], types: dict[str, list[
     staged_by_tensor: list = [None] * len(plan)
     to_quantize = []  # (position in plan, source sha256s, targets)
     for i, item in enumerate(plan):
-        shas = [src.tensor_sha256[n] for n in (item.source, item.gate, item.bias_source) if n]
+        shas = [src.tensor_sha256[n] for n in item.inputs]
         targets = [(q, types[q][i].name) for q in quants]
-        weights = imatrix.for_tensor(item.gguf_name, item.shape[-1]) if imatrix and len(item.shape) == 2 else None
+        weights = imatrix.for_tensor(item.gguf_name, item.shape) if imatrix and len(item.shape) >= 2 else None
         staged_by_tensor[i] = find_staged(item, [(q, GGMLQuantizationType[t]) for q, t in targets], staging_dir,
                                           shas, weights)
         if staged_by_tensor[i] is None:
@@ -107,7 +107,7 @@ def quantize_tensors(source_uri: str, source_fingerprint: str, items: list[Tenso
     staged = []
     for item, shas, item_targets in zip(items, source_sha256, targets, strict=True):
         typed = [(quant, GGMLQuantizationType[name]) for quant, name in item_targets]
-        weights = im.for_tensor(item.gguf_name, item.shape[-1]) if im is not None and len(item.shape) == 2 else None
+        weights = im.for_tensor(item.gguf_name, item.shape) if im is not None and len(item.shape) >= 2 else None
         adapter = load_adapter_cached(*lora) if lora is not None and item.lora is not None else None
         staged.append(stage_tensor(ckpt, item, typed, staging_dir, shas, engine, weights, threads, adapter))
     return staged

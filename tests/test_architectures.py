@@ -45,6 +45,12 @@ ARCHS = {
     "gemma3-post-bpe-scaled": (dict(arch="gemma3", layers=6, position="post_o_proj", tokenizer="bpe",
                                     extra_config={"rope_scaling": {"rope_type": "linear", "factor": 8.0},
                                                   "final_logit_softcapping": 30.0}), "gemma3"),
+    # Mixture of experts, 4 experts of which 2 are used: Mixtral (a llama with experts: Q/K permuted, every
+    # top-2 renormalized), Qwen2-MoE (q/k/v biases, never renormalized, a sigmoid-gated shared expert),
+    # Qwen3-MoE (q/k norms, renormalized; 8 experts here), gates before and after o_proj.
+    "mixtral": (dict(arch="mixtral"), "llama"),
+    "qwen2moe-post": (dict(arch="qwen2moe", position="post_o_proj", expert_intermediate=32), "qwen2moe"),
+    "qwen3moe": (dict(arch="qwen3moe", head_dim=32, experts=8), "qwen3moe"),
 }
 
 
@@ -79,6 +85,16 @@ def test_architecture_converts_and_matches_the_reference(case, make_fixture, tmp
     if case == "llama-sentencepiece":
         assert g.value("tokenizer.ggml.model") == "llama" and g.value("tokenizer.ggml.pre") == "default"
         assert result["validation"]["F32"]["tokenizer"]["ok"]
+    if kwargs.get("arch") in ("mixtral", "qwen2moe", "qwen3moe"):
+        experts = kwargs.get("experts", 4)
+        assert g.value(f"{gguf_arch}.expert_count") == experts and g.value(f"{gguf_arch}.expert_used_count") == 2
+        exps = {t.name: t for t in g.tensors if "_exps" in t.name}
+        assert sorted(exps) == [f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("down", "gate", "up")]
+        assert all(t.shape[-1] == experts for t in exps.values())  # GGUF order: experts last
+        assert ("blk.1.ffn_gate_inp_shexp.weight" in names) == (kwargs["arch"] == "qwen2moe")
+        assert result["validation"]["F32"]["tokenizer"]["ok"]
+        card = (gguf_path(tmp_path / "out", "fx", "F32").parent / "README.md").read_text()
+        assert f"{experts} experts per layer, 2 used per token" in card and "Active parameters per token" in card
     if case == "qwen2-896-tied":
         assert len(g.value("tokenizer.ggml.tokens")) == 384  # 360 real tokens + 24 padding entries
 

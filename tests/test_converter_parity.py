@@ -106,12 +106,21 @@ CASES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "so8t-gemma2-pre": (dict(arch="gemma2", so8t=True), ("f32",)),
     "so8t-gemma2-post": (dict(arch="gemma2", so8t=True, position="post_o_proj", layers=3, gated_layers=(1,)),
                          ("f32",)),
+    # BF16 weights: the +1 of the norms in float32, as convert adds it (not in BF16)
+    "gemma2-bf16": (dict(arch="gemma2", dtype="bfloat16"), ("f32",)),
     # Gemma 3: q/k norms (+1 too), two RoPE bases (global, sliding), the global layers' linear scaling and
     # final soft-capping when set, lm_head dropped (tied); SentencePiece or a byte-level BPE.
     "gemma3": (dict(arch="gemma3", head_dim=32), ("f32",)),
     "gemma3-bpe-scaled": (dict(arch="gemma3", tokenizer="bpe", layers=6, extra_config={
         "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "final_logit_softcapping": 30.0}), ("f32",)),
     "so8t-gemma3-post": (dict(arch="gemma3", so8t=True, position="post_o_proj", rotation="expm"), ("f32",)),
+    # Mixture of experts: one tensor per expert and projection in the checkpoint, stacked into
+    # ffn_{gate,up,down}_exps; the router (ffn_gate_inp); expert counts and widths; the size label "4x…".
+    "mixtral": (dict(arch="mixtral"), ("f32",)),
+    "qwen2moe": (dict(arch="qwen2moe", expert_intermediate=32, shared_intermediate=96), ("f32",)),
+    "qwen3moe": (dict(arch="qwen3moe", head_dim=32, experts=8, experts_used=2), ("f32",)),
+    "so8t-mixtral-post": (dict(arch="mixtral", so8t=True, position="post_o_proj"), ("f32",)),
+    "so8t-qwen2moe-pre": (dict(arch="qwen2moe", so8t=True, expert_intermediate=32), ("f32",)),
 }
 
 
@@ -130,7 +139,7 @@ def baked_folder(ckpt: Checkpoint, dest: str) -> str:
         if item.transform.startswith("bake"):
             tensors[item.source], _ = materialize(item, ckpt.read, ckpt.uri)
         else:
-            tensors[item.source] = ckpt.read(item.source)
+            tensors.update({name: ckpt.read(name) for name in item.sources or (item.source,)})
     config = {k: v for k, v in ckpt.config.items() if k != "so8t"}
     src = ckpt.uri
     files = {n: open(os.path.join(src, n), "rb").read() for n in sorted(os.listdir(src))

@@ -32,6 +32,15 @@ def test_what_llama_cpp_would_run_differently_is_refused(arch, changes, message)
         model_spec(config(arch, **changes), "x")
 
 
+@pytest.mark.parametrize("key", ["attn_logit_softcapping", "final_logit_softcapping"])
+def test_gemma2_without_soft_capping_is_refused_and_an_absent_cap_is_transformers_default(key):
+    with pytest.raises(UnsupportedError, match=f"{key} is null"):
+        model_spec(config("gemma2", **{key: None}), "x")
+    cfg = config("gemma2")
+    del cfg[key]
+    assert model_spec(cfg, "x").config[key] == {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}[key]
+
+
 def test_the_27b_query_scaling_is_hidden_over_heads():
     # llama.cpp recognizes Gemma 2 27B by its 46 layers and scales queries by 1/sqrt(hidden/heads).
     cfg = config("gemma2", num_hidden_layers=46, hidden_size=128, head_dim=16, query_pre_attn_scalar=32,

@@ -1,7 +1,8 @@
 """The simd engine's bytes are libggml's bytes: every supported type, every kernel set, hard data.
 
 The reference is ``ggml_engine.quantize_rows(x, t, n_threads=1)``: libggml-base's own
-``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output.
+``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output; for IQ4_NL
+and IQ4_XS also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from so8t_core.quantize.engines import simd as simd_engine
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-ALL_TYPES = K_TYPES + LEGACY_TYPES
+IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]  # also with importance weights
+ALL_TYPES = K_TYPES + LEGACY_TYPES + IQ4_TYPES
 
 
 def _rng(name: str) -> np.random.Generator:
@@ -209,14 +211,14 @@ DATASETS = {
     "nan-positions": _nan_positions,
     "signed-zeros": _signed_zeros,
     "roundf-ties": _roundf_ties,
-    "rows-96": lambda n: _normal(n, 50, 96, 0.02),  # legacy types only: not a multiple of 256
+    "rows-96": lambda n: _normal(n, 50, 96, 0.02),  # 32-element types only: not a multiple of 256
 }
 
 
-def _cases():
+def _cases(types=ALL_TYPES):
     for name in DATASETS:
-        for qtype in ALL_TYPES:
-            if name == "rows-96" and qtype in K_TYPES:
+        for qtype in types:
+            if name == "rows-96" and GGML_QUANT_SIZES[qtype][0] != 32:
                 continue
             yield pytest.param(qtype, name, id=f"{qtype.name}-{name}")
 
@@ -231,6 +233,16 @@ def _data(name: str) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _reference(name: str, qtype: T) -> bytes:
     return bytes(ggml_engine.quantize_rows(_data(name), qtype, n_threads=1))
+
+
+def _importance(name: str, n: int) -> np.ndarray:
+    """Importance weights as llama-quantize passes them (sums / counts): skewed over five orders of
+    magnitude, with zeros (columns no token reached) and exact ties."""
+    rng = _rng(f"importance-{name}")
+    qw = (rng.random(n) ** 4 * 1e3).astype(np.float32)
+    qw[::11] = 0.0
+    qw[5::13] = 1.0
+    return qw
 
 
 def _assert_same(got: memoryview, ref: bytes, qtype: T, what: str) -> None:
@@ -262,6 +274,32 @@ def test_bytes_equal_libggml(qtype, name):
         _assert_same(simd_engine._quantize(x, qtype, n_threads=1, isa=isa), ref, qtype, f"{name}/{isa}")
     if qtype in simd_engine.SUPPORTED:
         _assert_same(simd_engine.quantize_rows(x, qtype, n_threads=1), ref, qtype, f"{name}/default")
+
+
+@pytest.mark.parametrize("qtype,name", list(_cases(IQ4_TYPES)))
+def test_bytes_equal_libggml_with_importance_weights(qtype, name):
+    x = _data(name)
+    qw = _importance(name, x.shape[1])
+    ref = bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw, n_threads=1))
+    if name.startswith("normal"):
+        assert ref != _reference(name, qtype)  # the weights change what is chosen
+    for isa in simd_engine.ISAS:
+        _assert_same(simd_engine._quantize(x, qtype, n_threads=1, isa=isa, imatrix=qw), ref, qtype, f"{name}/{isa}")
+    _assert_same(simd_engine.quantize_rows(x, qtype, n_threads=3, imatrix=qw), ref, qtype, f"{name}/3 threads")
+
+
+def test_the_engines_dispatch_importance_weights_to_simd_only_where_it_has_them():
+    from so8t_core.quantize.engines import quantize
+
+    x = _normal("dispatch", 64, 512, 0.02)
+    qw = _importance("dispatch", 512)
+    assert simd_engine.WEIGHTED == set(IQ4_TYPES)
+    for qtype in (T.IQ4_XS, T.IQ4_NL, T.Q4_K, T.IQ3_S):
+        assert bytes(quantize(x, qtype, "simd", qw)) == bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw))
+    with pytest.raises(ValueError, match="importance matrix is not supported"):
+        simd_engine.quantize_rows(x, T.Q4_K, imatrix=qw)
+    with pytest.raises(ValueError, match="expected"):
+        simd_engine.quantize_rows(x, T.IQ4_XS, imatrix=qw[:256])
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -301,7 +339,7 @@ def test_contract():
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_per_row", [255, 128, 1000, 31])
 def test_bad_row_length(qtype, n_per_row):
-    if qtype in LEGACY_TYPES and n_per_row % 32 == 0:
+    if GGML_QUANT_SIZES[qtype][0] == 32 and n_per_row % 32 == 0:
         n_per_row += 1
     with pytest.raises(ValueError, match="block size"):
         simd_engine._quantize(np.zeros((2, n_per_row), np.float32), qtype, isa=simd_engine.ISA)

@@ -51,7 +51,26 @@ class Provenance:
     converter: str
 
 
-def general_kvs(arch: str, folder_name: str, files: Mapping[str, bytes], n_params: int) -> list[GGUFKV]:
+def parameter_counts(tensors: Sequence[tuple[str, Sequence[int]]]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) parameters of a model's tensors (name, shape), as gguf-py's
+    GGUFWriter.get_total_parameter_count counts them for convert's size label: a 3-D ``_exps.`` tensor is
+    one tensor per expert."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for name, shape in tensors:
+        size = math.prod(shape)
+        total += size
+        if "_exps." in name and len(shape) >= 3:
+            count = shape[0]  # numpy order: experts first (GGUF's last dimension)
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
+
+
+def general_kvs(arch: str, folder_name: str, files: Mapping[str, bytes], n_params: int | tuple[int, int, int, int]
+                ) -> list[GGUFKV]:
     """general.type and the general.* keys convert writes (ModelBase.prepare_metadata), from gguf-py itself.
 
     ``files`` holds the folder's README.md / config.json / generation_config.json (those present);
@@ -60,6 +79,8 @@ def general_kvs(arch: str, folder_name: str, files: Mapping[str, bytes], n_param
     when the model card and config.json do not say, and which convert takes verbatim as
     general.name when nothing gives one.
     """
+    counts = n_params if isinstance(n_params, tuple) else (n_params, n_params, 0, 0)
+    n_params = counts[0]
     with tempfile.TemporaryDirectory(prefix="so8t-model-card-") as tmp:
         model_dir = Path(tmp) / folder_name  # Metadata reads the folder's name: give it the source's
         model_dir.mkdir()
@@ -76,7 +97,7 @@ def general_kvs(arch: str, folder_name: str, files: Mapping[str, bytes], n_param
     if metadata.name is None:
         metadata.name = folder_name  # convert's fallback: the model directory's name
     if metadata.size_label is None and n_params > 0:
-        metadata.size_label = size_label(n_params, n_params, 0, 0)  # no experts in these architectures
+        metadata.size_label = size_label(*counts)  # "4x1.2M" with experts
     writer = gguf.GGUFWriter(None, arch)  # in memory: only its key/value list is used
     writer.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(writer)
@@ -140,10 +161,18 @@ def text_model_kvs(spec: ModelSpec, quant: QuantType) -> list[GGUFKV]:
         kvs.append(kv_f32(K.Rope.FREQ_BASE.format(arch=a), spec.rope_theta))
     if spec.rms_norm_eps is not None:
         kvs.append(kv_f32(K.Attention.LAYERNORM_RMS_EPS.format(arch=a), spec.rms_norm_eps))
+    if spec.n_experts:
+        kvs += [kv_u32(K.LLM.EXPERT_COUNT.format(arch=a), spec.n_experts),
+                kv_u32(K.LLM.EXPERT_USED_COUNT.format(arch=a), spec.n_experts_used)]
     if spec.head_dim_explicit or spec.hf_architecture in HF_CONFIG_HAS_HEAD_DIM:
         kvs += [kv_u32(K.Attention.KEY_LENGTH.format(arch=a), spec.head_dim),
                 kv_u32(K.Attention.VALUE_LENGTH.format(arch=a), spec.head_dim)]
     kvs.append(kv_u32(K.General.FILE_TYPE, int(quant.file_type)))
+    if spec.rules.experts == "qwen":  # Qwen2MoeModel.set_gguf_parameters (Qwen3MoeModel's too)
+        kvs.append(kv_u32(K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), spec.expert_intermediate_size))
+        if spec.shared_expert_intermediate_size:
+            kvs.append(kv_u32(K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(arch=a),
+                              spec.shared_expert_intermediate_size))
     return kvs
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import gguf
 
 from so8t_core.analysis import checkpoint_model
-from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_kvs
+from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_kvs, parameter_counts
 from so8t_core.constants import CONVERTER, QuantType
 from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, write_gguf
 from so8t_core.quantize.staging import FORMAT_VERSION
@@ -89,8 +89,8 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
     provenance = Provenance(
         source_fingerprint=source_fingerprint, structure=structure, converter=CONVERTER,
         max_bake_error=max((s.bake_error for s in staged if s.bake_error is not None), default=0.0))
-    n_params = sum(s.n_elements for s in staged)
-    general = general_kvs(spec.arch, name, model_card_files(ckpt), n_params)
+    general = general_kvs(spec.arch, name, model_card_files(ckpt), parameter_counts([(s.gguf_name, s.shape)
+                                                                                      for s in staged]))
     return spec.arch, model_kvs(general, spec, quant, tok, provenance, extra)
 
 

@@ -52,6 +52,16 @@ def _yaml_str(text: str) -> str:
     return json.dumps(str(text))  # a JSON string is a valid YAML scalar, quotes and all
 
 
+def _expert_lines(experts: dict | None) -> list[str]:
+    """A mixture of experts: its experts, and the parameters a token uses of all the model has."""
+    if not experts:
+        return []
+    shared = ", plus a shared expert every token uses" if experts["shared"] else ""
+    return [f"- Mixture of experts: {experts['count']} experts per layer, {experts['used']} used per token{shared}",
+            f"- Active parameters per token: {experts['active_parameters']:,} of {experts['total_parameters']:,} "
+            "(the model's weights without the SO8T gates and heads)"]
+
+
 def _tokenizer_lines(t: Mapping[str, Any] | None) -> list[str]:
     if not t:
         return []
@@ -108,6 +118,7 @@ def render_model_card(name: str, analysis: Mapping[str, Any], files: Sequence[Ma
         f"({hp['kv_heads']} KV heads), FFN {hp['intermediate_size']}, vocabulary {hp['vocab_size']}, "
         f"context {hp['context_length']}" + (", tied embeddings" if hp["tied_embeddings"] else ""),
         f"- Parameters in the checkpoint: {analysis['parameters']['total']:,}",
+        *_expert_lines(analysis.get("experts")),
         *_tokenizer_lines(analysis.get("tokenizer")),
         "",
         "## SO8T structure and what was done with it",

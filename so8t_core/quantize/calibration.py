@@ -44,7 +44,7 @@ import numpy as np
 
 from so8t_core import storage
 from so8t_core.chat_template import ChatTemplateError, render_conversations
-from so8t_core.errors import CalibrationError, UnsupportedError
+from so8t_core.errors import CalibrationError
 
 # Part of the imatrix stage's cache key: bump when the same tokens and model may give other sums.
 CALIBRATION_VERSION = "1"
@@ -252,7 +252,7 @@ class _Tensor(ctypes.Structure):
                 ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
 
 
-GGML_TYPE_F32 = 0
+GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26  # enum ggml_type of the pinned ggml
 GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30  # enum ggml_op of the pinned ggml
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object)
 
@@ -280,7 +280,8 @@ def _weight_name(raw: bytes) -> str:
 
 
 class _Collector:
-    """llama-imatrix's IMatrixCollector.collect_imatrix for dense models, as an eval callback."""
+    """llama-imatrix's IMatrixCollector.collect_imatrix, as an eval callback: dense matrix products, and an
+    MoE's experts (MUL_MAT_ID: each token's input counted for the experts it was routed to)."""
 
     def __init__(self, chunk_size: int) -> None:
         self.lib = _ggml()
@@ -304,7 +305,7 @@ class _Collector:
 
     def _wanted(self, t: _Tensor) -> bool:
         if t.op == GGML_OP_MUL_MAT_ID:
-            return True  # an MoE's experts: refused in _collect (so8t-gguf converts dense models)
+            return True  # an MoE's experts, whatever the batch (as llama-imatrix asks for them)
         if t.op != GGML_OP_MUL_MAT:
             return False
         src0, src1 = _Tensor.from_address(t.src[0]), _Tensor.from_address(t.src[1])
@@ -315,11 +316,11 @@ class _Collector:
     def _collect(self, t: _Tensor) -> None:
         src0, src1 = _Tensor.from_address(t.src[0]), _Tensor.from_address(t.src[1])
         name = _weight_name(src0.name)
-        if t.op == GGML_OP_MUL_MAT_ID:
-            raise UnsupportedError(name, "an expert tensor (MoE): so8t-gguf computes importance matrices for "
-                                   "dense models", "")
         if not self.lib.ggml_backend_buffer_is_host(src1.buffer) or src1.nb[0] != 4:
             raise RuntimeError(f"{name}: the activations are not in host memory as float32 rows")
+        if t.op == GGML_OP_MUL_MAT_ID:
+            self._collect_experts(t, src0, src1, name)
+            return
         ne0, n_mat = src1.ne[0], src0.ne[2] * src0.ne[3]
         acc = self.sums.get(name)
         if acc is None:
@@ -337,6 +338,46 @@ class _Collector:
         rows_total = src1.ne[1] * src1.ne[2] * src1.ne[3]
         self.counts[name] += rows_total // n_mat
         self.last_chunk = max(self.last_chunk, int(self.counts[name].max()) // self.chunk_size)
+
+
+    def _collect_experts(self, t: _Tensor, src0: _Tensor, src1: _Tensor, name: str) -> None:
+        """llama-imatrix's MUL_MAT_ID branch: for each expert slot (outer) and token (inner), the token's input
+        row to that slot (src1 [cols, 1 or n_used, tokens]) is squared into the sums of the expert the router
+        chose (ids [n_used, tokens]), and that expert's count goes up by one. An expert's additions happen in
+        that order, so gathering its rows in that order and adding them one after the other is the same sum."""
+        ids = _Tensor.from_address(t.src[2])
+        n_as, n_ids, n_tokens, ne0, ne1 = src0.ne[2], ids.ne[0], src1.ne[2], src1.ne[0], src1.ne[1]
+        if ids.ne[1] != n_tokens or src1.ne[3] != 1 or ids.type != GGML_TYPE_I32 \
+                or not self.lib.ggml_backend_buffer_is_host(ids.buffer):
+            raise RuntimeError(f"{name}: expert ids or activations not in the layout llama-imatrix reads")
+        chosen = np.array(_strided(ids.data, np.int32, (n_ids, n_tokens), (ids.nb[0], ids.nb[1]))).reshape(-1)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= n_as):
+            raise RuntimeError(f"{name}: an expert id out of range")
+        inputs = _strided(src1.data, np.float32, (ne1, n_tokens, ne0), (src1.nb[1], src1.nb[2], 4))
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = np.zeros((n_as, ne0), dtype=np.float32)
+            self.counts[name] = np.zeros(n_as, dtype=np.int64)
+        elif acc.shape != (n_as, ne0):
+            raise RuntimeError(f"{name}: inconsistent size ({acc.size} vs {n_as * ne0})")
+        slot = np.repeat(np.arange(n_ids), n_tokens) % ne1  # (slot, token) pairs, slot-major as llama-imatrix
+        token = np.tile(np.arange(n_tokens), n_ids)
+        for expert in np.unique(chosen):
+            picked = chosen == expert
+            accumulate_squares(acc[expert], inputs[slot[picked], token[picked]])
+            self.counts[name][expert] += int(picked.sum())
+            if not np.isfinite(acc[expert]).all():
+                raise CalibrationError(name, "non-finite activations", "the model overflows on this text")
+        self.last_chunk = max(self.last_chunk, int(self.counts[name].max()) // self.chunk_size)
+
+
+def _strided(address: int, dtype, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """A read-only view of C memory at ``address`` with the given byte strides."""
+    span = sum((n - 1) * s for n, s in zip(shape, strides)) + np.dtype(dtype).itemsize
+    buffer = (ctypes.c_char * span).from_address(address)
+    view = np.ndarray(shape, dtype=dtype, buffer=buffer, strides=strides)
+    view.flags.writeable = False
+    return view
 
 
 _EvalCallback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)

@@ -44,16 +44,19 @@ class Imatrix:
     datasets: list[str]
     chunk_count: int
 
-    def for_tensor(self, gguf_name: str, n_per_row: int) -> np.ndarray | None:
-        """The importance vector llama-quantize would use for this tensor, or None."""
+    def for_tensor(self, gguf_name: str, shape: Sequence[int]) -> np.ndarray | None:
+        """The importance vector llama-quantize would use for this tensor (numpy ``shape``), or None: one value
+        per column, for each expert of a 3-D expert tensor (experts × columns, expert after expert)."""
         values = self.entries.get(gguf_name)
         if values is None:
             return None
-        if values.size != n_per_row:
+        n_values = shape[-1] * (shape[0] if len(shape) == 3 else 1)
+        if values.size != n_values:
             if gguf_name == "token_embd.weight":
                 return None  # llama.cpp ignores the embedding's mismatching entry
+            rows = f"rows of {shape[-1]}" + (f" in {shape[0]} experts" if len(shape) == 3 else "")
             raise CheckpointError(self.uri, f"imatrix entry {gguf_name!r} has {values.size} values but the tensor "
-                                            f"has rows of {n_per_row}", "the imatrix was computed for another model")
+                                            f"has {rows}", "the imatrix was computed for another model")
         return values
 
     def uncovered(self, plan: Sequence, types: Sequence[GGMLQuantizationType]) -> list[str]:

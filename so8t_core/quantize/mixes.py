@@ -4,7 +4,7 @@ A mix (Q4_K_M, IQ3_M, Q8_0, ...) is llama-quantize's ``llama_ftype``: a default 
 per-tensor rules that depend on the tensor's role, its layer, the model's shape, the order
 tensors are visited in and whether an importance matrix is given. This module reproduces
 ``llama_tensor_get_type`` of src/llama-quant.cpp at the pinned llama.cpp (llama-cpp-python
-0.3.36), for dense models:
+0.3.36), for dense and mixture-of-experts models:
 
   1. tensors llama.cpp never quantizes (1-D, norms, not ``*weight``) keep their type (F32);
   2. ``--token-embedding-type`` / ``--output-tensor-type`` win outright (no fallback);
@@ -13,9 +13,10 @@ tensors are visited in and whether an importance matrix is given. This module re
      apply; then a row length that does not fit the type's blocks falls back.
 
 and ``tensor_requires_imatrix``: the very-low-bit types llama-quantize refuses to write
-without an importance matrix (:func:`check_imatrix_requirements`). The rules for MoE experts
-and Falcon models are not reproduced: so8t-gguf converts dense Llama, Mistral, Qwen2/3 and
-Phi-3 models.
+without an importance matrix (:func:`check_imatrix_requirements`). The MoE branches are those of
+the expert models so8t-gguf converts (Mixtral, Qwen2-MoE, Qwen3-MoE): 3-D ``_exps`` tensors (MXFP4 in
+MXFP4_MOE), the layer read from the name for the FFN rules, the ``n_expert >= 4`` and ``== 8`` bumps of
+attn_v, attn_k and attn_output. Falcon's branches are not reproduced (not a base so8t-gguf converts).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ OUTPUT_Q5_K = IQ1_IQ2 | {"IQ3_XXS"}  # the output tensor gets Q5_K, not Q6_K
 # but token_embd and output), and those libggml itself aborts on without it.
 REQUIRE_IMATRIX = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
 GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})  # ggml_quantize_requires_imatrix
+# attn_output of an 8-expert model: Q5_K in these mixes, else the mix's type
+ATTN_OUTPUT_Q5_K_WITH_8_EXPERTS = frozenset({"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S",
+                                             "Q4_K_M", "IQ3_S", "IQ3_M", "IQ4_XS"})
 IMATRIX_HINT = ("pass --calibration with your text (or the word builtin, for the built-in text) to compute one, "
                 "or --imatrix FILE (from llama-imatrix)")
 
@@ -70,17 +74,19 @@ class ModelShape:
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    n_expert: int = 0  # routed experts per layer (llama.cpp's hparams.n_expert; 0 for a dense model)
 
     @classmethod
     def from_spec(cls, spec) -> "ModelShape":
-        return cls(arch=spec.arch, n_layers=spec.n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads)
+        return cls(arch=spec.arch, n_layers=spec.n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
+                   n_expert=spec.n_experts)
 
     @classmethod
     def from_analysis(cls, analysis: dict) -> "ModelShape":
         """From ``analysis.analyze``'s report (what the flow's analyze stage passes on)."""
         hp = analysis["hyperparameters"]
         return cls(arch=analysis["gguf_architecture"], n_layers=hp["layers"], n_heads=hp["heads"],
-                   n_kv_heads=hp["kv_heads"])
+                   n_kv_heads=hp["kv_heads"], n_expert=(analysis.get("experts") or {}).get("count", 0))
 
     @property
     def n_gqa(self) -> int:
@@ -93,9 +99,18 @@ class ModelShape:
                                         or (self.arch == "llama" and self.n_heads != self.n_kv_heads))
 
 
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """ggml_n_dims of a tensor of numpy ``shape``: its GGML dimensions up to the last one above 1, so a
+    (1, n) matrix (Qwen2-MoE's ffn_gate_inp_shexp) is 1-D to llama.cpp."""
+    dims = len(shape)
+    while dims > 1 and shape[len(shape) - dims] == 1:
+        dims -= 1
+    return max(dims, 1)
+
+
 def allows_quantization(name: str, shape: Sequence[int]) -> bool:
-    """llama.cpp's tensor_allows_quantization, for the tensors dense models have."""
-    return (len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """llama.cpp's tensor_allows_quantization, for the tensors of the models so8t-gguf converts."""
+    return (ggml_n_dims(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
             and "ffn_gate_inp.weight" not in name)
 
 
@@ -155,14 +170,20 @@ def _output_rule(new: T, shape: Sequence[int], mix: str, opts: MixOptions) -> T:
     return T.Q6_K if new != T.Q8_0 else new
 
 
+def _layer(st_counter: int, name: str, model: ModelShape) -> int:
+    """llama-quant.cpp's layer_info: with experts the layer is read from the name (blk.N.), else the counter."""
+    return int(name.split(".")[1]) if model.n_expert > 1 else st_counter
+
+
 def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelShape, cat: str,
-               opts: MixOptions) -> T:
-    """llama_tensor_get_type_impl for dense (one-expert), non-Falcon models, branch for branch."""
+               opts: MixOptions, name: str = "") -> T:
+    """llama_tensor_get_type_impl for non-Falcon models, branch for branch."""
     n = st.n_layers
+    n_expert = model.n_expert
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
         return _output_rule(new, shape, mix, opts)
-    if mix == "MXFP4_MOE":
-        return T.Q8_0  # MXFP4 is for the experts of an MoE: a dense model has none
+    if mix == "MXFP4_MOE":  # the experts (3-D, more than one) to MXFP4, everything else to Q8_0
+        return T.MXFP4 if len(shape) == 3 and shape[0] > 1 else T.Q8_0
     if cat == "token_embd":
         if opts.token_embedding_type is not None:
             return opts.token_embedding_type
@@ -176,14 +197,18 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
     if mix in IQ1_IQ2:
         more = T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else T.Q2_K
         if is_attn_v(cat):
-            new = T.Q4_K if model.n_gqa >= 4 else more
+            new = T.Q4_K if model.n_gqa >= 4 or n_expert >= 4 else more
             st.i_attention_wv += 1
+        elif n_expert == 8 and cat == "attn_k":
+            new = T.Q4_K
         elif cat == "ffn_down":
             if st.i_ffn_down < n // 8:
                 new = more
             st.i_ffn_down += 1
         elif cat == "attn_output":
-            if mix in ("IQ1_S", "IQ1_M"):
+            if n_expert == 8:
+                new = T.Q5_K
+            elif mix in ("IQ1_S", "IQ1_M"):
                 new = T.IQ2_XXS
             elif mix in ("IQ2_S", "IQ2_M"):
                 new = T.IQ3_S
@@ -211,12 +236,16 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
             new = T.Q5_K
         if model.is_70b and new in (T.Q3_K, T.Q4_K):
             new = T.Q5_K
+        if n_expert == 8:
+            new = T.Q8_0  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
         st.i_attention_wv += 1
         return new
+    if cat == "attn_k" and n_expert == 8:
+        return T.Q8_0
     if cat in ("attn_k", "attn_q"):
         return {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}.get(mix, new)
     if cat == "ffn_down":
-        i = st.i_ffn_down
+        i = _layer(st.i_ffn_down, name, model)
         if mix == "Q2_K":
             new = T.Q3_K
         elif mix == "Q2_K_S":
@@ -226,7 +255,7 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
             new = T.Q4_K if i < n // 8 else T.Q3_K
         elif mix == "Q3_K_M":
             new = T.Q5_K if i < n // 16 else T.Q4_K
-        elif mix == "IQ3_M" and i < n // 8:
+        elif mix == "IQ3_M" and (i < n // 8 or (n_expert == 8 and use_more_bits(i, n))):
             new = T.Q4_K
         elif mix == "Q3_K_L":
             new = T.Q5_K
@@ -244,10 +273,12 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
         st.i_ffn_down += 1
         return new
     if cat == "attn_output":
+        if n_expert == 8:
+            return T.Q5_K if mix in ATTN_OUTPUT_Q5_K_WITH_8_EXPERTS else new
         return {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_M": T.Q4_K}.get(mix, new)
     # (llama.cpp's own attn_qkv branch comes here, and is never reached: attn_qkv is attn_v-like.)
     if cat in ("ffn_gate", "ffn_up"):
-        i = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        i = _layer(st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up, name, model)
         if mix == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
             new = T.IQ3_XXS
         if cat == "ffn_gate":
@@ -283,7 +314,7 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
             if manual is not None:
                 new = manual
             elif not opts.pure:
-                new = _mix_rules(st, new, shape, quant.name, model, cat, opts)
+                new = _mix_rules(st, new, shape, quant.name, model, cat, opts, name)
             new = _fallback(st, name, shape, new, quant.name)
         out.append(new)
     if fallbacks is not None:

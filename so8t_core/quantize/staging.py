@@ -83,9 +83,9 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
                                            "pass the adapter the plan was made with")
                 reader = MergedReader(ckpt, adapter)
             materializer = Materializer(item, reader, ckpt.uri)
-            for _, chunk in materializer.chunks():
+            for start, chunk in materializer.chunks():
                 for i, _, qtype, weights, _ in todo:
-                    raw = quantize(chunk, qtype, engine, weights, n_threads)
+                    raw = quantize(chunk, qtype, engine, expert_importance(weights, item.shape, start), n_threads)
                     outputs[i].add(raw, chunk, dequantize(raw, qtype, chunk.shape, n_threads))
             seconds = time.perf_counter() - t0
             for i, quant_name, qtype, _, bin_path in todo:
@@ -102,6 +102,16 @@ def stage_tensor(ckpt: Checkpoint, item: TensorPlan, targets: Sequence[tuple[str
             for w in outputs.values():
                 w.close()
     return [done[i] for i in range(len(targets))]
+
+
+def expert_importance(weights: np.ndarray | None, shape: Sequence[int], first_row: int) -> np.ndarray | None:
+    """The importance row for the chunk starting at ``first_row``: a 3-D expert tensor's entry holds one row
+    per expert (chunks never span two experts), as llama-quantize indexes it."""
+    if weights is None or len(shape) < 3:
+        return weights
+    columns = shape[-1]
+    expert = first_row // shape[1]
+    return weights[expert * columns:(expert + 1) * columns]
 
 
 def _imatrix_sha256(imatrix: np.ndarray | None) -> str | None:

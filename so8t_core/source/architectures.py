@@ -30,6 +30,11 @@ class ArchRules:
     sandwich_norms: bool = False  # pre/post-FFN and post-attention RMSNorms around each block (gemma2/3)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w): llama.cpp's converter writes w + 1 (gemma)
     swa_pattern: int | None = None  # every n-th layer is global, the others sliding (llama.cpp's default)
+    # Mixture of experts: how the checkpoint names its experts ("mixtral": block_sparse_moe.experts.E.w1/w2/w3,
+    # "qwen": mlp.experts.E.gate_proj/up_proj/down_proj), None for a dense FFN.
+    experts: str | None = None
+    shared_expert: bool = False  # one always-on expert beside the routed ones, sigmoid-gated (qwen2moe)
+    norm_topk: bool = False  # llama.cpp renormalizes the top-k routing weights to sum to 1
 
 
 LLAMA = ArchRules(gguf.MODEL_ARCH.LLAMA, permutes_qk=True)
@@ -38,6 +43,10 @@ QWEN3 = ArchRules(gguf.MODEL_ARCH.QWEN3, qk_norm=True)
 PHI3 = ArchRules(gguf.MODEL_ARCH.PHI3, fused_qkv=True, fused_gate_up=True)
 GEMMA2 = ArchRules(gguf.MODEL_ARCH.GEMMA2, sandwich_norms=True, norm_plus_one=True, swa_pattern=2)
 GEMMA3 = ArchRules(gguf.MODEL_ARCH.GEMMA3, qk_norm=True, sandwich_norms=True, norm_plus_one=True, swa_pattern=6)
+# Mixtral is a llama with experts in GGUF, as llama.cpp converts it.
+MIXTRAL = ArchRules(gguf.MODEL_ARCH.LLAMA, permutes_qk=True, experts="mixtral", norm_topk=True)
+QWEN2MOE = ArchRules(gguf.MODEL_ARCH.QWEN2MOE, qkv_bias=True, experts="qwen", shared_expert=True)
+QWEN3MOE = ArchRules(gguf.MODEL_ARCH.QWEN3MOE, qk_norm=True, experts="qwen", norm_topk=True)
 
 # HF architecture → rules. Mistral is a llama in GGUF, exactly as llama.cpp converts it.
 SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
@@ -48,7 +57,16 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchRules] = {
     "Phi3ForCausalLM": PHI3,
     "Gemma2ForCausalLM": GEMMA2,
     "Gemma3ForCausalLM": GEMMA3,
+    "MixtralForCausalLM": MIXTRAL,
+    "Qwen2MoeForCausalLM": QWEN2MOE,
+    "Qwen3MoeForCausalLM": QWEN3MOE,
 }
+
+# The three projections of an expert, as the checkpoint names them (gate, up, down), and the prefix of a
+# layer's expert tensors and of its router (llama.cpp's ffn_gate_inp).
+EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen": ("gate_proj", "up_proj", "down_proj")}
+EXPERT_BLOCK = {"mixtral": "block_sparse_moe", "qwen": "mlp"}
+EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -71,6 +89,10 @@ class ModelSpec:
     rope_scaling: dict[str, Any] | None  # rope_parameters / rope_scaling, with rope_type normalized
     head_dim_explicit: bool  # config.json names head_dim (then GGUF gets key/value_length)
     attention_bias: bool  # q/k/v/o biases (llama's attention_bias)
+    n_experts: int = 0  # routed experts per layer (0: a dense FFN)
+    n_experts_used: int = 0  # experts each token is routed to
+    expert_intermediate_size: int = 0  # one expert's FFN width
+    shared_expert_intermediate_size: int = 0  # the shared expert's (qwen2moe)
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -100,6 +122,18 @@ class ModelSpec:
         """Width of the activation an SO8T gate rotates: o_proj's input or its output."""
         return self.attention_width if position == "pre_o_proj" else self.hidden_size
 
+    def expert_tensor(self, layer: int, expert: int, projection: int) -> str:
+        """The checkpoint name of one expert's projection (0 gate, 1 up, 2 down)."""
+        style = self.rules.experts
+        return (f"model.layers.{layer}.{EXPERT_BLOCK[style]}.experts.{expert}."
+                f"{EXPERT_PROJECTIONS[style][projection]}.weight")
+
+    def merged_expert_tensor(self, layer: int, projection: int) -> str:
+        """The name llama.cpp's converter gives the experts of one projection stacked, which its tensor map
+        turns into ``blk.N.ffn_{gate,up,down}_exps``."""
+        style = self.rules.experts
+        return f"model.layers.{layer}.{EXPERT_BLOCK[style]}.experts.{EXPERT_PROJECTIONS[style][projection]}.weight"
+
     def tensor_name_map(self) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.model_arch, self.n_layers)
 
@@ -117,7 +151,22 @@ class ModelSpec:
             qkv = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv}
             required.update({f"{n}.weight": (rows, h) for n, rows in qkv.items()})
             (required if r.qkv_bias else optional).update({f"{n}.bias": (rows,) for n, rows in qkv.items()})
-        if r.fused_gate_up:
+        if r.experts:
+            del required["mlp.down_proj.weight"]
+            eff, prefix = self.expert_intermediate_size, f"{EXPERT_BLOCK[r.experts]}."
+            required[prefix + "gate.weight"] = (self.n_experts, h)  # the router
+            for e in range(self.n_experts):
+                gate, up, down = EXPERT_PROJECTIONS[r.experts]
+                required.update({f"{prefix}experts.{e}.{gate}.weight": (eff, h),
+                                 f"{prefix}experts.{e}.{up}.weight": (eff, h),
+                                 f"{prefix}experts.{e}.{down}.weight": (h, eff)})
+            if r.shared_expert:
+                sff = self.shared_expert_intermediate_size
+                required.update({"mlp.shared_expert.gate_proj.weight": (sff, h),
+                                 "mlp.shared_expert.up_proj.weight": (sff, h),
+                                 "mlp.shared_expert.down_proj.weight": (h, sff),
+                                 "mlp.shared_expert_gate.weight": (1, h)})
+        elif r.fused_gate_up:
             required["mlp.gate_up_proj.weight"] = (2 * ff, h)
         else:
             required.update({"mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h)})
@@ -210,6 +259,11 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         raise UnsupportedError(where, f"base architecture {hf_arch[:80]} is not supported",
                                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
     _check_rope(config, where)
+    if hf_arch == "Gemma2ForCausalLM":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key in config and config[key] is None:  # transformers: no capping; absent: its default
+                raise UnsupportedError(where, f"config.json: {key} is null (no soft-capping), but llama.cpp's Gemma 2 "
+                                              "always soft-caps", f"set {key} to the model's cap")
 
     config = with_transformers_defaults(config, hf_arch)
     hidden = _int(config, "hidden_size", where)
@@ -230,16 +284,20 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
     context = config.get("max_position_embeddings")
     if SUPPORTED_ARCHITECTURES[hf_arch].norm_plus_one:
         _check_gemma(config, hf_arch, head_dim, hidden // n_heads, where)
+    n_layers = _int(config, "num_hidden_layers", where)
+    intermediate = _int(config, "intermediate_size", where)
+    moe = _moe_hparams(config, hf_arch, n_layers, intermediate, where) if SUPPORTED_ARCHITECTURES[hf_arch].experts \
+        else {}
 
     return ModelSpec(
         hf_architecture=hf_arch,
         arch=gguf.MODEL_ARCH_NAMES[SUPPORTED_ARCHITECTURES[hf_arch].model_arch],
-        n_layers=_int(config, "num_hidden_layers", where),
+        n_layers=n_layers,
         hidden_size=hidden,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        intermediate_size=_int(config, "intermediate_size", where),
+        intermediate_size=intermediate,
         vocab_size=_int(config, "vocab_size", where),
         context_length=None if context is None else _int(config, "max_position_embeddings", where),
         rope_theta=None if rope_theta is None else float(rope_theta),
@@ -248,8 +306,38 @@ def model_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         rope_scaling=rope if rope.get("rope_type") not in (None, "default") else None,
         head_dim_explicit=head_dim_explicit,
         attention_bias=bool(config.get("attention_bias", False)),
+        **moe,
         config=dict(config),
     )
+
+
+def _moe_hparams(config: Mapping[str, Any], hf_arch: str, n_layers: int, intermediate: int, where: str
+                 ) -> dict[str, int]:
+    """Expert counts and widths, read as llama.cpp's converter reads them; refuses what llama.cpp's MoE
+    graphs would run differently from the checkpoint's model (they read no key for it)."""
+    rules = SUPPORTED_ARCHITECTURES[hf_arch]
+    count_key = "num_local_experts" if "num_local_experts" in config else "num_experts"
+    n_experts = _int(config, count_key, where)
+    n_used = _int(config, "num_experts_per_tok", where)
+    if n_used > n_experts:
+        raise CheckpointError(where, f"config.json: num_experts_per_tok {n_used} is more than the {n_experts} experts",
+                              "fix config.json")
+    out = {"n_experts": n_experts, "n_experts_used": n_used,
+           "expert_intermediate_size": intermediate if rules.experts == "mixtral"
+           else _int(config, "moe_intermediate_size", where)}
+    if rules.shared_expert:
+        out["shared_expert_intermediate_size"] = _int(config, "shared_expert_intermediate_size", where)
+    if rules.experts == "qwen":
+        if bool(config.get("norm_topk_prob")) != rules.norm_topk:
+            raise UnsupportedError(where, f"config.json: norm_topk_prob {short_repr(config.get('norm_topk_prob'))}: "
+                                          f"llama.cpp's {rules.model_arch.name.lower()} "
+                                          f"{'always' if rules.norm_topk else 'never'} renormalizes the routing "
+                                          "weights", "")
+        step, dense = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
+        if step != 1 or dense:
+            raise UnsupportedError(where, "config.json: some layers are dense (decoder_sparse_step / mlp_only_layers):"
+                                          " llama.cpp's Qwen MoE has experts in every layer", "")
+    return out
 
 
 def gemma3_rope_parameters(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -345,6 +433,15 @@ HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
                           "tie_word_embeddings": True},
     "Gemma3ForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "head_dim": 256,
                           "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True},
+    "MixtralForCausalLM": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "rope_theta": 1_000_000.0,
+                           "intermediate_size": 14336, "num_experts": 8, "num_experts_per_tok": 2},
+    "Qwen2MoeForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+                            "intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
+                            "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                            "norm_topk_prob": False},
+    "Qwen3MoeForCausalLM": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+                            "intermediate_size": 6144, "num_experts": 128, "num_experts_per_tok": 8,
+                            "moe_intermediate_size": 768, "norm_topk_prob": False},
 }
 
 

@@ -41,7 +41,7 @@ from so8t_core.gguf_file import GGUFKV, write_gguf
 
 K = gguf.Keys.Tokenizer
 # HF architectures convert_hf_to_gguf.py handles with LlamaModel (whose set_vocab adds two rules).
-LLAMA_MODEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+LLAMA_MODEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 # HF architectures convert handles with Gemma2Model/Gemma3Model: SentencePiece, then add_space_prefix false.
 # Gemma 2 has no other vocabulary; Gemma 3 falls back to a byte-level BPE when there is no tokenizer.model.

@@ -21,8 +21,13 @@ from so8t_core.testing.tokenizers import fixture_spm_tokenizer_files, fixture_to
 
 FIXTURE_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3": "Gemma3ForCausalLM"}
+                 "gemma3": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+                 "qwen3moe": "Qwen3MoeForCausalLM"}
 GEMMA_FIXTURE_ARCHS = ("gemma2", "gemma3")
+MOE_FIXTURE_ARCHS = ("mixtral", "qwen2moe", "qwen3moe")
+# Router weights are scaled up so that each token's top-k experts are clear winners: a near-tie would let
+# float rounding pick another expert in llama.cpp than in the reference.
+ROUTER_SCALE = 4.0
 EMBED_STD_GEMMA = 0.25
 FIXTURE_TOKENIZERS = ("bpe", "spm")
 
@@ -50,6 +55,10 @@ class FixtureSpec:
     theta_std: float = 0.3
     dtype: str = "float32"
     extra_config: dict = field(default_factory=dict)
+    experts: int = 4  # MoE fixtures: routed experts per layer, and how many each token uses
+    experts_used: int = 2
+    expert_intermediate: int | None = None  # one expert's FFN width (Qwen MoE); default intermediate
+    shared_intermediate: int | None = None  # qwen2moe's shared expert; default intermediate
     # "bpe" (byte-level BPE, tokenizer.json) or "spm" (SentencePiece tokenizer.model, Phi-3 style
     # for phi3, Llama 2 style otherwise); None: "spm" for phi3, "bpe" for the others.
     tokenizer: str | None = None
@@ -69,6 +78,14 @@ class FixtureSpec:
     @property
     def gemma(self) -> bool:
         return self.arch in GEMMA_FIXTURE_ARCHS
+
+    @property
+    def moe(self) -> bool:
+        return self.arch in MOE_FIXTURE_ARCHS
+
+    @property
+    def expert_ff(self) -> int:
+        return self.intermediate if self.arch == "mixtral" else self.expert_intermediate or self.intermediate
 
 
 def fixture_config(s: FixtureSpec) -> dict:
@@ -100,7 +117,20 @@ def fixture_config(s: FixtureSpec) -> dict:
         if s.arch == "gemma3":  # as Gemma 3 1B ships it: no soft-capping, 1 global layer in 6, two RoPE bases
             config.update(model_type="gemma3_text", attn_logit_softcapping=None, final_logit_softcapping=None,
                           sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
-    if s.head_dim is not None or s.arch == "qwen3":
+    if s.arch == "mixtral":  # as Mixtral-8x7B ships it, but for the sizes
+        config.update(num_local_experts=s.experts, num_experts_per_tok=s.experts_used, sliding_window=None,
+                      router_aux_loss_coef=0.02, output_router_logits=False, rope_theta=1_000_000.0)
+    if s.arch in ("qwen2moe", "qwen3moe"):  # as Qwen1.5-MoE / Qwen3-30B-A3B ship it, but for the sizes
+        config.update(num_experts=s.experts, num_experts_per_tok=s.experts_used, moe_intermediate_size=s.expert_ff,
+                      norm_topk_prob=s.arch == "qwen3moe", decoder_sparse_step=1, mlp_only_layers=[],
+                      use_sliding_window=False, sliding_window=None, output_router_logits=False,
+                      router_aux_loss_coef=0.001)
+        if s.arch == "qwen2moe":
+            config.update(shared_expert_intermediate_size=s.shared_intermediate or s.intermediate,
+                          max_window_layers=s.layers)
+        else:
+            config.update(attention_bias=False)
+    if s.head_dim is not None or s.arch in ("qwen3", "qwen3moe"):
         # Qwen3's config defaults head_dim to 128 (not hidden / heads): always say it there.
         config["head_dim"] = s.hd
     if s.arch in ("llama", "mistral"):
@@ -152,21 +182,24 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
             t[p + "self_attn.q_proj.weight"] = lin(q, s.hidden)
             t[p + "self_attn.k_proj.weight"] = lin(kv, s.hidden)
             t[p + "self_attn.v_proj.weight"] = lin(kv, s.hidden)
-        if s.arch == "qwen2" or s.attention_bias:
+        if s.arch in ("qwen2", "qwen2moe") or s.attention_bias:
             for proj, n in (("q", q), ("k", kv), ("v", kv)):
                 t[p + f"self_attn.{proj}_proj.bias"] = bias(n)
         t[p + "self_attn.o_proj.weight"] = lin(s.hidden, q)
         if s.attention_bias and s.arch in ("llama", "mistral"):
             t[p + "self_attn.o_proj.bias"] = bias(s.hidden)
-        if s.arch in ("qwen3", "gemma3"):
+        if s.arch in ("qwen3", "gemma3", "qwen3moe"):
             t[p + "self_attn.q_norm.weight"] = norm(hd)
             t[p + "self_attn.k_norm.weight"] = norm(hd)
-        if s.arch == "phi3":
+        if s.moe:
+            t.update(moe_tensors(s, p, lin))
+        elif s.arch == "phi3":
             t[p + "mlp.gate_up_proj.weight"] = lin(2 * s.intermediate, s.hidden)
         else:
             t[p + "mlp.gate_proj.weight"] = lin(s.intermediate, s.hidden)
             t[p + "mlp.up_proj.weight"] = lin(s.intermediate, s.hidden)
-        t[p + "mlp.down_proj.weight"] = lin(s.hidden, s.intermediate)
+        if not s.moe:
+            t[p + "mlp.down_proj.weight"] = lin(s.hidden, s.intermediate)
         t[p + "input_layernorm.weight"] = norm(s.hidden)
         t[p + "post_attention_layernorm.weight"] = norm(s.hidden)
         if s.gemma:
@@ -187,6 +220,26 @@ def fixture_tensors(s: FixtureSpec) -> dict[str, np.ndarray]:
     return t
 
 
+def moe_tensors(s: FixtureSpec, prefix: str, lin) -> dict[str, np.ndarray]:
+    """One layer's router and experts in the checkpoint layout the Hub's Mixtral / Qwen MoE models ship
+    (one tensor per expert and projection), and qwen2moe's shared expert with its gate."""
+    t = {}
+    block, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if s.arch == "mixtral" else \
+        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    t[f"{prefix}{block}.gate.weight"] = lin(s.experts, s.hidden) * np.float32(ROUTER_SCALE)
+    for e in range(s.experts):
+        t[f"{prefix}{block}.experts.{e}.{gate}.weight"] = lin(s.expert_ff, s.hidden)
+        t[f"{prefix}{block}.experts.{e}.{up}.weight"] = lin(s.expert_ff, s.hidden)
+        t[f"{prefix}{block}.experts.{e}.{down}.weight"] = lin(s.hidden, s.expert_ff)
+    if s.arch == "qwen2moe":
+        sff = s.shared_intermediate or s.intermediate
+        t[f"{prefix}mlp.shared_expert.gate_proj.weight"] = lin(sff, s.hidden)
+        t[f"{prefix}mlp.shared_expert.up_proj.weight"] = lin(sff, s.hidden)
+        t[f"{prefix}mlp.shared_expert.down_proj.weight"] = lin(s.hidden, sff)
+        t[f"{prefix}mlp.shared_expert_gate.weight"] = lin(1, s.hidden)
+    return t
+
+
 def build_fixture(dest: str, spec: FixtureSpec) -> str:
     if spec.arch not in FIXTURE_ARCHS:
         raise UnsupportedError(f"--arch {spec.arch}", "no fixture for this architecture yet",
@@ -198,6 +251,8 @@ def build_fixture(dest: str, spec: FixtureSpec) -> str:
                                "e.g. --hidden 64 --heads 4 --kv-heads 2")
     if spec.so8t and (spec.hd * spec.heads % 8 or spec.hidden % 8):
         raise UnsupportedError("fixture", "rotated widths must be multiples of 8 for SO(8) blocks", "")
+    if spec.moe and not 0 < spec.experts_used <= spec.experts:
+        raise UnsupportedError("fixture", "an MoE fixture routes each token to 1..experts experts", "")
     tokenizer_vocab = spec.tokenizer_vocab or spec.vocab
     if tokenizer_vocab > spec.vocab:
         raise UnsupportedError("fixture", "the tokenizer cannot have more tokens than the embedding has rows", "")

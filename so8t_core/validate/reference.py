@@ -55,6 +55,8 @@ def base_model(config: dict, spec: ModelSpec, state: dict[str, np.ndarray]):
     hf_config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_class(hf_config).float().eval()
+    if spec.n_experts:
+        state = transformers_expert_state(spec, state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict({k: _tensor(v) for k, v in state.items()}, strict=False)
     allowed_missing = {"lm_head.weight"} if spec.tied_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
@@ -62,6 +64,28 @@ def base_model(config: dict, spec: ModelSpec, state: dict[str, np.ndarray]):
     if spec.tied_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def transformers_expert_state(spec: ModelSpec, state: dict[str, np.ndarray], model_keys: set[str]
+                              ) -> dict[str, np.ndarray]:
+    """The checkpoint's experts (one tensor per expert and projection, as the Hub ships MoE models) in the
+    layout of the installed transformers' model: transformers 5 holds each layer's experts as two 3-D
+    parameters, ``mlp.experts.gate_up_proj`` (gate rows, then up rows) and ``mlp.experts.down_proj``, and
+    Mixtral's router as ``mlp.gate``. Its routing is llama.cpp's (softmax over the router's logits, top-k,
+    renormalized where the architecture's rules say so, Qwen2-MoE's sigmoid-gated shared expert), which
+    model_spec checks the config agrees with."""
+    if "model.layers.0.mlp.experts.gate_up_proj" not in model_keys:
+        return state  # per-expert parameters: the checkpoint's own names
+    out = {k: v for k, v in state.items() if ".experts." not in k}
+    block = "block_sparse_moe" if spec.rules.experts == "mixtral" else "mlp"
+    for layer in range(spec.n_layers):
+        experts = range(spec.n_experts)
+        gate, up, down = ([state[spec.expert_tensor(layer, e, i)] for e in experts] for i in range(3))
+        p = f"model.layers.{layer}."
+        out[p + "mlp.experts.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        out[p + "mlp.experts.down_proj"] = np.stack(down)
+        out[p + "mlp.gate.weight"] = out.pop(p + f"{block}.gate.weight")
+    return out
 
 
 class So8tReference:
@@ -145,5 +169,5 @@ def baked_model(checkpoint: Checkpoint, adapter=None):
         if item.transform.startswith("bake"):
             state[item.source], _ = materialize(item, reader, checkpoint.uri)
         else:
-            state[item.source] = reader.read(item.source)
+            state.update({name: reader.read(name) for name in item.sources or (item.source,)})
     return base_model(checkpoint.config, spec, state)

@@ -36,9 +36,9 @@ def write_legacy_imatrix(path, values: dict, ncall: int, dataset="wiki.train.raw
 
 
 def plan_shapes(src: str) -> dict[str, tuple[int, ...]]:
-    """The 2-D weights of a checkpoint's plan: GGUF name → numpy shape."""
+    """The 2-D weights and 3-D expert tensors of a checkpoint's plan: GGUF name → numpy shape."""
     _, _, plan = checkpoint_model(Checkpoint.open(src))
-    return {p.gguf_name: p.shape for p in plan if len(p.shape) == 2}
+    return {p.gguf_name: p.shape for p in plan if len(p.shape) >= 2}
 
 
 def write_synthetic_imatrix(path, src: str, seed: int = 5, skip: tuple[str, ...] = ()) -> list[str]:
@@ -48,6 +48,7 @@ def write_synthetic_imatrix(path, src: str, seed: int = 5, skip: tuple[str, ...]
     rng = np.random.default_rng(seed)
     shapes = plan_shapes(src)
     names = [n for n in shapes if n not in ("token_embd.weight", "output.weight", *skip)]
-    sums = {n: (rng.random(shapes[n][-1]) ** 3 * 50).astype(np.float32) for n in names}
-    write_gguf_imatrix(path, sums, {n: [10.0] for n in names})
+    experts = {n: shapes[n][0] if len(shapes[n]) == 3 else 1 for n in names}  # one row and count per expert
+    sums = {n: (rng.random(shapes[n][-1] * experts[n]) ** 3 * 50).astype(np.float32) for n in names}
+    write_gguf_imatrix(path, sums, {n: [10.0 + e for e in range(experts[n])] for n in names})
     return names

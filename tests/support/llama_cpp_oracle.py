@@ -108,6 +108,14 @@ FIXTURES = {
     # gemma2: tied (token_embd takes the output rule), sandwich norms, post-attention/FFN norms stay F32
     "gemma2-256": dict(arch="gemma2", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=256),
     "gemma3-256": dict(arch="gemma3", layers=2, hidden=256, heads=4, kv_heads=1, head_dim=128, intermediate=256),
+    # mixture of experts, 3-D ffn_*_exps (MXFP4 in MXFP4_MOE, one importance row per expert), the layer read
+    # from the name: Mixtral with 8 experts (the n_expert == 8 bumps of attn_v, attn_k, attn_output and
+    # IQ3_M's ffn_down), Qwen2-MoE with 4 (n_expert >= 4) and its shared expert and gate (ffn_gate_inp_shexp,
+    # a 1-row matrix llama.cpp quantizes and counts as an ffn_gate)
+    "mixtral-256-8x": dict(arch="mixtral", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=256, experts=8,
+                           vocab=320),
+    "qwen2moe-256": dict(arch="qwen2moe", layers=2, hidden=256, heads=4, kv_heads=4, intermediate=256,
+                         expert_intermediate=256, shared_intermediate=256, vocab=320),
 }
 
 

@@ -4,11 +4,12 @@ Three engines produce the same bytes:
 
 * ``ggml``: libggml's own quantizers (``ggml_quantize_chunk``) through ctypes, i.e. exactly
   what llama-quantize writes; threads over row chunks. The oracle the others are checked
-  against, and the only engine for importance-matrix quantization.
+  against, and the engine for importance-matrix quantization (but for IQ4_NL and IQ4_XS, which
+  ``simd`` also quantizes with importance weights).
 * ``simd``: our C extension (``_kquants.c``), the same reference algorithms run on many
   blocks at once in SIMD lanes, 3-10× faster than libggml's scalar code on the K types
-  (tests/test_simd_engine.py, benchmarks/engines.py). Types it does not speed up, and
-  imatrix quantization, go to ``ggml``.
+  and ~25× on IQ4_NL/IQ4_XS (tests/test_simd_engine.py, benchmarks/engines.py). Types it does
+  not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS, go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
   checked byte for byte against ``ggml`` (tests/test_torch_engine.py). Types it has no port
   of (the IQ, ternary and 1-bit types, MXFP4) go to ``ggml``.
@@ -68,11 +69,11 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, engine: str = "ggml"
 
         if qtype in torch_engine.SUPPORTED:
             return torch_engine.quantize_rows(rows, qtype)
-    if engine == "simd" and imatrix is None:
+    if engine == "simd":
         from so8t_core.quantize.engines import simd as simd_engine
 
-        if qtype in simd_engine.SUPPORTED:
-            return simd_engine.quantize_rows(rows, qtype, n_threads)
+        if qtype in (simd_engine.SUPPORTED if imatrix is None else simd_engine.WEIGHTED):
+            return simd_engine.quantize_rows(rows, qtype, n_threads, imatrix=imatrix)
     from so8t_core.quantize.engines.ggml import quantize_rows
 
     return quantize_rows(rows, qtype, imatrix=imatrix, n_threads=n_threads)

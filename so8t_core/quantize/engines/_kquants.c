@@ -3,7 +3,8 @@
  *
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
- * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, several times faster: libggml-base is compiled without
+ * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, and of quantize_iq4_nl / quantize_iq4_xs with or without
+ * importance weights, several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -66,8 +67,12 @@
 
 enum {
     T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23,
 };
+
+/* kvalues_iq4nl (ggml-common.h), and as floats for the lane-wise look-ups */
+static const int8_t kq_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const float kq_iq4nl_f[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* ---------------------------------------------------------------- scalar helpers */
 
@@ -196,12 +201,15 @@ static void kq_q8_0_block_scalar(const float *x, uint8_t *y) {
 /* ---------------------------------------------------------------- dispatch */
 
 typedef void (*kq_fn)(const float *x, uint8_t *y, int64_t nblocks);
+/* the types whose quantizer reads importance weights: qw (n_per_row of them, or NULL) */
+typedef void (*kq_wfn)(const float *x, uint8_t *y, int64_t nblocks, const float *qw, int64_t n_per_row);
 
 typedef struct {
     int type;
     int block;  /* elements per block */
     int bytes;  /* bytes per block */
     kq_fn fn[3]; /* generic, avx2, avx512 */
+    kq_wfn wfn[3]; /* instead of fn: the types quantized with importance weights */
 } kq_type;
 
 #if KQ_X86
@@ -221,6 +229,8 @@ static const kq_type KQ_TYPES[] = {
     {T_Q4_K, QK_K, 144, KQ_FNS(q4k)},
     {T_Q5_K, QK_K, 176, KQ_FNS(q5k)},
     {T_Q6_K, QK_K, 210, KQ_FNS(q6k)},
+    {T_IQ4_NL, 32, 18, {NULL, NULL, NULL}, KQ_FNS(iq4_nl)},
+    {T_IQ4_XS, QK_K, 136, {NULL, NULL, NULL}, KQ_FNS(iq4_xs)},
 };
 #define KQ_NTYPES ((int)(sizeof KQ_TYPES / sizeof KQ_TYPES[0]))
 
@@ -248,14 +258,16 @@ static int kq_best_isa(void) {
 /* Run the kernels in the default floating-point environment (round to nearest even, no
  * flush-to-zero or denormals-are-zero), which is the one llama-quantize runs in, whatever
  * the host process may have set. MXCSR is per thread. */
-static void kq_run(kq_fn fn, const float *x, uint8_t *y, int64_t nblocks) {
+static void kq_run(const kq_type *t, int isa, const float *x, uint8_t *y, int64_t nblocks, const float *qw,
+                   int64_t n_per_row) {
 #if KQ_X86
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(0x1f80);
-    fn(x, y, nblocks);
+#endif
+    if (t->wfn[isa]) t->wfn[isa](x, y, nblocks, qw, n_per_row);
+    else t->fn[isa](x, y, nblocks);
+#if KQ_X86
     _mm_setcsr(csr);
-#else
-    fn(x, y, nblocks);
 #endif
 }
 
@@ -270,10 +282,13 @@ static const kq_type *kq_find(int type) {
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     (void)self;
     int type, isa = -1;
-    Py_buffer src, dst;
+    Py_buffer src, dst, imx = {0};
     Py_ssize_t nrows, n_per_row;
-    if (!PyArg_ParseTuple(args, "iy*w*nn|i:quantize", &type, &src, &dst, &nrows, &n_per_row, &isa)) return NULL;
+    PyObject *imatrix = Py_None;
+    if (!PyArg_ParseTuple(args, "iy*w*nn|iO:quantize", &type, &src, &dst, &nrows, &n_per_row, &isa, &imatrix))
+        return NULL;
     PyObject *result = NULL;
+    if (imatrix != Py_None && PyObject_GetBuffer(imatrix, &imx, PyBUF_SIMPLE) < 0) goto done;
     const kq_type *t = kq_find(type);
     if (!t) {
         PyErr_Format(PyExc_ValueError, "ggml type %d is not supported by the fast engine", type);
@@ -285,7 +300,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         goto done;
     }
     if (isa < 0) isa = kq_best_isa();
-    if (!kq_isa_usable(isa) || !t->fn[isa]) {
+    if (!kq_isa_usable(isa) || (!t->fn[isa] && !t->wfn[isa])) {
         PyErr_Format(PyExc_ValueError, "kernel set %d is not usable on this CPU", isa);
         goto done;
     }
@@ -304,18 +319,28 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
                      (long long)(nblocks * t->bytes));
         goto done;
     }
+    if (imx.obj && !t->wfn[isa]) {
+        PyErr_Format(PyExc_ValueError, "ggml type %d is not quantized with importance weights here", type);
+        goto done;
+    }
+    if (imx.obj && imx.len != (Py_ssize_t)(n_per_row * 4)) {
+        PyErr_Format(PyExc_ValueError, "the importance weights hold %zd bytes, need %zd (n_per_row float32)",
+                     imx.len, n_per_row * 4);
+        goto done;
+    }
     {
         const float *x = (const float *)src.buf;
+        const float *qw = imx.obj ? (const float *)imx.buf : NULL;
         uint8_t *y = (uint8_t *)dst.buf;
-        kq_fn fn = t->fn[isa];
         Py_BEGIN_ALLOW_THREADS
-        kq_run(fn, x, y, nblocks);
+        kq_run(t, isa, x, y, nblocks, qw, n_per_row);
         Py_END_ALLOW_THREADS
     }
     result = PyLong_FromLongLong((long long)(nblocks * t->bytes));
 done:
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
+    if (imx.obj) PyBuffer_Release(&imx);
     return result;
 }
 
@@ -455,9 +480,10 @@ static PyObject *py_error_sums(PyObject *self, PyObject *args) {
 
 static PyMethodDef kq_methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
-     "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1) -> bytes written. src: C-contiguous float32 "
-     "buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', 'avx512'), "
-     "-1 for the best the CPU supports. Releases the GIL."},
+     "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
+     "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
+     "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
+     "IQ4_XS only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -512,6 +538,9 @@ typedef uint8_t xb __attribute__((vector_size(32)));
 #endif
 #ifndef KQ_G_QX
 #define KQ_G_QX 1
+#endif
+#ifndef KQ_G_IQ4
+#define KQ_G_IQ4 2 /* even: an IQ4_XS super-block (8 sub-blocks) fills whole groups of 4-lane vectors */
 #endif
 /* vectors per group: at least `want`, and whole super-blocks (spb sub-blocks each) */
 #define GROUP_VECS(spb, want) ((((want) * NL + (spb) - 1) / (spb) * (spb)) / NL)
@@ -586,6 +615,21 @@ KQ_AI vf F(qclamp)(vf v, int lo, int hi) {
 KQ_AI vf F(qclamp_safe)(vf v, float lo, float hi) {
     const vf r = (v + 12582912.f) - 12582912.f;
     return F(maxf)(F(minf)(r, F(splat)(hi)), F(splat)(lo));
+}
+
+/* kq_iq4nl_f[idx] lane-wise, idx in 0..15 */
+KQ_AI vf F(iq4_lut)(vi idx) {
+#if KQ_ID == 2
+    return (vf)_mm512_permutexvar_ps((__m512i)idx, _mm512_loadu_ps(kq_iq4nl_f));
+#elif KQ_ID == 1
+    const vf lo = (vf)_mm256_permutevar8x32_ps(_mm256_loadu_ps(kq_iq4nl_f), (__m256i)idx);
+    const vf hi = (vf)_mm256_permutevar8x32_ps(_mm256_loadu_ps(kq_iq4nl_f + 8), (__m256i)idx);
+    return F(sel)(idx > 7, hi, lo);
+#else
+    vf r;
+    for (int k = 0; k < NL; ++k) r[k] = kq_iq4nl_f[idx[k] & 15];
+    return r;
+#endif
 }
 
 /* MAX(lo, MIN(hi, l)) */
@@ -1413,6 +1457,169 @@ static void F(q8_0)(const float *x, uint8_t *y, int64_t nb) {
         kq_put_f16(y, d);
         for (int k = 0; k < NV; ++k) F(narrow)(F(cvtt_roundf)(v[k] * id) & 0xff, y + 2 + NL * k);
     }
+}
+
+/* ================================================================ IQ4_NL / IQ4_XS
+ *
+ * quantize_iq4_nl / quantize_iq4_xs, i.e. quantize_row_iq4_nl_impl with ntry = 7, what
+ * ggml_quantize_chunk runs for these types with and without an importance matrix. The scale
+ * search (16 candidate scales, each a pass over the 32 elements of a sub-block with a table
+ * look-up per element) runs on G*NL sub-blocks side by side, lane k holding sub-block k, as the
+ * K-quants do; the requantization with the final scale is element-wise, in natural order. */
+
+/* best_index_int8(16, kvalues_iq4nl, x) lane-wise, and the table value it picks. Inside the
+ * table's range the binary search ends at mu = 1 + #{k in 1..14 : !(x < v[k])}; a NaN x gives
+ * mu = 15 there as in the search, and then index 15 since the final comparison is false. */
+KQ_AI vi F(iq4_index)(vf x, vf *q) {
+    vi n = F(splati)(1);
+    for (int k = 1; k < 15; ++k) n -= ~(x < F(splat)(kq_iq4nl_f[k]));
+    const vf lo = F(iq4_lut)(n - 1), hi = F(iq4_lut)(n);
+    const vi take_lo = (x - lo) < (hi - x);
+    const vi le = x <= F(splat)(kq_iq4nl_f[0]), ge = x >= F(splat)(kq_iq4nl_f[15]);
+    vi r = F(seli)(take_lo, n - 1, n);
+    vf v = F(sel)(take_lo, lo, hi);
+    r = F(seli)(ge, F(splati)(15), r);
+    v = F(sel)(ge, hi, v); /* n is 15 there */
+    r = F(seli)(le, F(splati)(0), r);
+    v = F(sel)(le, lo, v); /* n is 1 there */
+    *q = v;
+    return r;
+}
+
+/* sumqx, sumq2 of one candidate inverse scale per lane (the reference's sequential sums) */
+KQ_AI void F(iq4_sums)(const int G, const vf *restrict x, const vf *restrict w, const vf *id, vf *sqx, vf *sq2) {
+    for (int i = 0; i < 32; ++i)
+        for (int g = 0; g < G; ++g) {
+            const vf xi = x[i * G + g];
+            vf q;
+            (void)F(iq4_index)(id[g] * xi, &q);
+            const vf wq = w[i * G + g] * q;
+            sqx[g] = sqx[g] + wq * xi;
+            sq2[g] = sq2[g] + wq * q;
+        }
+}
+
+/* The scale of each of G*NL sub-blocks of 32 (x, w transposed), 0 for an all-zero one. */
+KQ_AI void F(iq4search)(const int G, const vf *restrict x, const vf *restrict w, vf *restrict scale_out) {
+    const vf zero = F(splat)(0.f);
+    vf max[GMAX], amax[GMAX], d[GMAX], best[GMAX], id[GMAX], sqx[GMAX], sq2[GMAX];
+    F(absmax)(G, 32, x, max, amax);
+    for (int g = 0; g < G; ++g) {
+        d[g] = -max[g] / kq_iq4nl_f[0];
+        id[g] = 1.f / d[g];
+        sqx[g] = sq2[g] = zero;
+    }
+    F(iq4_sums)(G, x, w, id, sqx, sq2);
+    for (int g = 0; g < G; ++g) {
+        d[g] = F(sel)(sq2[g] > zero, sqx[g] / sq2[g], zero);
+        best[g] = d[g] * sqx[g];
+    }
+    for (int itry = -7; itry <= 7; ++itry) {
+        for (int g = 0; g < G; ++g) {
+            id[g] = (float)(itry + kq_iq4nl[0]) / max[g];
+            sqx[g] = sq2[g] = zero;
+        }
+        F(iq4_sums)(G, x, w, id, sqx, sq2);
+        for (int g = 0; g < G; ++g) {
+            const vi take = (sq2[g] > zero) & (sqx[g] * sqx[g] > best[g] * sq2[g]);
+            const vf s = sqx[g] / sq2[g];
+            d[g] = F(sel)(take, s, d[g]);
+            best[g] = F(sel)(take, s * sqx[g], best[g]);
+        }
+    }
+    for (int g = 0; g < G; ++g) scale_out[g] = F(sel)(amax[g] < F(splat)(1e-15f), zero, d[g]);
+}
+
+/* 32 elements times `id`, to their 4-bit codes packed as the blocks store them: byte j holds
+ * element j in its low nibble and element j+16 in its high one */
+KQ_AI void F(iq4_pack)(const float *restrict x, float id, uint8_t *restrict qs) {
+    uint8_t L[32];
+    for (int k = 0; k < NV; ++k) {
+        vf q;
+        F(narrow)(F(iq4_index)(F(load)(x + NL * k) * id, &q), L + NL * k);
+    }
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+}
+
+/* nsb super-blocks of `super` elements (32: IQ4_NL, 256: IQ4_XS) from whole rows of n_per_row;
+ * qw: the importance of each column, or NULL */
+KQ_AI void F(iq4)(const float *restrict x, uint8_t *restrict y, int64_t nsb, const float *restrict qw,
+                  int64_t n_per_row, const int super) {
+    enum { G = KQ_G_IQ4, LANES = G * NL };
+    const int spb = super / 32, per = LANES / spb, bytes = super == 32 ? 18 : 136;
+    float pad[LANES * 32];
+    vf xt[32 * G], wt[32 * G], scv[G];
+    float sigma2[LANES];
+    for (int64_t b = 0; b < nsb; b += per) {
+        const int n = nsb - b < per ? (int)(nsb - b) : per;
+        const float *xg = x + b * super;
+        if (n < per) {
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xg, (size_t)n * super * sizeof(float));
+            xg = pad;
+        }
+        F(transpose)(xg, 32, G, xt);
+        if (qw) {
+            for (int s = 0; s < per; ++s) {
+                float s2 = 0;
+                for (int j = 0; j < super; ++j) s2 += xg[s * super + j] * xg[s * super + j];
+                sigma2[s] = s2 * (2.f / super);
+            }
+            kq_f32a *wo = (kq_f32a *)wt;
+            for (int k = 0; k < LANES; ++k) {
+                const float *xk = xg + 32 * k, *qk = qw + (b * super + 32 * (int64_t)k) % n_per_row;
+                const float s2 = sigma2[k / spb];
+                for (int i = 0; i < 32; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i] * sqrtf(s2 + xk[i] * xk[i]);
+            }
+        } else {
+            for (int j = 0; j < 32 * G; ++j) wt[j] = xt[j] * xt[j];
+        }
+        F(iq4search)(G, xt, wt, scv);
+        const kq_f32a *scales = (const kq_f32a *)scv;
+        for (int s = 0; s < n; ++s) {
+            const float *xs = xg + s * super;
+            uint8_t *ys = y + (b + s) * bytes;
+            if (super == 32) {
+                const float d = scales[s];
+                kq_put_f16(ys, d);
+                F(iq4_pack)(xs, d != 0.f ? 1 / d : 0.f, ys + 2);
+                continue;
+            }
+            const kq_f32a *sc = scales + 8 * s;
+            float max_scale = 0, amax_scale = 0;
+            for (int ib = 0; ib < 8; ++ib) {
+                const float a = fabsf(sc[ib]);
+                if (a > amax_scale) {
+                    amax_scale = a;
+                    max_scale = sc[ib];
+                }
+            }
+            const float d = -max_scale / 32;
+            kq_put_f16(ys, d);
+            const float id = d != 0.f ? 1 / d : 0.f;
+            uint16_t scales_h = 0;
+            uint8_t *scales_l = ys + 4;
+            for (int ib = 0; ib < 8; ++ib) {
+                int l = kq_nearest_int(id * sc[ib]);
+                l = l < -32 ? -32 : l > 31 ? 31 : l;
+                const float dl = d * l;
+                F(iq4_pack)(xs + 32 * ib, dl != 0.f ? 1 / dl : 0.f, ys + 8 + 16 * ib);
+                l += 32;
+                if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(l & 0xf);
+                else scales_l[ib / 2] |= (uint8_t)((l & 0xf) << 4);
+                scales_h |= (uint16_t)((l >> 4) << 2 * (ib % 8));
+            }
+            ys[2] = (uint8_t)(scales_h & 0xff);
+            ys[3] = (uint8_t)(scales_h >> 8);
+        }
+    }
+}
+
+static void F(iq4_nl)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(iq4)(x, y, nb, qw, n_per_row, 32);
+}
+static void F(iq4_xs)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(iq4)(x, y, nb, qw, n_per_row, QK_K);
 }
 
 #undef NV
