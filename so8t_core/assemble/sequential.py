@@ -40,7 +40,7 @@ def convert_sequential(ckpt: Checkpoint, quant: str, out_path: str, staging_dir:
                       None if imatrix is None else set(imatrix.entries))[q.name]
     staged = [stage_tensor(ckpt, p, [(q.name, t)], staging_dir,
                            [source.tensor_sha256[n] for n in p.inputs], engine,
-                           None if imatrix is None else imatrix.for_tensor(p.gguf_name, p.shape[-1]))[0]
+                           None if imatrix is None else imatrix.for_tensor(p.gguf_name, p.shape))[0]
               for p, t in zip(plan, types)]
     name = name or model_folder_name(ckpt.uri, "model")  # as convert names a model after its folder
     arch, kvs = model_metadata(ckpt, q, name, source.fingerprint, staged)

@@ -169,7 +169,9 @@ def measure_gguf(path: str, imatrix=None, cache_dir: str | None = None, max_rows
                                    "measure the F32 file of the run")
         shape = contents.numpy_shape(t)
         data = np.asarray(t.data).reshape(shape)
-        importance = imatrix.for_tensor(t.name, shape[-1]) if imatrix is not None and len(shape) > 1 else None
+        importance = imatrix.for_tensor(t.name, shape) if imatrix is not None and len(shape) > 1 else None
+        if importance is not None and importance.size != shape[-1]:
+            importance = None  # per-expert entries (MoE): not measured per expert yet
         out.append(measure_tensor(t.name, data, importance, cache_dir, max_rows=max_rows, n_threads=n_threads))
     return out
 
