@@ -64,6 +64,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not (args.quiet or args.json):
         console.enable()
     console.stage("checking the inputs")  # at once: Prefect is not even imported yet
+    if args.dry_run:
+        return _dry_run(args)
     try:
         result = _convert(args)
     finally:
@@ -74,6 +76,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from so8t_core.publish.report import render_conversion
 
         print(render_conversion(result))
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Each mix's per-tensor types and size, from the checked inputs and the preflight's plan:
+    nothing is quantized, fetched whole or written (llama-quantize's --dry-run)."""
+    from flows import console
+    from flows.params import check_inputs, check_mixes, from_cli
+    from so8t_core.analysis import preflight
+    from so8t_core.quantize.dry_run import dry_run_report, render_dry_run
+
+    try:
+        params = from_cli(args)
+        inputs = check_inputs(params)
+        source = params.source
+        if not source:
+            from flows.convert import demo_source
+
+            source = demo_source()
+        spec, plan = preflight(source, params.lora, params.allow_tokenizer_mismatch)
+        report = dry_run_report(plan, check_mixes(params, inputs, spec, plan))
+    finally:
+        console.disable()
+    if args.json:
+        _print_json(report)
+    elif not args.quiet:
+        print(render_dry_run(report))
     return 0
 
 
@@ -236,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status "
                        "says how it went (errors still print one line)")
     c.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    c.add_argument("--dry-run", action="store_true", help="print each tensor's type and each file's size for "
+                   "the mixes, without quantizing or writing anything (as llama-quantize --dry-run)")
     c.set_defaults(func=cmd_convert)
 
     a = sub.add_parser("analyze", help="report the structure of a checkpoint")

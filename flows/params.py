@@ -370,14 +370,14 @@ def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str
     return None
 
 
-def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> None:
+def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> dict:
     """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
     where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
     with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
-    analyze stage computes the same types again)."""
+    analyze stage computes the same types again). Returns them (quant → each tensor's type)."""
     from so8t_core.quantize.mixes import ModelShape, mix_types
 
-    mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
+    return mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
               imatrix_coverage(params, inputs.imatrix, plan))
 
 

@@ -18,7 +18,7 @@ from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import So8tError
 from so8t_core.quantize.engines import ENGINES
 
-CLI_ONLY = {"help", "json", "quiet", "verbose"}  # how the CLI shows a run, not what the run does
+CLI_ONLY = {"help", "json", "quiet", "verbose", "dry_run"}  # how the CLI shows a run (or its plan), not what it does
 
 
 def convert_parser() -> argparse.ArgumentParser:

@@ -30,14 +30,17 @@ class SequentialResult:
 
 def convert_sequential(ckpt: Checkpoint, quant: str, out_path: str, staging_dir: str, name: str | None = None,
                        options: MixOptions = MixOptions(), engine: str = "ggml", split: Split = NO_SPLIT,
-                       source: SourceRef | None = None) -> SequentialResult:
-    """Fetch, plan, bake, quantize (one mix) and assemble ``out_path``."""
+                       source: SourceRef | None = None, imatrix=None) -> SequentialResult:
+    """Fetch, plan, bake, quantize (one mix) and assemble ``out_path`` (``imatrix``: an
+    :class:`~so8t_core.quantize.imatrix.Imatrix` the quantizers are given, as with ``--imatrix``)."""
     source = source or fingerprint(ckpt)
     spec, _, plan = checkpoint_model(ckpt)
     q = quant_type(quant)
-    types = mix_types(plan, [q.name], ModelShape.from_spec(spec), options)[q.name]
+    types = mix_types(plan, [q.name], ModelShape.from_spec(spec), options,
+                      None if imatrix is None else set(imatrix.entries))[q.name]
     staged = [stage_tensor(ckpt, p, [(q.name, t)], staging_dir,
-                           [source.tensor_sha256[n] for n in p.inputs], engine)[0]
+                           [source.tensor_sha256[n] for n in p.inputs], engine,
+                           None if imatrix is None else imatrix.for_tensor(p.gguf_name, p.shape))[0]
               for p, t in zip(plan, types)]
     name = name or model_folder_name(ckpt.uri, "model")  # as convert names a model after its folder
     arch, kvs = model_metadata(ckpt, q, name, source.fingerprint, staged)
