@@ -168,7 +168,7 @@ def render_conversations(template: str, conversations: Sequence[Sequence[Mapping
                          special: Mapping[str, str]) -> list[str]:
     """Each conversation as transformers' ``apply_chat_template`` renders it (no generation
     prompt; ``special``: the special tokens' text), in one child process within limits of time
-    (:data:`RENDER_SECONDS` plus a tenth of a second per conversation), memory and output per
+    (:data:`RENDER_SECONDS` of CPU plus a tenth of a second per conversation), memory and output per
     conversation. A conversation the template cannot render is a :class:`ChatTemplateError`
     whose ``index`` says which."""
     payload = json.dumps({"template": template, "conversations": [list(c) for c in conversations],
@@ -177,8 +177,10 @@ def render_conversations(template: str, conversations: Sequence[Sequence[Mapping
     memory = MEMORY_BYTES + 8 * len(payload)  # the request itself, parsed, and the prompts it makes
     request = payload[:-1] + f', "memory": {memory}, "seconds": {seconds}}}'
     try:
+        # The CPU limit bounds the work; the wall clock is a backstop for a loaded machine, where
+        # importing transformers alone can take seconds.
         proc = subprocess.run([sys.executable, "-I", "-c", _CONVERSATIONS_CHILD], input=request,
-                              capture_output=True, text=True, timeout=seconds + 5)
+                              capture_output=True, text=True, timeout=2 * seconds + 10)
     except subprocess.TimeoutExpired:
         raise ChatTemplateError("the chat template", f"does not render the {len(conversations)} conversation(s) within "
                                 f"{seconds} s", LIMITS_HINT, "time") from None

@@ -172,7 +172,7 @@ def test_a_chat_template_renders_calibration_records_within_limits(tmp_path, mon
     named by its line."""
     import so8t_core.chat_template as chat_template
 
-    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 2)
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 3)
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT[1:]}, {"messages": CHAT}])
     with pytest.raises(CalibrationError) as err:
         read_calibration([path], chat_template=template)
