@@ -116,6 +116,9 @@ FIXTURES = {
                            vocab=320),
     "qwen2moe-256": dict(arch="qwen2moe", layers=2, hidden=256, heads=4, kv_heads=4, intermediate=256,
                          expert_intermediate=256, shared_intermediate=256, vocab=320),
+    # Qwen3-MoE: Qwen2-MoE's rules without the shared expert, with q/k norms; one layer keeps it cheap
+    "qwen3moe-256": dict(arch="qwen3moe", layers=1, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=256,
+                         expert_intermediate=256, experts=4, vocab=320),
 }
 
 
