@@ -332,21 +332,19 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
         if label in model.types:
             continue
         chosen = target_mix.allocate(tensors, budget)
-        recipe = Recipe(label=label, target=goal, base_mix=target_mix.base_mix(tensors, chosen),
+        base, model.types[label] = target_mix.recipe_mix_types(
+            shapes, tensors, chosen, ModelShape.from_analysis(model.analysis), imatrix is not None)
+        recipe = Recipe(label=label, target=goal, base_mix=base,
                         tensor_type_file=target_mix.tensor_type_file(tensors, chosen),
                         table=target_mix.render_recipe(tensors, chosen, gains=False),
                         predicted_damage=target_mix.predicted_damage(tensors, chosen),
                         bits_per_weight=target_mix.bits_per_weight(tensors, chosen))
-        options = MixOptions(tensor_types=target_mix.parse_tensor_type_file(recipe.tensor_type_file),
-                             has_imatrix=imatrix is not None)
-        model.types[label] = assign_types(shapes, quant_type(recipe.base_mix),
-                                          ModelShape.from_analysis(model.analysis), options)
         model.recipes[label] = recipe
         run.quants.append(label)
         if imatrix is not None:
             imatrix.uncovered[label] = imatrix.imatrix.uncovered(model.plan, model.types[label])
-        run.say("target %s: %s with %d per-tensor overrides, %.3f bits per weight, summed damage %.4g", label,
-                recipe.base_mix, len(options.tensor_types), recipe.bits_per_weight, recipe.predicted_damage)
+        run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, summed damage %.4g", label,
+                recipe.base_mix, recipe.bits_per_weight, recipe.predicted_damage)
 
 
 def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:

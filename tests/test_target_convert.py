@@ -35,11 +35,11 @@ def run(make_fixture, tmp_path_factory):
     params = ConvertParams(source=src, output=str(root / "out"), work_dir=str(root / "work"), name="fx",
                            quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, eval_ctx=128,
                            eval_chunks=2)
-    return root, convert(params)
+    return root, convert(params), src
 
 
 def test_the_auto_release_is_within_the_target(run):
-    root, result = run
+    root, result, _ = run
     assert set(result["releases"]) == {"Q8_0", LABEL}
     folder = release(root / "out", "fx", LABEL)
     g = read_gguf(str(folder / f"fx-{LABEL}.gguf"))
@@ -54,7 +54,7 @@ def test_the_auto_release_is_within_the_target(run):
 
 
 def test_llama_quantize_with_the_published_recipe_writes_the_same_tensors(run):
-    root, _ = run
+    root, _, _ = run
     folder = release(root / "out", "fx", LABEL)
     recipe = target.parse_tensor_type_file((folder / f"fx-{LABEL}.tensor-types.txt").read_text())
     assert len(recipe) == sum(1 for t in read_gguf(str(folder / f"fx-{LABEL}.gguf")).tensors if len(t.shape) == 2)
@@ -67,7 +67,7 @@ def test_llama_quantize_with_the_published_recipe_writes_the_same_tensors(run):
 
 
 def test_the_card_shows_the_recipe_and_the_measured_kld(run):
-    root, _ = run
+    root, _, _ = run
     folder = release(root / "out", "fx", LABEL)
     card = (folder / "README.md").read_text()
     kld = json.loads((folder / "manifest.json").read_text())["evaluation"]["statistics"]["kld_mean"]
@@ -75,3 +75,16 @@ def test_the_card_shows_the_recipe_and_the_measured_kld(run):
     assert "| ffn_down | " in card and "| tensor class | not in a block | layer 0 |" in card
     assert f"mean KLD {kld:.4g} against the F32 model" in card
     assert f"--tensor-type-file fx-{LABEL}.tensor-types.txt" in card
+
+
+def test_the_dry_run_prints_the_types_the_run_chose(run):
+    from support.cli import run as cli
+
+    root, _, src = run
+    proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--target-bpw", str(BPW),
+               "--work-dir", str(root / "work"), "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)[LABEL]
+    published = read_gguf(str(release(root / "out", "fx", LABEL) / f"fx-{LABEL}.gguf"))
+    assert {t["name"]: t["type"] for t in report["tensors"]} == {t.name: t.tensor_type.name for t in published.tensors}
+    assert report["bits_per_weight"] <= BPW

@@ -304,6 +304,19 @@ def smallest_bytes(shapes: Sequence[tuple[str, Sequence[int]]]) -> int:
                for name, shape in shapes)
 
 
+def recipe_mix_types(shapes: Sequence[tuple[str, Sequence[int]]], tensors: Sequence[TensorOptions],
+                     types: Mapping[str, T], model, has_imatrix: bool) -> tuple[str, list[T]]:
+    """(the mix a recipe goes with, each tensor's type as llama-quantize's rules give it with the
+    recipe as overrides): how an AUTO release is quantized, like any mix with --tensor-type
+    (``model``: mixes.ModelShape)."""
+    from so8t_core.constants import quant_type
+    from so8t_core.quantize.mixes import MixOptions, assign_types
+
+    base = base_mix(tensors, types)
+    options = MixOptions(tensor_types=parse_tensor_type_file(tensor_type_file(tensors, types)), has_imatrix=has_imatrix)
+    return base, assign_types(shapes, quant_type(base), model, options)
+
+
 def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T], gains: bool = True) -> str:
     """The recipe as the per-quant card shows it: a Markdown table, one row per tensor class, one
     column per layer (the tensors outside the blocks in a column of their own), and the total
