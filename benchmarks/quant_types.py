@@ -20,21 +20,13 @@ import ctypes
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def best_of(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from vs_llama_cpp import best_of, wide_f32  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def llama_quantize(src: str, dst: str, ftype: int, threads: int, imatrix: dict | None) -> None:
@@ -62,14 +54,11 @@ def main() -> None:
     import llama_cpp
     from gguf import GGMLQuantizationType
 
-    from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.constants import QUANT_TYPES, SUPPORTED_TENSOR_TYPES
     from so8t_core.gguf_file import read_gguf
     from so8t_core.quantize.engines import quantize
     from so8t_core.quantize.engines import simd as simd_engine
     from so8t_core.quantize.staging import IMATRIX_TYPES
-    from so8t_core.source.checkpoint import Checkpoint
-    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -80,13 +69,7 @@ def main() -> None:
     work = args.work or tempfile.mkdtemp(prefix="so8t-quant-types-")
     os.makedirs(work, exist_ok=True)
 
-    src = os.path.join(work, "wide")
-    if not os.path.exists(os.path.join(src, "config.json")):
-        build_fixture(src, FixtureSpec(layers=1, hidden=1024, heads=8, kv_heads=8, intermediate=2048, vocab=512,
-                                       so8t=False))
-    f32 = os.path.join(work, "wide-F32.gguf")
-    if not os.path.exists(f32):
-        convert_sequential(Checkpoint.open(src), "F32", f32, os.path.join(work, "staging"))
+    f32 = wide_f32(work, layers=1, hidden=1024, heads=8, kv_heads=8, intermediate=2048, vocab=512)
     g = read_gguf(f32)
     weights = [(t.name, np.asarray(t.data).reshape(g.numpy_shape(t))) for t in g.tensors if len(t.shape) == 2]
     n_weights = sum(x.size for _, x in weights)

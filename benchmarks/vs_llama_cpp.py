@@ -47,6 +47,21 @@ def best_of(fn, n=3) -> float:
     return min(times)
 
 
+def wide_f32(work: str, **spec) -> str:
+    """An F32 GGUF of a plain (ungated) fixture with wide rows, built once under ``work``."""
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
+
+    src = os.path.join(work, "wide")
+    if not os.path.exists(os.path.join(src, "config.json")):
+        build_fixture(src, FixtureSpec(**spec, so8t=False))
+    f32 = os.path.join(work, "wide-F32.gguf")
+    if not os.path.exists(f32):
+        convert_sequential(Checkpoint.open(src), "F32", f32, os.path.join(work, "staging"))
+    return f32
+
+
 def throughput(threads: int, work: str) -> list[dict]:
     """Quantize every weight of a 135M-parameter F32 GGUF (rows of 2048/8192) to one type.
 
@@ -57,19 +72,10 @@ def throughput(threads: int, work: str) -> list[dict]:
     import gguf
     import llama_cpp
 
-    from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.gguf_file import read_gguf
     from so8t_core.llama_runtime import captured_llama_log
-    from so8t_core.source.checkpoint import Checkpoint
-    from so8t_core.testing.fixtures import FixtureSpec, build_fixture
 
-    src = os.path.join(work, "wide")
-    if not os.path.exists(os.path.join(src, "config.json")):
-        build_fixture(src, FixtureSpec(layers=2, hidden=2048, heads=16, kv_heads=16, intermediate=8192, vocab=768,
-                                       so8t=False))
-    f32 = os.path.join(work, "wide-F32.gguf")
-    if not os.path.exists(f32):
-        convert_sequential(Checkpoint.open(src), "F32", f32, os.path.join(work, "staging"))
+    f32 = wide_f32(work, layers=2, hidden=2048, heads=16, kv_heads=16, intermediate=8192, vocab=768)
     g = read_gguf(f32)
     weights = [(t, g.numpy_shape(t)) for t in g.tensors if len(t.shape) == 2]
     n_elements = sum(int(np.prod(s)) for _, s in weights)

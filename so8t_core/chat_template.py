@@ -29,6 +29,18 @@ MEMORY_BYTES = 512 << 20  # what a render may allocate beyond the child's start
 SAMPLE_CONVERSATION = [{"role": "user", "content": "Hello!"}]
 LIMITS_HINT = "chat templates render a conversation in milliseconds; check the template for loops that never end"
 
+# What each child runs after its imports (``request``: the JSON it read): its own limits of
+# address space (beyond what the imports took) and CPU time.
+_LIMITS = r"""
+try:
+    with open("/proc/self/status") as status:
+        size = int(next(line.split()[1] for line in status if line.startswith("VmSize:"))) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + request["memory"],) * 2)
+except (OSError, ValueError, StopIteration):
+    pass  # no /proc, or limits not supported here: the parent's timeout still holds
+resource.setrlimit(resource.RLIMIT_CPU, (request["seconds"], request["seconds"] + 1))
+"""
+
 # The child: reads {template, messages, bos_token, eos_token} on stdin, writes {"prompt"} or
 # {"error", "message"} on stdout. It sets its own limits after its imports.
 _CHILD = r"""
@@ -38,13 +50,8 @@ request = json.loads(sys.stdin.read())
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-try:
-    with open("/proc/self/status") as status:
-        size = int(next(line.split()[1] for line in status if line.startswith("VmSize:"))) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (size + request["memory"],) * 2)
-except (OSError, ValueError, StopIteration):
-    pass  # no /proc, or limits not supported here: the parent's timeout still holds
-resource.setrlimit(resource.RLIMIT_CPU, (request["seconds"], request["seconds"] + 1))
+"""
+_CHILD += _LIMITS + r"""
 
 
 def raise_exception(message):
@@ -132,13 +139,8 @@ import json, resource, sys
 request = json.loads(sys.stdin.read())
 from transformers.utils.chat_template_utils import render_jinja_template
 
-try:
-    with open("/proc/self/status") as status:
-        size = int(next(line.split()[1] for line in status if line.startswith("VmSize:"))) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (size + request["memory"],) * 2)
-except (OSError, ValueError, StopIteration):
-    pass
-resource.setrlimit(resource.RLIMIT_CPU, (request["seconds"], request["seconds"] + 1))
+"""
+_CONVERSATIONS_CHILD += _LIMITS + r"""
 
 prompts = []
 result = None

@@ -17,6 +17,7 @@ import shutil
 import gguf
 import numpy as np
 import pytest
+from support.corrupt import scramble_tensor
 from support.published import release
 
 import flows.convert
@@ -59,16 +60,6 @@ SYSTEM_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>syst
                    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def scramble(path: str, name: str) -> None:
-    """Shuffle the bytes of tensor ``name`` in the GGUF at ``path`` in place."""
-    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
-    with open(path, "r+b") as f:
-        f.seek(tensor.data_offset)
-        data = np.frombuffer(f.read(tensor.n_bytes), np.uint8)
-        f.seek(tensor.data_offset)
-        f.write(np.random.default_rng(0).permutation(data).tobytes())
-
-
 @pytest.fixture(scope="module")
 def run(make_fixture, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -84,7 +75,7 @@ def run(make_fixture, tmp_path_factory):
     def assemble_corrupting(src, quant, *args, **kwargs):
         refs = real_assemble(src, quant, *args, **kwargs)
         if quant == CORRUPTED:
-            scramble(refs[0].uri, SCRAMBLED)
+            scramble_tensor(refs[0].uri, SCRAMBLED)
             refs = [file_ref(refs[0].uri), *refs[1:]]
         return refs
 

@@ -13,9 +13,9 @@ import re
 import shutil
 import subprocess
 
-import gguf
 import numpy as np
 import pytest
+from support.corrupt import scramble_tensor
 from support.llama_cpp_oracle import FIXTURES, llama_quantize
 
 from so8t_core.assemble.sequential import convert_sequential
@@ -144,17 +144,6 @@ def test_statistics_match_llama_perplexity(models, quant):
     assert all(within(float(again[n][0]), theirs[n][0]) for n in theirs), (again, theirs)
 
 
-def scramble_tensor(src: str, dst: str, name: str) -> None:
-    """A copy of ``src`` with the bytes of tensor ``name`` shuffled (a corrupted quant)."""
-    shutil.copy(src, dst)
-    tensor = next(t for t in gguf.GGUFReader(src).tensors if t.name == name)
-    with open(dst, "r+b") as f:
-        f.seek(tensor.data_offset)
-        data = np.frombuffer(f.read(tensor.n_bytes), np.uint8)
-        f.seek(tensor.data_offset)
-        f.write(np.random.default_rng(0).permutation(data).tobytes())
-
-
 @pytest.mark.parametrize("tensor", ["blk.3.ffn_down.weight", "output.weight"])
 def test_a_corrupted_quant_fails_the_gates_and_the_real_ones_pass(models, tensor):
     root, _, quants, _, base = models
@@ -162,7 +151,8 @@ def test_a_corrupted_quant_fails_the_gates_and_the_real_ones_pass(models, tensor
         with LlamaCppModel(quants[quant], n_ctx=N_CTX) as model:
             assert gate_failures(kl_divergence(model, base)) == []
     bad = str(root / "fx-Q4_K_M-corrupt.gguf")
-    scramble_tensor(quants["Q4_K_M"], bad, tensor)
+    shutil.copy(quants["Q4_K_M"], bad)
+    scramble_tensor(bad, tensor)
     with LlamaCppModel(bad, n_ctx=N_CTX) as model:
         failures = gate_failures(kl_divergence(model, base))
     # A scrambled output matrix gives logits that are not numbers: NaN fails too.
