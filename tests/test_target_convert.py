@@ -18,6 +18,7 @@ from flows.convert import convert
 from flows.params import ConvertParams
 from so8t_core.constants import QUANT_TYPES, bits_per_weight
 from so8t_core.gguf_file import read_gguf
+from so8t_core.publish.retrieve import model_gguf
 from so8t_core.quantize import target
 from so8t_core.quantize.imatrix import load_imatrix
 
@@ -51,6 +52,8 @@ def test_the_auto_release_is_within_the_target(run):
     assert manifest["recipe"]["tensor_type_file"] == f"fx-{LABEL}.tensor-types.txt"
     assert manifest["validation"]["passed"] and manifest["evaluation"]["passed"]
     assert g.value("general.file_type") == int(QUANT_TYPES[manifest["recipe"]["base_mix"]].file_type)
+    # chat, inspect and validate name it as users see it, any case
+    assert model_gguf(str(root / "out" / "fx"), "auto-4.50") == str(folder / f"fx-{LABEL}.gguf")
 
 
 def test_llama_quantize_with_the_published_recipe_writes_the_same_tensors(run):
