@@ -278,7 +278,8 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     asked = f"at most {goal['bpw']:g} bits per weight" if "bpw" in goal else f"a file of at most {goal['size']:,} bytes"
     lines = ["", "## The recipe", "",
              f"A target mix: {asked}, each 2-D weight given the type that leaves the least measured damage "
-             "(its layer's relative output noise, importance-weighted; docs/architecture.md), chosen per tensor:", "",
+             f"(its layer's relative output noise{', importance-weighted' if extras.get('imatrix') else ''}; "
+             "docs/architecture.md), chosen per tensor:", "",
              recipe["table"]]
     stats = (extras.get("evaluation") or {}).get("statistics")
     if stats:
