@@ -4,6 +4,7 @@ A catalog is a YAML file at any fsspec URL (deployments/catalog.example.yaml)::
 
     destination: s3://releases/models      # default for every model
     quants: [Q8_0]                         # default mixes (default: Q8_0)
+    target_bpw: 4.5                        # default: none; a target mix's release AUTO-4.50 too
     run_validation: true                   # default: true
     engine: auto                           # default: auto
     models:
@@ -12,6 +13,7 @@ A catalog is a YAML file at any fsspec URL (deployments/catalog.example.yaml)::
         quants: [Q4_K_M, Q8_0]             # overrides the default
         destination: s3://other/models     # optional override
         run_validation: false              # optional override
+        target_bpw: 3.5                    # optional override
 
 Relative paths are relative to the catalog's own folder. For each model and mix,
 ``requantize_catalog`` compares the checkpoint with what ``<destination>/<name>/latest.json``
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Annotated, Any
+from typing import Annotated, Any, Collection
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -44,10 +46,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flows.convert import convert
 from flows.params import NO_CREDENTIALS_PATTERN, ConvertParams, Engine, QuantMix, quant_names
 from so8t_core import storage
-from so8t_core.constants import CONVERTER, MODEL_CARD_NAME
+from so8t_core.constants import CONVERTER, MODEL_CARD_NAME, is_auto_label
 from so8t_core.errors import CatalogError, So8tError
 from so8t_core.publish.release import FINGERPRINT_CHARS, entry_release, read_latest, read_manifest
 from so8t_core.publish.report import artifact_key
+from so8t_core.quantize.target import auto_label
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
 from so8t_core.storage import NAME_PATTERN, default_cache_dir, redact_uri, refuse_credentials
@@ -70,6 +73,7 @@ class ModelEntry(BaseModel):
     run_validation: bool | None = None
     engine: Engine | None = None
     max_memory_gb: float | None = Field(None, gt=0)
+    target_bpw: float | None = Field(None, gt=0, le=32)
 
     @field_validator("quants", mode="before")
     @classmethod
@@ -85,6 +89,7 @@ class Catalog(BaseModel):
     run_validation: bool = True
     engine: Engine = Engine.auto
     max_memory_gb: float | None = Field(None, gt=0)
+    target_bpw: float | None = Field(None, gt=0, le=32)
     models: list[ModelEntry] = Field(min_length=1)
 
     @field_validator("quants", mode="before")
@@ -105,6 +110,22 @@ class CatalogModel(BaseModel):
     run_validation: bool
     engine: str
     max_memory_gb: float | None = None
+    target_bpw: float | None = None  # a target mix (convert --target-bpw): its release AUTO-<B> too
+
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """The labels this model is published under: its mixes, and its target mix's AUTO-<B>."""
+        return self.quants + ((auto_label(self.target_bpw),) if self.target_bpw else ())
+
+    def convert_params(self, todo: Collection[str], work_dir: str) -> ConvertParams:
+        """The convert run for the releases in ``todo``: its mixes, and the target when its AUTO
+        release is stale (a run needs one mix: then the first, which is up to date and re-staged
+        from the cache, its release republished unchanged)."""
+        mixes = [q for q in todo if not is_auto_label(q)] or [self.quants[0]]
+        target = self.target_bpw if self.target_bpw and auto_label(self.target_bpw) in todo else 0.0
+        return ConvertParams(source=self.source, output=self.destination, quants=mixes,
+                             run_validation=self.run_validation, name=self.name, engine=self.engine,
+                             max_memory_gb=self.max_memory_gb, work_dir=work_dir, target_bpw=target)
 
 
 def _relative_to(base: str, path: str) -> str:
@@ -189,7 +210,8 @@ def parse_catalog(text: str, url: str) -> list[CatalogModel]:
             quants=tuple(dict.fromkeys(q.value for q in (m.quants or catalog.quants))),
             run_validation=catalog.run_validation if m.run_validation is None else m.run_validation,
             engine=(m.engine or catalog.engine).value,
-            max_memory_gb=m.max_memory_gb if m.max_memory_gb is not None else catalog.max_memory_gb)
+            max_memory_gb=m.max_memory_gb if m.max_memory_gb is not None else catalog.max_memory_gb,
+            target_bpw=m.target_bpw if m.target_bpw is not None else catalog.target_bpw)
         for what, uri in (("source", model.source), ("destination", model.destination)):
             if "://" in uri:  # before any run: a convert run's parameters are stored
                 try:
@@ -249,7 +271,7 @@ def check_model(model: CatalogModel, work_dir: str) -> dict:
     src = fingerprint(Checkpoint.open(model.source, cache_dir=default_cache_dir()), cache_dir=work_dir)
     published = (read_latest(model.destination, model.name) or {}).get("quants") or {}
     todo, up_to_date = {}, {}
-    for q in model.quants:
+    for q in model.releases:
         entry = published.get(q)
         manifest = None
         release = entry_release(model.destination, model.name, entry) if entry is not None else None
@@ -340,9 +362,7 @@ def requantize_catalog(catalog: Annotated[str, Field(json_schema_extra={"pattern
         if dry_run:
             summary["converted"][model.name] = todo
             continue
-        params = ConvertParams(source=model.source, output=model.destination, quants=list(todo),
-                               run_validation=model.run_validation, name=model.name, engine=model.engine,
-                               max_memory_gb=model.max_memory_gb, work_dir=work_dir)
+        params = model.convert_params(todo, work_dir)
         state = convert.with_options(flow_run_name=model.name)(params, return_state=True)
         if state.is_completed():
             summary["converted"][model.name] = todo

@@ -96,7 +96,10 @@ def _dry_run(args: argparse.Namespace) -> int:
 
             source = demo_source()
         spec, plan = preflight(source, params.lora, params.allow_tokenizer_mismatch)
-        report = dry_run_report(plan, check_mixes(params, inputs, spec, plan))
+        types = check_mixes(params, inputs, spec, plan)
+        if params.target_bpw or params.target_size:
+            types.update(_dry_run_target(params, inputs, spec, plan, source))
+        report = dry_run_report(plan, types)
     finally:
         console.disable()
     if args.json:
@@ -104,6 +107,32 @@ def _dry_run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(render_dry_run(report))
     return 0
+
+
+def _dry_run_target(params, inputs, spec, plan: list, source: str) -> dict:
+    """The --target-bpw release's types, measured in memory (--target-size needs the assembled
+    file's metadata size, and an importance matrix from --calibration the run's computation)."""
+    import os
+
+    from so8t_core.errors import UnsupportedError
+    from so8t_core.quantize.dry_run import target_dry_run
+    from so8t_core.quantize.mixes import ModelShape
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+
+    for given, why in ((params.target_size, "--target-size's budget depends on the assembled file's metadata"),
+                       (params.computes_imatrix, "the importance matrix is computed from --calibration by the run"),
+                       (params.lora, "the LoRA adapter is merged by the run")):
+        if given:
+            raise UnsupportedError("--dry-run", f"not with this target yet: {why}",
+                                   "use --target-bpw with --imatrix FILE (or none), or run without --dry-run")
+    if not params.target_bpw:
+        return {}
+    work_dir = params.work_dir or os.path.join(default_cache_dir(), "work")
+    label, types = target_dry_run(Checkpoint.open(source, cache_dir=default_cache_dir()), plan,
+                                  ModelShape.from_spec(spec), params.target_bpw, inputs.imatrix,
+                                  os.path.join(work_dir, "damage"))
+    return {label: types}
 
 
 def _convert(args: argparse.Namespace) -> dict:

@@ -1,6 +1,6 @@
 """The conversion pipeline as a Prefect flow:
 
-    fetch → analyze → importance → quantize (one task per tensor, small ones batched; in parallel) → assemble
+    fetch → analyze → importance → target → quantize (one task per tensor, small ones batched; in parallel) → assemble
           → validate → evaluate → publish
 
 The flow's body is that list; each stage is a function below it that calls the stage's tasks
@@ -14,6 +14,7 @@ immutable version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import console
-from flows.params import ConvertParams, check_inputs, imatrix_coverage
+from flows.params import ConvertParams, check_inputs, check_targets, imatrix_coverage
 from flows.runners import task_slots
 from so8t_core import storage
 from so8t_core.constants import (
@@ -35,6 +36,7 @@ from so8t_core.constants import (
     EVALUATION_NAME,
     IMATRIX_NAME,
     MODEL_CARD_NAME,
+    RECIPE_NAME,
     SIDECAR_NAME,
     STATS_NAME,
     VALIDATION_NAME,
@@ -44,6 +46,7 @@ from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import NO_SPLIT, Split
 from so8t_core.plan import TensorPlan
 from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, release_uri
+from so8t_core.quantize import target as target_mix
 from so8t_core.quantize.calibration import measured_weights
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix
 from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, check_imatrix_requirements, mix_types
@@ -60,6 +63,7 @@ from tasks.fetch import fetch_checkpoint
 from tasks.importance import ComputedImatrix, compute_imatrix, tokenize_calibration
 from tasks.publish import publish_latest, publish_release, write_model_card, write_plots, write_stats_parquet
 from tasks.quantize import quantize_plan
+from tasks.target import measure_damage
 from tasks.validate import reference_logits, validate_gguf
 
 PLOT_CAPTIONS = {"errors": "{quant}: relative RMSE of each quantized tensor against its float32 source, by layer",
@@ -83,6 +87,8 @@ def convert(params: ConvertParams = ConvertParams()) -> dict:
     # validated in llama.cpp against the PyTorch SO8T reference.
     # The importance matrix: --imatrix's, or computed on the --calibration text in llama.cpp.
     imatrix = importance(run, source, model)
+    # Target mixes (--target-bpw, --target-size): each weight's type from its measured damage.
+    target(run, source, model, imatrix)
     staged = quantize(run, source, model, imatrix)
     files = assemble(run, source, model, staged, imatrix)
     validations = validate(run, source, model, staged, files, imatrix)
@@ -147,10 +153,36 @@ class Model:
     plan: list[TensorPlan]
     fingerprint: str  # of what is released: the source, and the adapter merged into it
     types: dict[str, list[GGMLQuantizationType]]
+    recipes: dict[str, "Recipe"] = dataclasses.field(default_factory=dict)  # the target mixes' (AUTO-<B>)
+
+    def mix_of(self, quant: str) -> str:
+        """The llama-quantize mix a release's file is written as: the quant itself, or for a target
+        mix's AUTO-<B> label the mix its recipe goes with (only general.file_type depends on it)."""
+        return self.recipes[quant].base_mix if quant in self.recipes else quant
 
     def folder(self, run: Run) -> str:
         """Where this run's files are assembled, in the work folder."""
         return os.path.join(run.work_dir, "runs", f"{run.name}-{self.fingerprint[:16]}")
+
+
+@dataclass
+class Recipe:
+    """A target mix: the types chosen for one target, as a llama-quantize --tensor-type-file with the
+    mix it goes with, and what the card shows of it."""
+
+    label: str  # AUTO-<B>
+    target: dict  # {"bpw": B} or {"size": bytes}
+    base_mix: str
+    tensor_type_file: str
+    table: str  # target.render_recipe's Markdown
+    predicted_damage: float  # the summed damage (no class gains: not a KLD)
+    bits_per_weight: float
+
+    def summary(self, file_name: str) -> dict:
+        """What a release's manifest records of it."""
+        return {"target": self.target, "base_mix": self.base_mix, "tensor_type_file": file_name,
+                "bits_per_weight": self.bits_per_weight, "predicted_damage": self.predicted_damage,
+                "class_gains": False}
 
 
 @dataclass
@@ -211,6 +243,7 @@ def analyze(run: Run, src: SourceRef) -> Model:
         run.say("LoRA %s (r=%d, alpha=%g, scale %.4g, %s) merged into %d tensors: %s", redact_uri(adapter.uri),
                 adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
                 len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
+    check_targets(run.params, plan)
     types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options,
                       imatrix_coverage(run.params, run.imatrix, plan))
     return Model(analysis=analysis, plan=plan, fingerprint=fingerprint, types=types)
@@ -273,6 +306,47 @@ def f32_model(run: Run, src: SourceRef, model: Model, purpose: str) -> FileRef:
                          None, run.params.allow_tokenizer_mismatch)[0]
 
 
+def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> None:
+    """For each target (--target-bpw, --target-size), a release AUTO-<B>: every tensor of the baked
+    model in F32 is measured in each candidate type (cached), the types allocated under the budget,
+    and the recipe given as overrides to the mix it goes with, through llama-quantize's rules like
+    any mix's overrides. Adds the labels to the run's quants and their types to the model's."""
+    p = run.params
+    if not p.target_bpw and not p.target_size:
+        return
+    console.stage("measuring each weight's damage per candidate type for the target mixes")
+    f32 = f32_model(run, src, model, "target")
+    tensors = measure_damage(f32, imatrix.info[:2] if imatrix else None, run.work_dir)
+    n_weights = sum(t.n_elements for t in tensors)
+    targets = []
+    if p.target_bpw:
+        targets.append(({"bpw": p.target_bpw}, target_mix.budget_for_bpw(tensors, p.target_bpw)))
+    if p.target_size:
+        # the file's header, metadata and alignment padding are the F32 file's, less a margin for the
+        # keys only a quantized file has (quantize.imatrix.*) and per-tensor padding
+        overhead = f32.size - 4 * n_weights + 32 * len(tensors) + 65536
+        targets.append(({"size": p.target_size_bytes}, p.target_size_bytes - overhead))
+    shapes = [(pl.gguf_name, pl.shape) for pl in model.plan]
+    for goal, budget in targets:
+        label = target_mix.auto_label(p.target_bpw if "bpw" in goal else 8.0 * budget / n_weights)
+        if label in model.types:
+            continue
+        chosen = target_mix.allocate(tensors, budget)
+        base, model.types[label] = target_mix.recipe_mix_types(
+            shapes, tensors, chosen, ModelShape.from_analysis(model.analysis), imatrix is not None)
+        recipe = Recipe(label=label, target=goal, base_mix=base,
+                        tensor_type_file=target_mix.tensor_type_file(tensors, chosen),
+                        table=target_mix.render_recipe(tensors, chosen, gains=False),
+                        predicted_damage=target_mix.predicted_damage(tensors, chosen),
+                        bits_per_weight=target_mix.bits_per_weight(tensors, chosen))
+        model.recipes[label] = recipe
+        run.quants.append(label)
+        if imatrix is not None:
+            imatrix.uncovered[label] = imatrix.imatrix.uncovered(model.plan, model.types[label])
+        run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, summed damage %.4g", label,
+                recipe.base_mix, recipe.bits_per_weight, recipe.predicted_damage)
+
+
 def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:
     """Every tensor of the plan, staged in every mix's type: as many tasks in flight as the
     runner has slots (fewer under --max-memory)."""
@@ -299,7 +373,7 @@ def assemble(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     console.stage("assembling " + ", ".join(run.quants))
     split = Split(max_tensors=run.params.split_max_tensors, max_bytes=run.params.split_max_bytes)
     ggufs = {q: assemble_gguf(src, q, run.name, staged[q], out_dir, split, imatrix.info if imatrix else None,
-                              run.params.allow_tokenizer_mismatch) for q in run.quants}
+                              run.params.allow_tokenizer_mismatch, mix=model.mix_of(q)) for q in run.quants}
     return Files(out_dir=out_dir, ggufs=ggufs, sidecar=assemble_sidecar(src, run.name, out_dir))
 
 
@@ -316,7 +390,7 @@ def validate(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stag
     for q in run.quants:
         v = validations[q] = validate_cached(src, q, run.name, files.ggufs[q][0], staged[q], reference,
                                              imatrix.info if imatrix else None,
-                                             run.params.allow_tokenizer_mismatch)
+                                             run.params.allow_tokenizer_mismatch, mix=model.mix_of(q))
         f = v.get("llama_cpp", {})
         run.say("validated %s: mean KLD %.3g, top-1 %.2f%%, %s", q, f.get("mean_kld", float("nan")),
                 100 * f.get("top1_agreement", float("nan")), "passed" if v["passed"] else "FAILED")
@@ -382,7 +456,9 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
                                        imatrix.summary(q) if imatrix else None)
         manifest = release_manifest(run.name, q, src.fingerprint, validations.get(q), staged[q],
                                     imatrix.summary(q) if imatrix else None, model.analysis.get("lora"),
-                                    model.analysis["tokenizer"], evaluations.get(q))
+                                    model.analysis["tokenizer"], evaluations.get(q),
+                                    recipe=model.recipes[q].summary(RECIPE_NAME.format(name=run.name, quant=q))
+                                    if q in model.recipes else None)
         release = release_uri(run.params.output, run.name, model.fingerprint, q)
         manifest_ref, uploaded = publish_release(release_files, release, manifest)
         version = manifest_ref.uri.rsplit("/", 1)[0]  # the immutable version current.json now names
@@ -420,6 +496,11 @@ def _release_files(run: Run, src: SourceRef, model: Model, staged: list[StagedTe
     os.makedirs(qdir, exist_ok=True)
     out = {os.path.basename(r.uri): r for r in files.ggufs[q]}
     out.update(common)
+    if q in model.recipes:  # llama-quantize --tensor-type-file: the same bytes from the F32 GGUF and imatrix
+        recipe_name = RECIPE_NAME.format(name=run.name, quant=q)
+        with open(os.path.join(qdir, recipe_name), "w", encoding="utf-8") as f:
+            f.write(model.recipes[q].tensor_type_file)
+        out[recipe_name] = file_ref(os.path.join(qdir, recipe_name))
     stats_name = STATS_NAME.format(name=run.name, quant=q)
     out[stats_name] = write_stats_parquet(q, staged, os.path.join(qdir, stats_name))
     if q in validations:
@@ -450,13 +531,17 @@ def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatr
         t = types.setdefault(s.ggml_type, {"tensors": 0, "bytes": 0})
         t["tensors"] += 1
         t["bytes"] += s.nbytes
+    report = {"quant": q, "types": types, "llama_cpp": llama_cpp.__version__, "imatrix": imatrix, "fallbacks": []}
+    if q in model.recipes:  # every type the recipe chose fits its tensor's rows: nothing falls back
+        r = model.recipes[q]
+        return {**report, "recipe": {"base_mix": r.base_mix, "target": r.target, "table": r.table,
+                                     "file": RECIPE_NAME.format(name=run.name, quant=q)}}
     fell: list = []
     shapes = [(p.gguf_name, p.shape) for p in model.plan]
     assign_types(shapes, quant_type(q), ModelShape.from_analysis(model.analysis), run.options, fell)
     rows = dict(shapes)
-    return {"quant": q, "types": types, "llama_cpp": llama_cpp.__version__, "imatrix": imatrix,
-            "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": int(rows[n][-1])}
-                          for n, w, g in fell]}
+    return {**report, "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": int(rows[n][-1])}
+                                    for n, w, g in fell]}
 
 
 # --- Small helpers ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ EVAL_CHUNKS = int(os.environ.get("SO8T_EVAL_CHUNKS", DEFAULT_EVAL_CHUNKS))
 PATTERN_RULES = {
     "name": NAME_RULE,
     "split_max_size": "not a size: a number of bytes, or with K, M or G (e.g. 2G)",
+    "target_size": "not a size: a number of bytes, or with K, M or G (e.g. 700M)",
     "dask_address": "not an address: e.g. tcp://scheduler-host:8786",
 }
 
@@ -122,6 +123,14 @@ class ConvertParams(BaseModel):
     quants: Annotated[list[QuantMix], Cli(flag="--quant", metavar="TYPE")] = Field(
         [QuantMix.Q8_0], min_length=1, title="Quant mixes",
         description="llama-quantize mixes, one release each: " + " ".join(QUANT_TYPES) + " (default Q8_0).")
+    target_bpw: Annotated[float, Cli(metavar="B")] = Field(
+        0.0, ge=0, le=32, title="Target mix: bits per weight",
+        description="Add a release AUTO-B: every 2-D weight gets the type that leaves the least measured damage "
+                    "with the whole file at most B bits per weight (docs/cli.md; 0: none).")
+    target_size: Annotated[str, Cli(metavar="SIZE")] = Field(
+        "", pattern=or_empty(SIZE_PATTERN), title="Target mix: file size",
+        description="Add a release AUTO-B whose file is at most SIZE, e.g. 700M (decimal units; B: the bits per "
+                    "weight that makes; empty: none).")
     run_validation: Annotated[bool, Cli(flag="--no-validate", help="skip validation and its gates: the files are "
                                                                  "published unchecked")] = Field(
         True, title="Validate before publishing",
@@ -224,7 +233,7 @@ class ConvertParams(BaseModel):
             return TensorType.default
         return upper_names(value)
 
-    @field_validator("source", "name", "work_dir", "split_max_size", "imatrix", "lora", "dask_address",
+    @field_validator("source", "name", "work_dir", "split_max_size", "target_size", "imatrix", "lora", "dask_address",
                      mode="before")
     @classmethod
     def _blank_is_empty(cls, value: Any) -> Any:
@@ -235,7 +244,7 @@ class ConvertParams(BaseModel):
     def _blank_is_builtin(cls, value: Any) -> Any:
         return BUILTIN_EVAL_TEXT if value is None or isinstance(value, str) and not value.strip() else value
 
-    @field_validator("max_memory_gb", mode="before")
+    @field_validator("max_memory_gb", "target_bpw", mode="before")
     @classmethod
     def _no_cap(cls, value: Any) -> Any:
         return 0 if value is None else value
@@ -267,6 +276,12 @@ class ConvertParams(BaseModel):
     @property
     def quant_names(self) -> list[str]:
         return list(dict.fromkeys(q.value for q in self.quants))
+
+    @property
+    def target_size_bytes(self) -> int:
+        from so8t_core.gguf_file import parse_split_size
+
+        return parse_split_size(self.target_size) if self.target_size else 0
 
     @property
     def split_max_bytes(self) -> int:
@@ -377,8 +392,32 @@ def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: l
     analyze stage computes the same types again). Returns them (quant → each tensor's type)."""
     from so8t_core.quantize.mixes import ModelShape, mix_types
 
+    check_targets(params, plan)
     return mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
               imatrix_coverage(params, inputs.imatrix, plan))
+
+
+def check_targets(params: ConvertParams, plan: list) -> None:
+    """Refuse a target mix no choice of types can meet on this model (every weight at its smallest
+    candidate type is still over it), from the plan's shapes alone (the CLI calls this before Prefect
+    starts, the flow's analyze stage again)."""
+    import math
+
+    from so8t_core.constants import bits_per_weight
+    from so8t_core.quantize.target import smallest_bytes
+
+    shapes = [(p.gguf_name, p.shape) for p in plan]
+    least = smallest_bytes(shapes)
+    if params.target_bpw:
+        floor = bits_per_weight(least, sum(math.prod(s) for _, s in shapes))
+        if floor > params.target_bpw:
+            raise UnsupportedError(f"--target-bpw {params.target_bpw:g}", f"the smallest types give this model "
+                                   f"{floor:.2f} bits per weight",
+                                   f"use --target-bpw {math.ceil(floor * 100) / 100:.2f} or more")
+    if params.target_size and least > params.target_size_bytes:
+        raise UnsupportedError(f"--target-size {params.target_size.strip()}", f"the smallest types give this model "
+                               f"{least:,} bytes of tensor data", f"use --target-size {math.ceil(least / 1e6) + 1}M "
+                               "or more")
 
 
 def check_calibration(params: ConvertParams) -> None:

@@ -184,6 +184,22 @@ def quant_type(name: str) -> QuantType:
                            f"choose from {', '.join(QUANT_TYPES)}")
 
 
+# A target mix's release label (quantize/target.py: auto_label): AUTO-<bits per weight>. Its file is
+# written as llama-quantize's mix named by the recipe (target.base_mix) with the recipe's
+# per-tensor overrides, so a label is not always a mix name: release_label and the flow's mix_of say which.
+AUTO_PREFIX = "AUTO-"
+
+
+def is_auto_label(label: str) -> bool:
+    return label.strip().upper().startswith(AUTO_PREFIX)
+
+
+def release_label(name: str) -> str:
+    """A release's label as published: a target mix's AUTO-<B> as it is, else the mix's canonical
+    name (any case and llama-quantize's aliases resolved; an unknown mix refused)."""
+    return name.strip().upper() if is_auto_label(name) else quant_type(name).name
+
+
 def ggml_type(name: str, where: str) -> GGMLQuantizationType:
     """A GGML tensor type by name, for overrides like --output-tensor-type q8_0."""
     try:
@@ -200,6 +216,7 @@ def ggml_type(name: str, where: str) -> GGMLQuantizationType:
 
 GGUF_NAME = "{name}-{quant}.gguf"
 STATS_NAME = "{name}-{quant}.stats.parquet"
+RECIPE_NAME = "{name}-{quant}.tensor-types.txt"  # a target mix's recipe: llama-quantize's --tensor-type-file
 SIDECAR_NAME = "{name}.so8t-heads.gguf"
 IMATRIX_NAME = "{name}.imatrix.gguf"  # the importance matrix a run computed on calibration text
 MODEL_CARD_NAME = "README.md"

@@ -19,12 +19,13 @@ from tasks.common import STORAGE_RETRIES, open_checkpoint
 @task(name="assemble-gguf", task_run_name="assemble-{quant}", **STORAGE_RETRIES)
 def assemble_gguf(source: SourceRef, quant: str, name: str, staged: list[StagedTensor], out_dir: str,
                   split: Split = NO_SPLIT, imatrix: tuple[str, str, str] | None = None,
-                  allow_tokenizer_mismatch: bool = False) -> list[FileRef]:
+                  allow_tokenizer_mismatch: bool = False, mix: str | None = None) -> list[FileRef]:
     """The model GGUF for one quant: one file, or a split set whose first file is the one to load.
-    ``imatrix``: (URI, sha256, the name the user gave) when quantized with an importance matrix."""
+    ``imatrix``: (URI, sha256, the name the user gave) when quantized with an importance matrix;
+    ``mix``: the llama-quantize mix the file is written as when the quant is a target mix's label."""
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
-    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra,
+    arch, kvs = model_metadata(ckpt, quant_type(mix or quant), name, source.fingerprint, staged, extra,
                                allow_tokenizer_mismatch)
     return assemble_model(os.path.join(out_dir, GGUF_NAME.format(name=name, quant=quant)), arch, kvs, staged,
                           split)

@@ -56,7 +56,8 @@ def validation_cache_key(context, params) -> str:
     what = [VALIDATION_VERSION, FORMAT_VERSION, llama_cpp.__version__, params["source"].fingerprint,
             params["quant"], params["name"], params["gguf"].sha256, [s.sha256 for s in params["staged"]],
             reference.sha256 if reference else None, imatrix[1] if imatrix else None,
-            dataclasses.asdict(GATES[params["quant"]]), params.get("allow_tokenizer_mismatch", False)]
+            dataclasses.asdict(GATES[params.get("mix") or params["quant"]]),
+            params.get("allow_tokenizer_mismatch", False)]
     return "validate-" + hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()
 
 
@@ -64,14 +65,16 @@ def validation_cache_key(context, params) -> str:
       persist_result=True, result_serializer="json")
 def validate_gguf(source: SourceRef, quant: str, name: str, gguf: FileRef, staged: list[StagedTensor],
                   reference: FileRef | None, imatrix: tuple[str, str, str] | None = None,
-                  allow_tokenizer_mismatch: bool = False) -> dict:
+                  allow_tokenizer_mismatch: bool = False, mix: str | None = None) -> dict:
     """``allow_tokenizer_mismatch``: the tokenizer check still runs and is reported, but does
-    not fail the validation (the user chose to publish a tokenizer llama.cpp does not reproduce)."""
+    not fail the validation (the user chose to publish a tokenizer llama.cpp does not reproduce).
+    ``mix``: the llama-quantize mix the file is written as when the quant is a target mix's label
+    (AUTO-<B>); its gate is that mix's."""
     ckpt = open_checkpoint(source.uri, source.fingerprint)
     extra = imatrix_kvs(load_imatrix_cached(imatrix[0], imatrix[1]), imatrix[2]) if imatrix else []
-    arch, kvs = model_metadata(ckpt, quant_type(quant), name, source.fingerprint, staged, extra,
+    arch, kvs = model_metadata(ckpt, quant_type(mix or quant), name, source.fingerprint, staged, extra,
                                allow_tokenizer_mismatch)
-    gate = GATES[quant]
+    gate = GATES[mix or quant]
     functional = None
     if reference is not None:
         ref = np.load(reference.uri)

@@ -80,3 +80,29 @@ def test_what_makes_a_quant_stale():
     assert quant_status(fp, entry, {**manifest, "converter": "so8t-gguf 0.0.1"}, True) == \
         f"converter changed (so8t-gguf 0.0.1 -> {CONVERTER})"
     assert quant_status(fp, entry, {**manifest, "validation": None}, True) == "published without validation"
+
+
+def test_a_target_mix_is_a_release_of_its_own():
+    text = """
+destination: s3://b/releases
+quants: [Q4_K_M, Q8_0]
+target_bpw: 4.5
+models:
+  - name: a
+    source: s3://ckpts/a
+  - name: b
+    source: s3://ckpts/b
+    target_bpw: 3.25
+  - name: c
+    source: s3://ckpts/c
+"""
+    a, b, _ = parse_catalog(text, URL)
+    assert a.releases == ("Q4_K_M", "Q8_0", "AUTO-4.50") and b.releases == ("Q4_K_M", "Q8_0", "AUTO-3.25")
+    # only the target stale: the run still needs one mix (its release is republished unchanged)
+    p = a.convert_params({"AUTO-4.50": "not published yet"}, "/w")
+    assert p.quant_names == ["Q4_K_M"] and p.target_bpw == 4.5
+    p = a.convert_params({"Q8_0": "source changed"}, "/w")
+    assert p.quant_names == ["Q8_0"] and p.target_bpw == 0
+    assert parse_catalog(text.replace("target_bpw: 4.5\n", ""), URL)[2].releases == ("Q4_K_M", "Q8_0")
+    with pytest.raises(CatalogError, match="target_bpw"):
+        parse_catalog(text.replace("target_bpw: 4.5", "target_bpw: -1"), URL)

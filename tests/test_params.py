@@ -76,7 +76,7 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
             "--output-tensor-type", "q6_k", "--token-embedding-type", "Q8_0", "--pure", "--allow-tokenizer-mismatch",
             "--imatrix", "im.gguf", "--calibration", "a.txt", "s3://b/chats.jsonl", "--calibration-ctx", "256",
             "--calibration-chunks", "40", "--eval-text", "s3://b/eval.txt", "--eval-ctx", "256", "--eval-chunks", "7",
-            "--max-kld", "0.5", "--min-same-top", "0.8",
+            "--max-kld", "0.5", "--min-same-top", "0.8", "--target-bpw", "4.5", "--target-size", "700M",
             "--lora", "adapter", "--runner", "dask", "--dask-address", "tcp://h:8786"]
     p = from_cli(parse(argv))
     assert p.model_dump(mode="json") == {
@@ -86,9 +86,10 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
         "pure": True, "allow_tokenizer_mismatch": True, "imatrix": "im.gguf", "calibration": ["a.txt", "s3://b/chats.jsonl"],
         "calibration_ctx": 256, "calibration_chunks": 40, "eval_text": "s3://b/eval.txt", "eval_ctx": 256,
         "eval_chunks": 7, "max_kld": 0.5, "min_same_top": 0.8, "lora": "adapter", "runner": "dask",
-        "dask_address": "tcp://h:8786"}
+        "dask_address": "tcp://h:8786", "target_bpw": 4.5, "target_size": "700M"}
     assert set(p.model_dump()) == set(ConvertParams.model_fields)  # the argv above sets every field
     assert p.split_max_bytes == 2_000_000_000 and p.quant_names == ["Q4_K_M", "Q8_0"]
+    assert p.target_size_bytes == 700_000_000
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -101,6 +102,8 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     (["--min-same-top", "40"], ["--min-same-top 40", "less than or equal to 1"]),
     (["--quant", "Q8_K"], ["--quant Q8_K", "not a file type"]),
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "not a tensor type"]),
+    (["--target-bpw", "-1"], ["--target-bpw -1", "greater than or equal to 0"]),
+    (["--target-size", "big"], ["--target-size big", "not a size"]),
 ])
 def test_a_value_the_fields_refuse_is_one_line_naming_the_option(argv, words):
     with pytest.raises(So8tError) as err:

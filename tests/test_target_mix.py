@@ -131,3 +131,13 @@ def test_the_recipe_table_has_a_row_per_class_and_a_column_per_layer(model):
     assert rows["ffn_down"][1:] == [types[f"blk.{i}.ffn_down.weight"].name for i in range(8)]
     assert rows["output"][0] == types["output.weight"].name
     assert table[-1].startswith(f"{target.bits_per_weight(tensors, types):.3f} bits per weight")
+
+
+def test_a_target_no_types_can_meet_is_one_line_before_any_work(make_fixture):
+    from support.cli import assert_one_line_error, run
+
+    src = make_fixture(**FIXTURES["llama-256"])
+    assert_one_line_error(run("convert", src, "--target-bpw", "2", "--dry-run"), "--target-bpw 2",
+                          "the smallest types give this model", "use --target-bpw 2.")
+    assert_one_line_error(run("convert", src, "--target-size", "100K"), "--target-size 100K",
+                          "the smallest types give this model")

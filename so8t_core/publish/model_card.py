@@ -270,16 +270,40 @@ def source_card_text(readme: bytes | None, limit: int = 20_000) -> str | None:
     return text or None
 
 
+def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[str]:
+    """A target mix (AUTO-<B>): what it was asked, the types chosen per tensor class and layer
+    (``quantize.target.render_recipe``'s table and its predicted damage), the measured KLD when
+    the run evaluated it, and how llama-quantize reproduces it."""
+    goal = recipe["target"]
+    asked = f"at most {goal['bpw']:g} bits per weight" if "bpw" in goal else f"a file of at most {goal['size']:,} bytes"
+    lines = ["", "## The recipe", "",
+             f"A target mix: {asked}, each 2-D weight given the type that leaves the least measured damage "
+             f"(its layer's relative output noise{', importance-weighted' if extras.get('imatrix') else ''}; "
+             "docs/architecture.md), chosen per tensor:", "",
+             recipe["table"]]
+    stats = (extras.get("evaluation") or {}).get("statistics")
+    if stats:
+        lines += ["", f"Measured on the evaluation text: mean KLD {stats['kld_mean']:.4g} against the F32 model."]
+    lines += ["", f"`{recipe['file']}` is this recipe as llama-quantize's `--tensor-type-file`: "
+              f"`llama-quantize --tensor-type-file {recipe['file']} [--imatrix FILE] MODEL-F32.gguf OUT.gguf "
+              f"{recipe['base_mix']}` writes these tensors' bytes from the F32 GGUF (and the same importance matrix)."]
+    return lines
+
+
 def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
     """What the mix became, type by type; the tensors that fell back from the mix's types and why;
     the llama.cpp version; the importance matrix."""
     lines: list[str] = []
     types = extras.get("types")
+    recipe = extras.get("recipe")
+    if recipe:
+        lines += _recipe_lines(extras, recipe)
     if types:
         total = sum(t["bytes"] for t in types.values()) or 1
+        rules = (f"The recipe, given to llama-quantize's {recipe['base_mix']} mix as per-tensor overrides (llama.cpp "
+                 if recipe else f"The {extras.get('quant', '')} mix's rules (llama-quantize's, llama.cpp ")
         lines += ["", "## What the mix became", "",
-                  f"The {extras.get('quant', '')} mix's rules (llama-quantize's, "
-                  f"llama.cpp {extras.get('llama_cpp', '?')}: these are the bytes it writes) gave these types:", "",
+                  rules + f"{extras.get('llama_cpp', '?')}: these are the bytes it writes) gave these types:", "",
                   "| type | tensors | bytes | share of the file's tensor bytes |", "|---|---|---|---|"]
         for t, v in sorted(types.items(), key=lambda kv: (-kv[1]["bytes"], kv[0])):
             lines.append(f"| {t} | {v['tensors']} | {human_size(v['bytes'])} | {100 * v['bytes'] / total:.1f}% |")

@@ -80,7 +80,7 @@ def _json_bytes(obj: Any) -> bytes:
 def release_manifest(name: str, quant: str, source_fingerprint: str, validation: dict | None,
                      staged: Sequence[StagedTensor], imatrix: dict | None = None,
                      lora: dict | None = None, tokenizer: dict | None = None,
-                     evaluation: dict | None = None) -> dict:
+                     evaluation: dict | None = None, recipe: dict | None = None) -> dict:
     """What a release's manifest says besides its files: the model, the quant, the source,
     the validation, the bake error per gated tensor, the importance matrix and LoRA adapter
     used (``imatrix``: its summary: sha256, entries, the tensors it had no entry for, and what
@@ -99,6 +99,8 @@ def release_manifest(name: str, quant: str, source_fingerprint: str, validation:
         manifest["lora"] = lora
     if evaluation is not None:
         manifest["evaluation"] = evaluation
+    if recipe is not None:  # a target mix (AUTO-<B>): its target, base mix and tensor-type file
+        manifest["recipe"] = recipe
     if tokenizer is not None and not tokenizer["parity"]["ok"]:
         manifest["tokenizer_mismatch"] = tokenizer
     return manifest

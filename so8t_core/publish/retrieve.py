@@ -16,7 +16,7 @@ import hashlib
 import os
 
 from so8t_core import storage
-from so8t_core.constants import MANIFEST_NAME, quant_type
+from so8t_core.constants import MANIFEST_NAME, release_label
 from so8t_core.errors import StorageError
 from so8t_core.gguf_file import split_paths
 from so8t_core.publish.release import LATEST_NAME, current_version, latest_release, read_latest, read_manifest
@@ -75,7 +75,7 @@ def _latest(model_folder: str, quant: str | None) -> str:
     if quant is None:
         raise StorageError(where, f"a model folder: which quant? (published: {', '.join(quants) or 'none'})",
                            f"pass --quant {quants[0]}" if quants else "publish a release first")
-    name = quant_type(quant).name
+    name = release_label(quant)
     if name not in quants:
         raise StorageError(where, f"no release of {name} (published: {', '.join(quants) or 'none'})",
                            f"choose one of {', '.join(quants)}" if quants else "publish a release first")

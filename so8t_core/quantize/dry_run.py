@@ -1,11 +1,14 @@
 """``convert --dry-run``: each tensor's type and the file's size per mix, without quantizing or
-writing anything (as llama-quantize's ``--dry-run`` prints them)."""
+writing anything (as llama-quantize's ``--dry-run`` prints them). A target mix (--target-bpw)
+cannot be known without measuring: its tensors are quantized in memory, and only the damage
+cache is written."""
 
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from so8t_core.constants import bits_per_weight
@@ -37,3 +40,27 @@ def render_dry_run(report: dict) -> str:
         lines.append(f"  {quant}: {len(r['tensors'])} tensors, {r['tensor_bytes'] / 2**20:.2f} MiB of tensor data, "
                      f"{r['bits_per_weight']:.2f} bits per weight (the file adds its metadata)")
     return "\n".join(lines)
+
+
+def target_dry_run(ckpt, plan: Sequence, model, bpw: float, imatrix=None,
+                   cache_dir: str | None = None) -> tuple[str, list[GGMLQuantizationType]]:
+    """A --target-bpw's release label and each tensor's type, as the run would choose them: every
+    planned tensor baked in memory (nothing staged or written but the damage cache, which the run
+    shares) and measured in each candidate type (``model``: mixes.ModelShape; ``imatrix``: an
+    Imatrix)."""
+    from so8t_core.plan import materialize
+    from so8t_core.quantize import target
+
+    tensors = []
+    for item in plan:
+        data, _ = materialize(item, ckpt, ckpt.uri)
+        shape = tuple(item.shape)
+        importance = imatrix.for_tensor(item.gguf_name, shape) if imatrix is not None and len(shape) > 1 else None
+        if importance is not None and importance.size != shape[-1]:
+            importance = None  # as target.measure_gguf: per-expert entries are not measured per expert yet
+        tensors.append(target.measure_tensor(item.gguf_name, np.ascontiguousarray(data, np.float32), importance,
+                                             cache_dir))
+    chosen = target.target_types(tensors, bpw=bpw)
+    _, types = target.recipe_mix_types([(p.gguf_name, p.shape) for p in plan], tensors, chosen, model,
+                                       imatrix is not None)
+    return target.auto_label(bpw), types

@@ -51,6 +51,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from so8t_core.constants import AUTO_PREFIX
 from so8t_core.errors import UnsupportedError
 from so8t_core.quantize.mixes import allows_quantization
 
@@ -296,9 +297,30 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
     return allocate(tensors, budget)
 
 
-def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> str:
+def smallest_bytes(shapes: Sequence[tuple[str, Sequence[int]]]) -> int:
+    """The fewest bytes of tensor data any target mix can give these tensors (every weight at its
+    smallest candidate, the rest F32): known from the plan alone, before anything is measured."""
+    return sum(min((tensor_bytes(q, shape) for q in candidate_types(name, shape)), default=tensor_bytes(T.F32, shape))
+               for name, shape in shapes)
+
+
+def recipe_mix_types(shapes: Sequence[tuple[str, Sequence[int]]], tensors: Sequence[TensorOptions],
+                     types: Mapping[str, T], model, has_imatrix: bool) -> tuple[str, list[T]]:
+    """(the mix a recipe goes with, each tensor's type as llama-quantize's rules give it with the
+    recipe as overrides): how an AUTO release is quantized, like any mix with --tensor-type
+    (``model``: mixes.ModelShape)."""
+    from so8t_core.constants import quant_type
+    from so8t_core.quantize.mixes import MixOptions, assign_types
+
+    base = base_mix(tensors, types)
+    options = MixOptions(tensor_types=parse_tensor_type_file(tensor_type_file(tensors, types)), has_imatrix=has_imatrix)
+    return base, assign_types(shapes, quant_type(base), model, options)
+
+
+def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T], gains: bool = True) -> str:
     """The recipe as the per-quant card shows it: a Markdown table, one row per tensor class, one
-    column per layer (the tensors outside the blocks in a column of their own), and the total."""
+    column per layer (the tensors outside the blocks in a column of their own), and the total
+    (``gains``: whether the damages carry class gains, i.e. whether their sum predicts the KLD)."""
     from so8t_core.quantize.mixes import category
 
     quantized = [t for t in tensors if candidate_types(t.name, t.shape)]
@@ -312,11 +334,13 @@ def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> s
              "|---" * (len(columns) + 1) + "|"]
     for cls, row in cells.items():
         lines.append(f"| {cls} | " + " | ".join(row.get(c, "") for c in columns) + " |")
+    damage = predicted_damage(tensors, types)
     lines.append(f"\n{bits_per_weight(tensors, types):.3f} bits per weight, {total_bytes(tensors, types):,} bytes of "
-                 f"tensor data; predicted mean KLD {predicted_damage(tensors, types):.4g}")
+                 "tensor data; " + (f"predicted mean KLD {damage:.4g}" if gains else
+                                    f"summed relative output noise {damage:.4g} (no class gains: not a KLD)"))
     return "\n".join(lines)
 
 
 def auto_label(bpw: float) -> str:
     """The release label of a bpw target: AUTO-4.89 (two decimals, as the card prints bpw)."""
-    return f"AUTO-{bpw:.2f}"
+    return f"{AUTO_PREFIX}{bpw:.2f}"

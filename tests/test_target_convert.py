@@ -1,0 +1,93 @@
+"""convert --target-bpw in a real Prefect run on the llama-256 fixture: the AUTO-<B> release goes
+through staging, assembly, validation, evaluation and publishing like any mix; its file is at most
+B bits per weight; it holds its recipe as a llama-quantize --tensor-type-file, which, given to
+llama_model_quantize with the run's F32 GGUF and the same imatrix, writes the same tensors; the card
+shows the recipe table with the measured KLD. One conversion (Q8_0 + AUTO-4.50) feeds every assertion."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pytest
+from support.imatrix_files import write_synthetic_imatrix
+from support.llama_cpp_oracle import FIXTURES, assert_same_tensors, llama_quantize
+from support.published import release
+
+from flows.convert import convert
+from flows.params import ConvertParams
+from so8t_core.constants import QUANT_TYPES, bits_per_weight
+from so8t_core.gguf_file import read_gguf
+from so8t_core.publish.retrieve import model_gguf
+from so8t_core.quantize import target
+from so8t_core.quantize.imatrix import load_imatrix
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
+
+BPW = 4.5
+LABEL = "AUTO-4.50"
+
+
+@pytest.fixture(scope="module")
+def run(make_fixture, tmp_path_factory):
+    root = tmp_path_factory.mktemp("target-convert")
+    src = make_fixture(**FIXTURES["llama-256"])
+    write_synthetic_imatrix(root / "imatrix.gguf", src)
+    params = ConvertParams(source=src, output=str(root / "out"), work_dir=str(root / "work"), name="fx",
+                           quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, eval_ctx=128,
+                           eval_chunks=2)
+    return root, convert(params), src
+
+
+def test_the_auto_release_is_within_the_target(run):
+    root, result, _ = run
+    assert set(result["releases"]) == {"Q8_0", LABEL}
+    folder = release(root / "out", "fx", LABEL)
+    g = read_gguf(str(folder / f"fx-{LABEL}.gguf"))
+    nbytes = sum(t.n_bytes for t in g.tensors)
+    assert bits_per_weight(nbytes, sum(int(t.n_elements) for t in g.tensors)) <= BPW
+    assert len({t.tensor_type for t in g.tensors}) > 3  # a real mix of types
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["quant"] == LABEL and manifest["bits_per_weight"] <= BPW
+    assert manifest["recipe"]["tensor_type_file"] == f"fx-{LABEL}.tensor-types.txt"
+    assert manifest["validation"]["passed"] and manifest["evaluation"]["passed"]
+    assert g.value("general.file_type") == int(QUANT_TYPES[manifest["recipe"]["base_mix"]].file_type)
+    # chat, inspect and validate name it as users see it, any case
+    assert model_gguf(str(root / "out" / "fx"), "auto-4.50") == str(folder / f"fx-{LABEL}.gguf")
+
+
+def test_llama_quantize_with_the_published_recipe_writes_the_same_tensors(run):
+    root, _, _ = run
+    folder = release(root / "out", "fx", LABEL)
+    recipe = target.parse_tensor_type_file((folder / f"fx-{LABEL}.tensor-types.txt").read_text())
+    assert len(recipe) == sum(1 for t in read_gguf(str(folder / f"fx-{LABEL}.gguf")).tensors if len(t.shape) == 2)
+    f32 = glob.glob(str(root / "work" / "runs" / "fx-*" / "target" / "fx-F32.gguf"))[0]
+    base = json.loads((folder / "manifest.json").read_text())["recipe"]["base_mix"]
+    theirs = str(root / "llama-AUTO.gguf")
+    llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe,
+                   imatrix=load_imatrix(str(root / "imatrix.gguf")).entries)
+    assert_same_tensors(str(folder / f"fx-{LABEL}.gguf"), theirs)
+
+
+def test_the_card_shows_the_recipe_and_the_measured_kld(run):
+    root, _, _ = run
+    folder = release(root / "out", "fx", LABEL)
+    card = (folder / "README.md").read_text()
+    kld = json.loads((folder / "manifest.json").read_text())["evaluation"]["statistics"]["kld_mean"]
+    assert "## The recipe" in card and "at most 4.5 bits per weight" in card
+    assert "| ffn_down | " in card and "| tensor class | not in a block | layer 0 |" in card
+    assert f"mean KLD {kld:.4g} against the F32 model" in card
+    assert f"--tensor-type-file fx-{LABEL}.tensor-types.txt" in card
+
+
+def test_the_dry_run_prints_the_types_the_run_chose(run):
+    from support.cli import run as cli
+
+    root, _, src = run
+    proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--target-bpw", str(BPW),
+               "--work-dir", str(root / "work"), "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)[LABEL]
+    published = read_gguf(str(release(root / "out", "fx", LABEL) / f"fx-{LABEL}.gguf"))
+    assert {t["name"]: t["type"] for t in report["tensors"]} == {t.name: t.tensor_type.name for t in published.tensors}
+    assert report["bits_per_weight"] <= BPW
