@@ -282,8 +282,16 @@ MODEL_HELP = ("a .gguf file, a release folder, or a model folder with latest.jso
 QUANT_HELP = "with a model folder: which quant's latest release (any case; Q4_K means Q4_K_M, as in llama-quantize)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (a value that is not a number, a choice not offered, an unknown
+    option) as one line like every other error, not the whole usage text first."""
+
+    def error(self, message: str):
+        self.exit(2, f"so8t-gguf: error: {message} (hint: see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="so8t-gguf", description="Convert SO8T checkpoints into validated GGUF files.")
+    p = OneLineParser(prog="so8t-gguf", description="Convert SO8T checkpoints into validated GGUF files.")
     p.add_argument("--version", action="version", version=f"so8t-gguf {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

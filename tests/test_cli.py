@@ -6,6 +6,7 @@ import struct
 import subprocess
 
 import numpy as np
+import pytest
 from support.checkpoints import copy, rewrite_tensor
 from support.cli import BIN, assert_one_line_error, run
 
@@ -53,6 +54,17 @@ def test_fake_gguf_is_refused(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_text(json.dumps({"format": "gguf", "tensors": {}}))
     assert_one_line_error(run("inspect", str(fake)), "not a GGUF file", "looks like JSON")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["convert", "--target-bpw", "abc"], "argument --target-bpw: invalid float value: 'abc'"),
+    (["convert", "--engine", "gpu"], "invalid choice: 'gpu'"),
+    (["convert", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["inspect"], "the following arguments are required: MODEL"),
+    (["frob"], "invalid choice: 'frob'"),
+])
+def test_what_argparse_refuses_is_one_line_too(args, fragment):
+    assert_one_line_error(run(*args), fragment)
 
 
 def test_unknown_and_non_storage_quant_types(make_fixture):
