@@ -154,6 +154,7 @@ class Model:
     fingerprint: str  # of what is released: the source, and the adapter merged into it
     types: dict[str, list[GGMLQuantizationType]]
     recipes: dict[str, "Recipe"] = dataclasses.field(default_factory=dict)  # the target mixes' (AUTO-<B>)
+    f32: FileRef | None = None  # the baked model in F32 once a stage needed it (f32_model)
 
     def mix_of(self, quant: str) -> str:
         """The llama-quantize mix a release's file is written as: the quant itself, or for a target
@@ -277,7 +278,7 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
     console.stage("tokenizing the calibration text")
     tokens = tokenize_calibration(src, p.calibration, p.calibration_ctx, run.work_dir, p.allow_tokenizer_mismatch)
     console.stage(f"staging the baked model in F32 for the importance matrix ({tokens.tokens} calibration tokens)")
-    f32 = f32_model(run, src, model, "calibration")
+    f32 = f32_model(run, src, model)
     console.stage("computing the importance matrix in llama.cpp")
     computed = compute_imatrix(f32, tokens, p.calibration_ctx, p.calibration_chunks or None, run.work_dir)
     tokens_seen = [c["tokens"] for c in computed.coverage.values()]
@@ -295,15 +296,18 @@ def compute_importance(run: Run, src: SourceRef, model: Model) -> tuple[Imatrix,
     return imatrix, computed
 
 
-def f32_model(run: Run, src: SourceRef, model: Model, purpose: str) -> FileRef:
-    """The baked model in F32 (no imatrix, one file), staged and assembled in the run's folder under
-    ``purpose``: what the importance matrix is computed with and the evaluation's base."""
-    slots, threads = task_slots()
-    f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
-    staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
-                           threads, run.params.max_memory_gb or None, lambda done: None)["F32"]
-    return assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), purpose), NO_SPLIT,
-                         None, run.params.allow_tokenizer_mismatch)[0]
+def f32_model(run: Run, src: SourceRef, model: Model) -> FileRef:
+    """The baked model in F32 (no imatrix, one file), staged and assembled in the run's folder once
+    per run: what the importance matrix is computed with, the target mixes measure, and the
+    evaluation's base when the run publishes no F32 release."""
+    if model.f32 is None:
+        slots, threads = task_slots()
+        f32_types = {"F32": [GGMLQuantizationType.F32] * len(model.plan)}
+        staged = quantize_plan(src, model.plan, f32_types, run.staging_dir, run.engine, None, run.lora_ref, slots,
+                               threads, run.params.max_memory_gb or None, lambda done: None)["F32"]
+        model.f32 = assemble_gguf(src, "F32", run.name, staged, os.path.join(model.folder(run), "f32"), NO_SPLIT,
+                                  None, run.params.allow_tokenizer_mismatch)[0]
+    return model.f32
 
 
 def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> None:
@@ -315,7 +319,7 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
     if not p.target_bpw and not p.target_size:
         return
     console.stage("measuring each weight's damage per candidate type for the target mixes")
-    f32 = f32_model(run, src, model, "target")
+    f32 = f32_model(run, src, model)
     tensors = measure_damage(f32, imatrix.info[:2] if imatrix else None, run.work_dir)
     n_weights = sum(t.n_elements for t in tensors)
     targets = []
@@ -415,7 +419,7 @@ def evaluate(run: Run, src: SourceRef, model: Model, files: Files) -> dict[str, 
         return {}
     chunks = f"{p.eval_chunks} chunks of {p.eval_ctx} tokens"
     console.stage(f"evaluating against the F32 model on {redact_uri(p.eval_text)} ({chunks})")
-    f32 = files.ggufs["F32"][0] if "F32" in files.ggufs else f32_model(run, src, model, "evaluation")
+    f32 = files.ggufs["F32"][0] if "F32" in files.ggufs else f32_model(run, src, model)
     base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
     settings = {"text": redact_uri(p.eval_text), "text_sha256": run.eval_text_sha256, "ctx": p.eval_ctx,
                 "max_chunks": p.eval_chunks, "base": "F32", "base_sha256": f32.sha256}

@@ -61,7 +61,7 @@ def test_llama_quantize_with_the_published_recipe_writes_the_same_tensors(run):
     folder = release(root / "out", "fx", LABEL)
     recipe = target.parse_tensor_type_file((folder / f"fx-{LABEL}.tensor-types.txt").read_text())
     assert len(recipe) == sum(1 for t in read_gguf(str(folder / f"fx-{LABEL}.gguf")).tensors if len(t.shape) == 2)
-    f32 = glob.glob(str(root / "work" / "runs" / "fx-*" / "target" / "fx-F32.gguf"))[0]
+    f32 = glob.glob(str(root / "work" / "runs" / "fx-*" / "f32" / "fx-F32.gguf"))[0]
     base = json.loads((folder / "manifest.json").read_text())["recipe"]["base_mix"]
     theirs = str(root / "llama-AUTO.gguf")
     llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe,
