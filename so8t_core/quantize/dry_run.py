@@ -9,9 +9,10 @@ import math
 from typing import Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from so8t_core.constants import bits_per_weight
+from so8t_core.gguf_file import tensor_nbytes
 
 
 def dry_run_report(plan: Sequence, types: dict[str, Sequence[GGMLQuantizationType]]) -> dict:
@@ -20,9 +21,8 @@ def dry_run_report(plan: Sequence, types: dict[str, Sequence[GGMLQuantizationTyp
     for quant, qtypes in types.items():
         tensors = []
         for p, t in zip(plan, qtypes, strict=True):
-            block, size = GGML_QUANT_SIZES[t]
             tensors.append({"name": p.gguf_name, "shape": list(p.shape), "type": t.name,
-                            "bytes": math.prod(p.shape) // block * size})
+                            "bytes": tensor_nbytes(tuple(p.shape), t)})
         nbytes = sum(t["bytes"] for t in tensors)
         n = sum(math.prod(t["shape"]) for t in tensors)
         out[quant] = {"tensors": tensors, "tensor_bytes": nbytes, "bits_per_weight": bits_per_weight(nbytes, n)}

@@ -51,8 +51,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from so8t_core import constants
 from so8t_core.constants import AUTO_PREFIX
 from so8t_core.errors import UnsupportedError
+from so8t_core.gguf_file import tensor_nbytes
 from so8t_core.quantize.mixes import allows_quantization
 
 # Smallest to largest, for reading; the allocator sorts by bytes itself.
@@ -72,11 +74,6 @@ def candidate_types(name: str, shape: Sequence[int]) -> tuple[T, ...]:
     if not allows_quantization(name, shape):
         return ()
     return tuple(t for t in CANDIDATE_TYPES if shape[-1] % GGML_QUANT_SIZES[t][0] == 0)
-
-
-def tensor_bytes(qtype: T, shape: Sequence[int]) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return math.prod(shape) // block * size
 
 
 def sampled_rows(data: np.ndarray, max_rows: int = MAX_ROWS) -> np.ndarray:
@@ -115,7 +112,7 @@ class TensorOptions:
 
 
 def fixed_tensor(name: str, shape: Sequence[int], qtype: T = T.F32) -> TensorOptions:
-    return TensorOptions(name, tuple(shape), ((qtype, tensor_bytes(qtype, shape), 0.0),))
+    return TensorOptions(name, tuple(shape), ((qtype, tensor_nbytes(tuple(shape), qtype), 0.0),))
 
 
 def damage_key(tensor_sha256: str, qtype: T, importance: np.ndarray | None, max_rows: int) -> str:
@@ -142,7 +139,7 @@ def measure_tensor(name: str, data: np.ndarray, importance: np.ndarray | None = 
             path = os.path.join(cache_dir, key[:2], key + ".json")
             if os.path.exists(path):
                 with open(path) as f:
-                    options.append((qtype, tensor_bytes(qtype, data.shape), json.load(f)["damage"]))
+                    options.append((qtype, tensor_nbytes(tuple(data.shape), qtype), json.load(f)["damage"]))
                 continue
         if rows is None:
             rows = sampled_rows(data, max_rows)
@@ -153,7 +150,7 @@ def measure_tensor(name: str, data: np.ndarray, importance: np.ndarray | None = 
             with open(tmp, "w") as f:
                 json.dump({"tensor": name, "type": qtype.name, "damage": damage}, f)
             os.replace(tmp, path)
-        options.append((qtype, tensor_bytes(qtype, data.shape), damage))
+        options.append((qtype, tensor_nbytes(tuple(data.shape), qtype), damage))
     return TensorOptions(name, tuple(data.shape), tuple(options))
 
 
@@ -197,7 +194,7 @@ def total_bytes(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> int
 
 
 def bits_per_weight(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> float:
-    return 8.0 * total_bytes(tensors, types) / sum(t.n_elements for t in tensors)
+    return constants.bits_per_weight(total_bytes(tensors, types), sum(t.n_elements for t in tensors))
 
 
 def predicted_damage(tensors: Sequence[TensorOptions], types: Mapping[str, T]) -> float:
@@ -300,8 +297,8 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
 def smallest_bytes(shapes: Sequence[tuple[str, Sequence[int]]]) -> int:
     """The fewest bytes of tensor data any target mix can give these tensors (every weight at its
     smallest candidate, the rest F32): known from the plan alone, before anything is measured."""
-    return sum(min((tensor_bytes(q, shape) for q in candidate_types(name, shape)), default=tensor_bytes(T.F32, shape))
-               for name, shape in shapes)
+    return sum(min((tensor_nbytes(tuple(shape), q) for q in candidate_types(name, shape)),
+                   default=tensor_nbytes(tuple(shape), T.F32)) for name, shape in shapes)
 
 
 def recipe_mix_types(shapes: Sequence[tuple[str, Sequence[int]]], tensors: Sequence[TensorOptions],
