@@ -13,6 +13,8 @@ printed figures. The GGUFs are made in-process (assemble.sequential: the pipelin
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
 import re
@@ -26,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 N_CTX = 512
-_STAT = re.compile(r"^(?P<name>[^:]+?)\s*:\s*(?P<value>-?\d+\.\d+)")
+_STAT = re.compile(r"^(?P<name>[^:]+?)\s*:\s*(?P<value>-?\d+\.\d+)\s*%?(?:\s*±\s*(?P<unc>-?\d+\.\d+))?")
 
 
 def llama_perplexity(binary: str, threads: int, *args: str) -> str:
@@ -40,20 +42,54 @@ def llama_perplexity(binary: str, threads: int, *args: str) -> str:
 
 
 def printed(text: str) -> dict[str, float]:
+    """Every figure of a printed summary by name; an uncertainty under the name followed by " ±"."""
     out = {}
     if "====== Perplexity statistics" in text:
         for line in text[text.index("====== Perplexity statistics"):].splitlines():
             if m := _STAT.match(line.strip()):
                 out[m["name"]] = float(m["value"])
+                if m["unc"] is not None:
+                    out[f"{m['name']} ±"] = float(m["unc"])
     return out
+
+
+def largest_difference(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float, str]:
+    """The largest difference over the figures both print, relative to llama-perplexity's value
+    floored at 1e-3 (a 6-decimal figure near zero that differs in its last digit counts 1e-3), and
+    the name of the figure it came from."""
+    rel = {k: abs(ours[k] - v) / max(abs(v), 1e-3) for k, v in theirs.items() if k in ours}
+    if not rel:
+        return 0.0, ""
+    name = max(rel, key=rel.get)
+    return rel[name], name
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_results(path: str, results: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=16, help="chunks of 512 tokens (default 16, the run's default)")
-    ap.add_argument("--work", default=None)
+    ap.add_argument("--work", default=None, help="a folder to keep the files and results in (resumes from them)")
+    ap.add_argument("--quants", default=",".join(LADDER),
+                    help=f"comma-separated quants to evaluate (default all: {','.join(LADDER)})")
+    ap.add_argument("--redo", action="store_true", help="evaluate the chosen quants again even when recorded")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    if unknown := [q for q in quants if q not in LADDER]:
+        ap.error(f"--quants: {', '.join(unknown)} not in the ladder ({', '.join(LADDER)})")
 
     from so8t_core.assemble.sequential import convert_sequential
     from so8t_core.constants import bits_per_weight
@@ -63,6 +99,7 @@ def main() -> None:
     from so8t_core.validate.perplexity import (
         BUILTIN_EVAL_PATH,
         BUILTIN_EVAL_TEXT,
+        KlDivergenceStatistics,
         evaluate_file,
         read_eval_text,
         render_kl_divergence,
@@ -75,45 +112,80 @@ def main() -> None:
         build_demo_checkpoint(source)
     ckpt = Checkpoint.open(source)
     files = {}
-    for q in ["F32", *LADDER]:
+    for q in ["F32", *quants]:
         files[q] = os.path.join(work, f"demo-{q}.gguf")
         if not os.path.exists(files[q]):
             convert_sequential(ckpt, q, files[q], os.path.join(work, "staging"), engine="simd")
-    base = os.path.join(work, f"base-{args.chunks}.kld")
-    start = time.perf_counter()
-    write_evaluation_base(files["F32"], read_eval_text(BUILTIN_EVAL_TEXT), N_CTX, args.chunks, base)
-    base_seconds = time.perf_counter() - start
 
+    # Each base pass takes minutes: a base file already in the work folder is reused (delete it to redo).
+    results_path = os.path.join(work, f"ladder-{args.chunks}.json")
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    base = os.path.join(work, f"base-{args.chunks}.kld")
+    if not os.path.exists(base):
+        start = time.perf_counter()
+        write_evaluation_base(files["F32"], read_eval_text(BUILTIN_EVAL_TEXT), N_CTX, args.chunks, base + ".tmp")
+        os.replace(base + ".tmp", base)
+        results["base_seconds"] = round(time.perf_counter() - start, 1)
+        save_results(results_path, results)
     binary = os.environ.get("SO8T_LLAMA_PERPLEXITY")
     theirs_base = os.path.join(work, f"theirs-{args.chunks}.kld")
-    if binary:
+    if binary and not os.path.exists(theirs_base):
         llama_perplexity(binary, args.threads, "-m", files["F32"], "-f", BUILTIN_EVAL_PATH, "--chunks",
-                         str(args.chunks), "--kl-divergence-base", theirs_base)
+                         str(args.chunks), "--kl-divergence-base", theirs_base + ".tmp")
+        os.replace(theirs_base + ".tmp", theirs_base)
 
+    # One record per quant, kept as soon as it is measured: a later run skips it while the file is the same.
+    done = results.setdefault("quants", {})
+    for q in quants:
+        sha = file_sha256(files[q])
+        if not args.redo and done.get(q, {}).get("sha256") == sha and (done[q].get("theirs") or not binary):
+            continue
+        tensors = read_gguf(files[q]).tensors
+        record = {"sha256": sha, "size": os.path.getsize(files[q]),
+                  "bits_per_weight": bits_per_weight(sum(int(t.n_bytes) for t in tensors),
+                                                     sum(int(t.n_elements) for t in tensors))}
+        start = time.perf_counter()
+        record["ours"] = evaluate_file(files[q], base).as_record()
+        record["ours_seconds"] = round(time.perf_counter() - start, 1)
+        if binary:
+            start = time.perf_counter()
+            stdout = llama_perplexity(binary, args.threads, "-m", files[q], "--kl-divergence-base", theirs_base,
+                                      "--kl-divergence")
+            record["theirs_seconds"] = round(time.perf_counter() - start, 1)
+            record["theirs"] = printed(stdout)
+            with open(os.path.join(work, f"theirs-{q}-{args.chunks}.log"), "w") as f:
+                f.write(stdout)
+        done[q] = record
+        save_results(results_path, results)
+        print(f"{q}: measured ({record['ours_seconds']} s ours)", file=sys.stderr, flush=True)
+
+    base_seconds = results.get("base_seconds")
     print(f"Demo (SmolLM2-135M shape), built-in evaluation text, {args.chunks} chunks of {N_CTX} tokens; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; base pass {base_seconds:.1f} s\n")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+          + (f"; base pass {base_seconds:.1f} s" if base_seconds else "") + "\n")
     print("| quant | size | bits/weight | PPL ratio | mean KLD | same top p | ours (s) "
           "| max rel. diff vs llama-perplexity |")
     print("|---|---|---|---|---|---|---|---|")
-    worst = 0.0
-    for q in LADDER:
-        tensors = read_gguf(files[q]).tensors
-        bpw = bits_per_weight(sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors))
-        start = time.perf_counter()
-        stats = evaluate_file(files[q], base)
-        seconds = time.perf_counter() - start
+    worst = []
+    for q in [q for q in LADDER if q in done]:
+        record = done[q]
+        stats = KlDivergenceStatistics(**record["ours"])
         diff = "-"
-        if binary:
-            ref = printed(llama_perplexity(binary, args.threads, "-m", files[q], "--kl-divergence-base", theirs_base,
-                                           "--kl-divergence"))
-            ours = printed(render_kl_divergence(stats))
-            rel = [abs(ours[k] - v) / max(abs(v), 1e-3) for k, v in ref.items() if k in ours]
-            diff = f"{max(rel):.1e}" if rel else "-"
-            worst = max(worst, max(rel, default=0.0))
-        print(f"| {q} | {os.path.getsize(files[q]) / 1e6:.1f} MB | {bpw:.2f} | {stats.ppl_ratio:.4f} | "
-              f"{stats.kld_mean:.4f} | {100 * stats.same_top_p:.2f}% | {seconds:.1f} | {diff} |")
-    if binary:
-        print(f"\nlargest relative difference from llama-perplexity's printed figures: {worst:.1e}")
+        if record.get("theirs"):
+            rel, name = largest_difference(printed(render_kl_divergence(stats)), record["theirs"])
+            diff = f"{rel:.1e}"
+            worst.append((rel, q, name))
+        print(f"| {q} | {record['size'] / 1e6:.1f} MB | {record['bits_per_weight']:.2f} | {stats.ppl_ratio:.4f} | "
+              f"{stats.kld_mean:.4f} | {100 * stats.same_top_p:.2f}% | {record['ours_seconds']:.1f} | {diff} |")
+    if worst:
+        print()
+        for rel, q, name in worst:
+            ours = printed(render_kl_divergence(KlDivergenceStatistics(**done[q]["ours"])))
+            print(f"{q}: largest relative difference {rel:.1e} in {name!r}: "
+                  f"ours {ours[name]:.6f}, llama-perplexity {done[q]['theirs'][name]:.6f}")
 
 
 if __name__ == "__main__":
