@@ -40,7 +40,6 @@ from so8t_core.constants import (
     SIDECAR_NAME,
     STATS_NAME,
     VALIDATION_NAME,
-    quant_type,
 )
 from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import NO_SPLIT, Split
@@ -49,11 +48,12 @@ from so8t_core.publish.release import FINGERPRINT_CHARS, release_manifest, relea
 from so8t_core.quantize import target as target_mix
 from so8t_core.quantize.calibration import measured_weights
 from so8t_core.quantize.imatrix import Imatrix, load_imatrix
-from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, check_imatrix_requirements, mix_types
+from so8t_core.quantize.mixes import MixOptions, ModelShape, check_imatrix_requirements, mix_types
 from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
 from so8t_core.storage import check_writable, default_cache_dir, redact_uri
 from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
+from so8t_core.validate.inspection import type_counts
 from so8t_core.validate.perplexity import KlDivergenceStatistics, gate_failures
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
@@ -153,6 +153,8 @@ class Model:
     plan: list[TensorPlan]
     fingerprint: str  # of what is released: the source, and the adapter merged into it
     types: dict[str, list[GGMLQuantizationType]]
+    # per quant: (tensor, the rules' type, the type used) where rows did not fit (mixes.assign_types)
+    fallbacks: dict[str, list] = dataclasses.field(default_factory=dict)
     recipes: dict[str, "Recipe"] = dataclasses.field(default_factory=dict)  # the target mixes' (AUTO-<B>)
     f32: FileRef | None = None  # the baked model in F32 once a stage needed it (f32_model)
 
@@ -206,8 +208,8 @@ class Importance:
         out = self.imatrix.summary(self.uncovered.get(quant, []))
         if self.computed is not None:
             c = self.computed
-            out["computed"] = {"file": self.name, "calibration": c.datasets, "tokens": c.tokens, "chunks": c.chunks,
-                               "ctx": c.ctx, "coverage": c.coverage}
+            out["computed"] = {"file": self.name, "calibration": c.datasets, "calibration_sha256": c.calibration_sha256,
+                               "tokens": c.tokens, "chunks": c.chunks, "ctx": c.ctx, "coverage": c.coverage}
         return out
 
 
@@ -245,9 +247,10 @@ def analyze(run: Run, src: SourceRef) -> Model:
                 adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
                 len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
     check_targets(run.params, plan)
+    fallbacks: dict[str, list] = {}
     types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options,
-                      imatrix_coverage(run.params, run.imatrix, plan))
-    return Model(analysis=analysis, plan=plan, fingerprint=fingerprint, types=types)
+                      imatrix_coverage(run.params, run.imatrix, plan), fallbacks)
+    return Model(analysis=analysis, plan=plan, fingerprint=fingerprint, types=types, fallbacks=fallbacks)
 
 
 def importance(run: Run, src: SourceRef, model: Model) -> Importance | None:
@@ -438,6 +441,10 @@ def evaluate(run: Run, src: SourceRef, model: Model, files: Files) -> dict[str, 
     return evaluations
 
 
+# What a run whose quants failed their quality gates says to do (nothing published, or only some).
+GATES_HINT = "see the evaluation in the run's log, or loosen --max-kld / --min-same-top"
+
+
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
             validations: dict[str, dict], evaluations: dict[str, dict],
             imatrix: Importance | None) -> tuple[dict[str, dict], FileRef]:
@@ -478,16 +485,14 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     failure = f"Quality gates failed: {detail}." if gated else None
     if not latest:  # every quant failed its gates: nothing to name
         artifacts.summary(run.name, **_facts(run, model, staged, validations), releases={}, failure=failure)
-        raise ValidationError(run.source, f"quality gates failed ({detail}); nothing was published",
-                              "see the evaluation in the run's log, or loosen --max-kld / --min-same-top")
+        raise ValidationError(run.source, f"quality gates failed ({detail}); nothing was published", GATES_HINT)
     latest_ref = publish_latest(run.params.output, run.name, latest, model.analysis, src)
     artifacts.summary(run.name, **_facts(run, model, staged, validations), releases=releases,
                       **({"failure": failure} if failure else {}))
     artifacts.release_links(run.name, releases)
     if gated:
         raise ValidationError(run.source, f"quality gates failed ({detail}); not published: {', '.join(gated)}; "
-                              f"published: {', '.join(releases)}",
-                              "see the evaluation in the run's log, or loosen --max-kld / --min-same-top")
+                              f"published: {', '.join(releases)}", GATES_HINT)
     return releases, latest_ref
 
 
@@ -526,26 +531,21 @@ def _release_files(run: Run, src: SourceRef, model: Model, staged: list[StagedTe
 
 
 def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatrix: dict | None) -> dict:
-    """What the card says of the mix: tensors and bytes per type, the tensors whose rows did not
-    fit the rules' type (and what they got), the llama.cpp whose bytes these are, the imatrix."""
+    """What the card says of the mix: tensors and bytes per type (counted as ``inspect`` counts a
+    file's), the tensors whose rows did not fit the rules' type (and what they got: the analyze
+    stage's), the llama.cpp whose bytes these are, the imatrix."""
     import llama_cpp
 
-    types: dict[str, dict] = {}
-    for s in staged:
-        t = types.setdefault(s.ggml_type, {"tensors": 0, "bytes": 0})
-        t["tensors"] += 1
-        t["bytes"] += s.nbytes
-    report = {"quant": q, "types": types, "llama_cpp": llama_cpp.__version__, "imatrix": imatrix, "fallbacks": []}
+    rows = type_counts((s.ggml_type, s.n_elements, s.nbytes) for s in staged)
+    report = {"quant": q, "types": {r["type"]: r for r in rows}, "llama_cpp": llama_cpp.__version__,
+              "imatrix": imatrix, "fallbacks": []}
     if q in model.recipes:  # every type the recipe chose fits its tensor's rows: nothing falls back
         r = model.recipes[q]
         return {**report, "recipe": {"base_mix": r.base_mix, "target": r.target, "table": r.table,
                                      "file": RECIPE_NAME.format(name=run.name, quant=q)}}
-    fell: list = []
-    shapes = [(p.gguf_name, p.shape) for p in model.plan]
-    assign_types(shapes, quant_type(q), ModelShape.from_analysis(model.analysis), run.options, fell)
-    rows = dict(shapes)
-    return {**report, "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": int(rows[n][-1])}
-                                    for n, w, g in fell]}
+    row_length = {p.gguf_name: int(p.shape[-1]) for p in model.plan}
+    return {**report, "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": row_length[n]}
+                                    for n, w, g in model.fallbacks.get(q, [])]}
 
 
 # --- Small helpers ---------------------------------------------------------------------------

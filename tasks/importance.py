@@ -48,6 +48,7 @@ class ComputedImatrix(BaseModel):
 
     file: FileRef
     datasets: list[str]
+    calibration_sha256: str = ""  # of the calibration tokens (CalibrationTokens.sha256): part of the key
     tokens: int  # evaluated: chunks × context
     chunks: int
     ctx: int
@@ -83,11 +84,11 @@ def compute_imatrix(f32: FileRef, tokens: CalibrationTokens, n_ctx: int, n_chunk
     if os.path.exists(record) and os.path.exists(path):
         found = ComputedImatrix.model_validate_json(open(record, "rb").read())
         if file_ref(path) == found.file:
-            return found
+            return found.model_copy(update={"calibration_sha256": tokens.sha256})  # the key holds it
     sums = collect_activations(f32.uri, read_tokens(tokens.path), n_ctx, n_chunks, threads)
     write_imatrix(path, sums.sums, sums.counts, tokens.datasets, sums.chunk_count, sums.chunk_size)  # atomic
-    result = ComputedImatrix(file=file_ref(path), datasets=tokens.datasets, tokens=sums.tokens,
-                             chunks=sums.chunk_count, ctx=n_ctx, seconds=sums.seconds,
+    result = ComputedImatrix(file=file_ref(path), datasets=tokens.datasets, calibration_sha256=tokens.sha256,
+                             tokens=sums.tokens, chunks=sums.chunk_count, ctx=n_ctx, seconds=sums.seconds,
                              tokens_per_second=sums.tokens_per_second, coverage=coverage(sums))
     with local_atomic_file(record) as tmp:
         with open(tmp, "w") as f:

@@ -1,7 +1,9 @@
 """Importance matrices: both file formats read as llama-quantize reads them, and quantization with them
 byte-identical to llama_model_quantize given the same importance data."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -113,6 +115,9 @@ def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_
     im = load_imatrix(str(published))
     assert im.datasets == ["corpus.txt", "chats.jsonl"] and im.chunk_count >= 2
     assert len(im.entries) == 8 * 7  # every weight of the 8 blocks
+    tokens_file, = Path(work, "imatrix").glob("*.tokens")  # the calibration tokens, saved under their sha256
+    calibration_sha256 = hashlib.sha256(tokens_file.read_bytes()).hexdigest()
+    assert tokens_file.name == f"{calibration_sha256}.tokens"
     for mix in ["F32", *mixes]:  # one imatrix, in every release
         assert (release(out, "fx", mix) / "fx.imatrix.gguf").read_bytes() == published.read_bytes()
     for mix in mixes:
@@ -130,6 +135,9 @@ def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_
         manifest = json.loads(open(result["releases"][mix]["manifest"]["uri"]).read())
         computed = manifest["imatrix"]["computed"]
         assert computed["calibration"] == ["corpus.txt", "chats.jsonl"] and computed["ctx"] == 64
+        assert computed["calibration_sha256"] == calibration_sha256
+        assert (f"- Importance matrix: yes, sha256 `{im.sha256}`, computed on corpus.txt, chats.jsonl (calibration "
+                f"data: sha256 `{calibration_sha256}` of its tokens") in card
         assert computed["tokens"] == 64 * im.chunk_count
         assert {c["tokens"] for c in computed["coverage"].values()} == {computed["tokens"]}
         assert manifest["imatrix"]["tensors_without_entry"] == ["output.weight", "token_embd.weight"]
@@ -141,3 +149,5 @@ def test_the_run_computes_its_imatrix_publishes_it_and_quantizes_every_mix_with_
     assert len(runs) == 1 and read_gguf(str(gguf_path(tmp_path / "given", "fx", "IQ2_XS"))).value(
         "quantize.imatrix.file") == "fx.imatrix.gguf"
     assert "fx.imatrix.gguf" not in given["releases"]["IQ2_XS"]["files"]  # not computed: not published
+    assert "given with --imatrix (the calibration data it was computed on is not recorded)" in (
+        release(tmp_path / "given", "fx", "IQ2_XS") / "README.md").read_text()

@@ -24,19 +24,45 @@ def test_a_q4_k_m_of_rows_of_576_reports_its_fallbacks_and_the_card_warns_with_t
     fell: list = []
     types = assign_types(DEMO_576, quant_type("Q4_K_M"), SHAPE, fallbacks=fell)
     assert [(n, w, g) for n, w, g in fell] == [
+        ("output.weight", T.Q6_K, T.Q8_0),  # llama.cpp's output rule, not its fallback: still not the rule's type
         ("token_embd.weight", T.Q4_K, T.Q5_0), ("blk.0.attn_q.weight", T.Q4_K, T.Q5_0),
         ("blk.0.attn_v.weight", T.Q6_K, T.Q8_0), ("blk.0.ffn_up.weight", T.Q4_K, T.Q5_0)]
-    assert types[4] == T.Q6_K  # ffn_down's rows of 1536 fit: no fallback there
+    assert types[0] == T.Q8_0 and types[4] == T.Q6_K  # ffn_down's rows of 1536 fit: no fallback there
     rows = dict(DEMO_576)
     lines = "\n".join(_mix_lines({"quant": "Q4_K_M", "llama_cpp": "0.3.36",
-                                  "types": {"Q5_0": {"tensors": 3, "bytes": 300}, "Q8_0": {"tensors": 1, "bytes": 100}},
+                                  "types": {"Q5_0": {"tensors": 3, "bytes": 300}, "Q8_0": {"tensors": 2, "bytes": 100}},
                                   "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name,
                                                  "row_length": rows[n][-1]} for n, w, g in fell]}))
-    assert "**Warning: 4 tensors fell back from the mix's types.**" in lines
-    assert "> - 3 × Q4_K → Q5_0: rows of 576 are not a multiple of Q4_K's block" in lines
-    assert "> - 1 × Q6_K → Q8_0: rows of 576 are not a multiple of Q6_K's block" in lines
+    assert "**Warning: 5 tensors fell back from the mix's types.**" in lines
+    assert ("> - 3 × Q4_K → Q5_0 (`token_embd.weight`, `blk.0.attn_q.weight`, `blk.0.ffn_up.weight`): rows of 576 "
+            "are not a multiple of Q4_K's block") in lines
+    assert ("> - 2 × Q6_K → Q8_0 (`output.weight`, `blk.0.attn_v.weight`): rows of 576 are not a multiple of "
+            "Q6_K's block") in lines
     assert "| Q5_0 | 3 | 300 B | 75.0% |" in lines and "llama.cpp 0.3.36" in lines
     assert "Importance matrix: none" in lines
+
+
+def test_a_tied_token_embedding_takes_the_output_rule_and_its_q8_0_is_reported_once():
+    tied = [t for t in DEMO_576 if t[0] != "output.weight"]
+    fell: list = []
+    assert assign_types(tied, quant_type("Q4_K_M"), SHAPE, fallbacks=fell)[0] == T.Q8_0
+    assert fell[0] == ("token_embd.weight", T.Q6_K, T.Q8_0)
+    fell = []
+    assign_types(tied, quant_type("Q8_0"), SHAPE, fallbacks=fell)
+    assert fell == []  # the Q8_0 mix's output rule keeps Q8_0, which fits
+    fell = []  # rows of 48 fit neither Q6_K nor the output rule's Q8_0: one entry, to F16
+    assert assign_types([("token_embd.weight", (64, 48))], quant_type("Q4_K_M"), SHAPE, fallbacks=fell) == [T.F16]
+    assert fell == [("token_embd.weight", T.Q6_K, T.F16)]
+
+
+def test_the_card_gives_the_importance_matrix_and_its_calibration_datas_sha256():
+    types = {"Q4_K": {"tensors": 1, "bytes": 10}}
+    computed = {"calibration": ["corpus.txt"], "calibration_sha256": "c" * 64}
+    lines = "\n".join(_mix_lines({"types": types, "imatrix": {"sha256": "a" * 64, "computed": computed}}))
+    assert (f"- Importance matrix: yes, sha256 `{'a' * 64}`, computed on corpus.txt (calibration data: sha256 "
+            f"`{'c' * 64}` of its tokens as llama.cpp tokenized them, int32 little-endian).") in lines
+    lines = "\n".join(_mix_lines({"types": types, "imatrix": {"sha256": "a" * 64}}))
+    assert "given with --imatrix (the calibration data it was computed on is not recorded)" in lines
 
 
 def staged(name: str, cls: str, ggml_type: str, shape: tuple[int, ...], nbytes: int) -> StagedTensor:

@@ -290,6 +290,9 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     return lines
 
 
+FALLBACK_NAMES_SHOWN = 3  # a fallback of this few tensors names them (the output tensor, say)
+
+
 def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
     """What the mix became, type by type; the tensors that fell back from the mix's types and why;
     the llama.cpp version; the importance matrix."""
@@ -309,22 +312,29 @@ def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {t} | {v['tensors']} | {human_size(v['bytes'])} | {100 * v['bytes'] / total:.1f}% |")
     fallbacks = extras.get("fallbacks") or []
     if fallbacks:
-        by_change: dict[tuple[str, str, int], int] = {}
+        by_change: dict[tuple[str, str, int], list[str]] = {}
         for f in fallbacks:
-            key = (f["wanted"], f["got"], f["row_length"])
-            by_change[key] = by_change.get(key, 0) + 1
+            by_change.setdefault((f["wanted"], f["got"], f["row_length"]), []).append(f["tensor"])
         lines += ["", f"> **Warning: {len(fallbacks)} tensors fell back from the mix's types.** Their rows do not "
-                  "fit the type's blocks, so llama.cpp uses another type, as llama-quantize does:"]
-        for (wanted, got, row), n in sorted(by_change.items()):
-            lines.append(f"> - {n} × {wanted} → {got}: rows of {row} are not a multiple of {wanted}'s block")
+                  "fit the type's blocks, so llama.cpp uses another type, as llama-quantize does (for the output "
+                  "tensor, or the token embedding tied to it, llama.cpp's output rule gives Q8_0):"]
+        for (wanted, got, row), names in sorted(by_change.items()):
+            which = f" ({', '.join(f'`{n}`' for n in names)})" if len(names) <= FALLBACK_NAMES_SHOWN else ""
+            lines.append(f"> - {len(names)} × {wanted} → {got}{which}: rows of {row} are not a multiple of "
+                         f"{wanted}'s block")
         lines.append("> The file is then larger (and usually better) than the mix's name suggests; see the table.")
     imatrix = extras.get("imatrix")
     if types:
         if imatrix:
             computed = imatrix.get("computed")
-            on = ", ".join(map(str, computed["calibration"])) if computed else None
-            lines += ["", f"- Importance matrix: yes, sha256 `{imatrix.get('sha256')}`"
-                      + (f", computed on {on}" if on else "") + "."]
+            if computed:
+                on = ", ".join(map(str, computed["calibration"]))
+                sha = computed.get("calibration_sha256")
+                source = f", computed on {on}" + (f" (calibration data: sha256 `{sha}` of its tokens as llama.cpp "
+                                                  "tokenized them, int32 little-endian)" if sha else "")
+            else:
+                source = ", given with --imatrix (the calibration data it was computed on is not recorded)"
+            lines += ["", f"- Importance matrix: yes, sha256 `{imatrix.get('sha256')}`{source}."]
         else:
             lines += ["", "- Importance matrix: none (llama-quantize's plain quantizers)."]
     return lines

@@ -181,7 +181,13 @@ def _mix_rules(st: _State, new: T, shape: Sequence[int], mix: str, model: ModelS
     n = st.n_layers
     n_expert = model.n_expert
     if cat == "output" or (st.has_tied_embeddings and cat == "token_embd"):
-        return _output_rule(new, shape, mix, opts)
+        got = _output_rule(new, shape, mix, opts)
+        # llama.cpp's output rule makes a tensor whose rows do not fit the mix's blocks Q8_0 itself
+        # (llama-quantize counts no fallback): the card still says that it is not the rule's type.
+        wanted = _output_rule(new, [GGML_QUANT_SIZES[new][0]], mix, opts)  # the rule's type for rows that fit
+        if got != wanted:
+            st.fallbacks.append((name, wanted, got))
+        return got
     if mix == "MXFP4_MOE":  # the experts (3-D, more than one) to MXFP4, everything else to Q8_0
         return T.MXFP4 if len(shape) == 3 and shape[0] > 1 else T.Q8_0
     if cat == "token_embd":
@@ -292,7 +298,7 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
                  opts: MixOptions = MixOptions(), fallbacks: list | None = None) -> list[T]:
     """The GGML type of every tensor, in llama.cpp's tensor order (``tensors``: (GGUF name, numpy shape));
     ``fallbacks``, when given, receives (name, the rules' type, the type used) of each tensor whose
-    rows did not fit the rules' type (the model card warns of them)."""
+    rows did not fit the rules' type, the output rule's Q8_0 included (the model card warns of them)."""
     cats = [category(n) for n, _ in tensors]
     st = _State(n_attention_wv=sum(1 for c in cats if is_attn_v(c)), n_layers=model.n_layers,
                 has_tied_embeddings="output" not in cats)
@@ -323,12 +329,17 @@ def assign_types(tensors: Sequence[tuple[str, Sequence[int]]], quant: QuantType,
 
 
 def mix_types(plan: Sequence, quants: Sequence[str], model: ModelShape, opts: MixOptions = MixOptions(),
-              covered: Collection[str] | None = None) -> dict[str, list[T]]:
+              covered: Collection[str] | None = None,
+              fallbacks: dict[str, list] | None = None) -> dict[str, list[T]]:
     """Each quant's type for every tensor of a plan (``TensorPlan``s, in llama.cpp's order),
     refusing what llama-quantize refuses (:func:`check_imatrix_requirements`; ``covered``: the
-    tensors the importance matrix has entries for, None without one)."""
+    tensors the importance matrix has entries for, None without one); ``fallbacks``, when given,
+    receives each quant's list of :func:`assign_types`'s fallbacks."""
     names_shapes = [(p.gguf_name, p.shape) for p in plan]
-    types = {q: assign_types(names_shapes, quant_type(q), model, opts) for q in quants}
+    fell: dict[str, list] = {q: [] for q in quants}
+    types = {q: assign_types(names_shapes, quant_type(q), model, opts, fell[q]) for q in quants}
+    if fallbacks is not None:
+        fallbacks.update(fell)
     check_imatrix_requirements(names_shapes, types, covered)
     return types
 
@@ -347,7 +358,10 @@ def _fallback(st: _State, name: str, shape: Sequence[int], qtype: T, mix: str) -
         new = qtype  # a 32-block type: F16 below, as for a fallback that does not fit
     if shape[-1] % GGML_QUANT_SIZES[new][0]:
         new = T.F16
-    st.fallbacks.append((name, qtype, new))
+    if st.fallbacks and st.fallbacks[-1][0] == name:  # the output rule's Q8_0 did not fit either: one entry
+        st.fallbacks[-1] = (name, st.fallbacks[-1][1], new)
+    else:
+        st.fallbacks.append((name, qtype, new))
     return new
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from gguf import LlamaFileType
@@ -30,14 +31,6 @@ def inspect_gguf(path: str) -> dict[str, Any]:
     so8t = {k: meta[k] for k in meta if k.startswith("so8t.")}
     n_elem = sum(t["elements"] for t in tensors)
     n_bytes = sum(t["bytes"] for t in tensors)
-    by_type: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        row = by_type.setdefault(t["type"], {"type": t["type"], "tensors": 0, "elements": 0, "bytes": 0})
-        row["tensors"] += 1
-        row["elements"] += t["elements"]
-        row["bytes"] += t["bytes"]
-    for row in by_type.values():
-        row["bits_per_weight"] = bits_per_weight(row["bytes"], row["elements"])
     return {
         "path": path,
         "version": int(g.reader.fields["GGUF.version"].contents()),
@@ -45,7 +38,7 @@ def inspect_gguf(path: str) -> dict[str, Any]:
         "file_type": file_type(meta.get(FILE_TYPE_KEY)),
         "metadata": {k: _preview(v) for k, v in meta.items()},
         "tensors": tensors,
-        "tensor_types": sorted(by_type.values(), key=lambda r: (-r["bytes"], r["type"])),
+        "tensor_types": type_counts((t["type"], t["elements"], t["bytes"]) for t in tensors),
         "n_tensors": len(tensors),
         "n_elements": n_elem,
         "bits_per_weight": bits_per_weight(n_bytes, n_elem),
@@ -59,6 +52,20 @@ def inspect_gguf(path: str) -> dict[str, Any]:
             "keys": {k: _preview(v) for k, v in so8t.items()},
         },
     }
+
+
+def type_counts(tensors: Iterable[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Per ggml type, from each tensor's (type name, elements, bytes): its tensors, parameters,
+    bytes and bits per weight, most bytes first (``inspect``'s table, the model card's mix)."""
+    by_type: dict[str, dict[str, Any]] = {}
+    for ggml_type, elements, nbytes in tensors:
+        row = by_type.setdefault(ggml_type, {"type": ggml_type, "tensors": 0, "elements": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += int(elements)
+        row["bytes"] += int(nbytes)
+    for row in by_type.values():
+        row["bits_per_weight"] = bits_per_weight(row["bytes"], row["elements"])
+    return sorted(by_type.values(), key=lambda r: (-r["bytes"], r["type"]))
 
 
 def file_type(value: Any) -> dict[str, Any] | None:
