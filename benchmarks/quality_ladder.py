@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -36,7 +38,7 @@ def llama_perplexity(binary: str, threads: int, *args: str) -> str:
     for _ in range(5):
         proc = subprocess.run([binary, "-c", str(N_CTX), "-b", str(N_CTX), "-fa", "off", "-t", str(threads), *args],
                               capture_output=True, text=True, check=True)
-        if "--kl-divergence" not in args or "Same top p" in proc.stdout:
+        if "--kl-divergence" not in args or "Same top p:" in proc.stdout:  # the summary's, not the table's
             return proc.stdout
     return proc.stdout
 
@@ -99,6 +101,7 @@ def main() -> None:
     from so8t_core.validate.perplexity import (
         BUILTIN_EVAL_PATH,
         BUILTIN_EVAL_TEXT,
+        EVALUATION_VERSION,
         KlDivergenceStatistics,
         evaluate_file,
         read_eval_text,
@@ -117,18 +120,19 @@ def main() -> None:
         if not os.path.exists(files[q]):
             convert_sequential(ckpt, q, files[q], os.path.join(work, "staging"), engine="simd")
 
-    # Each base pass takes minutes: a base file already in the work folder is reused (delete it to redo).
+    # Each base pass takes minutes: a base file already in the work folder is reused (delete it to
+    # redo), ours while it was written by this EVALUATION_VERSION.
     results_path = os.path.join(work, f"ladder-{args.chunks}.json")
     results = {}
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
     base = os.path.join(work, f"base-{args.chunks}.kld")
-    if not os.path.exists(base):
+    if not os.path.exists(base) or results.get("base_version") != EVALUATION_VERSION:
         start = time.perf_counter()
         write_evaluation_base(files["F32"], read_eval_text(BUILTIN_EVAL_TEXT), N_CTX, args.chunks, base + ".tmp")
         os.replace(base + ".tmp", base)
-        results["base_seconds"] = round(time.perf_counter() - start, 1)
+        results.update(base_seconds=round(time.perf_counter() - start, 1), base_version=EVALUATION_VERSION)
         save_results(results_path, results)
     binary = os.environ.get("SO8T_LLAMA_PERPLEXITY")
     theirs_base = os.path.join(work, f"theirs-{args.chunks}.kld")
@@ -137,20 +141,25 @@ def main() -> None:
                          str(args.chunks), "--kl-divergence-base", theirs_base + ".tmp")
         os.replace(theirs_base + ".tmp", theirs_base)
 
-    # One record per quant, kept as soon as it is measured: a later run skips it while the file is the same.
+    # One record per quant, kept as soon as each side is measured: a later run measures again only
+    # what is missing (ours: or of another EVALUATION_VERSION) while the file is the same.
     done = results.setdefault("quants", {})
     for q in quants:
         sha = file_sha256(files[q])
-        if not args.redo and done.get(q, {}).get("sha256") == sha and (done[q].get("theirs") or not binary):
-            continue
-        tensors = read_gguf(files[q]).tensors
-        record = {"sha256": sha, "size": os.path.getsize(files[q]),
-                  "bits_per_weight": bits_per_weight(sum(int(t.n_bytes) for t in tensors),
-                                                     sum(int(t.n_elements) for t in tensors))}
-        start = time.perf_counter()
-        record["ours"] = evaluate_file(files[q], base).as_record()
-        record["ours_seconds"] = round(time.perf_counter() - start, 1)
-        if binary:
+        record = done.get(q, {}) if not args.redo and done.get(q, {}).get("sha256") == sha else {}
+        if not record:
+            tensors = read_gguf(files[q]).tensors
+            record = {"sha256": sha, "size": os.path.getsize(files[q]),
+                      "bits_per_weight": bits_per_weight(sum(int(t.n_bytes) for t in tensors),
+                                                         sum(int(t.n_elements) for t in tensors))}
+        if record.get("evaluation_version") != EVALUATION_VERSION:
+            start = time.perf_counter()
+            record["ours"] = evaluate_file(files[q], base).as_record()
+            record.update(ours_seconds=round(time.perf_counter() - start, 1), evaluation_version=EVALUATION_VERSION)
+            done[q] = record
+            save_results(results_path, results)
+            print(f"{q}: ours measured ({record['ours_seconds']} s)", file=sys.stderr, flush=True)
+        if binary and not record.get("theirs"):
             start = time.perf_counter()
             stdout = llama_perplexity(binary, args.threads, "-m", files[q], "--kl-divergence-base", theirs_base,
                                       "--kl-divergence")
@@ -158,10 +167,15 @@ def main() -> None:
             record["theirs"] = printed(stdout)
             with open(os.path.join(work, f"theirs-{q}-{args.chunks}.log"), "w") as f:
                 f.write(stdout)
-        done[q] = record
-        save_results(results_path, results)
-        print(f"{q}: measured ({record['ours_seconds']} s ours)", file=sys.stderr, flush=True)
+            done[q] = record
+            save_results(results_path, results)
+            print(f"{q}: llama-perplexity measured ({record['theirs_seconds']} s)", file=sys.stderr, flush=True)
 
+    if binary:  # the two base passes' files, value by value (the same bytes when the passes agree)
+        mine, theirs = (np.memmap(path, "<u2", "r") for path in (base, theirs_base))
+        differ = int(np.count_nonzero(mine != theirs)) if mine.shape == theirs.shape else -1
+        print(f"base files: {'identical' if differ == 0 else f'{differ} of {mine.size} 16-bit values differ'}",
+              file=sys.stderr)
     base_seconds = results.get("base_seconds")
     print(f"Demo (SmolLM2-135M shape), built-in evaluation text, {args.chunks} chunks of {N_CTX} tokens; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
