@@ -47,6 +47,11 @@ def test_a_tied_token_embedding_takes_the_output_rule_and_its_q8_0_is_reported_o
     fell: list = []
     assert assign_types(tied, quant_type("Q4_K_M"), SHAPE, fallbacks=fell)[0] == T.Q8_0
     assert fell[0] == ("token_embd.weight", T.Q6_K, T.Q8_0)
+    # The demo's Q4_K_M: the embedding among 15 tensors of one fallback, still named.
+    many = [{"tensor": n, "wanted": "Q6_K", "got": "Q8_0", "row_length": 576}
+            for n in ["token_embd.weight", *(f"blk.{i}.attn_v.weight" for i in range(14))]]
+    lines = "\n".join(_mix_lines({"fallbacks": many}))
+    assert "> - 15 × Q6_K → Q8_0 (among them `token_embd.weight`): rows of 576 are not a multiple" in lines
     fell = []
     assign_types(tied, quant_type("Q8_0"), SHAPE, fallbacks=fell)
     assert fell == []  # the Q8_0 mix's output rule keeps Q8_0, which fits

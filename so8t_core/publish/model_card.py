@@ -290,7 +290,8 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     return lines
 
 
-FALLBACK_NAMES_SHOWN = 3  # a fallback of this few tensors names them (the output tensor, say)
+FALLBACK_NAMES_SHOWN = 3  # a fallback of this few tensors names them
+OUTPUT_TENSORS = ("output.weight", "token_embd.weight")  # named in any fallback: the output rule's, often large
 
 
 def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
@@ -319,7 +320,9 @@ def _mix_lines(extras: Mapping[str, Any]) -> list[str]:
                   "fit the type's blocks, so llama.cpp uses another type, as llama-quantize does (for the output "
                   "tensor, or the token embedding tied to it, llama.cpp's output rule gives Q8_0):"]
         for (wanted, got, row), names in sorted(by_change.items()):
-            which = f" ({', '.join(f'`{n}`' for n in names)})" if len(names) <= FALLBACK_NAMES_SHOWN else ""
+            named = [n for n in names if len(names) <= FALLBACK_NAMES_SHOWN or n in OUTPUT_TENSORS]
+            which = (f" ({'' if len(named) == len(names) else 'among them '}{', '.join(f'`{n}`' for n in named)})"
+                     if named else "")
             lines.append(f"> - {len(names)} × {wanted} → {got}{which}: rows of {row} are not a multiple of "
                          f"{wanted}'s block")
         lines.append("> The file is then larger (and usually better) than the mix's name suggests; see the table.")
