@@ -198,8 +198,11 @@ def main() -> None:
         print()
         for rel, q, name in worst:
             ours = printed(render_kl_divergence(KlDivergenceStatistics(**done[q]["ours"])))
-            print(f"{q}: largest relative difference {rel:.1e} in {name!r}: "
-                  f"ours {ours[name]:.6f}, llama-perplexity {done[q]['theirs'][name]:.6f}")
+            if rel == 0:
+                print(f"{q}: all {len(done[q]['theirs'])} printed figures identical")
+            else:
+                print(f"{q}: largest relative difference {rel:.1e} in {name!r}: "
+                      f"ours {ours[name]:.6f}, llama-perplexity {done[q]['theirs'][name]:.6f}")
 
 
 if __name__ == "__main__":
