@@ -127,8 +127,8 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("IQ2_XXS", GGMLQuantizationType.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS),
         QuantType("IQ1_M", GGMLQuantizationType.IQ1_M, LlamaFileType.MOSTLY_IQ1_M),
         QuantType("IQ1_S", GGMLQuantizationType.IQ1_S, LlamaFileType.MOSTLY_IQ1_S),
-        # For models trained 2-bit, ternary or 1-bit (BitNet b1.58, TriLMs, Bonsai): on other weights
-        # these lose most of the model, and validation says so.
+        # For models trained ternary or 1-bit (BitNet b1.58, TriLMs, Bonsai; Q2_0's quantizer rounds to
+        # -1, 0, +1 times a block's absmax): on other weights these lose most of the model, and validation says so.
         *((QuantType("Q2_0", GGMLQuantizationType.Q2_0, LlamaFileType.MOSTLY_Q2_0),) if HAS_Q2_0 else ()),
         QuantType("TQ2_0", GGMLQuantizationType.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
         QuantType("TQ1_0", GGMLQuantizationType.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),

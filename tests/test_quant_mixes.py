@@ -107,6 +107,11 @@ def test_mix_is_byte_identical_to_llama_quantize(converted, mix, tmp_path):
     if case == "llama-256" and mix == "IQ2_M":
         assert types["output.weight"] == "Q5_K" and types["token_embd.weight"] == "IQ3_S"
         assert types["blk.0.ffn_down.weight"] == "IQ3_S" and types["blk.1.ffn_down.weight"] == "IQ2_S"
+    if case == "llama-256" and mix == "Q2_0":  # the embedding's own rule (Q4_K); blocks of 64 need no fallback
+        assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q2_0"
+    if case == "qwen2-896-tied" and mix == "Q2_0":  # 896 = 14 × 64: Q2_0 fits where the tied embedding's Q6_K does not
+        assert types["blk.0.attn_q.weight"] == "Q2_0" and types["token_embd.weight"] == "Q8_0"
     if case == "qwen2-896-tied" and mix == "IQ2_XXS":  # rows of 896 fall back to IQ4_NL
         assert types["blk.0.attn_q.weight"] == "IQ4_NL" and types["token_embd.weight"] == "Q8_0"
         assert types["blk.0.ffn_down.weight"] == "IQ2_XXS"  # rows of 256 (intermediate); 2 layers: n/8 = 0

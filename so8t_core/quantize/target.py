@@ -8,7 +8,7 @@ predicted damage:
    cost. Every other tensor may take each type of :data:`CANDIDATE_TYPES` whose block fits its
    rows (rows of 576 cannot take the 256-blocks of the K and IQ4_XS/IQ3_S types). Types
    llama-quantize refuses without an importance matrix, Q2_0 and the ternary and 1-bit types (for
-   models trained 2-bit, ternary or 1-bit) and MXFP4 (for MoE experts) are not candidates.
+   models trained ternary or 1-bit) and MXFP4 (for MoE experts) are not candidates.
 2. **Sensitivity** (:func:`tensor_damage`): the tensor is quantized with each candidate through
    libggml (the importance-weighted quantizer when the importance matrix has an entry, as
    llama-quantize would) and dequantized; the damage is the relative output noise of the

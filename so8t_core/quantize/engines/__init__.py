@@ -12,7 +12,7 @@ Three engines produce the same bytes:
   not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS, go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
   checked byte for byte against ``ggml`` (tests/test_torch_engine.py). Types it has no port
-  of (the IQ, ternary, 1-bit and 2-bit Q2_0 types, MXFP4) go to ``ggml``.
+  of (the IQ, ternary, 1-bit and Q2_0 types, MXFP4) go to ``ggml``.
 
 ``auto`` picks ``torch`` when a GPU is present, else ``simd`` when its extension is built,
 else ``ggml``.
