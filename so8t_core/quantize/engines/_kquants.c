@@ -3,8 +3,9 @@
  *
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
- * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, and of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, several times faster: libggml-base is compiled without
+ * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
+ * importance weights, and of quantize_row_q3_K_impl / quantize_row_q6_K_impl (what
+ * ggml_quantize_chunk runs for Q3_K and Q6_K with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -26,7 +27,7 @@
  *
  * Python interface (CPython extension so8t_core.quantize.engines._kquants, GIL released while
  * quantizing and summing):
- *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1) -> bytes written
+ *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written
  *   supported() -> tuple of ggml type ids;  isas() -> names of the usable kernel sets,
  *   best first;  ISA_NAMES: every kernel set's name, by index (isa=);
  *   block_info(ggml_type) -> (elements per block, bytes per block);
@@ -483,7 +484,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS only). Releases the GIL."},
+     "IQ4_XS, Q3_K, Q6_K only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
