@@ -110,3 +110,16 @@ def test_the_label_names_the_bound():
     assert target.kld_label(0.05) == "AUTO-KLD-0.05"
     assert target.kld_label(1) == "AUTO-KLD-1"
     assert target.kld_label(0.00002) == "AUTO-KLD-0.00002"
+
+
+def test_what_cannot_be_searched_is_refused_in_one_line_before_any_work(make_fixture, tmp_path):
+    from support.cli import assert_one_line_error, run
+
+    src = make_fixture(layers=2, hidden=256, intermediate=512, seed=3)
+    out = tmp_path / "out"
+    assert_one_line_error(run("convert", src, "--output", str(out), "--target-kld", "0.1", "--eval-chunks", "0"),
+                          "--target-kld 0.1", "--eval-chunks 0 turns off")
+    assert_one_line_error(run("convert", src, "--target-kld", "0.1", "--dry-run"), "--dry-run",
+                          "not with --target-kld")
+    assert_one_line_error(run("convert", src, "--target-kld", "0"), "--target-kld 0", "greater than 0")
+    assert not out.exists()
