@@ -396,7 +396,8 @@ def kld_search(run: Run, src: SourceRef, model: Model, imatrix: Importance | Non
         gguf = assemble_gguf(src, label, run.name, staged, search_dir, NO_SPLIT, imatrix.info if imatrix else None,
                              p.allow_tokenizer_mismatch, mix=mix)[0]
         kld = evaluate_cached(label, gguf, base, settings)["statistics"]["kld_mean"]
-        os.remove(gguf.uri)  # its record is cached by its sha256; the winner is assembled again
+        for made in (gguf.uri, gguf.uri + ".inputs.json"):  # its evaluation is cached by its sha256, the
+            os.remove(made)                                   # winner's tensors are staged: it is assembled again
         run.say("target %s: %.3f bits per weight measures mean KLD %.4g (%s %g)", label, bpw, kld,
                 "within" if kld <= p.target_kld else "over", p.target_kld)
         return kld
