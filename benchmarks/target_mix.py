@@ -107,7 +107,7 @@ def main() -> None:
     if args.probe_chunks:
         t0 = time.perf_counter()
         probe_base = base_log_probs_for(f32, eval_tokens[:args.probe_chunks * N_CTX])
-        gains = class_gains(ckpt, tensors, probe_base, os.path.join(work, "probes"), imatrix, args.threads)
+        gains = class_gains(f32, tensors, probe_base, os.path.join(work, "probes"), imatrix, n_threads=args.threads)
         print("gains", gains, f"in {time.perf_counter() - t0:.0f} s", flush=True)
         tensors = target.with_gains(tensors, gains)
     rows = []

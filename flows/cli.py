@@ -97,9 +97,11 @@ def _dry_run(args: argparse.Namespace) -> int:
             source = demo_source()
         spec, plan = preflight(source, params.lora, params.allow_tokenizer_mismatch)
         types = check_mixes(params, inputs, spec, plan)
+        notes = {}
         if params.target_bpw or params.target_size:
-            types.update(_dry_run_target(params, inputs, spec, plan, source))
-        report = dry_run_report(plan, types)
+            targets, notes = _dry_run_target(params, inputs, spec, plan, source)
+            types.update(targets)
+        report = dry_run_report(plan, types, notes)
     finally:
         console.disable()
     if args.json:
@@ -109,16 +111,20 @@ def _dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run_target(params, inputs, spec, plan: list, source: str) -> dict:
+def _dry_run_target(params, inputs, spec, plan: list, source: str) -> tuple[dict, dict]:
     """The --target-bpw release's types, measured in memory (--target-size needs the assembled
-    file's metadata size, and an importance matrix from --calibration the run's computation)."""
+    file's metadata size, and an importance matrix from --calibration the run's computation), with
+    the class gains an earlier run measured (the run measures them with probes in llama.cpp when it
+    evaluates; without them the types can differ, and the report says so)."""
     import os
 
     from so8t_core.errors import UnsupportedError
     from so8t_core.quantize.dry_run import target_dry_run
     from so8t_core.quantize.mixes import ModelShape
     from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.source.fingerprint import fingerprint
     from so8t_core.storage import default_cache_dir
+    from so8t_core.validate.gains import gains_file, read_gains
 
     for given, why in ((params.target_size, "--target-size's budget depends on the assembled file's metadata"),
                        (params.computes_imatrix, "the importance matrix is computed from --calibration by the run"),
@@ -127,12 +133,21 @@ def _dry_run_target(params, inputs, spec, plan: list, source: str) -> dict:
             raise UnsupportedError("--dry-run", f"not with this target yet: {why}",
                                    "use --target-bpw with --imatrix FILE (or none), or run without --dry-run")
     if not params.target_bpw:
-        return {}
+        return {}, {}
     work_dir = params.work_dir or os.path.join(default_cache_dir(), "work")
-    label, types = target_dry_run(Checkpoint.open(source, cache_dir=default_cache_dir()), plan,
-                                  ModelShape.from_spec(spec), params.target_bpw, inputs.imatrix,
-                                  os.path.join(work_dir, "damage"))
-    return {label: types}
+    ckpt = Checkpoint.open(source, cache_dir=default_cache_dir())
+    gains = None
+    if params.evaluates:
+        gains = read_gains(gains_file(work_dir, fingerprint(ckpt, cache_dir=work_dir).fingerprint,
+                                      inputs.imatrix.sha256 if inputs.imatrix else None, inputs.eval_text_sha256,
+                                      params.eval_ctx))
+    label, types = target_dry_run(ckpt, plan, ModelShape.from_spec(spec), params.target_bpw, inputs.imatrix,
+                                  os.path.join(work_dir, "damage"), gains)
+    note = None
+    if params.evaluates and gains is None:
+        note = ("chosen by the measured damage alone: a run first measures each tensor class's KLD gain with probes "
+                "in llama.cpp, which can change these types (a dry run after it uses them)")
+    return {label: types}, {label: note} if note else {}
 
 
 def _convert(args: argparse.Namespace) -> dict:

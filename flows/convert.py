@@ -54,6 +54,7 @@ from so8t_core.refs import FileRef, SourceRef, StagedTensor, file_ref
 from so8t_core.source.lora import LoraAdapter, apply_to_plan
 from so8t_core.storage import check_writable, default_cache_dir, redact_uri
 from so8t_core.testing.demo import DEMO_NAME, build_demo_checkpoint
+from so8t_core.validate.gains import PROBE_CHUNKS, gains_file
 from so8t_core.validate.perplexity import KlDivergenceStatistics, gate_failures
 from tasks import artifacts
 from tasks.analyze import analyze_checkpoint
@@ -63,7 +64,7 @@ from tasks.fetch import fetch_checkpoint
 from tasks.importance import ComputedImatrix, compute_imatrix, tokenize_calibration
 from tasks.publish import publish_latest, publish_release, write_model_card, write_plots, write_stats_parquet
 from tasks.quantize import quantize_plan
-from tasks.target import measure_damage
+from tasks.target import measure_damage, measure_gains
 from tasks.validate import reference_logits, validate_gguf
 
 PLOT_CAPTIONS = {"errors": "{quant}: relative RMSE of each quantized tensor against its float32 source, by layer",
@@ -176,14 +177,16 @@ class Recipe:
     base_mix: str
     tensor_type_file: str
     table: str  # target.render_recipe's Markdown
-    predicted_damage: float  # the summed damage (no class gains: not a KLD)
+    predicted_damage: float  # the summed damage: the predicted mean KLD when class_gains were measured
     bits_per_weight: float
+    class_gains: dict[str, float] | None  # None: the run did not evaluate, so no probes
 
     def summary(self, file_name: str) -> dict:
         """What a release's manifest records of it."""
+        predicted = {"predicted_kld": self.predicted_damage} if self.class_gains else \
+            {"predicted_damage": self.predicted_damage}
         return {"target": self.target, "base_mix": self.base_mix, "tensor_type_file": file_name,
-                "bits_per_weight": self.bits_per_weight, "predicted_damage": self.predicted_damage,
-                "class_gains": False}
+                "bits_per_weight": self.bits_per_weight, **predicted, "class_gains": self.class_gains or False}
 
 
 @dataclass
@@ -320,7 +323,18 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
         return
     console.stage("measuring each weight's damage per candidate type for the target mixes")
     f32 = f32_model(run, src, model)
-    tensors = measure_damage(f32, imatrix.info[:2] if imatrix else None, run.work_dir)
+    imatrix_ref = imatrix.info[:2] if imatrix else None
+    tensors = measure_damage(f32, imatrix_ref, run.work_dir)
+    gains = None
+    if p.evaluates:  # the damage weighted by what each tensor class does to the KLD: a predicted KLD
+        console.stage(f"measuring each tensor class's KLD gain with probes on {PROBE_CHUNKS} chunks")
+        base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
+        gains = measure_gains(f32, base, imatrix_ref, tensors, run.engine,
+                              gains_file(run.work_dir, model.fingerprint, imatrix_ref[1] if imatrix_ref else None,
+                                         run.eval_text_sha256, p.eval_ctx))
+        run.say("class gains (mean KLD per unit of damage): %s",
+                ", ".join(f"{k} {v:.3g}" for k, v in sorted(gains.items(), key=lambda kv: -kv[1])))
+        tensors = target_mix.with_gains(tensors, gains)
     n_weights = sum(t.n_elements for t in tensors)
     targets = []
     if p.target_bpw:
@@ -340,15 +354,15 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
             shapes, tensors, chosen, ModelShape.from_analysis(model.analysis), imatrix is not None)
         recipe = Recipe(label=label, target=goal, base_mix=base,
                         tensor_type_file=target_mix.tensor_type_file(tensors, chosen),
-                        table=target_mix.render_recipe(tensors, chosen, gains=False),
+                        table=target_mix.render_recipe(tensors, chosen, gains=gains is not None),
                         predicted_damage=target_mix.predicted_damage(tensors, chosen),
-                        bits_per_weight=target_mix.bits_per_weight(tensors, chosen))
+                        bits_per_weight=target_mix.bits_per_weight(tensors, chosen), class_gains=gains)
         model.recipes[label] = recipe
         run.quants.append(label)
         if imatrix is not None:
             imatrix.uncovered[label] = imatrix.imatrix.uncovered(model.plan, model.types[label])
-        run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, summed damage %.4g", label,
-                recipe.base_mix, recipe.bits_per_weight, recipe.predicted_damage)
+        run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, %s %.4g", label, recipe.base_mix,
+                recipe.bits_per_weight, "predicted mean KLD" if gains else "summed damage", recipe.predicted_damage)
 
 
 def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:
@@ -539,7 +553,8 @@ def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatr
     if q in model.recipes:  # every type the recipe chose fits its tensor's rows: nothing falls back
         r = model.recipes[q]
         return {**report, "recipe": {"base_mix": r.base_mix, "target": r.target, "table": r.table,
-                                     "file": RECIPE_NAME.format(name=run.name, quant=q)}}
+                                     "file": RECIPE_NAME.format(name=run.name, quant=q),
+                                     "predicted_kld": r.predicted_damage if r.class_gains else None}}
     fell: list = []
     shapes = [(p.gguf_name, p.shape) for p in model.plan]
     assign_types(shapes, quant_type(q), ModelShape.from_analysis(model.analysis), run.options, fell)

@@ -160,6 +160,11 @@ class GGUFContents:
     def metadata(self) -> dict[str, Any]:
         return {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
 
+    def kvs(self) -> list[GGUFKV]:
+        """The metadata as :func:`write_gguf` takes it (a file written from another's tensors)."""
+        return [GGUFKV(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+                for k, f in self.reader.fields.items() if not k.startswith("GGUF.")]
+
     def value(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()

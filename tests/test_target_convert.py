@@ -2,7 +2,8 @@
 through staging, assembly, validation, evaluation and publishing like any mix; its file is at most
 B bits per weight; it holds its recipe as a llama-quantize --tensor-type-file, which, given to
 llama_model_quantize with the run's F32 GGUF and the same imatrix, writes the same tensors; the card
-shows the recipe table with the measured KLD. One conversion (Q8_0 + AUTO-4.50) feeds every assertion."""
+shows the recipe table with the predicted (class gains from probes) and the measured KLD. One
+conversion (Q8_0 + AUTO-4.50) feeds every assertion."""
 
 from __future__ import annotations
 
@@ -76,7 +77,12 @@ def test_the_card_shows_the_recipe_and_the_measured_kld(run):
     kld = json.loads((folder / "manifest.json").read_text())["evaluation"]["statistics"]["kld_mean"]
     assert "## The recipe" in card and "at most 4.5 bits per weight" in card
     assert "| ffn_down | " in card and "| tensor class | not in a block | layer 0 |" in card
-    assert f"mean KLD {kld:.4g} against the F32 model" in card
+    recipe = json.loads((folder / "manifest.json").read_text())["recipe"]
+    # the run evaluates, so the damages carry class gains from probes and their sum predicts the KLD
+    assert set(recipe["class_gains"]) >= {"token_embd", "output", "attn_q", "ffn_down"}
+    assert all(g >= 0 for g in recipe["class_gains"].values()) and recipe["predicted_kld"] > 0
+    assert f"predicted mean KLD {recipe['predicted_kld']:.4g}" in card
+    assert f"mean KLD {kld:.4g} against the F32 model (predicted {recipe['predicted_kld']:.4g})." in card
     assert f"--tensor-type-file fx-{LABEL}.tensor-types.txt" in card
 
 
@@ -84,10 +90,18 @@ def test_the_dry_run_prints_the_types_the_run_chose(run):
     from support.cli import run as cli
 
     root, _, src = run
-    proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--target-bpw", str(BPW),
-               "--work-dir", str(root / "work"), "--dry-run", "--json")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)[LABEL]
+    def dry_run(eval_ctx: int) -> dict:
+        proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--target-bpw", str(BPW),
+                   "--work-dir", str(root / "work"), "--eval-ctx", str(eval_ctx), "--eval-chunks", "2", "--dry-run",
+                   "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)[LABEL]
+
+    # the run's evaluation settings: the class gains it measured are in the work folder
+    report = dry_run(128)
+    assert "note" not in report
     published = read_gguf(str(release(root / "out", "fx", LABEL) / f"fx-{LABEL}.gguf"))
     assert {t["name"]: t["type"] for t in report["tensors"]} == {t.name: t.tensor_type.name for t in published.tensors}
     assert report["bits_per_weight"] <= BPW
+    # other evaluation settings: no gains measured for them, and the report says what that means
+    assert "a run first measures each tensor class's KLD gain" in dry_run(256)["note"]

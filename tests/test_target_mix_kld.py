@@ -37,7 +37,7 @@ def test_auto_beats_the_mix_at_its_size(make_fixture, tmp_path):
     with LlamaCppModel(f32, n_ctx=N_CTX) as model, open(TEXT, encoding="utf-8") as f:
         base = base_log_probs(model, evaluation_tokens(model, f.read(), N_CTX, 8), N_CTX)
     measured = target.measure_gguf(f32, imatrix)
-    gains = class_gains(ckpt, measured, base, str(tmp_path / "probes"), imatrix)
+    gains = class_gains(f32, measured, base, str(tmp_path / "probes"), imatrix)
     assert set(gains) == {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
                           "ffn_down"}
     assert all(g > 0 for g in gains.values()), gains

@@ -276,14 +276,17 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     the run evaluated it, and how llama-quantize reproduces it."""
     goal = recipe["target"]
     asked = f"at most {goal['bpw']:g} bits per weight" if "bpw" in goal else f"a file of at most {goal['size']:,} bytes"
+    predicted = recipe.get("predicted_kld")
+    weighted = ", times its tensor class's KLD gain measured with probes in llama.cpp" if predicted is not None else ""
     lines = ["", "## The recipe", "",
              f"A target mix: {asked}, each 2-D weight given the type that leaves the least measured damage "
-             f"(its layer's relative output noise{', importance-weighted' if extras.get('imatrix') else ''}; "
-             "docs/architecture.md), chosen per tensor:", "",
+             f"(its layer's relative output noise{', importance-weighted' if extras.get('imatrix') else ''}"
+             f"{weighted}; docs/architecture.md), chosen per tensor:", "",
              recipe["table"]]
     stats = (extras.get("evaluation") or {}).get("statistics")
     if stats:
-        lines += ["", f"Measured on the evaluation text: mean KLD {stats['kld_mean']:.4g} against the F32 model."]
+        lines += ["", f"Measured on the evaluation text: mean KLD {stats['kld_mean']:.4g} against the F32 model"
+                  + (f" (predicted {predicted:.4g})." if predicted is not None else ".")]
     lines += ["", f"`{recipe['file']}` is this recipe as llama-quantize's `--tensor-type-file`: "
               f"`llama-quantize --tensor-type-file {recipe['file']} [--imatrix FILE] MODEL-F32.gguf OUT.gguf "
               f"{recipe['base_mix']}` writes these tensors' bytes from the F32 GGUF (and the same importance matrix)."]

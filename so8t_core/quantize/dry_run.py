@@ -15,8 +15,10 @@ from so8t_core.constants import bits_per_weight
 from so8t_core.gguf_file import tensor_nbytes
 
 
-def dry_run_report(plan: Sequence, types: dict[str, Sequence[GGMLQuantizationType]]) -> dict:
-    """Per quant: every tensor (name, shape, type, bytes), the tensors' bytes and bits per weight."""
+def dry_run_report(plan: Sequence, types: dict[str, Sequence[GGMLQuantizationType]],
+                   notes: dict[str, str] | None = None) -> dict:
+    """Per quant: every tensor (name, shape, type, bytes), the tensors' bytes and bits per weight,
+    and what the report cannot know (``notes``)."""
     out = {}
     for quant, qtypes in types.items():
         tensors = []
@@ -26,6 +28,8 @@ def dry_run_report(plan: Sequence, types: dict[str, Sequence[GGMLQuantizationTyp
         nbytes = sum(t["bytes"] for t in tensors)
         n = sum(math.prod(t["shape"]) for t in tensors)
         out[quant] = {"tensors": tensors, "tensor_bytes": nbytes, "bits_per_weight": bits_per_weight(nbytes, n)}
+        if notes and notes.get(quant):
+            out[quant]["note"] = notes[quant]
     return out
 
 
@@ -39,15 +43,17 @@ def render_dry_run(report: dict) -> str:
             lines.append(f"  {t['name']:<{width}}  {shape:>12}  {t['type']:<7} {t['bytes'] / 2**20:10.3f} MiB")
         lines.append(f"  {quant}: {len(r['tensors'])} tensors, {r['tensor_bytes'] / 2**20:.2f} MiB of tensor data, "
                      f"{r['bits_per_weight']:.2f} bits per weight (the file adds its metadata)")
+        if r.get("note"):
+            lines.append(f"  {quant}: {r['note']}")
     return "\n".join(lines)
 
 
-def target_dry_run(ckpt, plan: Sequence, model, bpw: float, imatrix=None,
-                   cache_dir: str | None = None) -> tuple[str, list[GGMLQuantizationType]]:
+def target_dry_run(ckpt, plan: Sequence, model, bpw: float, imatrix=None, cache_dir: str | None = None,
+                   gains: dict[str, float] | None = None) -> tuple[str, list[GGMLQuantizationType]]:
     """A --target-bpw's release label and each tensor's type, as the run would choose them: every
     planned tensor baked in memory (nothing staged or written but the damage cache, which the run
     shares) and measured in each candidate type (``model``: mixes.ModelShape; ``imatrix``: an
-    Imatrix)."""
+    Imatrix; ``gains``: the class gains the run measured, validate/gains.py)."""
     from so8t_core.plan import materialize
     from so8t_core.quantize import target
 
@@ -60,6 +66,8 @@ def target_dry_run(ckpt, plan: Sequence, model, bpw: float, imatrix=None,
             importance = None  # as target.measure_gguf: per-expert entries are not measured per expert yet
         tensors.append(target.measure_tensor(item.gguf_name, np.ascontiguousarray(data, np.float32), importance,
                                              cache_dir))
+    if gains:
+        tensors = target.with_gains(tensors, gains)
     chosen = target.target_types(tensors, bpw=bpw)
     _, types = target.recipe_mix_types([(p.gguf_name, p.shape) for p in plan], tensors, chosen, model,
                                        imatrix is not None)

@@ -3,8 +3,9 @@
  *
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
- * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, and of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, several times faster: libggml-base is compiled without
+ * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
+ * importance weights, and of quantize_row_q3_K_impl / quantize_row_q6_K_impl (what
+ * ggml_quantize_chunk runs for Q3_K and Q6_K with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -26,7 +27,7 @@
  *
  * Python interface (CPython extension so8t_core.quantize.engines._kquants, GIL released while
  * quantizing and summing):
- *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1) -> bytes written
+ *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written
  *   supported() -> tuple of ggml type ids;  isas() -> names of the usable kernel sets,
  *   best first;  ISA_NAMES: every kernel set's name, by index (isa=);
  *   block_info(ggml_type) -> (elements per block, bytes per block);
@@ -209,7 +210,7 @@ typedef struct {
     int block;  /* elements per block */
     int bytes;  /* bytes per block */
     kq_fn fn[3]; /* generic, avx2, avx512 */
-    kq_wfn wfn[3]; /* instead of fn: the types quantized with importance weights */
+    kq_wfn wfn[3]; /* with importance weights (and without, for the types that have no fn) */
 } kq_type;
 
 #if KQ_X86
@@ -225,10 +226,10 @@ static const kq_type KQ_TYPES[] = {
     {T_Q5_1, 32, 24, KQ_FNS(q5_1)},
     {T_Q8_0, 32, 34, KQ_FNS(q8_0)},
     {T_Q2_K, QK_K, 84, KQ_FNS(q2k)},
-    {T_Q3_K, QK_K, 110, KQ_FNS(q3k)},
+    {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
     {T_Q4_K, QK_K, 144, KQ_FNS(q4k)},
     {T_Q5_K, QK_K, 176, KQ_FNS(q5k)},
-    {T_Q6_K, QK_K, 210, KQ_FNS(q6k)},
+    {T_Q6_K, QK_K, 210, KQ_FNS(q6k), KQ_FNS(q6k_w)},
     {T_IQ4_NL, 32, 18, {NULL, NULL, NULL}, KQ_FNS(iq4_nl)},
     {T_IQ4_XS, QK_K, 136, {NULL, NULL, NULL}, KQ_FNS(iq4_xs)},
 };
@@ -264,7 +265,7 @@ static void kq_run(const kq_type *t, int isa, const float *x, uint8_t *y, int64_
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(0x1f80);
 #endif
-    if (t->wfn[isa]) t->wfn[isa](x, y, nblocks, qw, n_per_row);
+    if (t->wfn[isa] && (qw || !t->fn[isa])) t->wfn[isa](x, y, nblocks, qw, n_per_row);
     else t->fn[isa](x, y, nblocks);
 #if KQ_X86
     _mm_setcsr(csr);
@@ -483,7 +484,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS only). Releases the GIL."},
+     "IQ4_XS, Q3_K, Q6_K only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -566,6 +567,19 @@ KQ_AI vf F(sel)(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 KQ_AI vi F(seli)(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 KQ_AI vf F(vabs)(vf a) { return (vf)((vi)a & 0x7fffffff); }
 KQ_AI vf F(tof)(vi a) { return __builtin_convertvector(a, vf); }
+
+/* sqrtf lane-wise (IEEE square root: correctly rounded, the same in every instruction set) */
+KQ_AI vf F(vsqrt)(vf a) {
+#if KQ_ID == 2
+    return (vf)_mm512_sqrt_ps((__m512)a);
+#elif KQ_ID == 1
+    return (vf)_mm256_sqrt_ps((__m256)a);
+#else
+    vf r;
+    for (int k = 0; k < NL; ++k) r[k] = sqrtf(a[k]);
+    return r;
+#endif
+}
 
 /* min/max with the x86 semantics a < b ? a : b (only used where no NaN can occur) */
 #if KQ_ID == 1
@@ -843,7 +857,7 @@ KQ_AI void F(q3search)(const int G, const vf *restrict x, vi *restrict L, vf *re
     }
 }
 
-/* sums of one candidate scale of make_qx_quants (rmse_type 1: w = x*x) */
+/* sums of one candidate scale of make_qx_quants: sumlx += (w*x)*l, suml2 += (w*l)*l */
 KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *restrict x, const vf *restrict w,
                       const vf *restrict wx, const vf *isc, vf *sumlx, vf *suml2) {
     for (int i = 0; i < 16; ++i)
@@ -856,18 +870,17 @@ KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *res
         }
 }
 
-/* --- make_qx_quants(16, 32, x, L, rmse_type=1, NULL) for G*NL sub-blocks. L: codes 0..63 */
-KQ_AI void F(qxsearch)(const int G, const vf *restrict x, vi *restrict L, vf *restrict scale_out) {
-    const int S = 16, nmax = 32;
+/* --- make_qx_quants(16, nmax, x, L, rmse_type=1, w) for G*NL sub-blocks, with the weights w of
+ * each element (x*x is rmse_type 1 without explicit weights). L: codes 0..2*nmax-1 */
+KQ_AI void F(qxsearch)(const int G, const int nmax, const vf *restrict x, const vf *restrict w, vi *restrict L,
+                       vf *restrict scale_out) {
+    const int S = 16;
     const vf zero = F(splat)(0.f);
     vf max[GMAX], amax[GMAX], sumlx[GMAX], suml2[GMAX], scale[GMAX], best[GMAX], best_iscale[GMAX];
-    vf w[16 * GMAX], wx[16 * GMAX];
+    vf wx[16 * GMAX];
     F(absmax)(G, S, x, max, amax);
     const int finite_x = F(no_nan)(S * G, x);
-    for (int j = 0; j < S * G; ++j) {
-        w[j] = x[j] * x[j];
-        wx[j] = w[j] * x[j];
-    }
+    for (int j = 0; j < S * G; ++j) wx[j] = w[j] * x[j];
     for (int g = 0; g < G; ++g) {
         best_iscale[g] = (float)(-nmax) / max[g];
         sumlx[g] = zero;
@@ -1126,6 +1139,49 @@ static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
 
 /* ================================================================ Q3_K */
 
+/* The rest of a Q3_K block once its 16 six-bit scales lsc (0..63, the stored value, bias 32
+ * included) and d are stored: requantize each sub-block with the fp16-rounded d times its scale,
+ * or keep the codes of the search (Ls[i * stride + base + j]: element i of sub-block j) where that
+ * is 0, then the high-bit mask and the 2-bit codes. */
+KQ_AI void F(q3k_finish)(const float *restrict xs, uint8_t *restrict ys, const int *lsc, const kq_i32a *Ls,
+                         const int stride, const int base) {
+    const float d_all = kq_get_f16(ys + 108);
+    uint8_t L[QK_K];
+    for (int j = 0; j < 16; ++j) {
+        const float d = d_all * (float)(lsc[j] - 32);
+        if (d == 0.f) {
+            for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)Ls[i * stride + base + j];
+            continue;
+        }
+        F(requant)(xs + 16 * j, 16, d, 0.f, 0, -4, 3, 4, L + 16 * j);
+    }
+    /* high bit of code 32k+m goes to bit k of hmask[m]; the low two bits stay */
+    xb hm = {0};
+    for (int k = 0; k < 8; ++k) {
+        xb a;
+        memcpy(&a, L + 32 * k, 32);
+        hm |= ((a >> 2) & 1) << k;
+        a &= 3;
+        memcpy(L + 32 * k, &a, 32);
+    }
+    memcpy(ys, &hm, 32);
+    F(pack2)(L, ys + 32);
+}
+
+/* the 16 six-bit scales l (0..63) into Q3_K's 12 scale bytes */
+KQ_AI void F(q3k_scales)(const int *lsc, uint8_t *restrict sc) {
+    memset(sc, 0, 12);
+    for (int j = 0; j < 16; ++j) {
+        const int l = lsc[j];
+        if (j < 8)
+            sc[j] = (uint8_t)(l & 0xF);
+        else
+            sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+        sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+    }
+}
+
+/* quantize_row_q3_K_ref */
 static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
     enum { G = GROUP_VECS(16, KQ_G_Q3), PER = G * NL / 16 };
     KQ_GROUPS(x, y, nb, PER, 110, {
@@ -1140,7 +1196,6 @@ static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
         for (int s = 0; s < PER; ++s) {
             const float *xs = xg + s * QK_K;
             uint8_t *ys = yg + s * 110;
-            uint8_t *hmask = ys, *qs = ys + 32, *sc = ys + 96;
             const kq_f32a *sc_s = scales + 16 * s;
             float max_scale = 0, amax = 0;
             for (int j = 0; j < 16; ++j) {
@@ -1150,60 +1205,125 @@ static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
                     max_scale = sc_s[j];
                 }
             }
-            memset(sc, 0, 12);
             int lsc[16];
             if (max_scale != 0) {
                 const float iscale = -32.f / max_scale;
                 for (int j = 0; j < 16; ++j) {
                     int8_t l = (int8_t)kq_nearest_int(iscale * sc_s[j]);
-                    l = (int8_t)((l > 31 ? 31 : l < -32 ? -32 : l) + 32);
-                    lsc[j] = l;
-                    if (j < 8)
-                        sc[j] = (uint8_t)(l & 0xF);
-                    else
-                        sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
-                    sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+                    lsc[j] = (l > 31 ? 31 : l < -32 ? -32 : l) + 32;
                 }
                 kq_put_f16(ys + 108, 1.f / iscale);
             } else {
                 for (int j = 0; j < 16; ++j) lsc[j] = 0;
                 kq_put_f16(ys + 108, 0.f);
             }
-            const float d_all = kq_get_f16(ys + 108);
-            uint8_t L[QK_K];
-            for (int j = 0; j < 16; ++j) {
-                const float d = d_all * (float)(lsc[j] - 32);
-                if (d == 0.f) {
-                    for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)Ls[i * G * NL + 16 * s + j];
-                    continue;
-                }
-                F(requant)(xs + 16 * j, 16, d, 0.f, 0, -4, 3, 4, L + 16 * j);
-            }
-            /* high bit of code 32k+m goes to bit k of hmask[m]; the low two bits stay */
-            xb hm = {0};
-            for (int k = 0; k < 8; ++k) {
-                xb a;
-                memcpy(&a, L + 32 * k, 32);
-                hm |= ((a >> 2) & 1) << k;
-                a &= 3;
-                memcpy(L + 32 * k, &a, 32);
-            }
-            memcpy(hmask, &hm, 32);
-            F(pack2)(L, qs);
+            F(q3k_scales)(lsc, ys + 96);
+            F(q3k_finish)(xs, ys, lsc, Ls, G * NL, 16 * s);
         }
     });
 }
 
+/* quantize_row_q3_K_impl with importance weights qw (n_per_row of them, for whole rows):
+ * weight = qw * sqrtf(sigma2 + x^2), sigma2 = 2 * sum x^2 / 256 over the super-block, then
+ * make_qx_quants(16, 4, x, L, 1, weight) per sub-block, and make_qx_quants(16, 32, scales, Ls,
+ * 1, sw) over a super-block's 16 scales, sw being each sub-block's sum of weights. The first
+ * search runs on G*NL sub-blocks at once, the second on NL super-blocks at once (lane = one
+ * super-block, element i = its sub-block i), so a group is NL super-blocks. */
+static void F(q3k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    if (!qw) {
+        F(q3k)(x, y, nb);
+        return;
+    }
+    enum { G = GROUP_VECS(16, KQ_G_Q3), CH = G * NL, NCH = 16 * NL / CH };
+    _Static_assert((16 * NL) % (G * NL) == 0, "a group's sub-blocks split into whole chunks");
+    float pad[NL * QK_K];
+    uint8_t out[NL * 110];
+    vi Lv[NCH][16 * G];
+    float sc_all[16 * NL], sw_all[16 * NL];
+    for (int64_t b = 0; b < nb; b += NL) {
+        const int n = nb - b < NL ? (int)(nb - b) : NL;
+        const float *xg = x + b * QK_K;
+        uint8_t *yg = y + b * 110;
+        if (n < NL) {
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xg, (size_t)n * QK_K * sizeof(float));
+            xg = pad;
+            yg = out;
+        }
+        /* sigma2 of each super-block: its sum of x^2 in element order (NL chains side by side) */
+        float s2[NL];
+        for (int s = 0; s < NL; ++s) s2[s] = 0.f;
+        for (int j = 0; j < QK_K; ++j)
+            for (int s = 0; s < NL; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+        for (int s = 0; s < NL; ++s) s2[s] = (2.f * s2[s]) / (float)QK_K;
+
+        for (int c = 0; c < NCH; ++c) {
+            vf xt[16 * G], wt[16 * G], sigma[G], scv[G];
+            F(transpose)(xg + (size_t)c * CH * 16, 16, G, xt);
+            kq_f32a *wo = (kq_f32a *)wt, *so = (kq_f32a *)sigma;
+            for (int k = 0; k < CH; ++k) {
+                const int kk = c * CH + k; /* sub-block of the group */
+                const float *qk = qw + (b * QK_K + 16 * (int64_t)kk) % n_per_row;
+                so[k] = s2[kk / 16];
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            vf sw[G];
+            for (int g = 0; g < G; ++g) sw[g] = F(splat)(0.f);
+            for (int i = 0; i < 16; ++i)
+                for (int g = 0; g < G; ++g) {
+                    const vf xi = xt[i * G + g];
+                    wt[i * G + g] = wt[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+                    sw[g] = sw[g] + wt[i * G + g];
+                }
+            F(qxsearch)(G, 4, xt, wt, Lv[c], scv);
+            memcpy(sc_all + c * CH, scv, sizeof scv);
+            memcpy(sw_all + c * CH, sw, sizeof sw);
+        }
+        /* the scales of each super-block, lane = super-block */
+        vf st[16], swt[16], dv;
+        vi Ls2[16];
+        F(transpose)(sc_all, 16, 1, st);
+        F(transpose)(sw_all, 16, 1, swt);
+        F(qxsearch)(1, 32, st, swt, Ls2, &dv);
+
+        for (int s = 0; s < NL; ++s) {
+            const float *xs = xg + s * QK_K;
+            uint8_t *ys = yg + s * 110;
+            int lsc[16];
+            for (int j = 0; j < 16; ++j) lsc[j] = Ls2[j][s];
+            F(q3k_scales)(lsc, ys + 96);
+            kq_put_f16(ys + 108, dv[s]);
+            const int c = 16 * s / CH; /* the chunk holding this super-block's sub-blocks */
+            F(q3k_finish)(xs, ys, lsc, (const kq_i32a *)Lv[c], CH, 16 * s - c * CH);
+        }
+        if (n < NL) memcpy(y + b * 110, out, (size_t)n * 110);
+    }
+}
+
 /* ================================================================ Q6_K */
 
-static void F(q6k)(const float *x, uint8_t *y, int64_t nb) {
+/* quantize_row_q6_K_ref (qw NULL: make_qx_quants weighs each element by x*x) or, with
+ * importance weights qw (n_per_row of them, for whole rows), quantize_row_q6_K_impl, which
+ * weighs each element by its qw alone: the rest of the two is the same code. */
+KQ_AI void F(q6k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
     enum { G = GROUP_VECS(16, KQ_G_QX), PER = G * NL / 16 };
+    int64_t first = 0; /* the first super-block of the group */
     KQ_GROUPS(x, y, nb, PER, 210, {
-        vf xt[16 * G];
+        vf xt[16 * G], wt[16 * G];
         vi Lv[16 * G];
         F(transpose)(xg, 16, G, xt);
+        if (qw) {
+            kq_f32a *wo = (kq_f32a *)wt;
+            for (int k = 0; k < G * NL; ++k) {
+                const float *qk = qw + (first * QK_K + 16 * (int64_t)k) % n_per_row;
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            first += PER;
+        } else {
+            for (int j = 0; j < 16 * G; ++j) wt[j] = xt[j] * xt[j];
+        }
         vf scv[G];
-        F(qxsearch)(G, xt, Lv, scv);
+        F(qxsearch)(G, 32, xt, wt, Lv, scv);
         const kq_f32a *scales = (const kq_f32a *)scv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
@@ -1256,6 +1376,11 @@ static void F(q6k)(const float *x, uint8_t *y, int64_t nb) {
             }
         }
     });
+}
+
+static void F(q6k)(const float *x, uint8_t *y, int64_t nb) { F(q6k_core)(x, y, nb, NULL, QK_K); }
+static void F(q6k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q6k_core)(x, y, nb, qw, n_per_row);
 }
 
 /* ================================================================ legacy types (32-element blocks)
