@@ -4,8 +4,8 @@
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
  * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, and of quantize_row_q{3,4,6}_K_impl (what
- * ggml_quantize_chunk runs for Q3_K, Q4_K and Q6_K with importance weights), several times faster: libggml-base is compiled without
+ * importance weights, and of quantize_row_q{3,4,5,6}_K_impl (what
+ * ggml_quantize_chunk runs for Q3_K to Q6_K with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -314,7 +314,7 @@ static const kq_type KQ_TYPES[] = {
     {T_Q2_K, QK_K, 84, KQ_FNS(q2k)},
     {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
     {T_Q4_K, QK_K, 144, KQ_FNS(q4k), KQ_FNS(q4k_w)},
-    {T_Q5_K, QK_K, 176, KQ_FNS(q5k)},
+    {T_Q5_K, QK_K, 176, KQ_FNS(q5k), KQ_FNS(q5k_w)},
     {T_Q6_K, QK_K, 210, KQ_FNS(q6k), KQ_FNS(q6k_w)},
     {T_IQ4_NL, 32, 18, {NULL, NULL, NULL}, KQ_FNS(iq4_nl)},
     {T_IQ4_XS, QK_K, 136, {NULL, NULL, NULL}, KQ_FNS(iq4_xs)},
@@ -570,7 +570,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS, Q3_K, Q4_K, Q6_K only). Releases the GIL."},
+     "IQ4_XS, Q3_K, Q4_K, Q5_K, Q6_K only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
