@@ -4,8 +4,8 @@
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
  * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, and of quantize_row_q{3,4,5,6}_K_impl (what
- * ggml_quantize_chunk runs for Q3_K to Q6_K with importance weights), several times faster: libggml-base is compiled without
+ * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl (what
+ * ggml_quantize_chunk runs for the K types with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -311,7 +311,7 @@ static const kq_type KQ_TYPES[] = {
     {T_Q5_0, 32, 22, KQ_FNS(q5_0)},
     {T_Q5_1, 32, 24, KQ_FNS(q5_1)},
     {T_Q8_0, 32, 34, KQ_FNS(q8_0)},
-    {T_Q2_K, QK_K, 84, KQ_FNS(q2k)},
+    {T_Q2_K, QK_K, 84, KQ_FNS(q2k), KQ_FNS(q2k_w)},
     {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
     {T_Q4_K, QK_K, 144, KQ_FNS(q4k), KQ_FNS(q4k_w)},
     {T_Q5_K, QK_K, 176, KQ_FNS(q5k), KQ_FNS(q5k_w)},
@@ -570,7 +570,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS, Q3_K, Q4_K, Q5_K, Q6_K only). Releases the GIL."},
+     "IQ4_XS and the K types only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -1241,16 +1241,46 @@ static void F(q5k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, in
 
 /* ================================================================ Q2_K */
 
-static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
+/* quantize_row_q2_K_ref (qw NULL) or, with importance weights qw (n_per_row of them, for whole
+ * rows), quantize_row_q2_K_impl: the weights qw * sqrtf(sigma2 + x^2), sigma2 = sum x^2 / 256
+ * over the super-block, instead of |x|; make_qkx3_quants' settings (squared error, not absolute)
+ * instead of make_qkx2_quants'; and make_qp_quants for the 4-bit scales and mins, weighted by
+ * each sub-block's sum of weights, instead of max / 15. The rest is the same code. */
+KQ_AI void F(q2k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
     enum { G = GROUP_VECS(16, KQ_G_QKX2), PER = G * NL / 16 };
+    int64_t first = 0; /* the first super-block of the group */
     KQ_GROUPS(x, y, nb, PER, 84, {
         vf xt[16 * G], w[16 * G];
         vi Lv[16 * G];
         F(transpose)(xg, 16, G, xt);
-        for (int j = 0; j < 16 * G; ++j) w[j] = F(vabs)(xt[j]);
-        vf scv[G], mnv[G];
-        F(qkx2)(G, 16, 3, -0.5f, 0.1f, 15, 1, xt, w, scv, mnv, Lv);
-        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv;
+        vf scv[G], mnv[G], swv[G];
+        if (qw) {
+            /* sigma2 of each super-block: its sum of x^2 in element order (PER chains side by side) */
+            float s2[PER];
+            for (int s = 0; s < PER; ++s) s2[s] = 0.f;
+            for (int j = 0; j < QK_K; ++j)
+                for (int s = 0; s < PER; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+            vf sigma[G];
+            kq_f32a *wo = (kq_f32a *)w, *so = (kq_f32a *)sigma;
+            for (int k = 0; k < G * NL; ++k) {
+                const float *qk = qw + (first * QK_K + 16 * (int64_t)k) % n_per_row;
+                so[k] = s2[k / 16] / (float)QK_K;
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            first += PER;
+            for (int g = 0; g < G; ++g) swv[g] = F(splat)(0.f);
+            for (int i = 0; i < 16; ++i)
+                for (int g = 0; g < G; ++g) {
+                    const vf xi = xt[i * G + g];
+                    w[i * G + g] = w[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+                    swv[g] = swv[g] + w[i * G + g];
+                }
+            F(qkx2)(G, 16, 3, -0.9f, 0.05f, 36, 0, xt, w, scv, mnv, Lv);
+        } else {
+            for (int j = 0; j < 16 * G; ++j) w[j] = F(vabs)(xt[j]);
+            F(qkx2)(G, 16, 3, -0.5f, 0.1f, 15, 1, xt, w, scv, mnv, Lv);
+        }
+        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv, *sws = (const kq_f32a *)swv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
         for (int s = 0; s < PER; ++s) {
@@ -1258,25 +1288,40 @@ static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
             uint8_t *ys = yg + s * 84;
             uint8_t *sc = ys;
             const kq_f32a *sc_s = scales + 16 * s, *mn_s = mins + 16 * s;
-            float max_scale = 0, max_min = 0;
-            for (int j = 0; j < 16; ++j) {
-                if (sc_s[j] > max_scale) max_scale = sc_s[j];
-                if (mn_s[j] > max_min) max_min = mn_s[j];
-            }
-            if (max_scale > 0) {
-                const float iscale = 15.f / max_scale;
-                for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)kq_nearest_int(iscale * sc_s[j]);
-                kq_put_f16(ys + 80, max_scale / 15.f);
+            if (qw) {
+                float scs[16], mns[16], sw[16];
+                uint8_t ls[16], lm[16];
+                for (int j = 0; j < 16; ++j) {
+                    scs[j] = sc_s[j];
+                    mns[j] = mn_s[j];
+                    sw[j] = sws[16 * s + j];
+                }
+                const float dm = kq_make_qp_quants(16, 15, scs, ls, sw);
+                const float mm = kq_make_qp_quants(16, 15, mns, lm, sw);
+                kq_put_f16(ys + 80, dm);
+                kq_put_f16(ys + 82, mm);
+                for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(ls[j] | (lm[j] << 4));
             } else {
-                memset(sc, 0, 16);
-                kq_put_f16(ys + 80, 0.f);
-            }
-            if (max_min > 0) {
-                const float iscale = 15.f / max_min;
-                for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(kq_nearest_int(iscale * mn_s[j]) << 4);
-                kq_put_f16(ys + 82, max_min / 15.f);
-            } else {
-                kq_put_f16(ys + 82, 0.f);
+                float max_scale = 0, max_min = 0;
+                for (int j = 0; j < 16; ++j) {
+                    if (sc_s[j] > max_scale) max_scale = sc_s[j];
+                    if (mn_s[j] > max_min) max_min = mn_s[j];
+                }
+                if (max_scale > 0) {
+                    const float iscale = 15.f / max_scale;
+                    for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)kq_nearest_int(iscale * sc_s[j]);
+                    kq_put_f16(ys + 80, max_scale / 15.f);
+                } else {
+                    memset(sc, 0, 16);
+                    kq_put_f16(ys + 80, 0.f);
+                }
+                if (max_min > 0) {
+                    const float iscale = 15.f / max_min;
+                    for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(kq_nearest_int(iscale * mn_s[j]) << 4);
+                    kq_put_f16(ys + 82, max_min / 15.f);
+                } else {
+                    kq_put_f16(ys + 82, 0.f);
+                }
             }
             const float d_all = kq_get_f16(ys + 80), dmin_all = kq_get_f16(ys + 82);
             uint8_t L[QK_K];
@@ -1291,6 +1336,11 @@ static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
             F(pack2)(L, ys + 16);
         }
     });
+}
+
+static void F(q2k)(const float *x, uint8_t *y, int64_t nb) { F(q2k_core)(x, y, nb, NULL, QK_K); }
+static void F(q2k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q2k_core)(x, y, nb, qw, n_per_row);
 }
 
 /* ================================================================ Q3_K */
