@@ -2,7 +2,7 @@
 
 The reference is ``ggml_engine.quantize_rows(x, t, n_threads=1)``: libggml-base's own
 ``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output; for IQ4_NL,
-IQ4_XS, Q3_K and Q6_K also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
+IQ4_XS and the K types also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]
 ALL_TYPES = K_TYPES + LEGACY_TYPES + IQ4_TYPES
-WEIGHTED_TYPES = IQ4_TYPES + [T.Q3_K, T.Q6_K]  # also with importance weights
+WEIGHTED_TYPES = IQ4_TYPES + K_TYPES  # also with importance weights
+UNWEIGHTED = T.Q8_0  # in simd's SUPPORTED on every CPU, never quantized with importance weights by it
 
 
 def _rng(name: str) -> np.random.Generator:
@@ -295,8 +296,8 @@ def _importance_edges(n: int) -> dict[str, np.ndarray]:
     sub-blocks and super-blocks, and so large that the weighted sums overflow."""
     rng = _rng(f"importance-edges-{n}")
     holes = (rng.random(n) * 10).astype(np.float32)
-    holes[:16] = 0.0  # a 16-element sub-block (Q3_K, Q6_K)
-    holes[32:64] = 0.0  # a 32-element one (IQ4)
+    holes[:16] = 0.0  # a 16-element sub-block (Q2_K, Q3_K, Q6_K)
+    holes[32:64] = 0.0  # a 32-element one (IQ4, Q4_K, Q5_K)
     holes[256:512] = 0.0  # a whole super-block
     huge = (rng.random(n) * np.float32(1e30)).astype(np.float32)
     huge[::7] = np.float32(3e38)
@@ -322,11 +323,11 @@ def test_the_engines_dispatch_importance_weights_to_simd_only_where_it_has_them(
     qw = _importance("dispatch", 512)
     assert simd_engine.WEIGHTED == set(WEIGHTED_TYPES)
     expected = {qtype: bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw))
-                for qtype in (T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.Q6_K, T.Q4_K, T.IQ3_S)}
+                for qtype in (*WEIGHTED_TYPES, UNWEIGHTED, T.IQ3_S)}
     for qtype, ref in expected.items():
         assert bytes(quantize(x, qtype, "simd", qw)) == ref
     with pytest.raises(ValueError, match="importance matrix is not supported"):
-        simd_engine.quantize_rows(x, T.Q4_K, imatrix=qw)
+        simd_engine.quantize_rows(x, UNWEIGHTED, imatrix=qw)
     with pytest.raises(ValueError, match="expected"):
         simd_engine.quantize_rows(x, T.IQ4_XS, imatrix=qw[:256])
 
@@ -337,7 +338,7 @@ def test_the_engines_dispatch_importance_weights_to_simd_only_where_it_has_them(
     for qtype in WEIGHTED_TYPES:  # simd's own kernels, not libggml's
         assert bytes(quantize(x, qtype, "simd", qw)) == expected[qtype]
     with pytest.raises(AssertionError, match="went to ggml_engine"):
-        quantize(x, T.Q4_K, "simd", qw)
+        quantize(x, UNWEIGHTED, "simd", qw)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
