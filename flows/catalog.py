@@ -5,6 +5,7 @@ A catalog is a YAML file at any fsspec URL (deployments/catalog.example.yaml)::
     destination: s3://releases/models      # default for every model
     quants: [Q8_0]                         # default mixes (default: Q8_0)
     target_bpw: 4.5                        # default: none; a target mix's release AUTO-4.50 too
+    target_kld: 0.05                       # default: none; the smallest within that mean KLD, AUTO-KLD-0.05
     run_validation: true                   # default: true
     engine: auto                           # default: auto
     models:
@@ -14,6 +15,7 @@ A catalog is a YAML file at any fsspec URL (deployments/catalog.example.yaml)::
         destination: s3://other/models     # optional override
         run_validation: false              # optional override
         target_bpw: 3.5                    # optional override
+        target_kld: 0.02                   # optional override
 
 Relative paths are relative to the catalog's own folder. For each model and mix,
 ``requantize_catalog`` compares the checkpoint with what ``<destination>/<name>/latest.json``
@@ -50,7 +52,7 @@ from so8t_core.constants import CONVERTER, MODEL_CARD_NAME, is_auto_label
 from so8t_core.errors import CatalogError, So8tError
 from so8t_core.publish.release import FINGERPRINT_CHARS, entry_release, read_latest, read_manifest
 from so8t_core.publish.report import artifact_key
-from so8t_core.quantize.target import auto_label
+from so8t_core.quantize.target import auto_label, kld_label
 from so8t_core.source.checkpoint import Checkpoint
 from so8t_core.source.fingerprint import fingerprint
 from so8t_core.storage import NAME_PATTERN, default_cache_dir, redact_uri, refuse_credentials
@@ -74,6 +76,7 @@ class ModelEntry(BaseModel):
     engine: Engine | None = None
     max_memory_gb: float | None = Field(None, gt=0)
     target_bpw: float | None = Field(None, gt=0, le=32)
+    target_kld: float | None = Field(None, gt=0)
 
     @field_validator("quants", mode="before")
     @classmethod
@@ -90,6 +93,7 @@ class Catalog(BaseModel):
     engine: Engine = Engine.auto
     max_memory_gb: float | None = Field(None, gt=0)
     target_bpw: float | None = Field(None, gt=0, le=32)
+    target_kld: float | None = Field(None, gt=0)
     models: list[ModelEntry] = Field(min_length=1)
 
     @field_validator("quants", mode="before")
@@ -111,11 +115,13 @@ class CatalogModel(BaseModel):
     engine: str
     max_memory_gb: float | None = None
     target_bpw: float | None = None  # a target mix (convert --target-bpw): its release AUTO-<B> too
+    target_kld: float | None = None  # convert --target-kld: its release AUTO-KLD-<K> too
 
     @property
     def releases(self) -> tuple[str, ...]:
-        """The labels this model is published under: its mixes, and its target mix's AUTO-<B>."""
-        return self.quants + ((auto_label(self.target_bpw),) if self.target_bpw else ())
+        """The labels this model is published under: its mixes, and its target mixes' AUTO-<B>, AUTO-KLD-<K>."""
+        return self.quants + ((auto_label(self.target_bpw),) if self.target_bpw else ()) + \
+            ((kld_label(self.target_kld),) if self.target_kld else ())
 
     def convert_params(self, todo: Collection[str], work_dir: str) -> ConvertParams:
         """The convert run for the releases in ``todo``: its mixes, and the target when its AUTO
@@ -123,9 +129,10 @@ class CatalogModel(BaseModel):
         from the cache, its release republished unchanged)."""
         mixes = [q for q in todo if not is_auto_label(q)] or [self.quants[0]]
         target = self.target_bpw if self.target_bpw and auto_label(self.target_bpw) in todo else 0.0
+        kld = self.target_kld if self.target_kld and kld_label(self.target_kld) in todo else 0.0
         return ConvertParams(source=self.source, output=self.destination, quants=mixes,
                              run_validation=self.run_validation, name=self.name, engine=self.engine,
-                             max_memory_gb=self.max_memory_gb, work_dir=work_dir, target_bpw=target)
+                             max_memory_gb=self.max_memory_gb, work_dir=work_dir, target_bpw=target, target_kld=kld)
 
 
 def _relative_to(base: str, path: str) -> str:
@@ -211,7 +218,8 @@ def parse_catalog(text: str, url: str) -> list[CatalogModel]:
             run_validation=catalog.run_validation if m.run_validation is None else m.run_validation,
             engine=(m.engine or catalog.engine).value,
             max_memory_gb=m.max_memory_gb if m.max_memory_gb is not None else catalog.max_memory_gb,
-            target_bpw=m.target_bpw if m.target_bpw is not None else catalog.target_bpw)
+            target_bpw=m.target_bpw if m.target_bpw is not None else catalog.target_bpw,
+            target_kld=m.target_kld if m.target_kld is not None else catalog.target_kld)
         for what, uri in (("source", model.source), ("destination", model.destination)):
             if "://" in uri:  # before any run: a convert run's parameters are stored
                 try:

@@ -89,6 +89,11 @@ def _dry_run(args: argparse.Namespace) -> int:
 
     try:
         params = from_cli(args)
+        if params.target_kld:  # before the inputs are read: nothing a dry run does could answer it
+            from so8t_core.errors import UnsupportedError
+
+            raise UnsupportedError("--dry-run", "not with --target-kld: its types are found by quantizing and "
+                                   "evaluating candidate files, which a dry run does not", "run without --dry-run")
         inputs = check_inputs(params)
         source = params.source
         if not source:

@@ -122,6 +122,7 @@ class Run:
     imatrix: Imatrix | None
     adapter: LoraAdapter | None
     eval_text_sha256: str | None
+    unmet: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # targets no file met: label → why
 
     @classmethod
     def prepare(cls, params: ConvertParams) -> "Run":
@@ -174,21 +175,23 @@ class Recipe:
     """A target mix: the types chosen for one target, as a llama-quantize --tensor-type-file with the
     mix it goes with, and what the card shows of it."""
 
-    label: str  # AUTO-<B>
-    target: dict  # {"bpw": B} or {"size": bytes}
+    label: str  # AUTO-<B>, AUTO-KLD-<K>
+    target: dict  # {"bpw": B}, {"size": bytes} or {"kld": K}
     base_mix: str
     tensor_type_file: str
     table: str  # target.render_recipe's Markdown
     predicted_damage: float  # the summed damage: the predicted mean KLD when class_gains were measured
     bits_per_weight: float
     class_gains: dict[str, float] | None  # None: the run did not evaluate, so no probes
+    search: dict | None = None  # --target-kld's: the budgets tried and their measured KLD (KldSearch.as_record)
 
     def summary(self, file_name: str) -> dict:
         """What a release's manifest records of it."""
         predicted = {"predicted_kld": self.predicted_damage} if self.class_gains else \
             {"predicted_damage": self.predicted_damage}
-        return {"target": self.target, "base_mix": self.base_mix, "tensor_type_file": file_name,
-                "bits_per_weight": self.bits_per_weight, **predicted, "class_gains": self.class_gains or False}
+        out = {"target": self.target, "base_mix": self.base_mix, "tensor_type_file": file_name,
+               "bits_per_weight": self.bits_per_weight, **predicted, "class_gains": self.class_gains or False}
+        return {**out, "search": self.search} if self.search is not None else out
 
 
 @dataclass
@@ -317,12 +320,14 @@ def f32_model(run: Run, src: SourceRef, model: Model) -> FileRef:
 
 
 def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> None:
-    """For each target (--target-bpw, --target-size), a release AUTO-<B>: every tensor of the baked
-    model in F32 is measured in each candidate type (cached), the types allocated under the budget,
-    and the recipe given as overrides to the mix it goes with, through llama-quantize's rules like
-    any mix's overrides. Adds the labels to the run's quants and their types to the model's."""
+    """For each target (--target-bpw, --target-size, --target-kld), a release AUTO-<B> (AUTO-KLD-<K>):
+    every tensor of the baked model in F32 is measured in each candidate type (cached), the types
+    allocated under the budget (for --target-kld, the smallest budget whose file the evaluation
+    measures within the bound: kld_search), and the recipe given as overrides to the mix it goes
+    with, through llama-quantize's rules like any mix's overrides. Adds the labels to the run's
+    quants and their types to the model's."""
     p = run.params
-    if not p.target_bpw and not p.target_size:
+    if not p.target_bpw and not p.target_size and not p.target_kld:
         return
     console.stage("measuring each weight's damage per candidate type for the target mixes")
     f32 = f32_model(run, src, model)
@@ -347,25 +352,74 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
         # keys only a quantized file has (quantize.imatrix.*) and per-tensor padding
         overhead = f32.size - 4 * n_weights + 32 * len(tensors) + 65536
         targets.append(({"size": p.target_size_bytes}, p.target_size_bytes - overhead))
-    shapes = [(pl.gguf_name, pl.shape) for pl in model.plan]
     for goal, budget in targets:
         label = target_mix.auto_label(p.target_bpw if "bpw" in goal else 8.0 * budget / n_weights)
-        if label in model.types:
-            continue
-        chosen = target_mix.allocate(tensors, budget)
-        base, model.types[label] = target_mix.recipe_mix_types(
-            shapes, tensors, chosen, ModelShape.from_analysis(model.analysis), imatrix is not None)
-        recipe = Recipe(label=label, target=goal, base_mix=base,
-                        tensor_type_file=target_mix.tensor_type_file(tensors, chosen),
-                        table=target_mix.render_recipe(tensors, chosen, gains=gains is not None),
-                        predicted_damage=target_mix.predicted_damage(tensors, chosen),
-                        bits_per_weight=target_mix.bits_per_weight(tensors, chosen), class_gains=gains)
-        model.recipes[label] = recipe
-        run.quants.append(label)
-        if imatrix is not None:
-            imatrix.uncovered[label] = imatrix.imatrix.uncovered(model.plan, model.types[label])
-        run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, %s %.4g", label, recipe.base_mix,
-                recipe.bits_per_weight, "predicted mean KLD" if gains else "summed damage", recipe.predicted_damage)
+        if label not in model.types:
+            add_recipe(run, model, imatrix, tensors, gains, label, goal, target_mix.allocate(tensors, budget))
+    if p.target_kld:
+        label = target_mix.kld_label(p.target_kld)
+        search = kld_search(run, src, model, imatrix, tensors, label)
+        if search.types is None:
+            top = search.next_smaller
+            run.unmet[label] = [f"--target-kld {p.target_kld:g} not met: even the largest types "
+                                f"({top.bits_per_weight:.2f} bits per weight) measure mean KLD {top.kld:.4g}"]
+            run.say("target %s: %s; not published", label, run.unmet[label][0])
+        else:
+            add_recipe(run, model, imatrix, tensors, gains, label, {"kld": p.target_kld}, search.types,
+                       search.as_record())
+
+
+def add_recipe(run: Run, model: Model, imatrix: Importance | None, tensors: list, gains: dict[str, float] | None,
+               label: str, goal: dict, chosen: dict[str, GGMLQuantizationType], search: dict | None = None) -> None:
+    """A target's release: its recipe, its types through llama-quantize's rules, its label among the
+    run's quants (``tensors``: their options, damages times ``gains`` when the run measured them)."""
+    base, model.types[label] = target_mix.recipe_mix_types(
+        [(pl.gguf_name, pl.shape) for pl in model.plan], tensors, chosen, ModelShape.from_analysis(model.analysis),
+        imatrix is not None)
+    recipe = Recipe(label=label, target=goal, base_mix=base,
+                    tensor_type_file=target_mix.tensor_type_file(tensors, chosen),
+                    table=target_mix.render_recipe(tensors, chosen, gains=gains is not None),
+                    predicted_damage=target_mix.predicted_damage(tensors, chosen),
+                    bits_per_weight=target_mix.bits_per_weight(tensors, chosen), class_gains=gains, search=search)
+    model.recipes[label] = recipe
+    run.quants.append(label)
+    if imatrix is not None:
+        imatrix.uncovered[label] = imatrix.imatrix.uncovered(model.plan, model.types[label])
+    run.say("target %s: %s with per-tensor overrides, %.3f bits per weight, %s %.4g", label, recipe.base_mix,
+            recipe.bits_per_weight, "predicted mean KLD" if gains else "summed damage", recipe.predicted_damage)
+
+
+def kld_search(run: Run, src: SourceRef, model: Model, imatrix: Importance | None, tensors: list,
+               label: str) -> target_mix.KldSearch:
+    """--target-kld's bisection over budgets (target.search_kld): each candidate's types staged
+    (content-addressed: the quantize stage reuses the winner's), assembled in the search folder and
+    evaluated by the evaluate stage's task against the same base, so the winner's record in the
+    evaluate stage is the one the search measured (cached by the file's sha256 and the settings)."""
+    p = run.params
+    base, settings = evaluation_base_of(run, src, model)
+    evaluate_cached = evaluate_gguf.with_options(result_storage=Path(run.work_dir) / "results")
+    search_dir = os.path.join(model.folder(run), "kld-search")
+    shapes = [(pl.gguf_name, pl.shape) for pl in model.plan]
+    slots, threads = task_slots()
+
+    def measure(chosen: dict[str, GGMLQuantizationType]) -> float:
+        bpw = target_mix.bits_per_weight(tensors, chosen)
+        console.stage(f"target {label}: trying {bpw:.3f} bits per weight")
+        mix, types = target_mix.recipe_mix_types(shapes, tensors, chosen, ModelShape.from_analysis(model.analysis),
+                                                 imatrix is not None)
+        staged = quantize_plan(src, model.plan, {label: types}, run.staging_dir, run.engine,
+                               imatrix.imatrix if imatrix else None, run.lora_ref, slots, threads,
+                               p.max_memory_gb or None, lambda done: None)[label]
+        gguf = assemble_gguf(src, label, run.name, staged, search_dir, NO_SPLIT, imatrix.info if imatrix else None,
+                             p.allow_tokenizer_mismatch, mix=mix)[0]
+        kld = evaluate_cached(label, gguf, base, settings)["statistics"]["kld_mean"]
+        for made in (gguf.uri, gguf.uri + ".inputs.json"):  # its evaluation is cached by its sha256, the
+            os.remove(made)                                   # winner's tensors are staged: it is assembled again
+        run.say("target %s: %.3f bits per weight measures mean KLD %.4g (%s %g)", label, bpw, kld,
+                "within" if kld <= p.target_kld else "over", p.target_kld)
+        return kld
+
+    return target_mix.search_kld(tensors, p.target_kld, measure)
 
 
 def quantize(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -> dict[str, list[StagedTensor]]:
@@ -436,10 +490,7 @@ def evaluate(run: Run, src: SourceRef, model: Model, files: Files) -> dict[str, 
         return {}
     chunks = f"{p.eval_chunks} chunks of {p.eval_ctx} tokens"
     console.stage(f"evaluating against the F32 model on {redact_uri(p.eval_text)} ({chunks})")
-    f32 = files.ggufs["F32"][0] if "F32" in files.ggufs else f32_model(run, src, model)
-    base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
-    settings = {"text": redact_uri(p.eval_text), "text_sha256": run.eval_text_sha256, "ctx": p.eval_ctx,
-                "max_chunks": p.eval_chunks, "base": "F32", "base_sha256": f32.sha256}
+    base, settings = evaluation_base_of(run, src, model, files)
     evaluate_cached = evaluate_gguf.with_options(result_storage=Path(run.work_dir) / "results")
     gate = {"max_kld": p.max_kld, "min_same_top": p.min_same_top}
     evaluations = {}
@@ -455,8 +506,19 @@ def evaluate(run: Run, src: SourceRef, model: Model, files: Files) -> dict[str, 
     return evaluations
 
 
-# What a run whose quants failed their quality gates says to do (nothing published, or only some).
-GATES_HINT = "see the evaluation in the run's log, or loosen --max-kld / --min-same-top"
+def evaluation_base_of(run: Run, src: SourceRef, model: Model, files: Files | None = None) -> tuple[FileRef, dict]:
+    """(the F32 model's log-probabilities over the evaluation text, the settings a record says it was
+    evaluated on): the run's one F32 file of the baked model when a stage made it (the target mixes,
+    the importance matrix: --target-kld's search measured against it), else the F32 release's file,
+    else one staged for it."""
+    p = run.params
+    if model.f32 is None and files is not None and "F32" in files.ggufs:
+        f32 = files.ggufs["F32"][0]
+    else:
+        f32 = f32_model(run, src, model)
+    base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
+    return base, {"text": redact_uri(p.eval_text), "text_sha256": run.eval_text_sha256, "ctx": p.eval_ctx,
+                  "max_chunks": p.eval_chunks, "base": "F32", "base_sha256": f32.sha256}
 
 
 def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[StagedTensor]], files: Files,
@@ -468,6 +530,11 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     gates is left out; the run then fails, naming it and what was published."""
     gated = {q: e["failures"] for q, e in evaluations.items() if not e["passed"]}
     quants = [q for q in run.quants if q not in gated]
+    gated.update(run.unmet)  # --target-kld's release when no file met it: never assembled, not published
+    what = " and ".join(w for w, any_ in (("quality gates failed", len(gated) > len(run.unmet)),
+                                          ("target not met", run.unmet)) if any_)
+    hint = "see the evaluation in the run's log, or " + ("loosen --max-kld / --min-same-top"
+                                                           if len(gated) > len(run.unmet) else "raise --target-kld")
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}
@@ -496,17 +563,17 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
                      "gguf": os.path.basename(files.ggufs[q][0].uri)}
         run.say("published %s: %d of %d files uploaded to %s", q, uploaded, len(release_files), redact_uri(release))
     detail = "; ".join(f"{q}: {', '.join(fs)}" for q, fs in gated.items())
-    failure = f"Quality gates failed: {detail}." if gated else None
+    failure = f"{what[:1].upper()}{what[1:]}: {detail}." if gated else None
     if not latest:  # every quant failed its gates: nothing to name
         artifacts.summary(run.name, **_facts(run, model, staged, validations), releases={}, failure=failure)
-        raise ValidationError(run.source, f"quality gates failed ({detail}); nothing was published", GATES_HINT)
+        raise ValidationError(run.source, f"{what} ({detail}); nothing was published", hint)
     latest_ref = publish_latest(run.params.output, run.name, latest, model.analysis, src)
     artifacts.summary(run.name, **_facts(run, model, staged, validations), releases=releases,
                       **({"failure": failure} if failure else {}))
     artifacts.release_links(run.name, releases)
     if gated:
-        raise ValidationError(run.source, f"quality gates failed ({detail}); not published: {', '.join(gated)}; "
-                              f"published: {', '.join(releases)}", GATES_HINT)
+        raise ValidationError(run.source, f"{what} ({detail}); not published: {', '.join(gated)}; "
+                              f"published: {', '.join(releases)}", hint)
     return releases, latest_ref
 
 
@@ -557,7 +624,8 @@ def mix_report(run: Run, model: Model, staged: list[StagedTensor], q: str, imatr
         r = model.recipes[q]
         return {**report, "recipe": {"base_mix": r.base_mix, "target": r.target, "table": r.table,
                                      "file": RECIPE_NAME.format(name=run.name, quant=q),
-                                     "predicted_kld": r.predicted_damage if r.class_gains else None}}
+                                     "predicted_kld": r.predicted_damage if r.class_gains else None,
+                                     "search": r.search}}
     row_length = {p.gguf_name: int(p.shape[-1]) for p in model.plan}
     return {**report, "fallbacks": [{"tensor": n, "wanted": w.name, "got": g.name, "row_length": row_length[n]}
                                     for n, w, g in model.fallbacks.get(q, [])]}

@@ -131,6 +131,11 @@ class ConvertParams(BaseModel):
         "", pattern=or_empty(SIZE_PATTERN), title="Target mix: file size",
         description="Add a release AUTO-B whose file is at most SIZE, e.g. 700M (decimal units; B: the bits per "
                     "weight that makes; empty: none).")
+    target_kld: Annotated[float, Cli(metavar="K")] = Field(
+        0.0, ge=0, title="Target mix: mean KLD",
+        description="Add a release AUTO-KLD-K: the smallest target mix whose mean KL divergence from the F32 model, "
+                    "measured on the evaluation text, is at most K nats (a search over budgets, each candidate "
+                    "quantized and evaluated; docs/cli.md; 0: none).")
     run_validation: Annotated[bool, Cli(flag="--no-validate", help="skip validation and its gates: the files are "
                                                                  "published unchecked")] = Field(
         True, title="Validate before publishing",
@@ -244,7 +249,7 @@ class ConvertParams(BaseModel):
     def _blank_is_builtin(cls, value: Any) -> Any:
         return BUILTIN_EVAL_TEXT if value is None or isinstance(value, str) and not value.strip() else value
 
-    @field_validator("max_memory_gb", "target_bpw", mode="before")
+    @field_validator("max_memory_gb", "target_bpw", "target_kld", mode="before")
     @classmethod
     def _no_cap(cls, value: Any) -> Any:
         return 0 if value is None else value
@@ -356,6 +361,9 @@ def check_inputs(params: ConvertParams) -> CheckedInputs:
 
     name = release_name(params)
     check_destination_name(params.output, name)
+    if params.target_kld and not params.evaluates:
+        raise UnsupportedError(f"--target-kld {params.target_kld:g}", "it is measured by the evaluation, which "
+                               "--eval-chunks 0 turns off", "drop --eval-chunks 0 (or pass --eval-chunks N)")
     quants = [quant_type(q).name for q in params.quant_names]
     im = load_imatrix(params.imatrix) if params.imatrix else None
     options = MixOptions(
@@ -496,6 +504,9 @@ def from_cli(args: argparse.Namespace) -> ConvertParams:
                                    "was read as one", f"put SOURCE before --quant: so8t-gguf convert {q} --quant "
                                    + (" ".join(quants[:-1]) or "Q8_0"))
         quant_type(q)  # the library's messages say more than the enum's ("Q8_K is not a file type ...")
+    if given.get("target_kld") == 0:  # on the form and in Python 0 is "none"; asked for here, it is a mistake
+        raise UnsupportedError("--target-kld 0", "must be greater than 0: a mean KLD in nats, e.g. 0.05",
+                               "see so8t-gguf convert --help")
     for field in ("output_tensor_type", "token_embedding_type"):
         if given.get(field) and given[field].lower() != TensorType.default.value:
             ggml_type(given[field], cli_spelling(field).flag)

@@ -88,6 +88,11 @@ class QuantType:
     file_type: LlamaFileType  # general.file_type written to the GGUF
 
 
+# Q2_0 (type 42, file type 41: 2.25 bpw in blocks of 64) is in the gguf-py of the pinned llama.cpp, which
+# `make install` installs, and not in PyPI's gguf 0.19.0 (the same version number): with that one, the
+# type and its mix are not offered, and asking for them says how to get them (UNAVAILABLE_MIXES).
+HAS_Q2_0 = hasattr(GGMLQuantizationType, "Q2_0")
+
 QUANT_TYPES: dict[str, QuantType] = {
     q.name: q
     for q in (
@@ -122,8 +127,9 @@ QUANT_TYPES: dict[str, QuantType] = {
         QuantType("IQ2_XXS", GGMLQuantizationType.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS),
         QuantType("IQ1_M", GGMLQuantizationType.IQ1_M, LlamaFileType.MOSTLY_IQ1_M),
         QuantType("IQ1_S", GGMLQuantizationType.IQ1_S, LlamaFileType.MOSTLY_IQ1_S),
-        # For models trained ternary or 1-bit (BitNet b1.58, TriLMs, Bonsai): on other weights
-        # these lose most of the model, and validation says so.
+        # For models trained ternary or 1-bit (BitNet b1.58, TriLMs, Bonsai; Q2_0's quantizer rounds to
+        # -1, 0, +1 times a block's absmax): on other weights these lose most of the model, and validation says so.
+        *((QuantType("Q2_0", GGMLQuantizationType.Q2_0, LlamaFileType.MOSTLY_Q2_0),) if HAS_Q2_0 else ()),
         QuantType("TQ2_0", GGMLQuantizationType.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
         QuantType("TQ1_0", GGMLQuantizationType.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
         QuantType("Q1_0", GGMLQuantizationType.Q1_0, LlamaFileType.MOSTLY_Q1_0),
@@ -142,9 +148,11 @@ def bits_per_weight(tensor_bytes: int, n_weights: int) -> float:
 NOT_STORAGE_TYPES = {
     "Q8_K": "Q8_K is llama.cpp's internal dot-product type, not a file type; use Q8_0",
 }
-# Mixes of the pinned llama.cpp so8t-gguf cannot write yet, with why.
-UNAVAILABLE_MIXES = {
-    "Q2_0": "gguf 0.19.0, the GGUF library so8t-gguf reads and writes files with, has no Q2_0 tensor type yet",
+# Mixes of the pinned llama.cpp so8t-gguf cannot write with the installed gguf, with why and how to get them.
+UNAVAILABLE_MIXES = {} if HAS_Q2_0 else {
+    "Q2_0": ("the installed gguf (PyPI's 0.19.0) has no Q2_0 tensor type; the pinned llama.cpp's own gguf-py has it",
+             "install that one: pip install --no-deps <llama-cpp-python 0.3.36 sdist>/vendor/llama.cpp/gguf-py "
+             "(make install does), or use --quant Q2_K or IQ2_M"),
 }
 
 # Tensor types so8t-gguf writes, and an override may name (--output-tensor-type, --tensor-type
@@ -157,7 +165,8 @@ SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.MXFP4, GGMLQuantizationType.IQ4_XS, GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ3_S,
     GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.Q2_K, GGMLQuantizationType.IQ2_S,
     GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ1_M,
-    GGMLQuantizationType.IQ1_S, GGMLQuantizationType.TQ2_0, GGMLQuantizationType.TQ1_0, GGMLQuantizationType.Q1_0,
+    GGMLQuantizationType.IQ1_S, *((GGMLQuantizationType.Q2_0,) if HAS_Q2_0 else ()), GGMLQuantizationType.TQ2_0,
+    GGMLQuantizationType.TQ1_0, GGMLQuantizationType.Q1_0,
 )
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
@@ -179,7 +188,7 @@ def quant_type(name: str) -> QuantType:
     if key in NOT_STORAGE_TYPES:
         raise UnsupportedError(f"--quant {name}", NOT_STORAGE_TYPES[key], "use --quant Q8_0")
     if key in UNAVAILABLE_MIXES:
-        raise UnsupportedError(f"--quant {name}", UNAVAILABLE_MIXES[key], "use --quant Q2_K or IQ2_M")
+        raise UnsupportedError(f"--quant {name}", *UNAVAILABLE_MIXES[key])
     raise UnsupportedError(f"--quant {name}", "unknown or not yet supported quant type",
                            f"choose from {', '.join(QUANT_TYPES)}")
 
@@ -206,6 +215,8 @@ def ggml_type(name: str, where: str) -> GGMLQuantizationType:
         qtype = GGMLQuantizationType[name.upper()]
     except KeyError:
         qtype = None
+    if qtype is None and name.upper() in UNAVAILABLE_MIXES:  # the type of the same name as the mix
+        raise UnsupportedError(where, *UNAVAILABLE_MIXES[name.upper()])
     if qtype is None or qtype.name in NOT_STORAGE_TYPES or qtype not in SUPPORTED_TENSOR_TYPES:
         raise UnsupportedError(where, f"{name!r} is not a tensor type so8t-gguf writes",
                                f"choose from {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")

@@ -106,3 +106,26 @@ models:
     assert parse_catalog(text.replace("target_bpw: 4.5\n", ""), URL)[2].releases == ("Q4_K_M", "Q8_0")
     with pytest.raises(CatalogError, match="target_bpw"):
         parse_catalog(text.replace("target_bpw: 4.5", "target_bpw: -1"), URL)
+
+
+def test_a_kld_target_is_a_release_named_by_its_bound():
+    text = """
+destination: s3://b/releases
+quants: [Q8_0]
+target_kld: 0.05
+models:
+  - name: a
+    source: s3://ckpts/a
+  - name: b
+    source: s3://ckpts/b
+    target_kld: 0.02
+    target_bpw: 4.5
+"""
+    a, b = parse_catalog(text, URL)
+    # the label is known before the run (the bits per weight the search finds are not)
+    assert a.releases == ("Q8_0", "AUTO-KLD-0.05") and b.releases == ("Q8_0", "AUTO-4.50", "AUTO-KLD-0.02")
+    p = b.convert_params({"AUTO-KLD-0.02": "not published yet"}, "/w")
+    assert p.quant_names == ["Q8_0"] and p.target_kld == 0.02 and p.target_bpw == 0
+    assert a.convert_params({"Q8_0": "source changed"}, "/w").target_kld == 0
+    with pytest.raises(CatalogError, match="target_kld"):
+        parse_catalog(text.replace("target_kld: 0.05", "target_kld: 0"), URL)

@@ -17,18 +17,17 @@ An SO8T checkpoint is compared with convert's output for the same model baked by
 a plain Hugging Face folder (o_proj folded, everything else as in the checkpoint, HF layout):
 so the gates fold to exactly the tensors convert writes for the folded model.
 
-All conversions run once per module, convert's subprocesses in parallel.
+All conversions run once per module, convert's in parallel (support.llama_cpp_oracle).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from support.llama_cpp_oracle import convert_with_llama_cpp, llama_cpp_dir
+from support.llama_cpp_oracle import convert_all_with_llama_cpp, llama_cpp_dir
 
 from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble.sequential import convert_sequential
@@ -177,15 +176,9 @@ def converted(make_fixture, tmp_path_factory):
             ours[case, outtype] = convert_ours(src, str(out / "ours.gguf"), outtype.upper(), work)
             jobs.append((case, outtype, oracle_src, str(out / "llama-cpp.gguf")))
 
-    def oracle(job):
-        case, outtype, src, out = job
-        try:
-            return convert_with_llama_cpp(src, out, outtype, unknown_bpe_pre=FIXTURE_BPE_PRE)
-        except AssertionError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        theirs = dict(zip([(c, o) for c, o, _, _ in jobs], pool.map(oracle, jobs)))
+    results = convert_all_with_llama_cpp([(src, out, outtype) for _, outtype, src, out in jobs],
+                                         unknown_bpe_pre=FIXTURE_BPE_PRE)
+    theirs = dict(zip([(c, o) for c, o, _, _ in jobs], results, strict=True))
     return {key: (theirs[key], ours[key]) for key in ours}
 
 

@@ -2,12 +2,18 @@
 refused without an importance matrix, the new types' fallbacks."""
 
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import gguf
 import pytest
 from gguf import GGMLQuantizationType as T
 from support.published import gguf_path, release  # noqa: F401
 
-from so8t_core.constants import quant_type
+from so8t_core.constants import ggml_type, quant_type
 from so8t_core.errors import UnsupportedError
 from so8t_core.quantize.mixes import MixOptions, ModelShape, assign_types, mix_types
 
@@ -83,9 +89,50 @@ def test_fallbacks_of_the_new_types():
     assert types["blk.0.ffn_down.weight"] == T.F16
 
 
-def test_q2_0_is_refused_with_the_reason():
-    with pytest.raises(UnsupportedError, match="no Q2_0 tensor type"):
-        quant_type("Q2_0")
+def test_the_q2_0_mix():
+    # Blocks of 64, so the demo's rows of 576 fit; token_embd gets Q4_K (Q5_0: 576 is no multiple of 256),
+    # output Q6_K (Q8_0 likewise); no importance matrix is needed (its quantizer reads none).
+    plan = plan_of(dense_model(8, 576, 1536))
+    types = dict(zip([p.gguf_name for p in plan], mix_types(plan, ["Q2_0"], SHAPE)["Q2_0"]))
+    assert quant_type("q2_0").file_type == gguf.LlamaFileType.MOSTLY_Q2_0
+    assert {types[f"blk.{i}.{n}.weight"] for i in range(8) for n in ("attn_q", "attn_v", "ffn_down")} == {T.Q2_0}
+    assert types["token_embd.weight"] == T.Q5_0 and types["output.weight"] == T.Q8_0
+    # rows of 256: no fallbacks; tied embeddings take the output rule; rows of 96 fall back to Q4_0, of 48 to F16
+    for hidden, intermediate, tied, embd, down in ((256, 512, False, T.Q4_K, T.Q2_0), (256, 96, True, T.Q6_K, T.Q4_0),
+                                                   (256, 48, False, T.Q4_K, T.F16)):
+        plan = plan_of(dense_model(2, hidden, intermediate, tied))
+        types = dict(zip([p.gguf_name for p in plan], mix_types(plan, ["Q2_0"], SHAPE)["Q2_0"]))
+        assert (types["token_embd.weight"], types["blk.1.ffn_down.weight"]) == (embd, down)
+    assert ggml_type("Q2_0", "--tensor-type") == T.Q2_0
+
+
+def test_q2_0_is_refused_with_how_to_get_it_when_the_installed_gguf_lacks_it(tmp_path):
+    """PyPI's gguf 0.19.0 (what `pip install so8t-gguf` brings) is the pinned llama.cpp's gguf-py without
+    Q2_0: that package with its three Q2_0 lines removed stands in for it."""
+    shutil.copytree(os.path.dirname(gguf.__file__), tmp_path / "gguf", ignore=shutil.ignore_patterns("__pycache__"))
+    constants = tmp_path / "gguf" / "constants.py"
+    lines = constants.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not re.match(r"\s*(MOSTLY_Q2_0\s*=|Q2_0\s*=|GGMLQuantizationType\.Q2_0:)", line)]
+    assert len(lines) - len(kept) == 3
+    constants.write_text("".join(kept))
+    script = """
+import gguf
+from so8t_core.constants import QUANT_TYPES, ggml_type, quant_type
+from so8t_core.errors import UnsupportedError
+from so8t_core.quantize import mixes, staging
+assert not hasattr(gguf.GGMLQuantizationType, "Q2_0") and "Q2_0" not in QUANT_TYPES
+for ask in (lambda: quant_type("q2_0"), lambda: ggml_type("q2_0", "--tensor-type")):
+    try:
+        ask()
+    except UnsupportedError as exc:
+        print(exc)
+"""
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    quant, tensor_type = out.splitlines()
+    assert quant.startswith("--quant q2_0: the installed gguf (PyPI's 0.19.0) has no Q2_0 tensor type")
+    assert "pip install --no-deps" in quant and "vendor/llama.cpp/gguf-py" in quant and "make install" in quant
+    assert tensor_type.startswith("--tensor-type: the installed gguf")
 
 
 def test_every_mix_has_a_validation_gate():

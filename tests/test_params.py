@@ -77,6 +77,7 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
             "--imatrix", "im.gguf", "--calibration", "a.txt", "s3://b/chats.jsonl", "--calibration-ctx", "256",
             "--calibration-chunks", "40", "--eval-text", "s3://b/eval.txt", "--eval-ctx", "256", "--eval-chunks", "7",
             "--max-kld", "0.5", "--min-same-top", "0.8", "--target-bpw", "4.5", "--target-size", "700M",
+            "--target-kld", "0.05",
             "--lora", "adapter", "--runner", "dask", "--dask-address", "tcp://h:8786"]
     p = from_cli(parse(argv))
     assert p.model_dump(mode="json") == {
@@ -86,7 +87,8 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
         "pure": True, "allow_tokenizer_mismatch": True, "imatrix": "im.gguf", "calibration": ["a.txt", "s3://b/chats.jsonl"],
         "calibration_ctx": 256, "calibration_chunks": 40, "eval_text": "s3://b/eval.txt", "eval_ctx": 256,
         "eval_chunks": 7, "max_kld": 0.5, "min_same_top": 0.8, "lora": "adapter", "runner": "dask",
-        "dask_address": "tcp://h:8786", "target_bpw": 4.5, "target_size": "700M"}
+        "dask_address": "tcp://h:8786", "target_bpw": 4.5, "target_size": "700M",
+        "target_kld": 0.05}
     assert set(p.model_dump()) == set(ConvertParams.model_fields)  # the argv above sets every field
     assert p.split_max_bytes == 2_000_000_000 and p.quant_names == ["Q4_K_M", "Q8_0"]
     assert p.target_size_bytes == 700_000_000
@@ -104,6 +106,8 @@ def test_no_options_are_the_defaults_and_every_option_reaches_its_field():
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "not a tensor type"]),
     (["--target-bpw", "-1"], ["--target-bpw -1", "greater than or equal to 0"]),
     (["--target-size", "big"], ["--target-size big", "not a size"]),
+    (["--target-kld", "-0.1"], ["--target-kld -0.1", "greater than or equal to 0"]),
+    (["--target-kld", "0"], ["--target-kld 0", "must be greater than 0"]),
 ])
 def test_a_value_the_fields_refuse_is_one_line_naming_the_option(argv, words):
     with pytest.raises(So8tError) as err:

@@ -10,7 +10,7 @@ from importlib.resources import files
 import gguf
 import pytest
 from support.llama_cpp_oracle import FIXTURES, assert_same_tensors, llama_quantize
-from support.published import gguf_path, release
+from support.published import gguf_path, release, releases_without_plots
 
 from flows.convert import convert
 from flows.params import ConvertParams
@@ -60,7 +60,8 @@ def calibration_text(folder) -> str:
                 ids=lambda p: "-".join(p))
 def converted(request, make_fixture, tmp_path_factory):
     """Every mix the fixture allows, converted in one run: with the importance matrix the run
-    computes on calibration text, or with none."""
+    computes on calibration text, or with none (the releases without their plots: these tests
+    are about the GGUFs)."""
     case, variant = request.param
     src = make_fixture(**FIXTURES[case])
     out = tmp_path_factory.mktemp(f"{case}-{variant}")
@@ -71,8 +72,9 @@ def converted(request, make_fixture, tmp_path_factory):
         covered = measured_weights([(p.gguf_name, p.shape) for p in plan])
         calibration = dict(calibration=[calibration_text(out)], **CALIBRATION)
     refused = refusals(src, covered)
-    convert(ConvertParams(source=src, output=str(out), quants=["F32", *(m for m in MIXES if m not in refused)],
-                          run_validation=False, work_dir=str(out / "w"), name="fx", **calibration))
+    with releases_without_plots():
+        convert(ConvertParams(source=src, output=str(out), quants=["F32", *(m for m in MIXES if m not in refused)],
+                              run_validation=False, work_dir=str(out / "w"), name="fx", **calibration))
     imatrix = None
     if covered is not None:  # the run's own, as published beside each file
         imatrix = load_imatrix(str(release(out, "fx", "F32") / "fx.imatrix.gguf"))
@@ -107,6 +109,11 @@ def test_mix_is_byte_identical_to_llama_quantize(converted, mix, tmp_path):
     if case == "llama-256" and mix == "IQ2_M":
         assert types["output.weight"] == "Q5_K" and types["token_embd.weight"] == "IQ3_S"
         assert types["blk.0.ffn_down.weight"] == "IQ3_S" and types["blk.1.ffn_down.weight"] == "IQ2_S"
+    if case == "llama-256" and mix == "Q2_0":  # the embedding's own rule (Q4_K); blocks of 64 need no fallback
+        assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+        assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q2_0"
+    if case == "qwen2-896-tied" and mix == "Q2_0":  # 896 = 14 × 64: Q2_0 fits where the tied embedding's Q6_K does not
+        assert types["blk.0.attn_q.weight"] == "Q2_0" and types["token_embd.weight"] == "Q8_0"
     if case == "qwen2-896-tied" and mix == "IQ2_XXS":  # rows of 896 fall back to IQ4_NL
         assert types["blk.0.attn_q.weight"] == "IQ4_NL" and types["token_embd.weight"] == "Q8_0"
         assert types["blk.0.ffn_down.weight"] == "IQ2_XXS"  # rows of 256 (intermediate); 2 layers: n/8 = 0
@@ -122,8 +129,9 @@ def demo_converted(demo_checkpoint, tmp_path_factory):
     llama.cpp to chat with, with the importance matrix the run computes on two chunks of the built-in
     calibration text. The default work folder: the baked tensors test_demo.py staged are reused."""
     out = tmp_path_factory.mktemp("demo")
-    convert(ConvertParams(source=None, output=str(out), quants=["F32", *DEMO_MIXES], run_validation=False,
-                          calibration=["builtin"], calibration_chunks=2))
+    with releases_without_plots():
+        convert(ConvertParams(source=None, output=str(out), quants=["F32", *DEMO_MIXES], run_validation=False,
+                              calibration=["builtin"], calibration_chunks=2))
     return out
 
 

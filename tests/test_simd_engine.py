@@ -1,8 +1,8 @@
 """The simd engine's bytes are libggml's bytes: every supported type, every kernel set, hard data.
 
 The reference is ``ggml_engine.quantize_rows(x, t, n_threads=1)``: libggml-base's own
-``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output; for IQ4_NL
-and IQ4_XS also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
+``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output; for IQ4_NL,
+IQ4_XS and the K types also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from so8t_core.quantize.engines import simd as simd_engine
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]  # also with importance weights
+IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]
 ALL_TYPES = K_TYPES + LEGACY_TYPES + IQ4_TYPES
+WEIGHTED_TYPES = IQ4_TYPES + K_TYPES  # also with importance weights
+UNWEIGHTED = T.Q8_0  # in simd's SUPPORTED on every CPU, never quantized with importance weights by it
 
 
 def _rng(name: str) -> np.random.Generator:
@@ -192,6 +194,7 @@ DATASETS = {
     "normal-1": lambda n: _normal(n, 64, 2048, 1.0),
     "normal-0.02": lambda n: _normal(n, 64, 2048, 0.02),
     "rows-256": lambda n: _normal(n, 200, 256, 0.02),
+    "rows-1536": lambda n: _normal(n, 23, 1536, 0.02),  # 6 super-blocks a row: not a power of 2
     "rows-512": lambda n: _normal(n, 97, 512, 0.5),
     "odd-block-count": lambda n: _normal(n, 7, 256, 0.02),  # partial SIMD groups
     "single-row": lambda n: _normal(n, 1, 768, 0.02),
@@ -276,7 +279,7 @@ def test_bytes_equal_libggml(qtype, name):
         _assert_same(simd_engine.quantize_rows(x, qtype, n_threads=1), ref, qtype, f"{name}/default")
 
 
-@pytest.mark.parametrize("qtype,name", list(_cases(IQ4_TYPES)))
+@pytest.mark.parametrize("qtype,name", list(_cases(WEIGHTED_TYPES)))
 def test_bytes_equal_libggml_with_importance_weights(qtype, name):
     x = _data(name)
     qw = _importance(name, x.shape[1])
@@ -288,18 +291,54 @@ def test_bytes_equal_libggml_with_importance_weights(qtype, name):
     _assert_same(simd_engine.quantize_rows(x, qtype, n_threads=3, imatrix=qw), ref, qtype, f"{name}/3 threads")
 
 
-def test_the_engines_dispatch_importance_weights_to_simd_only_where_it_has_them():
+def _importance_edges(n: int) -> dict[str, np.ndarray]:
+    """Importance weights at the edges of the weighted searches: none anywhere, none over whole
+    sub-blocks and super-blocks, and so large that the weighted sums overflow."""
+    rng = _rng(f"importance-edges-{n}")
+    holes = (rng.random(n) * 10).astype(np.float32)
+    holes[:16] = 0.0  # a 16-element sub-block (Q2_K, Q3_K, Q6_K)
+    holes[32:64] = 0.0  # a 32-element one (IQ4, Q4_K, Q5_K)
+    holes[256:512] = 0.0  # a whole super-block
+    huge = (rng.random(n) * np.float32(1e30)).astype(np.float32)
+    huge[::7] = np.float32(3e38)
+    return {"zeros": np.zeros(n, np.float32), "holes": holes, "huge": huge,
+            "one-column": np.where(np.arange(n) == 17, 1.0, 0.0).astype(np.float32)}
+
+
+@pytest.mark.parametrize("qtype", WEIGHTED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("name", ["normal-1", "zero-rows-and-blocks", "huge-1e30", "mixed-sub-block-magnitudes"])
+def test_bytes_equal_libggml_with_edge_importance_weights(qtype, name):
+    x = _data(name)
+    for what, qw in _importance_edges(x.shape[1]).items():
+        ref = bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw, n_threads=1))
+        for isa in simd_engine.ISAS:
+            _assert_same(simd_engine._quantize(x, qtype, n_threads=1, isa=isa, imatrix=qw), ref, qtype,
+                         f"{name}/{what}/{isa}")
+
+
+def test_the_engines_dispatch_importance_weights_to_simd_only_where_it_has_them(monkeypatch):
     from so8t_core.quantize.engines import quantize
 
     x = _normal("dispatch", 64, 512, 0.02)
     qw = _importance("dispatch", 512)
-    assert simd_engine.WEIGHTED == set(IQ4_TYPES)
-    for qtype in (T.IQ4_XS, T.IQ4_NL, T.Q4_K, T.IQ3_S):
-        assert bytes(quantize(x, qtype, "simd", qw)) == bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw))
+    assert simd_engine.WEIGHTED == set(WEIGHTED_TYPES)
+    expected = {qtype: bytes(ggml_engine.quantize_rows(x, qtype, imatrix=qw))
+                for qtype in (*WEIGHTED_TYPES, UNWEIGHTED, T.IQ3_S)}
+    for qtype, ref in expected.items():
+        assert bytes(quantize(x, qtype, "simd", qw)) == ref
     with pytest.raises(ValueError, match="importance matrix is not supported"):
-        simd_engine.quantize_rows(x, T.Q4_K, imatrix=qw)
+        simd_engine.quantize_rows(x, UNWEIGHTED, imatrix=qw)
     with pytest.raises(ValueError, match="expected"):
         simd_engine.quantize_rows(x, T.IQ4_XS, imatrix=qw[:256])
+
+    def no_ggml(*args, **kwargs):
+        raise AssertionError("went to ggml_engine")
+
+    monkeypatch.setattr(ggml_engine, "quantize_rows", no_ggml)
+    for qtype in WEIGHTED_TYPES:  # simd's own kernels, not libggml's
+        assert bytes(quantize(x, qtype, "simd", qw)) == expected[qtype]
+    with pytest.raises(AssertionError, match="went to ggml_engine"):
+        quantize(x, UNWEIGHTED, "simd", qw)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

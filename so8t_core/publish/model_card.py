@@ -275,7 +275,9 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     (``quantize.target.render_recipe``'s table and its predicted damage), the measured KLD when
     the run evaluated it, and how llama-quantize reproduces it."""
     goal = recipe["target"]
-    asked = f"at most {goal['bpw']:g} bits per weight" if "bpw" in goal else f"a file of at most {goal['size']:,} bytes"
+    asked = (f"at most {goal['bpw']:g} bits per weight" if "bpw" in goal else
+             f"the smallest file whose mean KLD on the evaluation text is at most {goal['kld']:g}" if "kld" in goal
+             else f"a file of at most {goal['size']:,} bytes")
     predicted = recipe.get("predicted_kld")
     weighted = ", times its tensor class's KLD gain measured with probes in llama.cpp" if predicted is not None else ""
     lines = ["", "## The recipe", "",
@@ -287,9 +289,26 @@ def _recipe_lines(extras: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[
     if stats:
         lines += ["", f"Measured on the evaluation text: mean KLD {stats['kld_mean']:.4g} against the F32 model"
                   + (f" (predicted {predicted:.4g})." if predicted is not None else ".")]
+    if recipe.get("search"):
+        lines += _search_lines(recipe["search"])
     lines += ["", f"`{recipe['file']}` is this recipe as llama-quantize's `--tensor-type-file`: "
               f"`llama-quantize --tensor-type-file {recipe['file']} [--imatrix FILE] MODEL-F32.gguf OUT.gguf "
               f"{recipe['base_mix']}` writes these tensors' bytes from the F32 GGUF (and the same importance matrix)."]
+    return lines
+
+
+def _search_lines(search: Mapping[str, Any]) -> list[str]:
+    """--target-kld's search: each budget tried, in order, with its measured mean KLD."""
+    k = search["max_kld"]
+    nxt = search.get("next_smaller")
+    found = (f"the next smaller budget tried, {nxt['bits_per_weight']:.3f} bits per weight, measured "
+             f"{nxt['kld_mean']:.4g} (over {k:g})" if nxt else "the smallest types already met it")
+    lines = ["", f"The budgets tried (bisection between the smallest and the largest types), in order; this file "
+                 f"is the smallest within {k:g}, and {found}:", "",
+             "| bits per weight | tensor bytes | mean KLD | within |", "|---|---|---|---|"]
+    for t in search["trials"]:
+        lines.append(f"| {t['bits_per_weight']:.3f} | {t['tensor_bytes']:,} | {t['kld_mean']:.4g} | "
+                     f"{'yes' if t['within'] else 'no'} |")
     return lines
 
 

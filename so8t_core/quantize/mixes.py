@@ -28,7 +28,7 @@ from typing import Collection, Sequence
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from so8t_core.constants import FLOAT_TYPES, SUPPORTED_TENSOR_TYPES, QuantType, quant_type
+from so8t_core.constants import FLOAT_TYPES, HAS_Q2_0, SUPPORTED_TENSOR_TYPES, QuantType, quant_type
 from so8t_core.errors import UnsupportedError
 
 QUANTIZED_TYPES = frozenset(SUPPORTED_TENSOR_TYPES) - set(FLOAT_TYPES)  # ggml_is_quantized
@@ -39,6 +39,7 @@ FALLBACK = {
     T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
     T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+    **({T.Q2_0: T.Q4_0} if HAS_Q2_0 else {}),
 }
 
 # Mixes the rules treat as a family (llama_tensor_get_type_impl's ftype lists).

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from so8t_core.constants import HAS_Q2_0
 from so8t_core.errors import UnsupportedError
 from so8t_core.plan import Materializer, TensorPlan
 from so8t_core.quantize.engines import dequantize, quantize
@@ -31,9 +32,10 @@ from so8t_core.storage import local_atomic_file
 FORMAT_VERSION = "llama.cpp-0.3.36/1"
 # Types whose quantizer uses an importance matrix when given one (llama-quantize --imatrix): every
 # quantized type but those whose ggml quantizer ignores it (ggml-quants.c: Q8_0, MXFP4, the
-# ternary types; Q1_0 only changes how it loops over rows).
+# ternary types; Q1_0 and Q2_0 only change how they loop over rows, each row to the reference quantizer).
 IMATRIX_TYPES = QUANTIZED_TYPES - {GGMLQuantizationType.Q8_0, GGMLQuantizationType.MXFP4, GGMLQuantizationType.TQ1_0,
-                                   GGMLQuantizationType.TQ2_0, GGMLQuantizationType.Q1_0}
+                                   GGMLQuantizationType.TQ2_0, GGMLQuantizationType.Q1_0,
+                                   *((GGMLQuantizationType.Q2_0,) if HAS_Q2_0 else ())}
 
 
 # --- one planned tensor → staged bytes ---------------------------------------------------

@@ -7,8 +7,8 @@ predicted damage:
 1. **Candidates.** A tensor llama.cpp never quantizes (1-D, norms) stays F32 and is a fixed
    cost. Every other tensor may take each type of :data:`CANDIDATE_TYPES` whose block fits its
    rows (rows of 576 cannot take the 256-blocks of the K and IQ4_XS/IQ3_S types). Types
-   llama-quantize refuses without an importance matrix, the ternary and 1-bit types (for
-   natively ternary or 1-bit models) and MXFP4 (for MoE experts) are not candidates.
+   llama-quantize refuses without an importance matrix, Q2_0 and the ternary and 1-bit types (for
+   models trained ternary or 1-bit) and MXFP4 (for MoE experts) are not candidates.
 2. **Sensitivity** (:func:`tensor_damage`): the tensor is quantized with each candidate through
    libggml (the importance-weighted quantizer when the importance matrix has an entry, as
    llama-quantize would) and dequantized; the damage is the relative output noise of the
@@ -341,3 +341,107 @@ def render_recipe(tensors: Sequence[TensorOptions], types: Mapping[str, T], gain
 def auto_label(bpw: float) -> str:
     """The release label of a bpw target: AUTO-4.89 (two decimals, as the card prints bpw)."""
     return f"{AUTO_PREFIX}{bpw:.2f}"
+
+
+# --- The smallest file within a measured KLD (--target-kld) ----------------------------------
+
+KLD_SEARCH_STEPS = 6  # bisection steps after the two ends: at most 8 files quantized and evaluated
+KLD_SEARCH_RESOLUTION = 0.05  # bits per weight: a budget interval this narrow is not split again
+
+
+@dataclass(frozen=True)
+class KldTrial:
+    """One budget the search tried: its allocation's bytes of tensor data and bits per weight, and
+    the mean KLD its file measured."""
+
+    budget_bytes: int
+    bits_per_weight: float
+    tensor_bytes: int
+    kld: float
+
+    def as_record(self, max_kld: float) -> dict:
+        return {"bits_per_weight": round(self.bits_per_weight, 4), "tensor_bytes": self.tensor_bytes,
+                "kld_mean": self.kld, "within": self.kld <= max_kld}
+
+
+@dataclass(frozen=True)
+class KldSearch:
+    """What :func:`search_kld` found: the chosen allocation (None: not even the largest types meet the
+    bound), the trials in the order they were made, and the largest budget tried that failed below
+    the chosen one (None: the smallest types already meet it)."""
+
+    max_kld: float
+    types: dict[str, T] | None
+    chosen: KldTrial | None
+    next_smaller: KldTrial | None
+    trials: tuple[KldTrial, ...]
+
+    def as_record(self) -> dict:
+        """What a release's manifest records of the search."""
+        return {"max_kld": self.max_kld, "trials": [t.as_record(self.max_kld) for t in self.trials],
+                "chosen": self.chosen and self.chosen.as_record(self.max_kld),
+                "next_smaller": self.next_smaller and self.next_smaller.as_record(self.max_kld)}
+
+
+def search_kld(tensors: Sequence[TensorOptions], max_kld: float, measure_kld,
+               steps: int = KLD_SEARCH_STEPS, resolution: float = KLD_SEARCH_RESOLUTION) -> KldSearch:
+    """The smallest allocation whose file measures a mean KLD of at most ``max_kld``
+    (``measure_kld(types) -> float``: quantize, assemble and evaluate that allocation).
+
+    A bisection on the budget between the smallest types (every weight at its smallest candidate)
+    and the largest useful ones (every weight at the least damage of its hull), each budget's types
+    from :func:`allocate`. The largest is tried first: when it is over the bound, nothing is (the
+    search ends there). Then the smallest: when it is within, it is the answer. Otherwise the
+    invariant is "the upper end is within, the lower is not", so whatever the measured KLD does
+    between budgets (it need not fall at every step), the answer is within the bound and the
+    largest budget tried below it was not. A budget whose allocation is an end's is not measured
+    again; the search stops after ``steps`` measured midpoints or when the ends' files are within
+    ``resolution`` bits per weight of each other, or no allocation lies between them."""
+    hulls = [_hull(t.options) for t in tensors]
+    n_weights = sum(t.n_elements for t in tensors)
+    trials: list[KldTrial] = []
+
+    def trial(budget: int) -> tuple[dict[str, T], KldTrial]:
+        types = allocate(tensors, budget)
+        nbytes = total_bytes(tensors, types)
+        known = next((t for t in trials if t.tensor_bytes == nbytes and t.budget_bytes == budget), None)
+        if known is not None:
+            return types, known
+        made = KldTrial(budget, constants.bits_per_weight(nbytes, n_weights), nbytes, float(measure_kld(types)))
+        trials.append(made)
+        return types, made
+
+    top_types, top = trial(sum(h[-1][1] for h in hulls))
+    if not top.kld <= max_kld:  # NaN is not within either
+        return KldSearch(max_kld, None, None, top, tuple(trials))
+    low_types, low = trial(sum(h[0][1] for h in hulls))
+    if low.kld <= max_kld:
+        return KldSearch(max_kld, low_types, low, None, tuple(trials))
+    lo_budget, hi_budget = low.budget_bytes, top.budget_bytes
+    measured = 0
+    while measured < steps and top.bits_per_weight - low.bits_per_weight > resolution:
+        mid = (lo_budget + hi_budget) // 2
+        if mid in (lo_budget, hi_budget):
+            break
+        types = allocate(tensors, mid)
+        if types == low_types:
+            lo_budget = mid  # the same file as the lower end: no need to measure it
+            continue
+        if types == top_types:
+            hi_budget = mid
+            continue
+        types, made = trial(mid)
+        measured += 1
+        if made.kld <= max_kld:
+            top_types, top, hi_budget = types, made, mid
+        else:
+            low_types, low, lo_budget = types, made, mid
+    return KldSearch(max_kld, top_types, top, low, tuple(trials))
+
+
+def kld_label(max_kld: float) -> str:
+    """The release label of a KLD target: AUTO-KLD-0.05. It names what was asked, as AUTO-4.50 names
+    --target-bpw 4.5, not the bits per weight the search found (which the manifest records): a
+    catalog knows the label before the run, and a re-run that finds another size republishes the
+    same release rather than adding one."""
+    return f"{AUTO_PREFIX}KLD-" + f"{max_kld:.10f}".rstrip("0").rstrip(".")

@@ -22,6 +22,7 @@ import io
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -137,27 +138,50 @@ def smollm2_gguf_path() -> str:
     return path
 
 
-def _read_tokenizer_fields(gguf_path: str) -> tuple[list[str], list[int], list[str], str | None]:
-    """Tokens, token types, merges and chat template (None when absent) of a GGUF."""
+@dataclass(frozen=True)
+class GgufVocab:
+    """A GGUF's vocabulary: tokens, token types, merges, chat template (None when absent), and
+    ``tokenizer.ggml.pre`` and the BOS/EOS ids (None when absent)."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    chat_template: str | None
+    pre: str | None
+    bos_id: int | None
+    eos_id: int | None
+
+
+def read_gguf_vocab(gguf_path: str) -> GgufVocab:
+    """The vocabulary of a GGUF, read in one pass (parsing a 128k-token vocabulary's fields takes
+    gguf-py ~10 s here: read it once and pass it on)."""
     import gguf
 
-    reader = gguf.GGUFReader(gguf_path)
+    fields = gguf.GGUFReader(gguf_path).fields
 
     def strings(key: str) -> list[str]:
-        field = reader.fields[key]
+        field = fields[key]
         return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
-    types_field = reader.fields["tokenizer.ggml.token_type"]
-    token_types = [int(types_field.parts[i][0]) for i in types_field.data]
-    template_field = reader.fields.get("tokenizer.chat_template")
-    template = None if template_field is None else bytes(template_field.parts[template_field.data[0]]).decode("utf-8")
-    return (strings("tokenizer.ggml.tokens"), token_types, strings("tokenizer.ggml.merges"),
-            template)
+    def string(key: str) -> str | None:
+        field = fields.get(key)
+        return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+    def integer(key: str) -> int | None:
+        field = fields.get(key)
+        return None if field is None else int(field.parts[-1][0])
+
+    types_field = fields["tokenizer.ggml.token_type"]
+    return GgufVocab(strings("tokenizer.ggml.tokens"), [int(types_field.parts[i][0]) for i in types_field.data],
+                     strings("tokenizer.ggml.merges"), string("tokenizer.chat_template"),
+                     string("tokenizer.ggml.pre"), integer("tokenizer.ggml.bos_token_id"),
+                     integer("tokenizer.ggml.eos_token_id"))
 
 
 @lru_cache(maxsize=2)
 def _smollm2_files_cached(gguf_path: str) -> tuple[tuple[str, bytes], ...]:
-    tokens, token_types, merges, template = _read_tokenizer_fields(gguf_path)
+    vocab = read_gguf_vocab(gguf_path)
+    tokens, token_types, merges, template = vocab.tokens, vocab.token_types, vocab.merges, vocab.chat_template
     # The control tokens (<|endoftext|>, <|im_start|>, ..., <empty_output>) are the
     # tokenizer.json "added_tokens", all special.
     special_ids = [i for i, t in enumerate(token_types) if t == 3]  # gguf.TokenType.CONTROL
@@ -181,12 +205,12 @@ def smollm2_tokenizer_files(gguf_path: str | None = None) -> dict[str, bytes]:
     return dict(_smollm2_files_cached(os.path.abspath(gguf_path or smollm2_gguf_path())))
 
 
-def bpe_tokenizer_json_from_gguf(gguf_path: str, pre_tokenizer: dict, bos: str | None = None, **model) -> bytes:
-    """A byte-level BPE tokenizer.json rebuilt from a GGUF's vocabulary (e.g. llama.cpp's
-    ``ggml-vocab-*.gguf`` of a family), as :func:`smollm2_tokenizer_files` rebuilds SmolLM2's:
-    its tokens and merges, control tokens as special added tokens; with the family's
-    ``pre_tokenizer``, ``bos`` prepended by the post-processor (Llama 3 does), ``model`` options."""
-    tokens, token_types, merges, _ = _read_tokenizer_fields(gguf_path)
+def bpe_tokenizer_json_from_gguf(vocab: GgufVocab, pre_tokenizer: dict, bos: str | None = None, **model) -> bytes:
+    """A byte-level BPE tokenizer.json rebuilt from a GGUF's vocabulary (:func:`read_gguf_vocab`
+    of e.g. llama.cpp's ``ggml-vocab-*.gguf`` of a family), as :func:`smollm2_tokenizer_files`
+    rebuilds SmolLM2's: its tokens and merges, control tokens as special added tokens; with the
+    family's ``pre_tokenizer``, ``bos`` prepended by the post-processor (Llama 3 does), ``model`` options."""
+    tokens, token_types, merges = vocab.tokens, vocab.token_types, vocab.merges
     special_ids = [i for i, t in enumerate(token_types) if t == 3]  # gguf.TokenType.CONTROL
     post = _BYTE_LEVEL_POST
     if bos is not None:

@@ -129,6 +129,7 @@ GATES = {
     "MXFP4_MOE": Gate(max_mean_kld=3e-2, min_top1=0.90, max_relative_rmse=2e-2),
     # For weights trained ternary or 1-bit, which these types hold (nearly) exactly. Any other
     # model loses most of itself in them, and fails here by design (--no-validate publishes it).
+    "Q2_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
     "TQ2_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
     "TQ1_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),
     "Q1_0": Gate(max_mean_kld=1.0, min_top1=0.45, max_relative_rmse=0.2),

@@ -3,7 +3,7 @@
 ``make test`` / ``make install`` extract ``convert_hf_to_gguf.py`` (with its ``conversion``
 package and its vendored ``gguf-py``) from the llama-cpp-python sdist we build llama.cpp
 from, into ``~/.cache/so8t-gguf/llama.cpp-<version>/`` (``$SO8T_LLAMA_CPP_SRC`` overrides).
-:func:`convert_with_llama_cpp` runs it on a Hugging Face folder in a subprocess, so the
+:func:`convert_all_with_llama_cpp` runs it on Hugging Face folders in a subprocess, so the
 vendored gguf-py (which the script puts on ``sys.path`` itself) is used there and only there;
 the test process keeps the installed gguf.
 
@@ -17,6 +17,7 @@ are still convert's own.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -31,14 +32,21 @@ from so8t_core.gguf_file import read_gguf
 LLAMA_CPP_PYTHON = "0.3.36"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
-# Runs convert_hf_to_gguf.py as __main__ with argv[1:] = its arguments, after the hook above.
+# Runs convert_hf_to_gguf.py as __main__ once per job (argv[1]: JSON list of [its arguments, log file]),
+# after the hook above, at most argv[2] at a time, each in a process forked from this one once it has
+# imported what convert imports (torch, transformers, its conversion package: ~4 s of CPU a process):
+# every conversion still starts from the same fresh state, as in a process of its own. Prints the
+# exit statuses as JSON.
 _DRIVER = """
-import os, runpy, sys
+import json, os, runpy, sys, traceback
 src = os.environ["SO8T_ORACLE_SRC"]
 sys.path[0] = src  # where the script's own directory would be: `conversion` and models/ resolve as usual
 import gguf
 if not gguf.__file__.startswith(os.path.join(src, "gguf-py", "")):
     sys.exit(f"oracle: imported gguf from {gguf.__file__}, not from the converter's own gguf-py")
+import torch, conversion, sentencepiece, safetensors.torch  # noqa: F401
+from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+import transformers.models.auto.tokenization_auto  # noqa: F401
 pre = os.environ.get("SO8T_ORACLE_UNKNOWN_BPE_PRE")
 if pre:
     from conversion.base import TextModel
@@ -50,8 +58,42 @@ if pre:
             return pre
     TextModel.get_vocab_base_pre = get_vocab_base_pre
 script = os.path.join(src, "convert_hf_to_gguf.py")
-sys.argv = [script, *sys.argv[1:]]
-runpy.run_path(script, run_name="__main__")
+jobs, workers = json.loads(sys.argv[1]), int(sys.argv[2])
+running, statuses = {}, [None] * len(jobs)
+
+def reap():
+    pid, status = os.wait()
+    statuses[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+
+sys.stdout.flush()
+sys.stderr.flush()
+for i, (args, log) in enumerate(jobs):
+    while len(running) >= workers:
+        reap()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.argv = [script, *args]
+            runpy.run_path(script, run_name="__main__")
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    running[pid] = i
+while running:
+    reap()
+print(json.dumps(statuses))
 """
 
 
@@ -70,15 +112,17 @@ def llama_cpp_dir() -> Path:
                 "or point SO8T_LLAMA_CPP_SRC at an extracted llama-cpp-python source tree", pytrace=False)
 
 
-def convert_with_llama_cpp(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f32", *,
-                           unknown_bpe_pre: str | None = None, timeout: float = 300) -> str:
-    """Convert ``hf_dir`` with llama.cpp's convert_hf_to_gguf.py; returns the GGUF's path.
+def convert_all_with_llama_cpp(jobs: list[tuple[str | os.PathLike, str | os.PathLike, str]], *,
+                               unknown_bpe_pre: str | None = None, timeout: float = 900) -> list[str | AssertionError]:
+    """Convert each ``(hf_dir, out_path, outtype)`` with llama.cpp's convert_hf_to_gguf.py, one
+    conversion per CPU at a time; returns each GGUF's path, or the AssertionError (with the tail of
+    convert's output) of a conversion that failed.
 
     ``unknown_bpe_pre``: tokenizer.ggml.pre for a BPE tokenizer whose hash convert does not know
     (see the module doc); None runs convert untouched.
     """
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {OUTTYPES}")
+    if bad := [outtype for _, _, outtype in jobs if outtype not in OUTTYPES]:
+        raise ValueError(f"outtype must be one of {OUTTYPES}, not {bad}")
     src = llama_cpp_dir()
     env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "PYTHONPATH")}
     # The script inserts its gguf-py at sys.path[1] unless NO_LOCAL_GGUF is set; PYTHONPATH says the same,
@@ -87,12 +131,22 @@ def convert_with_llama_cpp(hf_dir: str | os.PathLike, out_path: str | os.PathLik
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["SO8T_ORACLE_SRC"] = str(src)
     env["SO8T_ORACLE_UNKNOWN_BPE_PRE"] = unknown_bpe_pre or ""
-    cmd = [sys.executable, "-c", _DRIVER, str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    logs = [f"{out_path}.convert.log" for _, out_path, _ in jobs]
+    args = [[[str(hf_dir), "--outfile", str(out_path), "--outtype", outtype], log]
+            for (hf_dir, out_path, outtype), log in zip(jobs, logs, strict=True)]
+    cmd = [sys.executable, "-c", _DRIVER, json.dumps(args), str(max(1, os.cpu_count() or 1))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not os.path.isfile(out_path):
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise AssertionError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}) on {hf_dir}:\n{tail}")
-    return str(out_path)
+    if proc.returncode != 0:
+        raise AssertionError(f"the convert_hf_to_gguf.py driver failed (exit {proc.returncode}):\n"
+                             + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    results: list[str | AssertionError] = []
+    for (hf_dir, out_path, _), log, status in zip(jobs, logs, json.loads(proc.stdout.splitlines()[-1]), strict=True):
+        if status == 0 and os.path.isfile(out_path):
+            results.append(str(out_path))
+        else:
+            tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-30:])
+            results.append(AssertionError(f"convert_hf_to_gguf.py failed (exit {status}) on {hf_dir}:\n{tail}"))
+    return results
 
 
 FIXTURES = {

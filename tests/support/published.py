@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from so8t_core.publish.release import current_version, latest_release
 
@@ -20,3 +24,13 @@ def release(out, name: str, quant: str) -> Path:
 def gguf_path(out, name: str, quant: str) -> Path:
     """The (single-file) GGUF of that release."""
     return release(out, name, quant) / f"{name}-{quant}.gguf"
+
+
+@contextmanager
+def releases_without_plots() -> Iterator[None]:
+    """Conversions whose releases go without their two PNG plots, for tests about the other files
+    (the GGUFs' bytes): matplotlib takes ~0.3 s a mix, ~10 s for a fixture in every mix, all in the
+    serial publish stage. test_convert and test_demo check the plots."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flows.convert.write_plots", lambda *args, **kwargs: {})
+        yield

@@ -8,7 +8,7 @@ import gguf
 import llama_cpp
 import pytest
 
-from so8t_core.testing.tokenizers import bpe_tokenizer_json_from_gguf
+from so8t_core.testing.tokenizers import GgufVocab, bpe_tokenizer_json_from_gguf
 
 FIXTURE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
 
@@ -63,19 +63,12 @@ def family_test_cases(vocab: Path) -> list[tuple[str, list[int]]]:
     return [(t, [int(i) for i in line.split()]) for t, line in zip(texts, ids, strict=False)]
 
 
-def bpe_family_files(vocab: Path, pre_tokenizer: dict, add_bos: bool = False, **model) -> tuple[dict[str, bytes], dict]:
-    """A byte-level BPE family's tokenizer.json rebuilt from llama.cpp's vocabulary GGUF of it
-    (testing.tokenizers.bpe_tokenizer_json_from_gguf), its BOS prepended by the post-processor when
-    ``add_bos`` (Llama 3); and a config.json naming its BOS/EOS."""
-    reader = gguf.GGUFReader(str(vocab))
-
-    def integer(key: str) -> int | None:
-        field = reader.fields.get(key)
-        return None if field is None else int(field.parts[-1][0])
-
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    bos_id = integer("tokenizer.ggml.bos_token_id")
-    bos = bytes(tokens.parts[tokens.data[bos_id]]).decode() if add_bos else None
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens.data),
-              "bos_token_id": bos_id, "eos_token_id": integer("tokenizer.ggml.eos_token_id")}
-    return {"tokenizer.json": bpe_tokenizer_json_from_gguf(str(vocab), pre_tokenizer, bos, **model)}, config
+def bpe_family_files(vocab: GgufVocab, pre_tokenizer: dict, add_bos: bool = False,
+                     **model) -> tuple[dict[str, bytes], dict]:
+    """A byte-level BPE family's tokenizer.json rebuilt from llama.cpp's vocabulary GGUF of it (read
+    by testing.tokenizers.read_gguf_vocab; testing.tokenizers.bpe_tokenizer_json_from_gguf), its
+    BOS prepended by the post-processor when ``add_bos`` (Llama 3); and a config.json naming its BOS/EOS."""
+    bos = vocab.tokens[vocab.bos_id] if add_bos else None
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(vocab.tokens),
+              "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
+    return {"tokenizer.json": bpe_tokenizer_json_from_gguf(vocab, pre_tokenizer, bos, **model)}, config

@@ -3,8 +3,9 @@
  *
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
- * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, and of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, several times faster: libggml-base is compiled without
+ * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
+ * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl (what
+ * ggml_quantize_chunk runs for the K types with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -26,7 +27,7 @@
  *
  * Python interface (CPython extension so8t_core.quantize.engines._kquants, GIL released while
  * quantizing and summing):
- *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1) -> bytes written
+ *   quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written
  *   supported() -> tuple of ggml type ids;  isas() -> names of the usable kernel sets,
  *   best first;  ISA_NAMES: every kernel set's name, by index (isa=);
  *   block_info(ggml_type) -> (elements per block, bytes per block);
@@ -159,6 +160,92 @@ static void kq_q8_0_block_scalar(const float *x, uint8_t *y) {
     for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)kq_cvtt(roundf(x[j] * id));
 }
 
+/* make_qp_quants (ggml-quants.c): the 6-bit (Q4_K, Q5_K) or 4-bit (Q2_K) scales of a
+ * super-block's n sub-block scales or mins x, weighted by each sub-block's sum of importance
+ * weights w. Scalar: it runs once per super-block on 8 or 16 values. The reference's types are
+ * kept (L is uint8_t, so a negative code wraps as there), and so are its MAX/MIN macros. */
+#define KQ_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define KQ_MIN(a, b) ((a) < (b) ? (a) : (b))
+static float kq_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *quant_weights) {
+    float max = 0;
+    for (int i = 0; i < n; ++i) max = KQ_MAX(max, x[i]);
+    if (max < 1e-15f) { /* all zero */
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = nmax / max;
+    for (int i = 0; i < n; ++i) L[i] = (uint8_t)kq_nearest_int(iscale * x[i]);
+    float scale = 1 / iscale;
+    float best_mse = 0;
+    for (int i = 0; i < n; ++i) {
+        float diff = x[i] - scale * L[i];
+        float w = quant_weights[i];
+        best_mse += w * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float iscale_is = (0.1f * is + nmax) / max;
+        float scale_is = 1 / iscale_is;
+        float mse = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = kq_nearest_int(iscale_is * x[i]);
+            l = KQ_MIN(nmax, l);
+            float diff = x[i] - scale_is * l;
+            float w = quant_weights[i];
+            mse += w * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = kq_nearest_int(iscale * x[i]);
+        l = KQ_MIN(nmax, l);
+        L[i] = (uint8_t)l;
+        float w = quant_weights[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = quant_weights[i];
+            float slx = sumlx - w * x[i] * L[i];
+            float sl2 = suml2 - w * L[i] * L[i];
+            if (slx > 0 && sl2 > 0) {
+                int new_l = kq_nearest_int(x[i] * sl2 / slx);
+                new_l = KQ_MIN(nmax, new_l);
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (uint8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* get_scale_min_k4 (ggml-quants.c): sub-block j's 6-bit scale and min from Q4_K/Q5_K's 12 bytes */
+static inline void kq_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
+    }
+}
+
 /* ---------------------------------------------------------------- per-ISA kernels */
 
 #define KQ_CAT_(a, b) a##_##b
@@ -209,7 +296,7 @@ typedef struct {
     int block;  /* elements per block */
     int bytes;  /* bytes per block */
     kq_fn fn[3]; /* generic, avx2, avx512 */
-    kq_wfn wfn[3]; /* instead of fn: the types quantized with importance weights */
+    kq_wfn wfn[3]; /* with importance weights (and without, for the types that have no fn) */
 } kq_type;
 
 #if KQ_X86
@@ -224,11 +311,11 @@ static const kq_type KQ_TYPES[] = {
     {T_Q5_0, 32, 22, KQ_FNS(q5_0)},
     {T_Q5_1, 32, 24, KQ_FNS(q5_1)},
     {T_Q8_0, 32, 34, KQ_FNS(q8_0)},
-    {T_Q2_K, QK_K, 84, KQ_FNS(q2k)},
-    {T_Q3_K, QK_K, 110, KQ_FNS(q3k)},
-    {T_Q4_K, QK_K, 144, KQ_FNS(q4k)},
-    {T_Q5_K, QK_K, 176, KQ_FNS(q5k)},
-    {T_Q6_K, QK_K, 210, KQ_FNS(q6k)},
+    {T_Q2_K, QK_K, 84, KQ_FNS(q2k), KQ_FNS(q2k_w)},
+    {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
+    {T_Q4_K, QK_K, 144, KQ_FNS(q4k), KQ_FNS(q4k_w)},
+    {T_Q5_K, QK_K, 176, KQ_FNS(q5k), KQ_FNS(q5k_w)},
+    {T_Q6_K, QK_K, 210, KQ_FNS(q6k), KQ_FNS(q6k_w)},
     {T_IQ4_NL, 32, 18, {NULL, NULL, NULL}, KQ_FNS(iq4_nl)},
     {T_IQ4_XS, QK_K, 136, {NULL, NULL, NULL}, KQ_FNS(iq4_xs)},
 };
@@ -264,7 +351,7 @@ static void kq_run(const kq_type *t, int isa, const float *x, uint8_t *y, int64_
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(0x1f80);
 #endif
-    if (t->wfn[isa]) t->wfn[isa](x, y, nblocks, qw, n_per_row);
+    if (t->wfn[isa] && (qw || !t->fn[isa])) t->wfn[isa](x, y, nblocks, qw, n_per_row);
     else t->fn[isa](x, y, nblocks);
 #if KQ_X86
     _mm_setcsr(csr);
@@ -483,7 +570,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS only). Releases the GIL."},
+     "IQ4_XS and the K types only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -566,6 +653,19 @@ KQ_AI vf F(sel)(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 KQ_AI vi F(seli)(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 KQ_AI vf F(vabs)(vf a) { return (vf)((vi)a & 0x7fffffff); }
 KQ_AI vf F(tof)(vi a) { return __builtin_convertvector(a, vf); }
+
+/* sqrtf lane-wise (IEEE square root: correctly rounded, the same in every instruction set) */
+KQ_AI vf F(vsqrt)(vf a) {
+#if KQ_ID == 2
+    return (vf)_mm512_sqrt_ps((__m512)a);
+#elif KQ_ID == 1
+    return (vf)_mm256_sqrt_ps((__m256)a);
+#else
+    vf r;
+    for (int k = 0; k < NL; ++k) r[k] = sqrtf(a[k]);
+    return r;
+#endif
+}
 
 /* min/max with the x86 semantics a < b ? a : b (only used where no NaN can occur) */
 #if KQ_ID == 1
@@ -843,7 +943,7 @@ KQ_AI void F(q3search)(const int G, const vf *restrict x, vi *restrict L, vf *re
     }
 }
 
-/* sums of one candidate scale of make_qx_quants (rmse_type 1: w = x*x) */
+/* sums of one candidate scale of make_qx_quants: sumlx += (w*x)*l, suml2 += (w*l)*l */
 KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *restrict x, const vf *restrict w,
                       const vf *restrict wx, const vf *isc, vf *sumlx, vf *suml2) {
     for (int i = 0; i < 16; ++i)
@@ -856,18 +956,17 @@ KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *res
         }
 }
 
-/* --- make_qx_quants(16, 32, x, L, rmse_type=1, NULL) for G*NL sub-blocks. L: codes 0..63 */
-KQ_AI void F(qxsearch)(const int G, const vf *restrict x, vi *restrict L, vf *restrict scale_out) {
-    const int S = 16, nmax = 32;
+/* --- make_qx_quants(16, nmax, x, L, rmse_type=1, w) for G*NL sub-blocks, with the weights w of
+ * each element (x*x is rmse_type 1 without explicit weights). L: codes 0..2*nmax-1 */
+KQ_AI void F(qxsearch)(const int G, const int nmax, const vf *restrict x, const vf *restrict w, vi *restrict L,
+                       vf *restrict scale_out) {
+    const int S = 16;
     const vf zero = F(splat)(0.f);
     vf max[GMAX], amax[GMAX], sumlx[GMAX], suml2[GMAX], scale[GMAX], best[GMAX], best_iscale[GMAX];
-    vf w[16 * GMAX], wx[16 * GMAX];
+    vf wx[16 * GMAX];
     F(absmax)(G, S, x, max, amax);
     const int finite_x = F(no_nan)(S * G, x);
-    for (int j = 0; j < S * G; ++j) {
-        w[j] = x[j] * x[j];
-        wx[j] = w[j] * x[j];
-    }
+    for (int j = 0; j < S * G; ++j) wx[j] = w[j] * x[j];
     for (int g = 0; g < G; ++g) {
         best_iscale[g] = (float)(-nmax) / max[g];
         sumlx[g] = zero;
@@ -978,67 +1077,131 @@ KQ_AI void F(pack2)(const uint8_t *restrict L, uint8_t *restrict qs) {
 
 /* ================================================================ Q4_K / Q5_K */
 
-KQ_AI void F(q45k)(const float *restrict x, uint8_t *restrict y, int64_t nb, const int q5) {
+/* quantize_row_q{4,5}_K_ref (qw NULL) or, with importance weights qw (n_per_row of them, for
+ * whole rows), quantize_row_q{4,5}_K_impl. The two differ in the weights of the search
+ * (av_x + |x| per sub-block; qw * sqrtf(sigma2 + x^2), sigma2 = 2 * sum x^2 / 256 over the
+ * super-block), in its settings (make_qkx2_quants' and make_qkx3_quants', which are the same
+ * search once given explicit weights), and in how the 8 scales and mins become 6-bit values
+ * (max / 63 there; make_qp_quants weighted by each sub-block's sum of weights here). The
+ * requantization and packing are the same code. */
+KQ_AI void F(q45k)(const float *restrict x, uint8_t *restrict y, int64_t nb, const int q5, const float *restrict qw,
+                   int64_t n_per_row) {
     enum { G = GROUP_VECS(8, KQ_G_QKX2), PER = G * NL / 8 };
     const int nmax = q5 ? 31 : 15;
     const int bytes = q5 ? 176 : 144;
+    int64_t first = 0; /* the first super-block of the group */
     KQ_GROUPS(x, y, nb, PER, bytes, {
         vf xt[32 * G], w[32 * G];
         vi Lv[32 * G];
         F(transpose)(xg, 32, G, xt);
-        vf av_x[G];
-        for (int g = 0; g < G; ++g) {
-            vf sum_x2 = F(splat)(0.f);
-            for (int l = 0; l < 32; ++l) sum_x2 = sum_x2 + xt[l * G + g] * xt[l * G + g];
-            const vf q = sum_x2 / 32.f;
-            for (int k = 0; k < NL; ++k) av_x[g][k] = sqrtf(q[k]);
+        vf scv[G], mnv[G], swv[G];
+        if (qw) {
+            /* sigma2 of each super-block: its sum of x^2 in element order (PER chains side by side) */
+            float s2[PER];
+            for (int s = 0; s < PER; ++s) s2[s] = 0.f;
+            for (int j = 0; j < QK_K; ++j)
+                for (int s = 0; s < PER; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+            vf sigma[G];
+            kq_f32a *wo = (kq_f32a *)w, *so = (kq_f32a *)sigma;
+            for (int k = 0; k < G * NL; ++k) {
+                const float *qk = qw + (first * QK_K + 32 * (int64_t)k) % n_per_row;
+                so[k] = (2.f * s2[k / 8]) / (float)QK_K;
+                for (int i = 0; i < 32; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            first += PER;
+            for (int g = 0; g < G; ++g) swv[g] = F(splat)(0.f);
+            for (int i = 0; i < 32; ++i)
+                for (int g = 0; g < G; ++g) {
+                    const vf xi = xt[i * G + g];
+                    w[i * G + g] = w[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+                    swv[g] = swv[g] + w[i * G + g];
+                }
+            F(qkx2)(G, 32, nmax, -0.9f, 0.05f, 36, 0, xt, w, scv, mnv, Lv);
+        } else {
+            vf av_x[G];
+            for (int g = 0; g < G; ++g) {
+                vf sum_x2 = F(splat)(0.f);
+                for (int l = 0; l < 32; ++l) sum_x2 = sum_x2 + xt[l * G + g] * xt[l * G + g];
+                const vf q = sum_x2 / 32.f;
+                for (int k = 0; k < NL; ++k) av_x[g][k] = sqrtf(q[k]);
+            }
+            for (int l = 0; l < 32; ++l)
+                for (int g = 0; g < G; ++g) w[l * G + g] = av_x[g] + F(vabs)(xt[l * G + g]);
+            if (q5)
+                F(qkx2)(G, 32, 31, -0.5f, 0.1f, 15, 0, xt, w, scv, mnv, Lv);
+            else
+                F(qkx2)(G, 32, 15, -1.f, 0.1f, 20, 0, xt, w, scv, mnv, Lv);
         }
-        for (int l = 0; l < 32; ++l)
-            for (int g = 0; g < G; ++g) w[l * G + g] = av_x[g] + F(vabs)(xt[l * G + g]);
-        vf scv[G], mnv[G];
-        if (q5)
-            F(qkx2)(G, 32, 31, -0.5f, 0.1f, 15, 0, xt, w, scv, mnv, Lv);
-        else
-            F(qkx2)(G, 32, 15, -1.f, 0.1f, 20, 0, xt, w, scv, mnv, Lv);
-        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv;
+        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv, *sws = (const kq_f32a *)swv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
         for (int s = 0; s < PER; ++s) {
             const float *xs = xg + s * QK_K;
             uint8_t *ys = yg + s * bytes;
-            const kq_f32a *sc_s = scales + 8 * s, *mn_s = mins + 8 * s;
-            float max_scale = 0, max_min = 0;
-            for (int j = 0; j < 8; ++j) {
-                if (sc_s[j] > max_scale) max_scale = sc_s[j];
-                if (mn_s[j] > max_min) max_min = mn_s[j];
-            }
-            const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-            const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-            uint8_t ls[8], lm[8];
-            for (int j = 0; j < 8; ++j) {
-                const uint8_t a = (uint8_t)kq_nearest_int(inv_scale * sc_s[j]);
-                const uint8_t b = (uint8_t)kq_nearest_int(inv_min * mn_s[j]);
-                ls[j] = a < 63 ? a : 63;
-                lm[j] = b < 63 ? b : 63;
-            }
             uint8_t *sc = ys + 4;
-            for (int j = 0; j < 4; ++j) {
-                sc[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
-                sc[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
-                sc[j + 8] = (uint8_t)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+            const kq_f32a *sc_s = scales + 8 * s, *mn_s = mins + 8 * s;
+            if (qw) {
+                float scs[8], mns[8], sw[8];
+                uint8_t ls[8], lm[8];
+                for (int j = 0; j < 8; ++j) {
+                    scs[j] = sc_s[j];
+                    mns[j] = mn_s[j];
+                    sw[j] = sws[8 * s + j];
+                }
+                const float d_block = kq_make_qp_quants(8, 63, scs, ls, sw);
+                const float m_block = kq_make_qp_quants(8, 63, mns, lm, sw);
+                for (int j = 0; j < 8; ++j) {
+                    uint8_t l = ls[j], m = lm[j];
+                    if (q5) { /* only Q5_K's _impl clamps them */
+                        l = KQ_MIN(63, l);
+                        m = KQ_MIN(63, m);
+                    }
+                    if (j < 4) {
+                        sc[j] = l;
+                        sc[j + 4] = m;
+                    } else {
+                        sc[j + 4] = (uint8_t)((l & 0xF) | ((m & 0xF) << 4));
+                        sc[j - 4] |= (uint8_t)((l >> 4) << 6);
+                        sc[j - 0] |= (uint8_t)((m >> 4) << 6);
+                    }
+                }
+                kq_put_f16(ys, d_block);
+                kq_put_f16(ys + 2, m_block);
+            } else {
+                float max_scale = 0, max_min = 0;
+                for (int j = 0; j < 8; ++j) {
+                    if (sc_s[j] > max_scale) max_scale = sc_s[j];
+                    if (mn_s[j] > max_min) max_min = mn_s[j];
+                }
+                const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+                const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+                uint8_t ls[8], lm[8];
+                for (int j = 0; j < 8; ++j) {
+                    const uint8_t a = (uint8_t)kq_nearest_int(inv_scale * sc_s[j]);
+                    const uint8_t b = (uint8_t)kq_nearest_int(inv_min * mn_s[j]);
+                    ls[j] = a < 63 ? a : 63;
+                    lm[j] = b < 63 ? b : 63;
+                }
+                for (int j = 0; j < 4; ++j) {
+                    sc[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+                    sc[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+                    sc[j + 8] = (uint8_t)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+                }
+                kq_put_f16(ys, max_scale / 63.f);
+                kq_put_f16(ys + 2, max_min / 63.f);
             }
-            kq_put_f16(ys, max_scale / 63.f);
-            kq_put_f16(ys + 2, max_min / 63.f);
             const float d_all = kq_get_f16(ys), dmin_all = kq_get_f16(ys + 2);
 
             uint8_t L[QK_K];
             for (int j = 0; j < 8; ++j) {
-                const float d = d_all * (float)ls[j];
+                uint8_t scj, mj;
+                kq_scale_min_k4(j, sc, &scj, &mj);
+                const float d = d_all * (float)scj;
                 if (d == 0.f) { /* the reference keeps the codes of the search */
                     for (int i = 0; i < 32; ++i) L[32 * j + i] = (uint8_t)Ls[i * G * NL + 8 * s + j];
                     continue;
                 }
-                F(requant)(xs + 32 * j, 32, d, dmin_all * (float)lm[j], 1, 0, nmax, 0, L + 32 * j);
+                F(requant)(xs + 32 * j, 32, d, dmin_all * (float)mj, 1, 0, nmax, 0, L + 32 * j);
             }
             if (!q5) {
                 uint8_t *qs = ys + 16;
@@ -1067,21 +1230,57 @@ KQ_AI void F(q45k)(const float *restrict x, uint8_t *restrict y, int64_t nb, con
     });
 }
 
-static void F(q4k)(const float *x, uint8_t *y, int64_t nb) { F(q45k)(x, y, nb, 0); }
-static void F(q5k)(const float *x, uint8_t *y, int64_t nb) { F(q45k)(x, y, nb, 1); }
+static void F(q4k)(const float *x, uint8_t *y, int64_t nb) { F(q45k)(x, y, nb, 0, NULL, QK_K); }
+static void F(q5k)(const float *x, uint8_t *y, int64_t nb) { F(q45k)(x, y, nb, 1, NULL, QK_K); }
+static void F(q4k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q45k)(x, y, nb, 0, qw, n_per_row);
+}
+static void F(q5k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q45k)(x, y, nb, 1, qw, n_per_row);
+}
 
 /* ================================================================ Q2_K */
 
-static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
+/* quantize_row_q2_K_ref (qw NULL) or, with importance weights qw (n_per_row of them, for whole
+ * rows), quantize_row_q2_K_impl: the weights qw * sqrtf(sigma2 + x^2), sigma2 = sum x^2 / 256
+ * over the super-block, instead of |x|; make_qkx3_quants' settings (squared error, not absolute)
+ * instead of make_qkx2_quants'; and make_qp_quants for the 4-bit scales and mins, weighted by
+ * each sub-block's sum of weights, instead of max / 15. The rest is the same code. */
+KQ_AI void F(q2k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
     enum { G = GROUP_VECS(16, KQ_G_QKX2), PER = G * NL / 16 };
+    int64_t first = 0; /* the first super-block of the group */
     KQ_GROUPS(x, y, nb, PER, 84, {
         vf xt[16 * G], w[16 * G];
         vi Lv[16 * G];
         F(transpose)(xg, 16, G, xt);
-        for (int j = 0; j < 16 * G; ++j) w[j] = F(vabs)(xt[j]);
-        vf scv[G], mnv[G];
-        F(qkx2)(G, 16, 3, -0.5f, 0.1f, 15, 1, xt, w, scv, mnv, Lv);
-        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv;
+        vf scv[G], mnv[G], swv[G];
+        if (qw) {
+            /* sigma2 of each super-block: its sum of x^2 in element order (PER chains side by side) */
+            float s2[PER];
+            for (int s = 0; s < PER; ++s) s2[s] = 0.f;
+            for (int j = 0; j < QK_K; ++j)
+                for (int s = 0; s < PER; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+            vf sigma[G];
+            kq_f32a *wo = (kq_f32a *)w, *so = (kq_f32a *)sigma;
+            for (int k = 0; k < G * NL; ++k) {
+                const float *qk = qw + (first * QK_K + 16 * (int64_t)k) % n_per_row;
+                so[k] = s2[k / 16] / (float)QK_K;
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            first += PER;
+            for (int g = 0; g < G; ++g) swv[g] = F(splat)(0.f);
+            for (int i = 0; i < 16; ++i)
+                for (int g = 0; g < G; ++g) {
+                    const vf xi = xt[i * G + g];
+                    w[i * G + g] = w[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+                    swv[g] = swv[g] + w[i * G + g];
+                }
+            F(qkx2)(G, 16, 3, -0.9f, 0.05f, 36, 0, xt, w, scv, mnv, Lv);
+        } else {
+            for (int j = 0; j < 16 * G; ++j) w[j] = F(vabs)(xt[j]);
+            F(qkx2)(G, 16, 3, -0.5f, 0.1f, 15, 1, xt, w, scv, mnv, Lv);
+        }
+        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv, *sws = (const kq_f32a *)swv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
         for (int s = 0; s < PER; ++s) {
@@ -1089,25 +1288,40 @@ static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
             uint8_t *ys = yg + s * 84;
             uint8_t *sc = ys;
             const kq_f32a *sc_s = scales + 16 * s, *mn_s = mins + 16 * s;
-            float max_scale = 0, max_min = 0;
-            for (int j = 0; j < 16; ++j) {
-                if (sc_s[j] > max_scale) max_scale = sc_s[j];
-                if (mn_s[j] > max_min) max_min = mn_s[j];
-            }
-            if (max_scale > 0) {
-                const float iscale = 15.f / max_scale;
-                for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)kq_nearest_int(iscale * sc_s[j]);
-                kq_put_f16(ys + 80, max_scale / 15.f);
+            if (qw) {
+                float scs[16], mns[16], sw[16];
+                uint8_t ls[16], lm[16];
+                for (int j = 0; j < 16; ++j) {
+                    scs[j] = sc_s[j];
+                    mns[j] = mn_s[j];
+                    sw[j] = sws[16 * s + j];
+                }
+                const float dm = kq_make_qp_quants(16, 15, scs, ls, sw);
+                const float mm = kq_make_qp_quants(16, 15, mns, lm, sw);
+                kq_put_f16(ys + 80, dm);
+                kq_put_f16(ys + 82, mm);
+                for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(ls[j] | (lm[j] << 4));
             } else {
-                memset(sc, 0, 16);
-                kq_put_f16(ys + 80, 0.f);
-            }
-            if (max_min > 0) {
-                const float iscale = 15.f / max_min;
-                for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(kq_nearest_int(iscale * mn_s[j]) << 4);
-                kq_put_f16(ys + 82, max_min / 15.f);
-            } else {
-                kq_put_f16(ys + 82, 0.f);
+                float max_scale = 0, max_min = 0;
+                for (int j = 0; j < 16; ++j) {
+                    if (sc_s[j] > max_scale) max_scale = sc_s[j];
+                    if (mn_s[j] > max_min) max_min = mn_s[j];
+                }
+                if (max_scale > 0) {
+                    const float iscale = 15.f / max_scale;
+                    for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)kq_nearest_int(iscale * sc_s[j]);
+                    kq_put_f16(ys + 80, max_scale / 15.f);
+                } else {
+                    memset(sc, 0, 16);
+                    kq_put_f16(ys + 80, 0.f);
+                }
+                if (max_min > 0) {
+                    const float iscale = 15.f / max_min;
+                    for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(kq_nearest_int(iscale * mn_s[j]) << 4);
+                    kq_put_f16(ys + 82, max_min / 15.f);
+                } else {
+                    kq_put_f16(ys + 82, 0.f);
+                }
             }
             const float d_all = kq_get_f16(ys + 80), dmin_all = kq_get_f16(ys + 82);
             uint8_t L[QK_K];
@@ -1124,8 +1338,56 @@ static void F(q2k)(const float *x, uint8_t *y, int64_t nb) {
     });
 }
 
+static void F(q2k)(const float *x, uint8_t *y, int64_t nb) { F(q2k_core)(x, y, nb, NULL, QK_K); }
+static void F(q2k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q2k_core)(x, y, nb, qw, n_per_row);
+}
+
 /* ================================================================ Q3_K */
 
+/* The rest of a Q3_K block once its 16 six-bit scales lsc (0..63, the stored value, bias 32
+ * included) and d are stored: requantize each sub-block with the fp16-rounded d times its scale,
+ * or keep the codes of the search (Ls[i * stride + base + j]: element i of sub-block j) where that
+ * is 0, then the high-bit mask and the 2-bit codes. */
+KQ_AI void F(q3k_finish)(const float *restrict xs, uint8_t *restrict ys, const int *lsc, const kq_i32a *Ls,
+                         const int stride, const int base) {
+    const float d_all = kq_get_f16(ys + 108);
+    uint8_t L[QK_K];
+    for (int j = 0; j < 16; ++j) {
+        const float d = d_all * (float)(lsc[j] - 32);
+        if (d == 0.f) {
+            for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)Ls[i * stride + base + j];
+            continue;
+        }
+        F(requant)(xs + 16 * j, 16, d, 0.f, 0, -4, 3, 4, L + 16 * j);
+    }
+    /* high bit of code 32k+m goes to bit k of hmask[m]; the low two bits stay */
+    xb hm = {0};
+    for (int k = 0; k < 8; ++k) {
+        xb a;
+        memcpy(&a, L + 32 * k, 32);
+        hm |= ((a >> 2) & 1) << k;
+        a &= 3;
+        memcpy(L + 32 * k, &a, 32);
+    }
+    memcpy(ys, &hm, 32);
+    F(pack2)(L, ys + 32);
+}
+
+/* the 16 six-bit scales l (0..63) into Q3_K's 12 scale bytes */
+KQ_AI void F(q3k_scales)(const int *lsc, uint8_t *restrict sc) {
+    memset(sc, 0, 12);
+    for (int j = 0; j < 16; ++j) {
+        const int l = lsc[j];
+        if (j < 8)
+            sc[j] = (uint8_t)(l & 0xF);
+        else
+            sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+        sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+    }
+}
+
+/* quantize_row_q3_K_ref */
 static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
     enum { G = GROUP_VECS(16, KQ_G_Q3), PER = G * NL / 16 };
     KQ_GROUPS(x, y, nb, PER, 110, {
@@ -1140,7 +1402,6 @@ static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
         for (int s = 0; s < PER; ++s) {
             const float *xs = xg + s * QK_K;
             uint8_t *ys = yg + s * 110;
-            uint8_t *hmask = ys, *qs = ys + 32, *sc = ys + 96;
             const kq_f32a *sc_s = scales + 16 * s;
             float max_scale = 0, amax = 0;
             for (int j = 0; j < 16; ++j) {
@@ -1150,60 +1411,125 @@ static void F(q3k)(const float *x, uint8_t *y, int64_t nb) {
                     max_scale = sc_s[j];
                 }
             }
-            memset(sc, 0, 12);
             int lsc[16];
             if (max_scale != 0) {
                 const float iscale = -32.f / max_scale;
                 for (int j = 0; j < 16; ++j) {
                     int8_t l = (int8_t)kq_nearest_int(iscale * sc_s[j]);
-                    l = (int8_t)((l > 31 ? 31 : l < -32 ? -32 : l) + 32);
-                    lsc[j] = l;
-                    if (j < 8)
-                        sc[j] = (uint8_t)(l & 0xF);
-                    else
-                        sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
-                    sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+                    lsc[j] = (l > 31 ? 31 : l < -32 ? -32 : l) + 32;
                 }
                 kq_put_f16(ys + 108, 1.f / iscale);
             } else {
                 for (int j = 0; j < 16; ++j) lsc[j] = 0;
                 kq_put_f16(ys + 108, 0.f);
             }
-            const float d_all = kq_get_f16(ys + 108);
-            uint8_t L[QK_K];
-            for (int j = 0; j < 16; ++j) {
-                const float d = d_all * (float)(lsc[j] - 32);
-                if (d == 0.f) {
-                    for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)Ls[i * G * NL + 16 * s + j];
-                    continue;
-                }
-                F(requant)(xs + 16 * j, 16, d, 0.f, 0, -4, 3, 4, L + 16 * j);
-            }
-            /* high bit of code 32k+m goes to bit k of hmask[m]; the low two bits stay */
-            xb hm = {0};
-            for (int k = 0; k < 8; ++k) {
-                xb a;
-                memcpy(&a, L + 32 * k, 32);
-                hm |= ((a >> 2) & 1) << k;
-                a &= 3;
-                memcpy(L + 32 * k, &a, 32);
-            }
-            memcpy(hmask, &hm, 32);
-            F(pack2)(L, qs);
+            F(q3k_scales)(lsc, ys + 96);
+            F(q3k_finish)(xs, ys, lsc, Ls, G * NL, 16 * s);
         }
     });
 }
 
+/* quantize_row_q3_K_impl with importance weights qw (n_per_row of them, for whole rows):
+ * weight = qw * sqrtf(sigma2 + x^2), sigma2 = 2 * sum x^2 / 256 over the super-block, then
+ * make_qx_quants(16, 4, x, L, 1, weight) per sub-block, and make_qx_quants(16, 32, scales, Ls,
+ * 1, sw) over a super-block's 16 scales, sw being each sub-block's sum of weights. The first
+ * search runs on G*NL sub-blocks at once, the second on NL super-blocks at once (lane = one
+ * super-block, element i = its sub-block i), so a group is NL super-blocks. */
+static void F(q3k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    if (!qw) {
+        F(q3k)(x, y, nb);
+        return;
+    }
+    enum { G = GROUP_VECS(16, KQ_G_Q3), CH = G * NL, NCH = 16 * NL / CH };
+    _Static_assert((16 * NL) % (G * NL) == 0, "a group's sub-blocks split into whole chunks");
+    float pad[NL * QK_K];
+    uint8_t out[NL * 110];
+    vi Lv[NCH][16 * G];
+    float sc_all[16 * NL], sw_all[16 * NL];
+    for (int64_t b = 0; b < nb; b += NL) {
+        const int n = nb - b < NL ? (int)(nb - b) : NL;
+        const float *xg = x + b * QK_K;
+        uint8_t *yg = y + b * 110;
+        if (n < NL) {
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xg, (size_t)n * QK_K * sizeof(float));
+            xg = pad;
+            yg = out;
+        }
+        /* sigma2 of each super-block: its sum of x^2 in element order (NL chains side by side) */
+        float s2[NL];
+        for (int s = 0; s < NL; ++s) s2[s] = 0.f;
+        for (int j = 0; j < QK_K; ++j)
+            for (int s = 0; s < NL; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+        for (int s = 0; s < NL; ++s) s2[s] = (2.f * s2[s]) / (float)QK_K;
+
+        for (int c = 0; c < NCH; ++c) {
+            vf xt[16 * G], wt[16 * G], sigma[G], scv[G];
+            F(transpose)(xg + (size_t)c * CH * 16, 16, G, xt);
+            kq_f32a *wo = (kq_f32a *)wt, *so = (kq_f32a *)sigma;
+            for (int k = 0; k < CH; ++k) {
+                const int kk = c * CH + k; /* sub-block of the group */
+                const float *qk = qw + (b * QK_K + 16 * (int64_t)kk) % n_per_row;
+                so[k] = s2[kk / 16];
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            vf sw[G];
+            for (int g = 0; g < G; ++g) sw[g] = F(splat)(0.f);
+            for (int i = 0; i < 16; ++i)
+                for (int g = 0; g < G; ++g) {
+                    const vf xi = xt[i * G + g];
+                    wt[i * G + g] = wt[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+                    sw[g] = sw[g] + wt[i * G + g];
+                }
+            F(qxsearch)(G, 4, xt, wt, Lv[c], scv);
+            memcpy(sc_all + c * CH, scv, sizeof scv);
+            memcpy(sw_all + c * CH, sw, sizeof sw);
+        }
+        /* the scales of each super-block, lane = super-block */
+        vf st[16], swt[16], dv;
+        vi Ls2[16];
+        F(transpose)(sc_all, 16, 1, st);
+        F(transpose)(sw_all, 16, 1, swt);
+        F(qxsearch)(1, 32, st, swt, Ls2, &dv);
+
+        for (int s = 0; s < NL; ++s) {
+            const float *xs = xg + s * QK_K;
+            uint8_t *ys = yg + s * 110;
+            int lsc[16];
+            for (int j = 0; j < 16; ++j) lsc[j] = Ls2[j][s];
+            F(q3k_scales)(lsc, ys + 96);
+            kq_put_f16(ys + 108, dv[s]);
+            const int c = 16 * s / CH; /* the chunk holding this super-block's sub-blocks */
+            F(q3k_finish)(xs, ys, lsc, (const kq_i32a *)Lv[c], CH, 16 * s - c * CH);
+        }
+        if (n < NL) memcpy(y + b * 110, out, (size_t)n * 110);
+    }
+}
+
 /* ================================================================ Q6_K */
 
-static void F(q6k)(const float *x, uint8_t *y, int64_t nb) {
+/* quantize_row_q6_K_ref (qw NULL: make_qx_quants weighs each element by x*x) or, with
+ * importance weights qw (n_per_row of them, for whole rows), quantize_row_q6_K_impl, which
+ * weighs each element by its qw alone: the rest of the two is the same code. */
+KQ_AI void F(q6k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
     enum { G = GROUP_VECS(16, KQ_G_QX), PER = G * NL / 16 };
+    int64_t first = 0; /* the first super-block of the group */
     KQ_GROUPS(x, y, nb, PER, 210, {
-        vf xt[16 * G];
+        vf xt[16 * G], wt[16 * G];
         vi Lv[16 * G];
         F(transpose)(xg, 16, G, xt);
+        if (qw) {
+            kq_f32a *wo = (kq_f32a *)wt;
+            for (int k = 0; k < G * NL; ++k) {
+                const float *qk = qw + (first * QK_K + 16 * (int64_t)k) % n_per_row;
+                for (int i = 0; i < 16; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+            }
+            first += PER;
+        } else {
+            for (int j = 0; j < 16 * G; ++j) wt[j] = xt[j] * xt[j];
+        }
         vf scv[G];
-        F(qxsearch)(G, xt, Lv, scv);
+        F(qxsearch)(G, 32, xt, wt, Lv, scv);
         const kq_f32a *scales = (const kq_f32a *)scv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
@@ -1256,6 +1582,11 @@ static void F(q6k)(const float *x, uint8_t *y, int64_t nb) {
             }
         }
     });
+}
+
+static void F(q6k)(const float *x, uint8_t *y, int64_t nb) { F(q6k_core)(x, y, nb, NULL, QK_K); }
+static void F(q6k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(q6k_core)(x, y, nb, qw, n_per_row);
 }
 
 /* ================================================================ legacy types (32-element blocks)

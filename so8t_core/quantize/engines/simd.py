@@ -4,7 +4,8 @@ libggml-base, which ``ggml_engine`` calls, is compiled without ``-march`` flags,
 reference K-quant code is scalar. ``_kquants`` re-implements the same reference algorithms
 (``quantize_row_q{2,3,4,5,6}_K_ref``, i.e. ``ggml_quantize_chunk`` without an importance matrix,
 which is what llama-quantize runs without ``--imatrix``; also Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
-and IQ4_NL and IQ4_XS with or without importance weights) and produces **the same bytes**,
+IQ4_NL and IQ4_XS with or without importance weights; and the K types with them too, i.e.
+``quantize_row_q{2,3,4,5,6}_K_impl``, what llama-quantize runs with ``--imatrix``) and produces **the same bytes**,
 several times faster: every float operation is the
 reference's own IEEE float32 operation in the reference's order (no FMA, no reassociation), and
 the speed comes from quantizing 8-48 independent sub-blocks side by side in SIMD lanes.
@@ -53,9 +54,12 @@ SUPPORTED: frozenset[GGMLQuantizationType] = (
     IMPLEMENTED if ISA not in (None, "generic")
     else IMPLEMENTED & (_K_TYPES | _IQ4_TYPES | {GGMLQuantizationType.Q8_0})
 )
-#: The types ``quantize_rows`` also quantizes with an importance matrix (libggml's
-#: importance-weighted quantizer for them is the same function as without one).
-WEIGHTED: frozenset[GGMLQuantizationType] = SUPPORTED & _IQ4_TYPES
+#: The types the extension also quantizes with an importance matrix: IQ4_NL and IQ4_XS (libggml's
+#: importance-weighted quantizer for them is the same function as without one), and the K
+#: types (their ``_impl`` functions: another search than without one).
+_WEIGHTED_IMPLEMENTED = _IQ4_TYPES | _K_TYPES
+#: The types ``quantize_rows`` also quantizes with an importance matrix.
+WEIGHTED: frozenset[GGMLQuantizationType] = SUPPORTED & _WEIGHTED_IMPLEMENTED
 
 
 def available() -> bool:
@@ -106,7 +110,7 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, n_threads: int | No
     nrows = arr.size // n_per_row
     qw = None
     if imatrix is not None:
-        if qtype not in _IQ4_TYPES:
+        if qtype not in _WEIGHTED_IMPLEMENTED:
             raise ValueError(f"{qtype.name} with an importance matrix is not supported by the simd engine; "
                              "use ggml_engine")
         qw = np.ascontiguousarray(imatrix, dtype=np.float32)
