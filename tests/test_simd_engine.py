@@ -22,7 +22,7 @@ K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]
 ALL_TYPES = K_TYPES + LEGACY_TYPES + IQ4_TYPES
-WEIGHTED_TYPES = IQ4_TYPES + K_TYPES  # also with importance weights
+WEIGHTED_TYPES = IQ4_TYPES + K_TYPES + [T.Q4_0, T.Q5_0]  # also with importance weights
 UNWEIGHTED = T.Q8_0  # in simd's SUPPORTED on every CPU, never quantized with importance weights by it
 
 

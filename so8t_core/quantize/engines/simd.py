@@ -55,9 +55,9 @@ SUPPORTED: frozenset[GGMLQuantizationType] = (
     else IMPLEMENTED & (_K_TYPES | _IQ4_TYPES | {GGMLQuantizationType.Q8_0})
 )
 #: The types the extension also quantizes with an importance matrix: IQ4_NL and IQ4_XS (libggml's
-#: importance-weighted quantizer for them is the same function as without one), and the K
-#: types (their ``_impl`` functions: another search than without one).
-_WEIGHTED_IMPLEMENTED = _IQ4_TYPES | _K_TYPES
+#: importance-weighted quantizer for them is the same function as without one), the K types and
+#: Q4_0/Q5_0 (their ``_impl`` functions: another search than without one).
+_WEIGHTED_IMPLEMENTED = _IQ4_TYPES | _K_TYPES | {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0}
 #: The types ``quantize_rows`` also quantizes with an importance matrix.
 WEIGHTED: frozenset[GGMLQuantizationType] = SUPPORTED & _WEIGHTED_IMPLEMENTED
 
