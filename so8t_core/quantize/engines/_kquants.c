@@ -4,8 +4,8 @@
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
  * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl (what
- * ggml_quantize_chunk runs for the K types with importance weights), several times faster: libggml-base is compiled without
+ * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl and quantize_row_q{4,5}_{0,1}_impl (what
+ * ggml_quantize_chunk runs for the K and legacy types with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -307,9 +307,9 @@ typedef struct {
 
 static const kq_type KQ_TYPES[] = {
     {T_Q4_0, 32, 18, KQ_FNS(q4_0), KQ_FNS(q4_0_w)},
-    {T_Q4_1, 32, 20, KQ_FNS(q4_1)},
+    {T_Q4_1, 32, 20, KQ_FNS(q4_1), KQ_FNS(q4_1_w)},
     {T_Q5_0, 32, 22, KQ_FNS(q5_0), KQ_FNS(q5_0_w)},
-    {T_Q5_1, 32, 24, KQ_FNS(q5_1)},
+    {T_Q5_1, 32, 24, KQ_FNS(q5_1), KQ_FNS(q5_1_w)},
     {T_Q8_0, 32, 34, KQ_FNS(q8_0)},
     {T_Q2_K, QK_K, 84, KQ_FNS(q2k), KQ_FNS(q2k_w)},
     {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
@@ -570,7 +570,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS and the K types only). Releases the GIL."},
+     "IQ4_XS, the K types and Q4_0/Q4_1/Q5_0/Q5_1 only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -1864,6 +1864,12 @@ static void F(q4_0_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, i
 }
 static void F(q5_0_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
     F(legacy_w)(x, y, nb, qw, n_per_row, 16, 0);
+}
+static void F(q4_1_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 15, 1);
+}
+static void F(q5_1_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 31, 1);
 }
 
 /* ================================================================ IQ4_NL / IQ4_XS
