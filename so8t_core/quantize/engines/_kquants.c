@@ -1804,8 +1804,10 @@ KQ_AI void F(legacy_w)(const float *restrict x, uint8_t *restrict y, int64_t nb,
     uint8_t out[GMAX * NL * 24];
     vf xt[32 * GMAX], wt[32 * GMAX], sigma[GMAX], scv[GMAX], mnv[GMAX];
     vi Lv[32 * GMAX];
-    int64_t row = -1; /* the row whose sigma2 is cached */
-    float row_sigma2 = 0.f;
+    enum { ROWS = 8 };
+    const int64_t nrows = nb / bpr;
+    int64_t row0 = 0, nrow0 = 0; /* the rows row0 .. row0+nrow0-1 have their sigma2 in sig2 */
+    float sig2[ROWS];
     for (int64_t b = 0; b < nb; b += LANES) {
         const int n = nb - b < LANES ? (int)(nb - b) : LANES;
         const float *xg = x + b * 32;
@@ -1819,14 +1821,19 @@ KQ_AI void F(legacy_w)(const float *restrict x, uint8_t *restrict y, int64_t nb,
         kq_f32a *wo = (kq_f32a *)wt, *so = (kq_f32a *)sigma;
         for (int k = 0; k < LANES; ++k) {
             const int64_t bi = b + (k < n ? k : 0);
-            if (bi / bpr != row) {
-                row = bi / bpr;
-                const float *xr = x + row * n_per_row;
-                float sum_x2 = 0;
-                for (int64_t j = 0; j < n_per_row; ++j) sum_x2 += xr[j] * xr[j];
-                row_sigma2 = sum_x2 / (float)n_per_row;
+            const int64_t r = bi / bpr;
+            if (r < row0 || r >= row0 + nrow0) {
+                /* each row's sum of x^2 in element order, ROWS rows side by side */
+                row0 = r;
+                nrow0 = nrows - r < ROWS ? nrows - r : ROWS;
+                float s2[ROWS] = {0};
+                const float *xr = x + r * n_per_row;
+                for (int64_t j = 0; j < n_per_row; ++j)
+                    for (int q = 0; q < ROWS; ++q)
+                        if (q < nrow0) s2[q] += xr[q * n_per_row + j] * xr[q * n_per_row + j];
+                for (int q = 0; q < nrow0; ++q) sig2[q] = s2[q] / (float)n_per_row;
             }
-            so[k] = row_sigma2;
+            so[k] = sig2[r - row0];
             const float *qk = qw + (bi % bpr) * 32;
             for (int i = 0; i < 32; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
         }
