@@ -9,7 +9,7 @@ Three engines produce the same bytes:
 * ``simd``: our C extension (``_kquants.c``), the same reference algorithms run on many
   blocks at once in SIMD lanes, 3-10× faster than libggml's scalar code on the K types
   and ~25× on IQ4_NL/IQ4_XS (tests/test_simd_engine.py, benchmarks/engines.py). Types it does
-  not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS/Q2_K-Q6_K (``simd.WEIGHTED``),
+  not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS/Q2_K-Q6_K/Q4_0-Q5_1 (``simd.WEIGHTED``),
   go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
   checked byte for byte against ``ggml`` (tests/test_torch_engine.py). Types it has no port
