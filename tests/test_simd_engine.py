@@ -2,7 +2,8 @@
 
 The reference is ``ggml_engine.quantize_rows(x, t, n_threads=1)``: libggml-base's own
 ``ggml_quantize_chunk`` without an importance matrix, i.e. llama-quantize's output; for IQ4_NL,
-IQ4_XS and the K types also with one (``imatrix=``), as llama-quantize runs them with ``--imatrix``.
+IQ4_XS, the K types and Q4_0/Q4_1/Q5_0/Q5_1 also with one (``imatrix=``), as llama-quantize runs
+them with ``--imatrix``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 IQ4_TYPES = [T.IQ4_NL, T.IQ4_XS]
 ALL_TYPES = K_TYPES + LEGACY_TYPES + IQ4_TYPES
-WEIGHTED_TYPES = IQ4_TYPES + K_TYPES  # also with importance weights
+WEIGHTED_TYPES = IQ4_TYPES + K_TYPES + [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]  # also with importance weights
 UNWEIGHTED = T.Q8_0  # in simd's SUPPORTED on every CPU, never quantized with importance weights by it
 
 

@@ -4,12 +4,12 @@ Three engines produce the same bytes:
 
 * ``ggml``: libggml's own quantizers (``ggml_quantize_chunk``) through ctypes, i.e. exactly
   what llama-quantize writes; threads over row chunks. The oracle the others are checked
-  against, and the engine for importance-matrix quantization (but for IQ4_NL, IQ4_XS and
-  the K types Q2_K-Q6_K, which ``simd`` also quantizes with importance weights).
+  against, and the engine for importance-matrix quantization (but for IQ4_NL, IQ4_XS, the K
+  types Q2_K-Q6_K and Q4_0-Q5_1, which ``simd`` also quantizes with importance weights).
 * ``simd``: our C extension (``_kquants.c``), the same reference algorithms run on many
   blocks at once in SIMD lanes, 3-10× faster than libggml's scalar code on the K types
   and ~25× on IQ4_NL/IQ4_XS (tests/test_simd_engine.py, benchmarks/engines.py). Types it does
-  not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS/Q2_K-Q6_K (``simd.WEIGHTED``),
+  not speed up, and imatrix quantization of types other than IQ4_NL/IQ4_XS/Q2_K-Q6_K/Q4_0-Q5_1 (``simd.WEIGHTED``),
   go to ``ggml``.
 * ``torch``: a vectorized port of the reference quantizers that runs on CUDA when present,
   checked byte for byte against ``ggml`` (tests/test_torch_engine.py). Types it has no port

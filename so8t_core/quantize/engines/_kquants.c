@@ -4,8 +4,8 @@
  * Produces exactly the bytes of ggml's reference quantizers, quantize_row_q{2,3,4,5,6}_K_ref
  * (what ggml_quantize_chunk and llama-quantize run without an importance matrix) and the
  * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 refs, of quantize_iq4_nl / quantize_iq4_xs with or without
- * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl (what
- * ggml_quantize_chunk runs for the K types with importance weights), several times faster: libggml-base is compiled without
+ * importance weights, and of quantize_row_q{2,3,4,5,6}_K_impl and quantize_row_q{4,5}_{0,1}_impl (what
+ * ggml_quantize_chunk runs for the K and legacy types with importance weights), several times faster: libggml-base is compiled without
  * -march flags, so its reference code is scalar SSE. The algorithms follow ggml-quants.c;
  * the code is written anew around SIMD lanes.
  *
@@ -306,10 +306,10 @@ typedef struct {
 #endif
 
 static const kq_type KQ_TYPES[] = {
-    {T_Q4_0, 32, 18, KQ_FNS(q4_0)},
-    {T_Q4_1, 32, 20, KQ_FNS(q4_1)},
-    {T_Q5_0, 32, 22, KQ_FNS(q5_0)},
-    {T_Q5_1, 32, 24, KQ_FNS(q5_1)},
+    {T_Q4_0, 32, 18, KQ_FNS(q4_0), KQ_FNS(q4_0_w)},
+    {T_Q4_1, 32, 20, KQ_FNS(q4_1), KQ_FNS(q4_1_w)},
+    {T_Q5_0, 32, 22, KQ_FNS(q5_0), KQ_FNS(q5_0_w)},
+    {T_Q5_1, 32, 24, KQ_FNS(q5_1), KQ_FNS(q5_1_w)},
     {T_Q8_0, 32, 34, KQ_FNS(q8_0)},
     {T_Q2_K, QK_K, 84, KQ_FNS(q2k), KQ_FNS(q2k_w)},
     {T_Q3_K, QK_K, 110, KQ_FNS(q3k), KQ_FNS(q3k_w)},
@@ -570,7 +570,7 @@ static PyMethodDef kq_methods[] = {
      "quantize(ggml_type, src, dst, nrows, n_per_row, isa=-1, imatrix=None) -> bytes written. src: C-contiguous "
      "float32 buffer of nrows*n_per_row values; dst: writable buffer. isa: index into ('generic', 'avx2', "
      "'avx512'), -1 for the best the CPU supports. imatrix: n_per_row float32 importance weights (IQ4_NL, "
-     "IQ4_XS and the K types only). Releases the GIL."},
+     "IQ4_XS, the K types and Q4_0/Q4_1/Q5_0/Q5_1 only). Releases the GIL."},
     {"supported", py_supported, METH_NOARGS, "ggml type ids this module quantizes"},
     {"isas", py_isas, METH_NOARGS, "names of the kernel sets usable on this CPU, best first"},
     {"block_info", py_block_info, METH_VARARGS, "block_info(ggml_type) -> (elements, bytes) per block"},
@@ -944,9 +944,9 @@ KQ_AI void F(q3search)(const int G, const vf *restrict x, vi *restrict L, vf *re
 }
 
 /* sums of one candidate scale of make_qx_quants: sumlx += (w*x)*l, suml2 += (w*l)*l */
-KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *restrict x, const vf *restrict w,
-                      const vf *restrict wx, const vf *isc, vf *sumlx, vf *suml2) {
-    for (int i = 0; i < 16; ++i)
+KQ_AI void F(qx_sums)(const int G, const int S, const int nmax, const int safe, const vf *restrict x,
+                      const vf *restrict w, const vf *restrict wx, const vf *isc, vf *sumlx, vf *suml2) {
+    for (int i = 0; i < S; ++i)
         for (int g = 0; g < G; ++g) {
             const int j = i * G + g;
             const vf v = isc[g] * x[j];
@@ -956,14 +956,13 @@ KQ_AI void F(qx_sums)(const int G, const int nmax, const int safe, const vf *res
         }
 }
 
-/* --- make_qx_quants(16, nmax, x, L, rmse_type=1, w) for G*NL sub-blocks, with the weights w of
- * each element (x*x is rmse_type 1 without explicit weights). L: codes 0..2*nmax-1 */
-KQ_AI void F(qxsearch)(const int G, const int nmax, const vf *restrict x, const vf *restrict w, vi *restrict L,
-                       vf *restrict scale_out) {
-    const int S = 16;
+/* --- make_qx_quants(S, nmax, x, L, rmse_type=1, w) for G*NL sub-blocks of S <= 32 elements, with
+ * the weights w of each element (x*x is rmse_type 1 without explicit weights). L: codes 0..2*nmax-1 */
+KQ_AI void F(qxsearch)(const int G, const int S, const int nmax, const vf *restrict x, const vf *restrict w,
+                       vi *restrict L, vf *restrict scale_out) {
     const vf zero = F(splat)(0.f);
     vf max[GMAX], amax[GMAX], sumlx[GMAX], suml2[GMAX], scale[GMAX], best[GMAX], best_iscale[GMAX];
-    vf wx[16 * GMAX];
+    vf wx[32 * GMAX];
     F(absmax)(G, S, x, max, amax);
     const int finite_x = F(no_nan)(S * G, x);
     for (int j = 0; j < S * G; ++j) wx[j] = w[j] * x[j];
@@ -996,9 +995,9 @@ KQ_AI void F(qxsearch)(const int G, const int nmax, const vf *restrict x, const 
             safe &= F(all)(F(vabs)(isc[g] * max[g]) < F(splat)(0x1p21f));
         }
         if (safe)
-            F(qx_sums)(G, nmax, 1, x, w, wx, isc, sumlx, suml2);
+            F(qx_sums)(G, S, nmax, 1, x, w, wx, isc, sumlx, suml2);
         else
-            F(qx_sums)(G, nmax, 0, x, w, wx, isc, sumlx, suml2);
+            F(qx_sums)(G, S, nmax, 0, x, w, wx, isc, sumlx, suml2);
         for (int g = 0; g < G; ++g) {
             const vi take = (suml2[g] > zero) & (sumlx[g] * sumlx[g] > best[g] * suml2[g]);
             const vf s = sumlx[g] / suml2[g];
@@ -1481,7 +1480,7 @@ static void F(q3k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, in
                     wt[i * G + g] = wt[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
                     sw[g] = sw[g] + wt[i * G + g];
                 }
-            F(qxsearch)(G, 4, xt, wt, Lv[c], scv);
+            F(qxsearch)(G, 16, 4, xt, wt, Lv[c], scv);
             memcpy(sc_all + c * CH, scv, sizeof scv);
             memcpy(sw_all + c * CH, sw, sizeof sw);
         }
@@ -1490,7 +1489,7 @@ static void F(q3k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, in
         vi Ls2[16];
         F(transpose)(sc_all, 16, 1, st);
         F(transpose)(sw_all, 16, 1, swt);
-        F(qxsearch)(1, 32, st, swt, Ls2, &dv);
+        F(qxsearch)(1, 16, 32, st, swt, Ls2, &dv);
 
         for (int s = 0; s < NL; ++s) {
             const float *xs = xg + s * QK_K;
@@ -1529,7 +1528,7 @@ KQ_AI void F(q6k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, 
             for (int j = 0; j < 16 * G; ++j) wt[j] = xt[j] * xt[j];
         }
         vf scv[G];
-        F(qxsearch)(G, 32, xt, wt, Lv, scv);
+        F(qxsearch)(G, 16, 32, xt, wt, Lv, scv);
         const kq_f32a *scales = (const kq_f32a *)scv;
         const kq_i32a *Ls = (const kq_i32a *)Lv;
 
@@ -1788,6 +1787,96 @@ static void F(q8_0)(const float *x, uint8_t *y, int64_t nb) {
         kq_put_f16(y, d);
         for (int k = 0; k < NV; ++k) F(narrow)(F(cvtt_roundf)(v[k] * id) & 0xff, y + 2 + NL * k);
     }
+}
+
+/* quantize_row_q{4,5}_{0,1}_impl: the legacy types with importance weights qw (n_per_row of them,
+ * for whole rows). Each 32-element block is searched with the weights qw * sqrtf(sigma2 + x^2),
+ * sigma2 = sum x^2 / n_per_row over the block's ROW (summed in element order): Q4_0/Q5_0 by
+ * make_qx_quants(32, 8 or 16, rmse_type 1), Q4_1/Q5_1 by make_qkx3_quants(32, 15 or 31, -0.9, 0.05,
+ * 36), whose codes are stored as they are (no requantization). G*NL blocks side by side, lane k
+ * holding block k of the group; x starts at a row. */
+KQ_AI void F(legacy_w)(const float *restrict x, uint8_t *restrict y, int64_t nb, const float *restrict qw,
+                       int64_t n_per_row, const int nmax, const int with_min) {
+    const int G = with_min ? KQ_G_QKX2 : KQ_G_QX, LANES = G * NL;
+    const int q5 = nmax == 16 || nmax == 31, bytes = 18 + 2 * with_min + 4 * q5;
+    const int64_t bpr = n_per_row / 32;
+    float pad[32 * GMAX * NL];
+    uint8_t out[GMAX * NL * 24];
+    vf xt[32 * GMAX], wt[32 * GMAX], sigma[GMAX], scv[GMAX], mnv[GMAX];
+    vi Lv[32 * GMAX];
+    enum { ROWS = 8 };
+    const int64_t nrows = nb / bpr;
+    int64_t row0 = 0, nrow0 = 0; /* the rows row0 .. row0+nrow0-1 have their sigma2 in sig2 */
+    float sig2[ROWS];
+    for (int64_t b = 0; b < nb; b += LANES) {
+        const int n = nb - b < LANES ? (int)(nb - b) : LANES;
+        const float *xg = x + b * 32;
+        uint8_t *yg = n < LANES ? out : y + b * bytes;
+        if (n < LANES) {
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xg, (size_t)n * 32 * sizeof(float));
+            xg = pad;
+        }
+        F(transpose)(xg, 32, G, xt);
+        kq_f32a *wo = (kq_f32a *)wt, *so = (kq_f32a *)sigma;
+        for (int k = 0; k < LANES; ++k) {
+            const int64_t bi = b + (k < n ? k : 0);
+            const int64_t r = bi / bpr;
+            if (r < row0 || r >= row0 + nrow0) {
+                /* each row's sum of x^2 in element order, ROWS rows side by side */
+                row0 = r;
+                nrow0 = nrows - r < ROWS ? nrows - r : ROWS;
+                float s2[ROWS] = {0};
+                const float *xr = x + r * n_per_row;
+                for (int64_t j = 0; j < n_per_row; ++j)
+                    for (int q = 0; q < ROWS; ++q)
+                        if (q < nrow0) s2[q] += xr[q * n_per_row + j] * xr[q * n_per_row + j];
+                for (int q = 0; q < nrow0; ++q) sig2[q] = s2[q] / (float)n_per_row;
+            }
+            so[k] = sig2[r - row0];
+            const float *qk = qw + (bi % bpr) * 32;
+            for (int i = 0; i < 32; ++i) wo[(i * G + k / NL) * NL + k % NL] = qk[i];
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int g = 0; g < G; ++g) {
+                const vf xi = xt[i * G + g];
+                wt[i * G + g] = wt[i * G + g] * F(vsqrt)(sigma[g] + xi * xi);
+            }
+        if (with_min)
+            F(qkx2)(G, 32, nmax, -0.9f, 0.05f, 36, 0, xt, wt, scv, mnv, Lv);
+        else
+            F(qxsearch)(G, 32, nmax, xt, wt, Lv, scv);
+        const kq_f32a *scales = (const kq_f32a *)scv, *mins = (const kq_f32a *)mnv;
+        const kq_i32a *Ls = (const kq_i32a *)Lv;
+        for (int k = 0; k < n; ++k) {
+            uint8_t *yb = yg + (int64_t)k * bytes;
+            kq_put_f16(yb, scales[k]);
+            if (with_min) kq_put_f16(yb + 2, -mins[k]);
+            uint8_t *qs = yb + 2 + 2 * with_min + 4 * q5;
+            uint32_t qh = 0;
+            for (int j = 0; j < 16; ++j) {
+                const uint32_t l0 = (uint32_t)Ls[j * LANES + k], l1 = (uint32_t)Ls[(j + 16) * LANES + k];
+                qs[j] = (uint8_t)((l0 & 0xF) | ((l1 & 0xF) << 4));
+                qh |= ((l0 & 0x10u) >> 4) << j;
+                qh |= ((l1 & 0x10u) >> 4) << (j + 16);
+            }
+            if (q5) memcpy(yb + 2 + 2 * with_min, &qh, 4);
+        }
+        if (n < LANES) memcpy(y + b * bytes, out, (size_t)n * bytes);
+    }
+}
+
+static void F(q4_0_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 8, 0);
+}
+static void F(q5_0_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 16, 0);
+}
+static void F(q4_1_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 15, 1);
+}
+static void F(q5_1_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, int64_t n_per_row) {
+    F(legacy_w)(x, y, nb, qw, n_per_row, 31, 1);
 }
 
 /* ================================================================ IQ4_NL / IQ4_XS

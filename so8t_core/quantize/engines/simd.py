@@ -5,7 +5,8 @@ reference K-quant code is scalar. ``_kquants`` re-implements the same reference 
 (``quantize_row_q{2,3,4,5,6}_K_ref``, i.e. ``ggml_quantize_chunk`` without an importance matrix,
 which is what llama-quantize runs without ``--imatrix``; also Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
 IQ4_NL and IQ4_XS with or without importance weights; and the K types with them too, i.e.
-``quantize_row_q{2,3,4,5,6}_K_impl``, what llama-quantize runs with ``--imatrix``) and produces **the same bytes**,
+``quantize_row_q{2,3,4,5,6}_K_impl``, what llama-quantize runs with ``--imatrix``, and the legacy
+types but Q8_0 with them, ``quantize_row_q{4,5}_{0,1}_impl``) and produces **the same bytes**,
 several times faster: every float operation is the
 reference's own IEEE float32 operation in the reference's order (no FMA, no reassociation), and
 the speed comes from quantizing 8-48 independent sub-blocks side by side in SIMD lanes.
@@ -55,9 +56,10 @@ SUPPORTED: frozenset[GGMLQuantizationType] = (
     else IMPLEMENTED & (_K_TYPES | _IQ4_TYPES | {GGMLQuantizationType.Q8_0})
 )
 #: The types the extension also quantizes with an importance matrix: IQ4_NL and IQ4_XS (libggml's
-#: importance-weighted quantizer for them is the same function as without one), and the K
-#: types (their ``_impl`` functions: another search than without one).
-_WEIGHTED_IMPLEMENTED = _IQ4_TYPES | _K_TYPES
+#: importance-weighted quantizer for them is the same function as without one), the K types and
+#: Q4_0, Q4_1, Q5_0 and Q5_1 (their ``_impl`` functions: another search than without one).
+_WEIGHTED_IMPLEMENTED = _IQ4_TYPES | _K_TYPES | {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                                                 GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1}
 #: The types ``quantize_rows`` also quantizes with an importance matrix.
 WEIGHTED: frozenset[GGMLQuantizationType] = SUPPORTED & _WEIGHTED_IMPLEMENTED
 
