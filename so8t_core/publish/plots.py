@@ -102,12 +102,13 @@ def plot_size_vs_kld(rows: Sequence[dict], title: str, path: str) -> str:
         if r.get("kld_mean") is None:
             continue
         base = r["quant"] in ("F32", "BF16")
-        x, y = r["size"] / 1e6, r["kld_mean"]
+        x, y = r["size"] / 2**20, r["kld_mean"]  # MiB, as the card's table
         ax.scatter([x], [y], s=70 if base else 30, marker="*" if base else "o",
                    color="#c44e52" if base else "#4c72b0", zorder=3)
         ax.annotate(r["quant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("file size (MB)")
+    ax.margins(x=0.08, y=0.1)  # room for the labels of the points at the edges
+    ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KLD vs F32 (nats)")
     ax.set_title(title, wrap=True)
     ax.grid(True, which="both", alpha=0.3)
