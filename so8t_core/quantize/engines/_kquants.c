@@ -1076,6 +1076,14 @@ KQ_AI void F(pack2)(const uint8_t *restrict L, uint8_t *restrict qs) {
 
 /* ================================================================ Q4_K / Q5_K */
 
+/* The sum of x^2 of each of n consecutive super-blocks of xg, each in element order as ggml adds
+ * it (sigma2 of the importance-weighted K quantizers), the n chains side by side. */
+KQ_AI void F(superblock_sumx2)(const float *restrict xg, const int n, float *restrict s2) {
+    for (int s = 0; s < n; ++s) s2[s] = 0.f;
+    for (int j = 0; j < QK_K; ++j)
+        for (int s = 0; s < n; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+}
+
 /* quantize_row_q{4,5}_K_ref (qw NULL) or, with importance weights qw (n_per_row of them, for
  * whole rows), quantize_row_q{4,5}_K_impl. The two differ in the weights of the search
  * (av_x + |x| per sub-block; qw * sqrtf(sigma2 + x^2), sigma2 = 2 * sum x^2 / 256 over the
@@ -1095,11 +1103,8 @@ KQ_AI void F(q45k)(const float *restrict x, uint8_t *restrict y, int64_t nb, con
         F(transpose)(xg, 32, G, xt);
         vf scv[G], mnv[G], swv[G];
         if (qw) {
-            /* sigma2 of each super-block: its sum of x^2 in element order (PER chains side by side) */
-            float s2[PER];
-            for (int s = 0; s < PER; ++s) s2[s] = 0.f;
-            for (int j = 0; j < QK_K; ++j)
-                for (int s = 0; s < PER; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+            float s2[PER]; /* sigma2 of each super-block */
+            F(superblock_sumx2)(xg, PER, s2);
             vf sigma[G];
             kq_f32a *wo = (kq_f32a *)w, *so = (kq_f32a *)sigma;
             for (int k = 0; k < G * NL; ++k) {
@@ -1254,11 +1259,8 @@ KQ_AI void F(q2k_core)(const float *x, uint8_t *y, int64_t nb, const float *qw, 
         F(transpose)(xg, 16, G, xt);
         vf scv[G], mnv[G], swv[G];
         if (qw) {
-            /* sigma2 of each super-block: its sum of x^2 in element order (PER chains side by side) */
-            float s2[PER];
-            for (int s = 0; s < PER; ++s) s2[s] = 0.f;
-            for (int j = 0; j < QK_K; ++j)
-                for (int s = 0; s < PER; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+            float s2[PER]; /* sigma2 of each super-block */
+            F(superblock_sumx2)(xg, PER, s2);
             vf sigma[G];
             kq_f32a *wo = (kq_f32a *)w, *so = (kq_f32a *)sigma;
             for (int k = 0; k < G * NL; ++k) {
@@ -1455,11 +1457,8 @@ static void F(q3k_w)(const float *x, uint8_t *y, int64_t nb, const float *qw, in
             xg = pad;
             yg = out;
         }
-        /* sigma2 of each super-block: its sum of x^2 in element order (NL chains side by side) */
-        float s2[NL];
-        for (int s = 0; s < NL; ++s) s2[s] = 0.f;
-        for (int j = 0; j < QK_K; ++j)
-            for (int s = 0; s < NL; ++s) s2[s] += xg[s * QK_K + j] * xg[s * QK_K + j];
+        float s2[NL]; /* sigma2 of each super-block */
+        F(superblock_sumx2)(xg, NL, s2);
         for (int s = 0; s < NL; ++s) s2[s] = (2.f * s2[s]) / (float)QK_K;
 
         for (int c = 0; c < NCH; ++c) {
