@@ -336,7 +336,7 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
     gains = None
     if p.evaluates:  # the damage weighted by what each tensor class does to the KLD: a predicted KLD
         console.stage(f"measuring each tensor class's KLD gain with probes on {PROBE_CHUNKS} chunks")
-        base = evaluation_base(f32, p.eval_text, run.eval_text_sha256, p.eval_ctx, p.eval_chunks, run.work_dir)
+        base, _ = evaluation_base_of(run, src, model)  # the evaluate stage's base, of this F32 file
         gains = measure_gains(f32, base, imatrix_ref, tensors, run.engine,
                               gains_file(run.work_dir, model.fingerprint, imatrix_ref[1] if imatrix_ref else None,
                                          run.eval_text_sha256, p.eval_ctx))
@@ -530,11 +530,12 @@ def publish(run: Run, src: SourceRef, model: Model, staged: dict[str, list[Stage
     gates is left out; the run then fails, naming it and what was published."""
     gated = {q: e["failures"] for q, e in evaluations.items() if not e["passed"]}
     quants = [q for q in run.quants if q not in gated]
+    gates_failed = bool(gated)
     gated.update(run.unmet)  # --target-kld's release when no file met it: never assembled, not published
-    what = " and ".join(w for w, any_ in (("quality gates failed", len(gated) > len(run.unmet)),
-                                          ("target not met", run.unmet)) if any_)
-    hint = "see the evaluation in the run's log, or " + ("loosen --max-kld / --min-same-top"
-                                                           if len(gated) > len(run.unmet) else "raise --target-kld")
+    what = " and ".join(w for w, any_ in (("quality gates failed", gates_failed), ("target not met", run.unmet))
+                        if any_)
+    hint = "see the evaluation in the run's log, or " + ("loosen --max-kld / --min-same-top" if gates_failed
+                                                           else "raise --target-kld")
     analysis_path = os.path.join(files.out_dir, ANALYSIS_NAME)
     _write_json(analysis_path, model.analysis)
     common = {ANALYSIS_NAME: file_ref(analysis_path)}

@@ -12,7 +12,7 @@ from so8t_core.quantize.imatrix import load_imatrix_cached
 from so8t_core.quantize.target import TensorOptions, measure_gguf
 from so8t_core.refs import FileRef
 from so8t_core.validate.gains import PROBE_CHUNKS, class_gains, read_gains, write_gains
-from so8t_core.validate.perplexity import BaseLogProbs, read_base_file
+from so8t_core.validate.perplexity import read_base_file
 
 
 @task(name="measure-damage")
@@ -32,9 +32,7 @@ def measure_gains(f32: FileRef, base: FileRef, imatrix: tuple[str, str] | None, 
     (:func:`~so8t_core.validate.gains.gains_file`), so a re-run, a second target or a dry run reuses them."""
     gains = read_gains(path)
     if gains is None:
-        full = read_base_file(base.uri, mmap=True)
-        k = min(PROBE_CHUNKS, full.n_chunk)
-        first = BaseLogProbs(full.n_ctx, full.n_vocab, full.tokens[:k * full.n_ctx], full.rows[:k])
+        first = read_base_file(base.uri, mmap=True).first_chunks(PROBE_CHUNKS)
         im = load_imatrix_cached(imatrix[0], imatrix[1]) if imatrix else None
         gains = class_gains(f32.uri, tensors, first, os.path.join(os.path.dirname(path), "probes"), im, engine)
         write_gains(path, gains)

@@ -60,10 +60,7 @@ def target_dry_run(ckpt, plan: Sequence, model, bpw: float, imatrix=None, cache_
     tensors = []
     for item in plan:
         data, _ = materialize(item, ckpt, ckpt.uri)
-        shape = tuple(item.shape)
-        importance = imatrix.for_tensor(item.gguf_name, shape) if imatrix is not None and len(shape) > 1 else None
-        if importance is not None and importance.size != shape[-1]:
-            importance = None  # as target.measure_gguf: per-expert entries are not measured per expert yet
+        importance = target.measured_importance(imatrix, item.gguf_name, tuple(item.shape))  # as the run's
         tensors.append(target.measure_tensor(item.gguf_name, np.ascontiguousarray(data, np.float32), importance,
                                              cache_dir))
     if gains:

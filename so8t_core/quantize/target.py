@@ -167,11 +167,17 @@ def measure_gguf(path: str, imatrix=None, cache_dir: str | None = None, max_rows
                                    "measure the F32 file of the run")
         shape = contents.numpy_shape(t)
         data = np.asarray(t.data).reshape(shape)
-        importance = imatrix.for_tensor(t.name, shape) if imatrix is not None and len(shape) > 1 else None
-        if importance is not None and importance.size != shape[-1]:
-            importance = None  # per-expert entries (MoE): not measured per expert yet
-        out.append(measure_tensor(t.name, data, importance, cache_dir, max_rows=max_rows, n_threads=n_threads))
+        out.append(measure_tensor(t.name, data, measured_importance(imatrix, t.name, shape), cache_dir,
+                                  max_rows=max_rows, n_threads=n_threads))
     return out
+
+
+def measured_importance(imatrix, name: str, shape: Sequence[int]) -> np.ndarray | None:
+    """The importance row a tensor's damage is measured with (``imatrix``: an Imatrix or None):
+    its entry, when it has one row for the whole tensor (per-expert entries of MoE stacks are not
+    measured per expert yet)."""
+    importance = imatrix.for_tensor(name, shape) if imatrix is not None and len(shape) > 1 else None
+    return importance if importance is not None and importance.size == shape[-1] else None
 
 
 def probe_type(t: TensorOptions) -> T:

@@ -25,6 +25,7 @@ from so8t_core.gguf_file import TensorInfo, read_gguf, tensor_nbytes, write_gguf
 from so8t_core.llama_runtime import LlamaCppModel
 from so8t_core.quantize.engines import quantize
 from so8t_core.quantize.mixes import category
+from so8t_core.quantize.staging import expert_importance
 from so8t_core.quantize.target import TensorOptions, probe_type
 from so8t_core.refs import inputs_key
 from so8t_core.validate.perplexity import BaseLogProbs, kl_divergence
@@ -80,10 +81,10 @@ def probe_file(f32_gguf: str, types: Mapping[str, T], path: str, imatrix=None, e
         if info.ggml_type == T.F32:
             return memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
         importance = imatrix.for_tensor(info.name, info.shape) if imatrix is not None else None
-        if importance is not None and data.ndim == 3:  # one importance row per expert
-            columns = data.shape[-1]
-            return b"".join(bytes(quantize(data[e], info.ggml_type, engine, importance[e * columns:(e + 1) * columns],
-                                           n_threads)) for e in range(data.shape[0]))
+        if importance is not None and data.ndim == 3:  # one importance row per expert, as staging gives it
+            return b"".join(bytes(quantize(data[e], info.ggml_type, engine,
+                                           expert_importance(importance, info.shape, e * info.shape[1]), n_threads))
+                            for e in range(data.shape[0]))
         return quantize(data, info.ggml_type, engine, importance, n_threads)
 
     write_gguf(path, contents.value("general.architecture"), contents.kvs(), infos, tensor_bytes)

@@ -119,6 +119,11 @@ class BaseLogProbs:
     def n_chunk(self) -> int:
         return len(self.tokens) // self.n_ctx
 
+    def first_chunks(self, k: int) -> "BaseLogProbs":
+        """The first ``k`` chunks (all when there are fewer), as a base file of them would hold."""
+        k = min(k, self.n_chunk)
+        return BaseLogProbs(self.n_ctx, self.n_vocab, self.tokens[:k * self.n_ctx], self.rows[:k])
+
 
 def _quantize_log_probs(logits: np.ndarray) -> np.ndarray:
     """llama-perplexity's 16-bit rows for ``[n, n_vocab]`` logits (its ``log_softmax`` with ``log_prob``)."""
