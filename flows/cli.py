@@ -102,11 +102,13 @@ def _dry_run(args: argparse.Namespace) -> int:
             source = demo_source()
         spec, plan = preflight(source, params.lora, params.allow_tokenizer_mismatch)
         types = check_mixes(params, inputs, spec, plan)
+        mixes = {q: q for q in types}  # what each file is written as
         notes = {}
         if params.target_bpw or params.target_size:
             targets, notes = _dry_run_target(params, inputs, spec, plan, source)
-            types.update(targets)
-        report = dry_run_report(plan, types, notes)
+            for label, (mix, target_types) in targets.items():
+                mixes[label], types[label] = mix, target_types
+        report = dry_run_report(plan, types, notes, _dry_run_file_sizes(params, inputs, plan, source, mixes, types))
     finally:
         console.disable()
     if args.json:
@@ -116,13 +118,40 @@ def _dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run_file_sizes(params, inputs, plan: list, source: str, mixes: dict[str, str], types: dict) -> dict[str, int]:
+    """Each file's size, from its types and its metadata (assemble.model.model_file_size); none where
+    the run alone knows the metadata (a computed importance matrix's keys, a merged LoRA's) or cuts
+    the model into several files."""
+    import posixpath
+
+    from so8t_core.assemble.model import model_file_size
+    from so8t_core.constants import quant_type
+    from so8t_core.quantize.imatrix import imatrix_kvs
+    from so8t_core.source.checkpoint import Checkpoint
+    from so8t_core.storage import default_cache_dir
+
+    if params.computes_imatrix or params.lora or params.split_max_bytes or params.split_max_tensors:
+        return {}
+    ckpt = Checkpoint.open(source, cache_dir=default_cache_dir())
+    extra = imatrix_kvs(inputs.imatrix, posixpath.basename(params.imatrix.rstrip("/"))) if inputs.imatrix else ()
+    return {q: model_file_size(ckpt, quant_type(mixes[q]), inputs.name,
+                               [(p.gguf_name, tuple(p.shape), t) for p, t in zip(plan, qtypes, strict=True)], extra,
+                               params.allow_tokenizer_mismatch)
+            for q, qtypes in types.items()}
+
+
 def _dry_run_target(params, inputs, spec, plan: list, source: str) -> tuple[dict, dict]:
-    """The --target-bpw release's types, measured in memory (--target-size needs the assembled
-    file's metadata size, and an importance matrix from --calibration the run's computation), with
-    the class gains an earlier run measured (the run measures them with probes in llama.cpp when it
-    evaluates; without them the types can differ, and the report says so)."""
+    """The --target-bpw and --target-size releases' types, measured in memory (the size's budget from
+    the F32 file's size, known from the plan and the metadata without writing it), with the class
+    gains an earlier run measured (the run measures them with probes in llama.cpp when it evaluates;
+    without them the types can differ, and the report says so). An importance matrix from
+    --calibration is the run's computation, and a LoRA adapter the run's merge: refused."""
     import os
 
+    from gguf import GGMLQuantizationType
+
+    from so8t_core.assemble.model import model_file_size
+    from so8t_core.constants import quant_type
     from so8t_core.errors import UnsupportedError
     from so8t_core.quantize.dry_run import target_dry_run
     from so8t_core.quantize.mixes import ModelShape
@@ -131,28 +160,30 @@ def _dry_run_target(params, inputs, spec, plan: list, source: str) -> tuple[dict
     from so8t_core.storage import default_cache_dir
     from so8t_core.validate.gains import gains_file, read_gains
 
-    for given, why in ((params.target_size, "--target-size's budget depends on the assembled file's metadata"),
-                       (params.computes_imatrix, "the importance matrix is computed from --calibration by the run"),
+    for given, why in ((params.computes_imatrix, "the importance matrix is computed from --calibration by the run"),
                        (params.lora, "the LoRA adapter is merged by the run")):
         if given:
             raise UnsupportedError("--dry-run", f"not with this target yet: {why}",
-                                   "use --target-bpw with --imatrix FILE (or none), or run without --dry-run")
-    if not params.target_bpw:
-        return {}, {}
+                                   "use --imatrix FILE (or none), or run without --dry-run")
     work_dir = params.work_dir or os.path.join(default_cache_dir(), "work")
     ckpt = Checkpoint.open(source, cache_dir=default_cache_dir())
+    source_fingerprint = fingerprint(ckpt, cache_dir=work_dir).fingerprint
     gains = None
     if params.evaluates:
-        gains = read_gains(gains_file(work_dir, fingerprint(ckpt, cache_dir=work_dir).fingerprint,
-                                      inputs.imatrix.sha256 if inputs.imatrix else None, inputs.eval_text_sha256,
-                                      params.eval_ctx))
-    label, types = target_dry_run(ckpt, plan, ModelShape.from_spec(spec), params.target_bpw, inputs.imatrix,
-                                  os.path.join(work_dir, "damage"), gains)
+        gains = read_gains(gains_file(work_dir, source_fingerprint, inputs.imatrix.sha256 if inputs.imatrix else None,
+                                      inputs.eval_text_sha256, params.eval_ctx))
+    f32_size = 0
+    if params.target_size:
+        f32_size = model_file_size(ckpt, quant_type("F32"), inputs.name,
+                                   [(p.gguf_name, tuple(p.shape), GGMLQuantizationType.F32) for p in plan],
+                                   allow_tokenizer_mismatch=params.allow_tokenizer_mismatch)
+    targets = target_dry_run(ckpt, plan, ModelShape.from_spec(spec), params.target_bpw, params.target_size_bytes,
+                             f32_size, inputs.imatrix, os.path.join(work_dir, "damage"), gains)
     note = None
     if params.evaluates and gains is None:
         note = ("chosen by the measured damage alone: a run first measures each tensor class's KLD gain with probes "
                 "in llama.cpp, which can change these types (a dry run after it uses them)")
-    return {label: types}, {label: note} if note else {}
+    return targets, {label: note for label in targets} if note else {}
 
 
 def _convert(args: argparse.Namespace) -> dict:

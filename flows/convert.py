@@ -343,17 +343,7 @@ def target(run: Run, src: SourceRef, model: Model, imatrix: Importance | None) -
         run.say("class gains (mean KLD per unit of damage): %s",
                 ", ".join(f"{k} {v:.3g}" for k, v in sorted(gains.items(), key=lambda kv: -kv[1])))
         tensors = target_mix.with_gains(tensors, gains)
-    n_weights = sum(t.n_elements for t in tensors)
-    targets = []
-    if p.target_bpw:
-        targets.append(({"bpw": p.target_bpw}, target_mix.budget_for_bpw(tensors, p.target_bpw)))
-    if p.target_size:
-        # the file's header, metadata and alignment padding are the F32 file's, less a margin for the
-        # keys only a quantized file has (quantize.imatrix.*) and per-tensor padding
-        overhead = f32.size - 4 * n_weights + 32 * len(tensors) + 65536
-        targets.append(({"size": p.target_size_bytes}, p.target_size_bytes - overhead))
-    for goal, budget in targets:
-        label = target_mix.auto_label(p.target_bpw if "bpw" in goal else 8.0 * budget / n_weights)
+    for label, goal, budget in target_mix.target_budgets(tensors, p.target_bpw, p.target_size_bytes, f32.size):
         if label not in model.types:
             add_recipe(run, model, imatrix, tensors, gains, label, goal, target_mix.allocate(tensors, budget))
     if p.target_kld:

@@ -137,6 +137,35 @@ def write_gguf(path: str, arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequ
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def _value_nbytes(vtype: gguf.GGUFValueType, value: Any, sub_type: gguf.GGUFValueType | None = None) -> int:
+    if vtype == gguf.GGUFValueType.STRING:
+        return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    if vtype == gguf.GGUFValueType.ARRAY:  # element type, count, elements
+        return 4 + 8 + sum(_value_nbytes(sub_type, v) for v in value)
+    return _SCALAR_BYTES[vtype]
+
+
+def gguf_size(arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo]) -> int:
+    """The size of the file :func:`write_gguf` writes (unsplit) from these keys and tensors, without
+    writing it: the GGUF v3 layout (header, keys, tensor infos, padding to the alignment, each
+    tensor's data padded to it)."""
+    keys = [(kv.key, kv.vtype, kv.value, kv.sub_type) for kv in kvs if kv.key != "general.architecture"]
+    if arch is not None:
+        keys.insert(0, ("general.architecture", gguf.GGUFValueType.STRING, arch, None))
+    align = next((int(v) for k, _, v, _ in keys if k == "general.alignment"), gguf.GGUF_DEFAULT_ALIGNMENT)
+    size = 4 + 4 + 8 + 8  # magic, version, tensor count, key count
+    size += sum(8 + len(k.encode()) + 4 + _value_nbytes(vtype, v, sub) for k, vtype, v, sub in keys)
+    size += sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
+    pad = lambda n: -(-n // align) * align  # noqa: E731
+    return pad(size) + sum(pad(t.nbytes) for t in tensors)
+
+
 def split_paths(first: str) -> list[str]:
     """All files of a model given its first file (itself, when the model is not split)."""
     m = SPLIT_NAME_RE.match(os.path.basename(first))

@@ -8,6 +8,7 @@ from so8t_core.errors import ValidationError
 from so8t_core.gguf_file import (
     GGUFKV,
     TensorInfo,
+    gguf_size,
     kv_array,
     kv_bool,
     kv_f32,
@@ -50,6 +51,33 @@ def test_round_trip_of_metadata_and_tensors(tmp_path):
         np.testing.assert_array_equal(g.dequantized(t), dequantize(data[name], types[name], array.shape))
     # every tensor's data offset is aligned to 32 bytes, as ggml requires
     assert all(t.data_offset % 32 == 0 for t in g.tensors)
+
+
+def test_the_size_of_a_file_is_known_before_it_is_written(tmp_path, make_fixture):
+    """gguf_size mirrors write_gguf byte for byte: keys of every value type, odd lengths that need
+    padding, no architecture (an imatrix file); and a model's whole file from its plan alone."""
+    kvs = [kv_str("general.name", "ß" * 7), kv_u32("x.count", 7), kv_f32("x.eps", 1e-5), kv_bool("x.flag", True),
+           kv_array("x.names", ["a", "ß", ""], gguf.GGUFValueType.STRING),
+           GGUFKV("x.i64", -5, gguf.GGUFValueType.INT64), kv_array("x.ids", [3, 1, 2], gguf.GGUFValueType.UINT8)]
+    infos = [TensorInfo("a.weight", (3, 32), gguf.GGMLQuantizationType.Q8_0, 102),
+             TensorInfo("c", (5,), gguf.GGMLQuantizationType.F32, 20)]
+    for arch in ("testarch", None):
+        path = tmp_path / f"{arch}.gguf"
+        write_gguf(str(path), arch, kvs, infos, lambda t: bytes(t.nbytes))
+        assert gguf_size(arch, kvs, infos) == path.stat().st_size
+
+    from so8t_core.analysis import checkpoint_model
+    from so8t_core.assemble.model import model_file_size
+    from so8t_core.assemble.sequential import convert_sequential
+    from so8t_core.constants import quant_type
+    from so8t_core.source.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(make_fixture())
+    made = convert_sequential(ckpt, "F32", str(tmp_path / "m-F32.gguf"), str(tmp_path / "staging"), name="m")
+    _, _, plan = checkpoint_model(ckpt)
+    tensors = [(p.gguf_name, tuple(p.shape), gguf.GGMLQuantizationType.F32) for p in plan]
+    assert any(s.bake_error for s in made.staged)  # a baked SO8T model: so8t.max_bake_error is in the file
+    assert model_file_size(ckpt, quant_type("F32"), "m", tensors) == made.files[0].size
 
 
 def test_a_failed_write_leaves_no_file(tmp_path):

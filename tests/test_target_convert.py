@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_server")]
 
 BPW = 4.5
 LABEL = "AUTO-4.50"
+SIZE = 3_400_000  # --target-size 3400K: about 5.6 bits per weight
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,21 @@ def run(make_fixture, tmp_path_factory):
     src = make_fixture(**FIXTURES["llama-256"])
     write_synthetic_imatrix(root / "imatrix.gguf", src)
     params = ConvertParams(source=src, output=str(root / "out"), work_dir=str(root / "work"), name="fx",
-                           quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, eval_ctx=128,
+                           quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, target_size="3400K", eval_ctx=128,
                            eval_chunks=2)
     return root, convert(params), src
 
 
+def size_label(result: dict) -> str:
+    (label,) = set(result["releases"]) - {"Q8_0", LABEL}
+    return label
+
+
 def test_the_auto_release_is_within_the_target(run):
     root, result, _ = run
-    assert set(result["releases"]) == {"Q8_0", LABEL}
+    assert len(result["releases"]) == 3 and size_label(result).startswith("AUTO-")
+    sized = release(root / "out", "fx", size_label(result)) / f"fx-{size_label(result)}.gguf"
+    assert SIZE - 100_000 < sized.stat().st_size <= SIZE  # --target-size: the whole file, close under it
     folder = release(root / "out", "fx", LABEL)
     g = read_gguf(str(folder / f"fx-{LABEL}.gguf"))
     nbytes = sum(t.n_bytes for t in g.tensors)
@@ -86,22 +94,26 @@ def test_the_card_shows_the_recipe_and_the_measured_kld(run):
     assert f"--tensor-type-file fx-{LABEL}.tensor-types.txt" in card
 
 
-def test_the_dry_run_prints_the_types_the_run_chose(run):
+def test_the_dry_run_prints_the_types_and_file_sizes_the_run_wrote(run):
     from support.cli import run as cli
 
-    root, _, src = run
+    root, result, src = run
     def dry_run(eval_ctx: int) -> dict:
-        proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--target-bpw", str(BPW),
-                   "--work-dir", str(root / "work"), "--eval-ctx", str(eval_ctx), "--eval-chunks", "2", "--dry-run",
-                   "--json")
+        proc = cli("convert", src, "--imatrix", str(root / "imatrix.gguf"), "--quant", "Q8_0", "--target-bpw", str(BPW),
+                   "--target-size", "3400K", "--name", "fx", "--work-dir", str(root / "work"), "--eval-ctx",
+                   str(eval_ctx), "--eval-chunks", "2", "--dry-run", "--json")
         assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)[LABEL]
+        return json.loads(proc.stdout)
 
     # the run's evaluation settings: the class gains it measured are in the work folder
     report = dry_run(128)
-    assert "note" not in report
-    published = read_gguf(str(release(root / "out", "fx", LABEL) / f"fx-{LABEL}.gguf"))
-    assert {t["name"]: t["type"] for t in report["tensors"]} == {t.name: t.tensor_type.name for t in published.tensors}
-    assert report["bits_per_weight"] <= BPW
+    assert set(report) == set(result["releases"])
+    for label, r in report.items():
+        assert "note" not in r
+        path = release(root / "out", "fx", label) / f"fx-{label}.gguf"
+        published = read_gguf(str(path))
+        assert {t["name"]: t["type"] for t in r["tensors"]} == {t.name: t.tensor_type.name for t in published.tensors}
+        assert r["file_bytes"] == path.stat().st_size  # metadata and padding included, to the byte
+    assert report[LABEL]["bits_per_weight"] <= BPW and report[size_label(result)]["file_bytes"] <= SIZE
     # other evaluation settings: no gains measured for them, and the report says what that means
-    assert "a run first measures each tensor class's KLD gain" in dry_run(256)["note"]
+    assert "a run first measures each tensor class's KLD gain" in dry_run(256)[LABEL]["note"]

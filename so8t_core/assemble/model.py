@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from types import SimpleNamespace
 from typing import Sequence
 
 import gguf
@@ -11,7 +12,7 @@ import gguf
 from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_kvs, parameter_counts
 from so8t_core.constants import CONVERTER, QuantType
-from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, write_gguf
+from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, gguf_size, tensor_nbytes, write_gguf
 from so8t_core.quantize.staging import FORMAT_VERSION
 from so8t_core.refs import FileRef, StagedTensor, file_ref, made_files
 from so8t_core.source.checkpoint import TOKENIZER_FILES, Checkpoint
@@ -92,6 +93,19 @@ def model_metadata(ckpt: Checkpoint, quant: QuantType, name: str, source_fingerp
     general = general_kvs(spec.arch, name, model_card_files(ckpt), parameter_counts([(s.gguf_name, s.shape)
                                                                                       for s in staged]))
     return spec.arch, model_kvs(general, spec, quant, tok, provenance, extra)
+
+
+def model_file_size(ckpt: Checkpoint, quant: QuantType, name: str,
+                    tensors: Sequence[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]],
+                    extra: Sequence[GGUFKV] = (), allow_tokenizer_mismatch: bool = False) -> int:
+    """The size of the model GGUF (unsplit) :func:`assemble_model` writes for these tensors (name,
+    shape, type) with :func:`model_metadata`'s keys, before anything is read whole, baked or
+    quantized: the values only those know, the source fingerprint (a sha256) and the largest bake
+    error (a float32), have a fixed size."""
+    planned = [SimpleNamespace(gguf_name=n, shape=tuple(shape), bake_error=0.0) for n, shape, _ in tensors]
+    arch, kvs = model_metadata(ckpt, quant, name, "0" * 64, planned, extra, allow_tokenizer_mismatch)
+    return gguf_size(arch, kvs, [TensorInfo(n, tuple(shape), t, tensor_nbytes(tuple(shape), t))
+                                 for n, shape, t in tensors])
 
 
 def model_card_files(ckpt: Checkpoint) -> dict[str, bytes]:

@@ -300,6 +300,27 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
     return allocate(tensors, budget)
 
 
+def size_budget(tensors: Sequence[TensorOptions], size: int, f32_file_size: int) -> int:
+    """The bytes of tensor data a file of at most ``size`` bytes may hold: the file's header,
+    metadata and alignment padding are the F32 file's (``f32_file_size``, its tensors all F32), with
+    a margin for the keys only a quantized file has (quantize.imatrix.*) and per-tensor padding."""
+    overhead = f32_file_size - 4 * sum(t.n_elements for t in tensors) + 32 * len(tensors) + 65536
+    return size - overhead
+
+
+def target_budgets(tensors: Sequence[TensorOptions], bpw: float = 0.0, size: int = 0,
+                   f32_file_size: int = 0) -> list[tuple[str, dict, int]]:
+    """(release label, the goal as the manifest records it, bytes of tensor data) for --target-bpw
+    and --target-size (0: not asked; a size needs the F32 file's size): the run and its dry run."""
+    out = []
+    if bpw:
+        out.append((auto_label(bpw), {"bpw": bpw}, budget_for_bpw(tensors, bpw)))
+    if size:
+        budget = size_budget(tensors, size, f32_file_size)
+        out.append((auto_label(8.0 * budget / sum(t.n_elements for t in tensors)), {"size": size}, budget))
+    return out
+
+
 def smallest_bytes(shapes: Sequence[tuple[str, Sequence[int]]]) -> int:
     """The fewest bytes of tensor data any target mix can give these tensors (every weight at its
     smallest candidate, the rest F32): known from the plan alone, before anything is measured."""
