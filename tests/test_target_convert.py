@@ -36,8 +36,8 @@ def run(make_fixture, tmp_path_factory):
     src = make_fixture(**FIXTURES["llama-256"])
     write_synthetic_imatrix(root / "imatrix.gguf", src)
     params = ConvertParams(source=src, output=str(root / "out"), work_dir=str(root / "work"), name="fx",
-                           quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, target_size="3400K", eval_ctx=128,
-                           eval_chunks=2)
+                           quants=["Q8_0"], imatrix=str(root / "imatrix.gguf"), target_bpw=BPW, target_size="3400K",
+                           eval_ctx=128, eval_chunks=2)
     return root, convert(params), src
 
 
