@@ -18,6 +18,7 @@ from so8t_core.constants import QUANT_TYPES
 from so8t_core.errors import UnsupportedError
 from so8t_core.gguf_file import read_gguf
 from so8t_core.quantize import target
+from so8t_core.quantize.engines import dequantize, quantize
 from so8t_core.quantize.imatrix import load_imatrix
 from so8t_core.quantize.mixes import MixOptions
 from so8t_core.source.checkpoint import Checkpoint
@@ -80,6 +81,36 @@ def test_damage_is_the_relative_weighted_error():
     assert target.tensor_damage(rows, T.Q8_0) < target.tensor_damage(rows, T.Q4_K) < target.tensor_damage(rows, T.Q2_K)
     # scale-free: the same weights ×1000 have the same damage
     assert target.tensor_damage(rows * 1000, T.Q4_0) == pytest.approx(target.tensor_damage(rows, T.Q4_0), rel=1e-3)
+
+
+def test_an_expert_stack_is_measured_expert_by_expert_with_its_own_importance():
+    """Each expert quantized with its own importance row, as llama-quantize does, and the noise
+    summed over the experts: the importance of a rarely routed expert weighs little."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(1)
+    stack = rng.standard_normal((3, 16, 256)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, (3, 256)).astype(np.float32)
+    importance[1] *= 1e-6  # expert 1: hardly ever routed
+    stack[1] *= 10.0  # and large, so that without its importance it would dominate
+    imatrix = SimpleNamespace(for_tensor=lambda name, shape: importance.reshape(-1))
+    got = target.measured_importance(imatrix, "blk.0.ffn_down_exps.weight", stack.shape)
+    np.testing.assert_array_equal(got, importance)
+    options = target.measure_tensor("blk.0.ffn_down_exps.weight", stack, got)
+
+    def expected(qtype):
+        err2 = ref2 = 0.0
+        for rows, imp in zip(stack, importance):
+            approx = dequantize(quantize(rows, qtype, "ggml", imp), qtype, rows.shape).astype(np.float64)
+            err2 += float(((approx - rows) ** 2 * imp).sum())
+            ref2 += float((rows.astype(np.float64) ** 2 * imp).sum())
+        return err2 / ref2
+
+    damage = {q: d for q, _, d in options.options}
+    for qtype in (T.Q2_K, T.Q4_K, T.Q8_0):
+        assert damage[qtype] == pytest.approx(expected(qtype), rel=1e-9)
+    unweighted = target.measure_tensor("blk.0.ffn_down_exps.weight", stack)
+    assert {q: d for q, _, d in unweighted.options} != damage
 
 
 def test_llama_quantize_with_the_recipe_writes_the_same_bytes(model):

@@ -23,7 +23,10 @@ predicted damage:
    damage is the predicted mean KLD (small, independent perturbations add up to first order;
    docs/benchmarks.md compares it with the measured KLD).
    Rows are sampled (at most ``max_rows``, evenly spaced, always the same ones) so a large
-   embedding costs what a layer does.
+   embedding costs what a layer does. An MoE expert stack with per-expert importance (what
+   llama-imatrix writes for ``ffn_*_exps``) is sampled expert by expert, each quantized with its
+   own importance row, and the sums run over all experts: an expert the router rarely uses has
+   small importance and weighs little.
 3. **Allocation** (:func:`allocate`): each tensor starts at its smallest candidate; then, as a
    Lagrangian greedy, the upgrade with the largest damage removed per extra byte is taken, on
    each tensor's lower convex hull of (bytes, damage), while it fits the budget. Ties break by
@@ -76,7 +79,12 @@ def candidate_types(name: str, shape: Sequence[int]) -> tuple[T, ...]:
     return tuple(t for t in CANDIDATE_TYPES if shape[-1] % GGML_QUANT_SIZES[t][0] == 0)
 
 
-def sampled_rows(data: np.ndarray, max_rows: int = MAX_ROWS) -> np.ndarray:
+def sampled_rows(data: np.ndarray, max_rows: int = MAX_ROWS, per_expert: bool = False) -> np.ndarray:
+    """Every k-th row, at most ``max_rows`` (``per_expert``: of each expert of a 3-D stack, at most
+    ``max_rows`` in all, kept as (experts, rows, columns))."""
+    if per_expert:
+        per = max(1, max_rows // data.shape[0])
+        return np.stack([sampled_rows(expert, per) for expert in data])
     rows = data.reshape(-1, data.shape[-1])
     step = -(-rows.shape[0] // max_rows)
     return np.ascontiguousarray(rows[::step], dtype=np.float32)
@@ -85,17 +93,27 @@ def sampled_rows(data: np.ndarray, max_rows: int = MAX_ROWS) -> np.ndarray:
 def tensor_damage(rows: np.ndarray, qtype: T, importance: np.ndarray | None = None,
                   n_threads: int | None = None) -> float:
     """The relative output noise ``Σ ΔW² I / Σ W² I`` of quantizing ``rows`` to ``qtype``
-    (``importance``: the per-column weights the quantizer is given too; None: plain)."""
+    (``importance``: the per-column weights the quantizer is given too; None: plain). For an
+    expert stack, ``rows`` is (experts, rows, columns) and ``importance`` (experts, columns): each
+    expert quantized with its own, as llama-quantize does, and the sums taken over all."""
+    if rows.ndim == 3:
+        err2, ref2 = (sum(pair) for pair in zip(*(_noise(r, qtype, i, n_threads) for r, i in zip(rows, importance))))
+    else:
+        err2, ref2 = _noise(rows, qtype, importance, n_threads)
+    if ref2 == 0.0:
+        return 0.0 if err2 == 0.0 else math.inf
+    return float(err2 / ref2)
+
+
+def _noise(rows: np.ndarray, qtype: T, importance: np.ndarray | None, n_threads: int | None) -> tuple[float, float]:
+    """(Σ ΔW² I, Σ W² I) of quantizing the 2-D ``rows``."""
     from so8t_core.quantize.engines import dequantize, quantize
 
     raw = quantize(rows, qtype, "ggml", importance, n_threads)
     approx = dequantize(raw, qtype, rows.shape, n_threads)
     weights = np.ones(rows.shape[-1]) if importance is None else np.asarray(importance, dtype=np.float64)
-    err2 = np.einsum("ij,j->", np.square(approx.astype(np.float64) - rows), weights)
-    ref2 = np.einsum("ij,j->", np.square(rows.astype(np.float64)), weights)
-    if ref2 == 0.0:
-        return 0.0 if err2 == 0.0 else math.inf
-    return float(err2 / ref2)
+    return (float(np.einsum("ij,j->", np.square(approx.astype(np.float64) - rows), weights)),
+            float(np.einsum("ij,j->", np.square(rows.astype(np.float64)), weights)))
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,7 @@ def measure_tensor(name: str, data: np.ndarray, importance: np.ndarray | None = 
                     options.append((qtype, tensor_nbytes(tuple(data.shape), qtype), json.load(f)["damage"]))
                 continue
         if rows is None:
-            rows = sampled_rows(data, max_rows)
+            rows = sampled_rows(data, max_rows, per_expert=importance is not None and importance.ndim == 2)
         damage = tensor_damage(rows, qtype, importance, n_threads)
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -173,11 +191,12 @@ def measure_gguf(path: str, imatrix=None, cache_dir: str | None = None, max_rows
 
 
 def measured_importance(imatrix, name: str, shape: Sequence[int]) -> np.ndarray | None:
-    """The importance row a tensor's damage is measured with (``imatrix``: an Imatrix or None):
-    its entry, when it has one row for the whole tensor (per-expert entries of MoE stacks are not
-    measured per expert yet)."""
+    """The importance a tensor's damage is measured with (``imatrix``: an Imatrix or None): its
+    entry, one value per column, or for an expert stack (experts, columns), one row per expert."""
     importance = imatrix.for_tensor(name, shape) if imatrix is not None and len(shape) > 1 else None
-    return importance if importance is not None and importance.size == shape[-1] else None
+    if importance is not None and len(shape) == 3:
+        return importance.reshape(shape[0], shape[-1])
+    return importance
 
 
 def probe_type(t: TensorOptions) -> T:
