@@ -132,6 +132,30 @@ def test_llama_quantize_with_the_recipe_writes_the_same_bytes(model):
     assert os.path.getsize(ours) <= os.path.getsize(str(root / "fx-Q4_K_M.gguf"))
 
 
+def test_an_moe_recipe_measured_per_expert_is_what_llama_quantize_writes(make_fixture, tmp_path):
+    """Qwen2-MoE: the expert stacks' damage uses their per-expert importance rows (it differs from
+    the damage without), and the recipe still gives llama-quantize's bytes."""
+    src = make_fixture(**FIXTURES["qwen2moe-256"])
+    f32 = str(tmp_path / "moe-F32.gguf")
+    convert_sequential(Checkpoint.open(src), "F32", f32, str(tmp_path / "staging"))
+    write_synthetic_imatrix(tmp_path / "imatrix.gguf", src)
+    imatrix = load_imatrix(str(tmp_path / "imatrix.gguf"))
+    tensors = target.measure_gguf(f32, imatrix)
+    plain = {t.name: t for t in target.measure_gguf(f32)}
+    stacks = [t for t in tensors if len(t.shape) == 3]
+    assert len(stacks) == 6 and all(t.options != plain[t.name].options for t in stacks)
+    types = target.target_types(tensors, bpw=4.5)
+    recipe = target.parse_tensor_type_file(target.tensor_type_file(tensors, types))
+    base = target.base_mix(tensors, types)
+    ours = str(tmp_path / "moe-AUTO.gguf")
+    convert_sequential(Checkpoint.open(src), base, ours, str(tmp_path / "staging"),
+                       options=MixOptions(tensor_types=recipe, has_imatrix=True), imatrix=imatrix)
+    theirs = str(tmp_path / "llama-AUTO.gguf")
+    llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe, imatrix=imatrix.entries)
+    written = assert_same_tensors(ours, theirs)
+    assert {written[t.name] for t in stacks} == {types[t.name].name for t in stacks}
+
+
 def test_dry_run_prints_types_and_size_and_writes_nothing(make_fixture, tmp_path):
     from support.cli import assert_one_line_error, run
 
