@@ -27,6 +27,25 @@ os.environ.setdefault("SO8T_GGUF_API_IDLE_SECONDS", "300")
 os.environ["SO8T_EVAL_CHUNKS"] = "0"
 
 
+# tmp_path_factory folders of session-scoped fixtures start with this; the others go with their module.
+SESSION_TMP = "session-"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_folders_removed(request, tmp_path_factory):
+    """The folders a module's fixtures made (tmp_path_factory.mktemp: converted models, releases)
+    are removed when the module is done, unless one of its tests failed: the suite writes tens of
+    GB of models, more than a CI machine's disk may hold at once."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for name in set(os.listdir(base)) - before:
+            if not name.startswith(SESSION_TMP):
+                shutil.rmtree(base / name, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_local_prefect_api():
     yield
@@ -63,7 +82,7 @@ def make_fixture(tmp_path_factory):
         spec = FixtureSpec(**kwargs)
         key = repr(spec)
         if key not in built:
-            built[key] = build_fixture(str(tmp_path_factory.mktemp("fixture") / "ckpt"), spec)
+            built[key] = build_fixture(str(tmp_path_factory.mktemp(SESSION_TMP + "fixture") / "ckpt"), spec)
         return built[key]
 
     return make
