@@ -120,16 +120,22 @@ def test_llama_quantize_with_the_recipe_writes_the_same_bytes(model):
     recipe_file.write_text(target.tensor_type_file(tensors, types))
     recipe = target.parse_tensor_type_file(recipe_file.read_text())
     assert len(recipe) == sum(1 for t in tensors if len(t.shape) == 2)
-    base = target.base_mix(tensors, types)
-    ours = str(root / "fx-AUTO.gguf")
-    convert_sequential(Checkpoint.open(src), base, ours, str(root / "staging"),
-                       options=MixOptions(tensor_types=recipe, has_imatrix=True), imatrix=imatrix)
-    theirs = str(root / "llama-AUTO.gguf")
-    llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe, imatrix=imatrix.entries)
-    written = assert_same_tensors(ours, theirs)
+    ours, written = quantize_both(src, f32, root, tensors, types, recipe, imatrix)
     assert written == {name: t.name for name, t in types.items()}
     assert len(set(written.values())) > 3  # a real mix of types, not one
     assert os.path.getsize(ours) <= os.path.getsize(str(root / "fx-Q4_K_M.gguf"))
+
+
+def quantize_both(src, f32, folder, tensors, types, recipe, imatrix) -> tuple[str, dict[str, str]]:
+    """(our file, each tensor's type) of the recipe with the mix it goes with, after checking that
+    llama-quantize writes the same tensors from the F32 file with the same recipe and imatrix."""
+    base = target.base_mix(tensors, types)
+    ours = str(folder / "ours-AUTO.gguf")
+    convert_sequential(Checkpoint.open(src), base, ours, str(folder / "staging"),
+                       options=MixOptions(tensor_types=recipe, has_imatrix=True), imatrix=imatrix)
+    theirs = str(folder / "llama-AUTO.gguf")
+    llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe, imatrix=imatrix.entries)
+    return ours, assert_same_tensors(ours, theirs)
 
 
 def test_an_moe_recipe_measured_per_expert_is_what_llama_quantize_writes(make_fixture, tmp_path):
@@ -146,14 +152,8 @@ def test_an_moe_recipe_measured_per_expert_is_what_llama_quantize_writes(make_fi
     assert len(stacks) == 6 and all(t.options != plain[t.name].options for t in stacks)
     types = target.target_types(tensors, bpw=4.5)
     recipe = target.parse_tensor_type_file(target.tensor_type_file(tensors, types))
-    base = target.base_mix(tensors, types)
-    ours = str(tmp_path / "moe-AUTO.gguf")
-    convert_sequential(Checkpoint.open(src), base, ours, str(tmp_path / "staging"),
-                       options=MixOptions(tensor_types=recipe, has_imatrix=True), imatrix=imatrix)
-    theirs = str(tmp_path / "llama-AUTO.gguf")
-    llama_quantize(f32, theirs, int(QUANT_TYPES[base].file_type), overrides=recipe, imatrix=imatrix.entries)
-    written = assert_same_tensors(ours, theirs)
-    assert {written[t.name] for t in stacks} == {types[t.name].name for t in stacks}
+    _, written = quantize_both(src, f32, tmp_path, tensors, types, recipe, imatrix)
+    assert written == {name: t.name for name, t in types.items()}
 
 
 def test_dry_run_prints_types_and_size_and_writes_nothing(make_fixture, tmp_path):
