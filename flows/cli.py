@@ -101,7 +101,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
             source = demo_source()
         spec, plan = preflight(source, params.lora, params.allow_tokenizer_mismatch)
-        types = check_mixes(params, inputs, spec, plan)
+        types = check_mixes(params, inputs, spec, plan, source)
         mixes = {q: q for q in types}  # what each file is written as
         notes = {}
         if params.target_bpw or params.target_size:
@@ -198,7 +198,7 @@ def _convert(args: argparse.Namespace) -> dict:
     if params.source:
         spec, plan = preflight(params.source, params.lora, params.allow_tokenizer_mismatch,
                                max_memory_gb=params.max_memory_gb or None)  # 0: no cap
-        check_mixes(params, inputs, spec, plan)  # what llama-quantize refuses on this model
+        check_mixes(params, inputs, spec, plan, params.source)  # what llama-quantize refuses on this model
         check_calibration(params)  # malformed or too short calibration text
     # With no PREFECT_API_URL, the local API (flows/local_api.py): reused, or started in the
     # background while the flow's modules are imported.

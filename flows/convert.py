@@ -252,7 +252,7 @@ def analyze(run: Run, src: SourceRef) -> Model:
         run.say("LoRA %s (r=%d, alpha=%g, scale %.4g, %s) merged into %d tensors: %s", redact_uri(adapter.uri),
                 adapter.r, adapter.alpha, adapter.scale, "rsLoRA" if adapter.use_rslora else "LoRA",
                 len(adapter.pairs), ", ".join(analysis["lora"]["effective_target_modules"]))
-    check_targets(run.params, plan)
+    check_targets(run.params, plan, run.source, run.name)
     fallbacks: dict[str, list] = {}
     types = mix_types(plan, run.quants, ModelShape.from_analysis(analysis), run.options,
                       imatrix_coverage(run.params, run.imatrix, plan), fallbacks)

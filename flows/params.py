@@ -393,39 +393,52 @@ def imatrix_coverage(params: ConvertParams, imatrix: Any, plan: list) -> set[str
     return None
 
 
-def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list) -> dict:
-    """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s), refused
-    where llama-quantize refuses them: a very-low-bit mix without an importance matrix, a type
-    with no fallback for the model's rows (the CLI calls this before Prefect starts; the flow's
-    analyze stage computes the same types again). Returns them (quant → each tensor's type)."""
+def check_mixes(params: ConvertParams, inputs: CheckedInputs, spec: Any, plan: list, source: str) -> dict:
+    """Each mix's tensor types on this model (``spec``, ``plan``: ``analysis.preflight``'s of
+    ``source``), refused where llama-quantize refuses them: a very-low-bit mix without an importance
+    matrix, a type with no fallback for the model's rows (the CLI calls this before Prefect starts;
+    the flow's analyze stage computes the same types again). Returns them (quant → each tensor's type)."""
     from so8t_core.quantize.mixes import ModelShape, mix_types
 
-    check_targets(params, plan)
+    check_targets(params, plan, source, inputs.name)
     return mix_types(plan, inputs.quants, ModelShape.from_spec(spec), inputs.options,
               imatrix_coverage(params, inputs.imatrix, plan))
 
 
-def check_targets(params: ConvertParams, plan: list) -> None:
+def check_targets(params: ConvertParams, plan: list, source: str, name: str) -> None:
     """Refuse a target mix no choice of types can meet on this model (every weight at its smallest
-    candidate type is still over it), from the plan's shapes alone (the CLI calls this before Prefect
-    starts, the flow's analyze stage again)."""
+    candidate type is still over it), from the plan's shapes, and for --target-size the file's
+    metadata (the F32 file's size from the checkpoint ``source``'s headers and tokenizer, and the
+    release ``name``): the CLI calls this before Prefect starts, the flow's analyze stage again."""
     import math
 
     from so8t_core.constants import bits_per_weight
-    from so8t_core.quantize.target import smallest_bytes
+    from so8t_core.quantize.target import file_overhead, smallest_bytes
 
     shapes = [(p.gguf_name, p.shape) for p in plan]
     least = smallest_bytes(shapes)
+    n_weights = sum(math.prod(s) for _, s in shapes)
     if params.target_bpw:
-        floor = bits_per_weight(least, sum(math.prod(s) for _, s in shapes))
+        floor = bits_per_weight(least, n_weights)
         if floor > params.target_bpw:
             raise UnsupportedError(f"--target-bpw {params.target_bpw:g}", f"the smallest types give this model "
                                    f"{floor:.2f} bits per weight",
                                    f"use --target-bpw {math.ceil(floor * 100) / 100:.2f} or more")
-    if params.target_size and least > params.target_size_bytes:
-        raise UnsupportedError(f"--target-size {params.target_size.strip()}", f"the smallest types give this model "
-                               f"{least:,} bytes of tensor data", f"use --target-size {math.ceil(least / 1e6) + 1}M "
-                               "or more")
+    if params.target_size:
+        from gguf import GGMLQuantizationType
+
+        from so8t_core.assemble.model import model_file_size
+        from so8t_core.source.checkpoint import Checkpoint
+        from so8t_core.storage import default_cache_dir
+
+        f32 = model_file_size(Checkpoint.open(source, cache_dir=default_cache_dir()), quant_type("F32"), name,
+                              [(n, tuple(s), GGMLQuantizationType.F32) for n, s in shapes],
+                              allow_tokenizer_mismatch=params.allow_tokenizer_mismatch)
+        least_file = least + file_overhead(n_weights, len(shapes), f32)
+        if least_file > params.target_size_bytes:
+            raise UnsupportedError(f"--target-size {params.target_size.strip()}", f"the smallest types give this "
+                                   f"model a file of {least_file:,} bytes",
+                                   f"use --target-size {math.ceil(least_file / 1000)}K or more")
 
 
 def check_calibration(params: ConvertParams) -> None:

@@ -196,3 +196,12 @@ def test_a_target_no_types_can_meet_is_one_line_before_any_work(make_fixture):
                           "the smallest types give this model", "use --target-bpw 2.")
     assert_one_line_error(run("convert", src, "--target-size", "100K"), "--target-size 100K",
                           "the smallest types give this model")
+    # the smallest types' tensor data fits 1600K, but not with the file's metadata: refused as early
+    refused = run("convert", src, "--target-size", "1600K", "--dry-run")
+    assert_one_line_error(refused, "--target-size 1600K", "the smallest types give this model a file of")
+    assert_one_line_error(run("convert", src, "--target-size", "1600K"), "--target-size 1600K")
+    least = refused.stderr.split("use --target-size ")[1].split(" ")[0]
+    report = run("convert", src, "--target-size", least, "--eval-chunks", "0", "--dry-run", "--json")
+    assert report.returncode == 0, report.stderr
+    (auto,) = [r for label, r in json.loads(report.stdout).items() if label.startswith("AUTO-")]
+    assert auto["file_bytes"] <= int(least[:-1]) * 1000

@@ -319,12 +319,16 @@ def target_types(tensors: Sequence[TensorOptions], *, bpw: float | None = None,
     return allocate(tensors, budget)
 
 
+def file_overhead(n_weights: int, n_tensors: int, f32_file_size: int) -> int:
+    """What a model file holds beyond its tensor data, as a target size counts it: the F32 file's
+    header, metadata and alignment padding (``f32_file_size``, its tensors all F32), with a margin
+    for the keys only a quantized file has (quantize.imatrix.*) and per-tensor padding."""
+    return f32_file_size - 4 * n_weights + 32 * n_tensors + 65536
+
+
 def size_budget(tensors: Sequence[TensorOptions], size: int, f32_file_size: int) -> int:
-    """The bytes of tensor data a file of at most ``size`` bytes may hold: the file's header,
-    metadata and alignment padding are the F32 file's (``f32_file_size``, its tensors all F32), with
-    a margin for the keys only a quantized file has (quantize.imatrix.*) and per-tensor padding."""
-    overhead = f32_file_size - 4 * sum(t.n_elements for t in tensors) + 32 * len(tensors) + 65536
-    return size - overhead
+    """The bytes of tensor data a file of at most ``size`` bytes may hold."""
+    return size - file_overhead(sum(t.n_elements for t in tensors), len(tensors), f32_file_size)
 
 
 def target_budgets(tensors: Sequence[TensorOptions], bpw: float = 0.0, size: int = 0,
