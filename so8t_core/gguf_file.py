@@ -137,18 +137,12 @@ def write_gguf(path: str, arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequ
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
-                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
-                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
-
-
 def _value_nbytes(vtype: gguf.GGUFValueType, value: Any, sub_type: gguf.GGUFValueType | None = None) -> int:
     if vtype == gguf.GGUFValueType.STRING:
         return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
     if vtype == gguf.GGUFValueType.ARRAY:  # element type, count, elements
         return 4 + 8 + sum(_value_nbytes(sub_type, v) for v in value)
-    return _SCALAR_BYTES[vtype]
+    return np.dtype(gguf.GGUFReader.gguf_scalar_to_np[vtype]).itemsize  # gguf-py's scalar types, as the reader's
 
 
 def gguf_size(arch: str | None, kvs: Sequence[GGUFKV], tensors: Sequence[TensorInfo]) -> int:
