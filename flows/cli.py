@@ -148,10 +148,7 @@ def _dry_run_target(params, inputs, spec, plan: list, source: str) -> tuple[dict
     --calibration is the run's computation, and a LoRA adapter the run's merge: refused."""
     import os
 
-    from gguf import GGMLQuantizationType
-
-    from so8t_core.assemble.model import model_file_size
-    from so8t_core.constants import quant_type
+    from so8t_core.assemble.model import f32_file_size
     from so8t_core.errors import UnsupportedError
     from so8t_core.quantize.dry_run import target_dry_run
     from so8t_core.quantize.mixes import ModelShape
@@ -174,9 +171,8 @@ def _dry_run_target(params, inputs, spec, plan: list, source: str) -> tuple[dict
                                       inputs.eval_text_sha256, params.eval_ctx))
     f32_size = 0
     if params.target_size:
-        f32_size = model_file_size(ckpt, quant_type("F32"), inputs.name,
-                                   [(p.gguf_name, tuple(p.shape), GGMLQuantizationType.F32) for p in plan],
-                                   allow_tokenizer_mismatch=params.allow_tokenizer_mismatch)
+        f32_size = f32_file_size(ckpt, inputs.name, [(p.gguf_name, p.shape) for p in plan],
+                                 params.allow_tokenizer_mismatch)
     targets = target_dry_run(ckpt, plan, ModelShape.from_spec(spec), params.target_bpw, params.target_size_bytes,
                              f32_size, inputs.imatrix, os.path.join(work_dir, "damage"), gains)
     note = None

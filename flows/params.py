@@ -425,15 +425,12 @@ def check_targets(params: ConvertParams, plan: list, source: str, name: str) -> 
                                    f"{floor:.2f} bits per weight",
                                    f"use --target-bpw {math.ceil(floor * 100) / 100:.2f} or more")
     if params.target_size:
-        from gguf import GGMLQuantizationType
-
-        from so8t_core.assemble.model import model_file_size
+        from so8t_core.assemble.model import f32_file_size
         from so8t_core.source.checkpoint import Checkpoint
         from so8t_core.storage import default_cache_dir
 
-        f32 = model_file_size(Checkpoint.open(source, cache_dir=default_cache_dir()), quant_type("F32"), name,
-                              [(n, tuple(s), GGMLQuantizationType.F32) for n, s in shapes],
-                              allow_tokenizer_mismatch=params.allow_tokenizer_mismatch)
+        f32 = f32_file_size(Checkpoint.open(source, cache_dir=default_cache_dir()), name, shapes,
+                            params.allow_tokenizer_mismatch)
         least_file = least + file_overhead(n_weights, len(shapes), f32)
         if least_file > params.target_size_bytes:
             raise UnsupportedError(f"--target-size {params.target_size.strip()}", f"the smallest types give this "

@@ -11,7 +11,7 @@ import gguf
 
 from so8t_core.analysis import checkpoint_model
 from so8t_core.assemble.metadata import MODEL_CARD_FILES, Provenance, general_kvs, model_kvs, parameter_counts
-from so8t_core.constants import CONVERTER, QuantType
+from so8t_core.constants import CONVERTER, QuantType, quant_type
 from so8t_core.gguf_file import GGUFKV, NO_SPLIT, Split, TensorInfo, gguf_size, tensor_nbytes, write_gguf
 from so8t_core.quantize.staging import FORMAT_VERSION
 from so8t_core.refs import FileRef, StagedTensor, file_ref, made_files
@@ -106,6 +106,15 @@ def model_file_size(ckpt: Checkpoint, quant: QuantType, name: str,
     arch, kvs = model_metadata(ckpt, quant, name, "0" * 64, planned, extra, allow_tokenizer_mismatch)
     return gguf_size(arch, kvs, [TensorInfo(n, tuple(shape), t, tensor_nbytes(tuple(shape), t))
                                  for n, shape, t in tensors])
+
+
+def f32_file_size(ckpt: Checkpoint, name: str, shapes: Sequence[tuple[str, Sequence[int]]],
+                  allow_tokenizer_mismatch: bool = False) -> int:
+    """The size of the run's F32 file of these tensors (name, shape): what a target size's
+    metadata overhead is measured from (quantize.target.file_overhead)."""
+    return model_file_size(ckpt, quant_type("F32"), name,
+                           [(n, tuple(shape), gguf.GGMLQuantizationType.F32) for n, shape in shapes],
+                           allow_tokenizer_mismatch=allow_tokenizer_mismatch)
 
 
 def model_card_files(ckpt: Checkpoint) -> dict[str, bytes]:
